@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what the tests and the demo need on a fresh Debian machine: redis-server from Debian, a
+# Python virtualenv with the pinned packages and the three local packages (editable), and the pinned
+# Kubernetes tools (hack/tools.sh, cached outside the repository). Idempotent and quick when warm.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  log "installing redis-server (Debian package)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  # The package starts a system-wide instance; tests start their own on free ports.
+  ($SUDO systemctl disable --now redis-server >/dev/null 2>&1 || $SUDO service redis-server stop >/dev/null 2>&1) || true
+fi
+
+PY="${PYTHON:-python3}"
+stamp=".venv/.installed"
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+hash_now="$(cat requirements-dev.txt worker/pyproject.toml operator/pyproject.toml harness/pyproject.toml | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$hash_now" ]; then
+  log "installing Python packages into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r requirements-dev.txt -e worker -e operator -e harness
+  echo "$hash_now" > "$stamp"
+else
+  log "Python packages up to date"
+fi
+
+if [ "${SKIP_TOOLS:-0}" != 1 ]; then
+  bash hack/tools.sh
+fi
+log "ready"

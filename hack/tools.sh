@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Build the pinned Kubernetes tool chain (etcd, kube-apiserver, kube-controller-manager, kubectl,
+# helm, kind) from the Go module proxy into a cache outside the repository, keyed by version, and
+# link it into .tools/bin. A warm cache makes this a no-op that takes well under a second.
+#
+# k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every staging module with a local
+# path. We build it from a throwaway consumer module that requires k8s.io/kubernetes and replaces each
+# staging module (derived from that release's own go.mod) with its published v0.X.Y tag.
+set -euo pipefail
+
+KUBERNETES_VERSION="${KUBERNETES_VERSION:-v1.35.4}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+HELM_VERSION="${HELM_VERSION:-v3.20.2}"
+KIND_VERSION="${KIND_VERSION:-v0.30.0}"
+GO_MIN_VERSION="1.25"
+GO_FALLBACK_VERSION="${GO_FALLBACK_VERSION:-1.25.5}"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${STREAMQUEUE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/streamqueue-tools}"
+BIN="$ROOT/.tools/bin"
+mkdir -p "$CACHE" "$BIN"
+
+log() { printf '[tools %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+go_ok() {
+  command -v "$1" >/dev/null 2>&1 || return 1
+  local v; v="$("$1" env GOVERSION 2>/dev/null | sed 's/^go//')"
+  [ -n "$v" ] && [ "$(printf '%s\n%s\n' "$GO_MIN_VERSION" "$v" | sort -V | head -1)" = "$GO_MIN_VERSION" ]
+}
+
+# Use the machine's Go if recent enough; otherwise fetch an official toolchain from the Go module
+# proxy (it serves golang.org/toolchain as an ordinary module zip).
+ensure_go() {
+  if go_ok go; then GO=go; return; fi
+  local dir="$CACHE/go-$GO_FALLBACK_VERSION"
+  if [ ! -x "$dir/bin/go" ]; then
+    local proxy="${GOPROXY:-https://proxy.golang.org}"; proxy="${proxy%%,*}"
+    local mod="v0.0.1-go${GO_FALLBACK_VERSION}.linux-amd64"
+    log "installing Go $GO_FALLBACK_VERSION from the module proxy"
+    local tmp; tmp="$(mktemp -d)"
+    curl -fsSL "$proxy/golang.org/toolchain/@v/$mod.zip" -o "$tmp/go.zip"
+    (cd "$tmp" && python3 -m zipfile -e go.zip x)
+    rm -rf "$dir"; mv "$tmp/x/golang.org/toolchain@$mod" "$dir"; chmod +x "$dir"/bin/* "$dir"/pkg/tool/*/*
+    rm -rf "$tmp"
+  fi
+  GO="$dir/bin/go"
+}
+
+# build NAME VERSION BINARIES... -- runs the function build_NAME into $CACHE/NAME-VERSION once.
+built() { local d="$CACHE/$1-$2/bin"; shift 2; for b in "$@"; do [ -x "$d/$b" ] || return 1; done; }
+
+link() {
+  local d="$CACHE/$1-$2/bin"; shift 2
+  for b in "$@"; do ln -sf "$d/$b" "$BIN/$b"; done
+}
+
+consumer_module() {  # dir module-path go-version
+  mkdir -p "$1"; (cd "$1" && rm -f go.mod go.sum && "$GO" mod init "$2" >/dev/null 2>&1 && "$GO" mod edit -go="$3")
+}
+
+build_kubernetes() {
+  local v="$KUBERNETES_VERSION" out="$CACHE/kubernetes-$KUBERNETES_VERSION/bin"
+  local work="$CACHE/kubernetes-$v/src" minor="${v#v1.}"; minor="${minor%%.*}"
+  local staging="v0.${v#v1.}"
+  log "kubernetes $v: resolving k8s.io/kubernetes and its staging modules"
+  consumer_module "$work" streamqueue.local/kubebuild 1.25.0
+  local gomod; gomod="$(cd "$work" && "$GO" mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  local mods; mods="$(sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$gomod")"
+  log "kubernetes $v: replacing $(echo "$mods" | wc -l) staging modules with $staging"
+  (
+    cd "$work"
+    "$GO" mod edit -require="k8s.io/kubernetes@$v"
+    for m in $mods; do "$GO" mod edit -replace="$m=$m@$staging"; done
+    # Carry over the release's own godebug default so behaviour matches the upstream build.
+    "$GO" mod edit -godebug=default=go1.25 || true
+    cat > tools.go <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+    log "kubernetes $v: downloading modules (go mod tidy)"
+    "$GO" mod tidy -e >/dev/null
+    local date; date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    local ld=""
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ld="$ld -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+      ld="$ld -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date -X $pkg.gitCommit=release-$v"
+    done
+    mkdir -p "$out.tmp"
+    for cmd in kube-apiserver kube-controller-manager kubectl; do
+      log "kubernetes $v: go build $cmd (cold: several minutes on 2 cores)"
+      CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w $ld" -o "$out.tmp/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+    done
+  )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+build_etcd() {  # etcd in its own module: its release go.mod files carry local replaces too.
+  local v="$ETCD_VERSION" out="$CACHE/etcd-$ETCD_VERSION/bin" work="$CACHE/etcd-$ETCD_VERSION/src"
+  log "etcd $v: building go.etcd.io/etcd/server/v3"
+  consumer_module "$work" streamqueue.local/etcdbuild 1.25.0
+  (
+    cd "$work"
+    "$GO" mod edit -require="go.etcd.io/etcd/server/v3@$v"
+    printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > tools.go
+    "$GO" mod tidy -e >/dev/null
+    mkdir -p "$out.tmp"
+    CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3
+  )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+build_helm() {
+  local v="$HELM_VERSION" out="$CACHE/helm-$HELM_VERSION/bin"
+  log "helm $v: go install helm.sh/helm/v3/cmd/helm"
+  mkdir -p "$out.tmp"
+  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$v" "helm.sh/helm/v3/cmd/helm@$v"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+build_kind() {
+  local v="$KIND_VERSION" out="$CACHE/kind-$KIND_VERSION/bin"
+  log "kind $v: go install sigs.k8s.io/kind"
+  mkdir -p "$out.tmp"
+  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$v"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+ensure() {  # ensure NAME VERSION BINARIES...
+  local name="$1" version="$2"; shift 2
+  if built "$name" "$version" "$@"; then
+    log "$name $version: cached"
+  else
+    [ -n "${GO:-}" ] || ensure_go
+    local t0=$SECONDS
+    "build_$name"
+    log "$name $version: built in $((SECONDS - t0))s"
+  fi
+  link "$name" "$version" "$@"
+}
+
+main() {
+  local want="${*:-etcd kubernetes helm kind}"
+  for t in $want; do
+    case "$t" in
+      etcd) ensure etcd "$ETCD_VERSION" etcd ;;
+      kubernetes) ensure kubernetes "$KUBERNETES_VERSION" kube-apiserver kube-controller-manager kubectl ;;
+      helm) ensure helm "$HELM_VERSION" helm ;;
+      kind) ensure kind "$KIND_VERSION" kind ;;
+      *) echo "unknown tool: $t (want etcd, kubernetes, helm, kind)" >&2; exit 2 ;;
+    esac
+  done
+  log "tools ready in $BIN"
+}
+
+main "$@"

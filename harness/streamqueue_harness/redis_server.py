@@ -1,0 +1,85 @@
+"""A real ``redis-server`` on a free loopback port, for tests, benchmarks and the demo.
+
+Tests must exercise the real server (XAUTOCLAIM, XINFO lag semantics, reconnects), so this starts
+the Debian ``redis-server`` binary without persistence and can stop and restart it on the same port
+to simulate an outage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from .ports import free_port
+
+
+class RedisServer:
+    """One ``redis-server`` process; ``stop()``/``start()`` keep the port so clients can reconnect."""
+
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+        self.port = port or free_port()
+        self.password = password
+        self.host = "127.0.0.1"
+        self._dir = Path(tempfile.mkdtemp(prefix="sq-redis-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, password=self.password, **kwargs)  # type: ignore[arg-type]
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: run `make setup` (Debian package redis-server)")
+        args = [
+            binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
+            "--dir", str(self._dir), "--daemonize", "no", "--loglevel", "warning",
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self._proc.returncode} on port {self.port}")
+            try:
+                if self.client(socket_timeout=0.5).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise TimeoutError(f"redis-server on port {self.port} not ready after {timeout}s")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL); data is lost, as in a real outage without persistence."""
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
