@@ -1,0 +1,91 @@
+"""The wire format shared by the worker, the client and the article's original clients.
+
+Every field name lives here so the worker, ``streamqueue.Client`` and the tests cannot drift apart.
+Defaults are the article's names, so clients written for it keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_STREAM = "user_messages_queue"
+DEFAULT_GROUP = "ai_service_group"
+DEFAULT_REPLY_PREFIX = "ai_to_user:"
+DEAD_LETTER_SUFFIX = ":dead"
+
+# Request entry (input stream).
+USER_ID = "user_id"
+MESSAGE = "message"
+TIMESTAMP = "timestamp"
+REQUEST_ID = "request_id"  # optional, echoed on every reply entry for correlation
+
+# Reply entry (``<reply_prefix><user_id>``). A streamed reply writes chunk entries (CHUNK, SEQ)
+# before the final entry, which always carries the whole RESPONSE so article clients still work.
+RESPONSE = "response"
+WORKER_ID = "worker_id"
+CHUNK = "chunk"
+SEQ = "seq"
+ERROR = "error"  # set on an error reply sent to the user when a message is dead-lettered
+
+# Dead-letter entry: the original fields plus these.
+DL_REASON = "dl_reason"
+DL_ERROR = "dl_error"
+DL_DELIVERIES = "dl_deliveries"
+DL_SOURCE_ID = "dl_source_id"
+DL_SOURCE_STREAM = "dl_source_stream"
+DL_CONSUMER = "dl_consumer"
+DL_AT = "dl_at"
+
+# Reasons recorded in DL_REASON.
+REASON_MISSING_USER_ID = "missing_user_id"
+REASON_INVALID_USER_ID = "invalid_user_id"
+REASON_MESSAGE_TOO_LARGE = "message_too_large"
+REASON_MISSING_MESSAGE = "missing_message"
+REASON_MAX_DELIVERIES = "max_deliveries_exceeded"
+
+MAX_USER_ID_LENGTH = 128
+# user_id becomes part of a Redis key: keep it to a conservative, unambiguous character set.
+_USER_ID_RE = re.compile(r"[A-Za-z0-9_.@-]+")
+
+
+def reply_stream(prefix: str, user_id: str) -> str:
+    """The per-user reply stream name (``ai_to_user:<user_id>`` by default)."""
+    return f"{prefix}{user_id}"
+
+
+def dead_letter_stream(stream: str) -> str:
+    """Default dead-letter stream for an input stream."""
+    return f"{stream}{DEAD_LETTER_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an entry must not reach the handler; it goes to the dead-letter stream instead."""
+
+    reason: str
+    detail: str
+
+
+def validate_request(fields: dict[str, str], max_message_bytes: int) -> Rejection | None:
+    """Return a Rejection if the entry is not a well-formed request, else None.
+
+    Checked before the handler so a malformed entry can never produce a reply on someone else's
+    stream (or an unbounded key name) and is never silently dropped.
+    """
+    user_id = fields.get(USER_ID)
+    if user_id is None or user_id == "":
+        return Rejection(REASON_MISSING_USER_ID, "entry has no user_id field (or it is empty)")
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        return Rejection(
+            REASON_INVALID_USER_ID, f"user_id is {len(user_id)} characters, limit {MAX_USER_ID_LENGTH}"
+        )
+    if not _USER_ID_RE.fullmatch(user_id):
+        return Rejection(REASON_INVALID_USER_ID, "user_id may contain only letters, digits and _ . @ -")
+    message = fields.get(MESSAGE)
+    if message is None:
+        return Rejection(REASON_MISSING_MESSAGE, "entry has no message field")
+    size = len(message.encode("utf-8", "surrogateescape"))
+    if size > max_message_bytes:
+        return Rejection(REASON_MESSAGE_TOO_LARGE, f"message is {size} bytes, limit {max_message_bytes}")
+    return None
