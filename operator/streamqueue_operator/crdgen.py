@@ -1,0 +1,162 @@
+"""Generate the StreamQueue CustomResourceDefinition from the pydantic models (``make crds``).
+
+Kubernetes accepts only *structural* OpenAPI schemas: no ``$ref``, no ``anyOf`` with null, no
+``additionalProperties: true``. This module rewrites pydantic's JSON Schema into that form, so the
+models stay the one place where a field, its default or its range is declared. ``--check`` exits
+non-zero when a generated copy (``crds/``, the chart's ``crds/``) no longer matches the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import models
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = f"{models.PLURAL}.{models.GROUP}.yaml"
+OUTPUTS = (ROOT / "crds" / CRD_FILE, ROOT / "charts" / "streamqueue-operator" / "crds" / CRD_FILE)
+HEADER = "# Generated from operator/streamqueue_operator/models.py by `make crds`. Do not edit.\n"
+
+_DROP = {"title", "$defs"}
+
+
+def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Inline ``$ref``s and collapse ``Optional`` unions into the Kubernetes structural form."""
+    node = dict(schema)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        node = {**target, **node}
+    if "anyOf" in node:
+        variants = [v for v in node.pop("anyOf") if v.get("type") != "null"]
+        if len(variants) != 1:
+            raise ValueError(f"unions other than Optional[X] have no structural form: {schema}")
+        node = {**structural(variants[0], defs), **node}
+        if node.get("default", 0) is None:
+            del node["default"]
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "properties":
+            out[key] = {name: structural(sub, defs) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = structural(value, defs)
+        else:
+            out[key] = value
+    if out.get("x-kubernetes-preserve-unknown-fields") and out.get("additionalProperties") is True:
+        del out["additionalProperties"]
+    return out
+
+
+def _schema_of(model: type[models.BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True)
+    return structural(raw, raw.get("$defs", {}))
+
+
+def _printer_columns() -> list[dict[str, Any]]:
+    return [
+        {"name": "Stream", "type": "string", "jsonPath": ".spec.stream"},
+        {"name": "Backlog", "type": "integer", "jsonPath": ".status.backlog", "description": "lag + pending"},
+        {"name": "Pending", "type": "integer", "jsonPath": ".status.pending"},
+        {
+            "name": "Replicas",
+            "type": "string",
+            "jsonPath": ".status.replicas",
+            "description": "current/desired",
+        },
+        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
+def build_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition as a plain dict."""
+    spec_schema = _schema_of(models.StreamQueueSpec)
+    spec_schema["default"] = {}
+    root = {
+        "type": "object",
+        "description": "A Redis Streams work queue: its worker Deployment and the policy that sizes it.",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": _schema_of(models.StreamQueueStatus),
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{models.PLURAL}.{models.GROUP}"},
+        "spec": {
+            "group": models.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": models.KIND,
+                "listKind": f"{models.KIND}List",
+                "plural": models.PLURAL,
+                "singular": models.SINGULAR,
+                "shortNames": models.SHORT_NAMES,
+            },
+            "versions": [
+                {
+                    "name": models.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": _printer_columns(),
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Spell out repeated values: anchors and aliases make a CRD hard to read and review."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def render() -> str:
+    """The CRD as the YAML text written to every output."""
+    return HEADER + yaml.dump(build_crd(), Dumper=_NoAliasDumper, sort_keys=False, width=110)
+
+
+def stale_outputs(text: str) -> list[Path]:
+    return [path for path in OUTPUTS if not path.exists() or path.read_text() != text]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m streamqueue_operator.crdgen",
+        description="Generate the StreamQueue CRD from the pydantic models into crds/ and the Helm chart.",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write the CRD files")
+    mode.add_argument("--check", action="store_true", help="fail if a CRD file differs from the models")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.write:
+        for path in OUTPUTS:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+        return 0
+    if args.check:
+        stale = stale_outputs(text)
+        for path in stale:
+            print(f"{path} is out of date: run `make crds`", file=sys.stderr)
+        return 1 if stale else 0
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

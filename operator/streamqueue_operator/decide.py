@@ -1,0 +1,195 @@
+"""Decide a queue's replica count: a pure function of the scaling policy and observation history.
+
+No I/O, no clock: the caller passes ``now`` and the previous ``ScalerState`` and gets back the
+decision and the next state, so every rule below is unit- and property-tested.
+
+Rules, in order:
+- Redis unreachable or group missing: hold the current count (or ``fallbackReplicas`` if higher);
+  never scale down, never to zero, on missing information. A missing group with entries in the
+  stream wakes one worker from zero so it can create the group.
+- At zero: stay asleep while backlog <= ``activationBacklog``, wake on the first backlog above it.
+- Otherwise the larger of two targets, each a constraint on a replica's load:
+  backlog target ``ceil(backlog / targetBacklogPerReplica)`` (KEDA-compatible) and drain target
+  ``ceil((arrival_rate + backlog / targetDrainSeconds) / service_rate_per_replica)``, with rates
+  measured over successive observations while the workers were saturated (lag > 0 throughout).
+- Scale up at once; scale down only to the highest recommendation of the stabilization window.
+- With minReplicas 0 keep one replica until the queue has been idle for ``idleCooldownSeconds``
+  (and the window has nothing above one), then go to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .models import ScalingSpec
+from .observe import Observation
+
+RATE_WINDOW_SECONDS = 15.0
+MIN_RATE_SPAN_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The counters of one successful observation that rates are computed from."""
+
+    at: float
+    entries_added: int
+    entries_read: int | None
+    pending: int
+    lag: int
+    ready: int
+
+
+@dataclass(frozen=True)
+class ScalerState:
+    """Observation history the decision needs; carried from one poll to the next."""
+
+    samples: tuple[Sample, ...] = ()
+    recommendations: tuple[tuple[float, int], ...] = ()
+    last_active_at: float | None = None
+
+    @classmethod
+    def seeded(cls, now: float, current: int) -> ScalerState:
+        """State after an operator (re)start: the current count counts as a fresh recommendation and the
+        queue as just active, so a restart can neither scale down nor scale to zero early."""
+        return cls(recommendations=((now, current),), last_active_at=now)
+
+
+@dataclass(frozen=True)
+class Rates:
+    arrival: float
+    service_per_replica: float | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    reason: str
+    message: str
+    backlog_target: int | None = None
+    drain_target: int | None = None
+    rates: Rates | None = None
+
+
+def _clamp(n: int, policy: ScalingSpec) -> int:
+    return min(max(n, policy.min_replicas), policy.max_replicas)
+
+
+def _decide_without_data(policy: ScalingSpec, obs: Observation, current: int) -> Decision:
+    floor = current
+    if policy.fallback_replicas is not None:
+        floor = max(floor, policy.fallback_replicas)
+    if obs.error is not None:
+        reason, what = "RedisUnavailable", f"Redis unreachable ({obs.error})"
+    else:
+        reason, what = "GroupMissing", "consumer group does not exist yet"
+        if current == 0 and obs.stream_length > policy.activation_backlog:
+            floor = max(floor, 1)
+    desired = _clamp(floor, policy)
+    verb = "holding" if desired == current else "using"
+    return Decision(desired, reason, f"{what}: {verb} {desired} replica(s)")
+
+
+def measure_rates(samples: tuple[Sample, ...]) -> Rates | None:
+    """Arrival rate, and per-replica service rate when the workers were saturated over the window."""
+    if len(samples) < 2:
+        return None
+    first, last = samples[0], samples[-1]
+    span = last.at - first.at
+    if span < MIN_RATE_SPAN_SECONDS:
+        return None
+    arrival = max(0, last.entries_added - first.entries_added) / span
+    saturated = all(s.lag > 0 for s in samples)
+    ready = min(s.ready for s in samples)
+    if not saturated or ready <= 0 or first.entries_read is None or last.entries_read is None:
+        return Rates(arrival, None)
+    completed = (last.entries_read - first.entries_read) - (last.pending - first.pending)
+    if completed <= 0:
+        return Rates(arrival, None)
+    return Rates(arrival, completed / span / ready)
+
+
+def _targets(policy: ScalingSpec, backlog: int, rates: Rates | None) -> tuple[int, int | None]:
+    backlog_target = math.ceil(backlog / policy.target_backlog_per_replica)
+    if rates is None or not rates.service_per_replica:
+        return backlog_target, None
+    needed = rates.arrival + backlog / policy.target_drain_seconds
+    return backlog_target, math.ceil(needed / rates.service_per_replica)
+
+
+def _describe(obs: Observation, backlog_target: int, drain_target: int | None, rates: Rates | None) -> str:
+    lag = f"lag {obs.lag}{' (estimated)' if obs.lag_estimated else ''}"
+    text = f"backlog {obs.backlog} ({lag}, pending {obs.pending}) -> backlog target {backlog_target}"
+    if drain_target is not None and rates is not None and rates.service_per_replica:
+        text += (
+            f", drain target {drain_target} (arrival {rates.arrival:.1f}/s, "
+            f"{rates.service_per_replica:.1f}/s per replica)"
+        )
+    return text
+
+
+def decide(
+    policy: ScalingSpec, state: ScalerState, obs: Observation, current: int, ready: int
+) -> tuple[Decision, ScalerState]:
+    """The replica count for this poll (at ``obs.at``) and the state for the next poll.
+
+    ``current`` is the Deployment's replica count, ``ready`` its ready replicas (for service rates).
+    """
+    now = obs.at
+    window_start = now - policy.scale_down_stabilization_seconds
+    if not obs.ok:
+        # A held count is a recommendation too: after an outage, scale-down waits a full window.
+        # Rates spanning an outage (or a Redis restart that lost the stream) mean nothing: drop them.
+        decision = _decide_without_data(policy, obs, current)
+        held = (*(r for r in state.recommendations if r[0] > window_start), (now, decision.desired))
+        return decision, ScalerState(recommendations=held, last_active_at=state.last_active_at)
+
+    samples = (*(s for s in state.samples if s.at > now - RATE_WINDOW_SECONDS), _sample(obs, ready))
+    rates = measure_rates(samples)
+    previous = state.samples[-1] if state.samples else None
+    arrived = previous is not None and obs.entries_added > previous.entries_added
+    backlog = obs.backlog
+    last_active = now if backlog > 0 or arrived or state.last_active_at is None else state.last_active_at
+    backlog_target, drain_target = _targets(policy, backlog, rates)
+    detail = _describe(obs, backlog_target, drain_target, rates)
+    raw = max(backlog_target, drain_target or 0)
+    reason = "DrainRate" if drain_target is not None and drain_target > backlog_target else "Backlog"
+
+    idle_for = now - last_active
+    to_zero = False
+    if current == 0 and backlog <= policy.activation_backlog:
+        raw, reason = 0, "Idle"
+    elif current == 0:
+        raw, reason = max(raw, 1), "Activation"
+    elif backlog == 0 and policy.min_replicas == 0 and idle_for >= policy.idle_cooldown_seconds:
+        raw, reason, to_zero = 0, "Idle", True
+        detail += f"; idle for {idle_for:.0f}s >= idleCooldownSeconds {policy.idle_cooldown_seconds}"
+    else:
+        raw = max(raw, 1)
+
+    recommendation = _clamp(raw, policy)
+    recommendations = (*(r for r in state.recommendations if r[0] > window_start), (now, recommendation))
+    next_state = ScalerState(samples=samples, recommendations=recommendations, last_active_at=last_active)
+
+    if recommendation >= current:
+        desired = recommendation
+    else:
+        stabilized = max(r for _, r in recommendations)
+        desired = min(current, stabilized)
+        if to_zero and stabilized <= 1:
+            desired = 0
+        elif desired > recommendation:
+            reason = "Stabilized"
+            detail += (
+                f"; scale-down held at {desired} by the {policy.scale_down_stabilization_seconds}s "
+                "stabilization window"
+            )
+    if _clamp(desired, policy) != desired or (desired == recommendation != raw and reason != "Idle"):
+        desired = _clamp(desired, policy)
+        detail += f"; clamped to [{policy.min_replicas}, {policy.max_replicas}]"
+    return Decision(desired, reason, detail, backlog_target, drain_target, rates), next_state
+
+
+def _sample(obs: Observation, ready: int) -> Sample:
+    return Sample(obs.at, obs.entries_added, obs.entries_read, obs.pending, obs.lag, ready)

@@ -1,0 +1,317 @@
+"""The StreamQueue API: pydantic models that are the single source of truth for the CRD schema.
+
+``crdgen`` turns these models into the OpenAPI schema of ``streamqueues.streamqueue.io``; the
+operator parses every object's ``spec`` with the same models, so the defaults and ranges the API
+server applies are the ones the code sees. Cross-field rules are CEL expressions attached with
+``x-kubernetes-validations`` because only the API server can reject a bad ``kubectl apply``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from streamqueue import wire
+
+GROUP = "streamqueue.io"
+VERSION = "v1alpha1"
+KIND = "StreamQueue"
+PLURAL = "streamqueues"
+SINGULAR = "streamqueue"
+SHORT_NAMES = ["sq"]
+QUEUE_LABEL = f"{GROUP}/queue"
+
+# Free-form Kubernetes objects (tolerations, resources, env sources) are validated by the API server
+# when the operator writes the Deployment; the CRD only keeps them intact.
+_PRESERVE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _rule(rule: str, message: str, *, field_path: str | None = None) -> dict[str, str]:
+    out = {"rule": rule, "messageExpression" if message.startswith("'") else "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+class _Model(BaseModel):
+    """camelCase on the wire (Kubernetes convention), snake_case in Python."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+
+class SecretKeyRef(_Model):
+    """A key in a Secret in the StreamQueue's namespace."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, description="Secret name.")]
+    key: Annotated[str, Field(min_length=1, max_length=253, description="Key inside the Secret.")] = (
+        "password"
+    )
+
+
+class CASecretKeyRef(SecretKeyRef):
+    """A Secret key holding a PEM CA bundle."""
+
+    key: Annotated[str, Field(min_length=1, max_length=253, description="Key inside the Secret.")] = "ca.crt"
+
+
+class TLSSpec(_Model):
+    """TLS to Redis. A ``rediss://`` URL turns TLS on as well."""
+
+    enabled: Annotated[bool, Field(description="Connect with TLS (implied by a rediss:// URL).")] = False
+    ca_secret_ref: Annotated[
+        CASecretKeyRef | None,
+        Field(description="Secret key holding the PEM CA bundle that signs the Redis server certificate."),
+    ] = None
+
+
+class RedisSpec(_Model):
+    """Where the queue lives. Credentials come only from Secrets, never from the object itself."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _rule(
+                    "!self.url.matches('^rediss?://[^/@]*:[^/@]*@')",
+                    "redis.url must not contain a password: store it in a Secret and set "
+                    "redis.passwordSecretRef (the username may go in redis.username)",
+                    field_path=".url",
+                ),
+                _rule(
+                    "!has(self.tls) || !has(self.tls.caSecretRef) || self.tls.enabled || "
+                    "self.url.startsWith('rediss://')",
+                    "redis.tls.caSecretRef needs TLS: set redis.tls.enabled: true or use a rediss:// URL",
+                    field_path=".tls.caSecretRef",
+                ),
+            ]
+        }
+    )
+
+    url: Annotated[
+        str,
+        Field(
+            max_length=2048,
+            pattern=r"^rediss?://",
+            description="redis://host:port/db or rediss://host:port/db (TLS). The path selects the database.",
+        ),
+    ] = "redis://redis:6379/0"
+    username: Annotated[str | None, Field(max_length=256, description="ACL user name.")] = None
+    password_secret_ref: Annotated[
+        SecretKeyRef | None, Field(description="Secret key holding the Redis password (ACL or requirepass).")
+    ] = None
+    tls: Annotated[TLSSpec, Field(json_schema_extra={"default": {}})] = TLSSpec()
+
+    @property
+    def tls_on(self) -> bool:
+        return self.tls.enabled or self.url.startswith("rediss://")
+
+
+class EnvVar(_Model):
+    """A container environment variable; ``valueFrom`` is any Kubernetes EnvVarSource."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    value: str | None = None
+    value_from: Annotated[dict[str, Any] | None, Field(json_schema_extra=_PRESERVE)] = None
+
+
+class LocalObjectReference(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class WorkerSpec(_Model):
+    """The worker Deployment. Unset tuning fields fall back to the worker's own defaults."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _rule(
+                    "!has(self.terminationGracePeriodSeconds) || !has(self.shutdownGraceSeconds) || "
+                    "self.terminationGracePeriodSeconds > self.shutdownGraceSeconds",
+                    "'worker.terminationGracePeriodSeconds (' + "
+                    "string(self.terminationGracePeriodSeconds) + ') must be greater than "
+                    "worker.shutdownGraceSeconds (' + string(self.shutdownGraceSeconds) + ') so "
+                    "Kubernetes does not kill a worker that is still finishing its messages'",
+                ),
+                _rule(
+                    "!has(self.env) || "
+                    "self.env.all(e, e.name != 'STREAMQUEUE_REDIS_PASSWORD' || has(e.valueFrom))",
+                    "worker.env must not set STREAMQUEUE_REDIS_PASSWORD as a literal value: "
+                    "use redis.passwordSecretRef",
+                    field_path=".env",
+                ),
+            ]
+        }
+    )
+
+    image: Annotated[
+        str | None,
+        Field(max_length=1024, description="Worker image; the operator's default worker image when unset."),
+    ] = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    handler: Annotated[
+        str | None,
+        Field(max_length=512, description="Python handler as module:function (STREAMQUEUE_HANDLER)."),
+    ] = None
+    handler_url: Annotated[
+        str | None, Field(max_length=2048, description="HTTP endpoint the worker posts each message to.")
+    ] = None
+    batch_size: Annotated[int | None, Field(ge=1, le=1000, description="Entries per XREADGROUP.")] = None
+    concurrency: Annotated[int | None, Field(ge=1, le=10000, description="Messages in flight per pod.")] = (
+        None
+    )
+    block_ms: Annotated[int | None, Field(ge=1, le=60000, description="XREADGROUP BLOCK in ms.")] = None
+    claim_idle_ms: Annotated[
+        int | None,
+        Field(ge=1000, le=86_400_000, description="Idle time before a pending entry is reclaimed."),
+    ] = None
+    max_deliveries: Annotated[
+        int | None, Field(ge=1, le=1000, description="Deliveries before an entry is dead-lettered.")
+    ] = None
+    dead_letter_stream: Annotated[str | None, Field(min_length=1, max_length=256)] = None
+    error_replies: Annotated[
+        bool | None, Field(description="Send the user an error reply on dead-letter.")
+    ] = None
+    stream_replies: Annotated[
+        bool | None, Field(description="Write reply chunks before the final reply.")
+    ] = None
+    reply_max_len: Annotated[
+        int | None, Field(ge=1, le=10_000_000, description="MAXLEN ~ of reply streams.")
+    ] = None
+    reply_ttl_seconds: Annotated[
+        int | None, Field(ge=1, le=31_536_000, description="Idle TTL of reply streams.")
+    ] = None
+    max_message_bytes: Annotated[int | None, Field(ge=1, le=536_870_912)] = None
+    shutdown_grace_seconds: Annotated[
+        int | None,
+        Field(ge=0, le=3600, description="Time a worker gets to finish in-flight work on SIGTERM."),
+    ] = None
+    termination_grace_period_seconds: Annotated[
+        int | None,
+        Field(ge=1, le=3700, description="Pod grace period; defaults to shutdownGraceSeconds + 15 (or 45)."),
+    ] = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+    env: Annotated[
+        list[EnvVar] | None,
+        Field(max_length=256, description="Extra environment variables (Kubernetes EnvVar)."),
+    ] = None
+    resources: Annotated[dict[str, Any] | None, Field(json_schema_extra=_PRESERVE)] = None
+    node_selector: dict[str, str] | None = None
+    tolerations: Annotated[list[dict[str, Any]] | None, Field(json_schema_extra={"items": _PRESERVE})] = None
+    affinity: Annotated[dict[str, Any] | None, Field(json_schema_extra=_PRESERVE)] = None
+    service_account_name: Annotated[str | None, Field(max_length=253)] = None
+    image_pull_secrets: list[LocalObjectReference] | None = None
+    pod_labels: dict[str, str] | None = None
+    pod_annotations: dict[str, str] | None = None
+
+
+class ScalingSpec(_Model):
+    """Scaling policy: see docs/operator.md, "Scaling behaviour"."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _rule(
+                    "self.minReplicas <= self.maxReplicas",
+                    "'scaling.minReplicas (' + string(self.minReplicas) + ') must not exceed "
+                    "scaling.maxReplicas (' + string(self.maxReplicas) + ')'",
+                ),
+                _rule(
+                    "!has(self.fallbackReplicas) || "
+                    "(self.fallbackReplicas >= self.minReplicas && "
+                    "self.fallbackReplicas <= self.maxReplicas)",
+                    "'scaling.fallbackReplicas (' + string(self.fallbackReplicas) + ') must lie within "
+                    "[minReplicas, maxReplicas] = [' + string(self.minReplicas) + ', ' + "
+                    "string(self.maxReplicas) + ']'",
+                    field_path=".fallbackReplicas",
+                ),
+            ]
+        }
+    )
+
+    min_replicas: Annotated[int, Field(ge=0, le=1000, description="0 allows scale to zero.")] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 10
+    target_backlog_per_replica: Annotated[
+        int, Field(ge=1, le=1_000_000, description="Backlog (lag + pending) one replica should carry.")
+    ] = 5
+    target_drain_seconds: Annotated[
+        int, Field(ge=1, le=86_400, description="Size for draining the backlog within this many seconds.")
+    ] = 30
+    poll_interval_seconds: Annotated[
+        float, Field(ge=0.2, le=300, description="How often Redis is observed.")
+    ] = 1.0
+    scale_down_stabilization_seconds: Annotated[
+        int, Field(ge=0, le=3600, description="Scale down only to the highest recommendation of this window.")
+    ] = 60
+    idle_cooldown_seconds: Annotated[
+        int, Field(ge=0, le=86_400, description="With minReplicas 0: idle time before scaling to zero.")
+    ] = 120
+    activation_backlog: Annotated[
+        int, Field(ge=0, le=1_000_000, description="From zero, wake once the backlog exceeds this.")
+    ] = 0
+    fallback_replicas: Annotated[
+        int | None,
+        Field(
+            ge=0, le=1000, description="Replicas while Redis is unreachable; unset holds the current count."
+        ),
+    ] = None
+
+
+class HousekeepingSpec(_Model):
+    dead_consumer_cleanup: Annotated[
+        bool, Field(description="Delete consumers whose Pod is gone once their pending list is empty.")
+    ] = True
+    trim_stream: Annotated[
+        bool,
+        Field(description="XTRIM MINID the input stream below the oldest entry any group still needs."),
+    ] = False
+    interval_seconds: Annotated[int, Field(ge=5, le=3600)] = 30
+
+
+_NAME = Field(min_length=1, max_length=256)
+
+
+class StreamQueueSpec(_Model):
+    redis: Annotated[RedisSpec, Field(json_schema_extra={"default": {}})] = RedisSpec()
+    stream: Annotated[str, _NAME, Field(description="Input stream.")] = wire.DEFAULT_STREAM
+    group: Annotated[str, _NAME, Field(description="Consumer group of the workers.")] = wire.DEFAULT_GROUP
+    reply_prefix: Annotated[
+        str, Field(min_length=1, max_length=256, description="Reply stream is <replyPrefix><user_id>.")
+    ] = wire.DEFAULT_REPLY_PREFIX
+    worker: Annotated[WorkerSpec, Field(json_schema_extra={"default": {}})] = WorkerSpec()
+    scaling: Annotated[ScalingSpec, Field(json_schema_extra={"default": {}})] = ScalingSpec()
+    housekeeping: Annotated[HousekeepingSpec, Field(json_schema_extra={"default": {}})] = HousekeepingSpec()
+
+
+class Condition(_Model):
+    """A status condition, as in the Kubernetes API conventions (metav1.Condition)."""
+
+    type: Annotated[str, Field(max_length=316)]
+    status: Literal["True", "False", "Unknown"]
+    reason: Annotated[str, Field(max_length=1024)]
+    message: Annotated[str, Field(max_length=32768)] = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class StreamQueueStatus(_Model):
+    observed_generation: int | None = None
+    conditions: list[Condition] | None = None
+    deployment: str | None = None
+    backlog: Annotated[int | None, Field(description="lag + pending.")] = None
+    lag: int | None = None
+    lag_estimated: Annotated[
+        bool | None, Field(description="Redis reported lag as nil; lag is an estimate.")
+    ] = None
+    pending: int | None = None
+    stream_length: int | None = None
+    consumers: int | None = None
+    desired_replicas: int | None = None
+    current_replicas: int | None = None
+    replicas: Annotated[str | None, Field(description="current/desired, for kubectl get.")] = None
+    last_scale_time: str | None = None
+    last_scale_reason: str | None = None
+
+
+def parse_spec(spec: dict[str, Any]) -> StreamQueueSpec:
+    """The typed spec of a StreamQueue object (the API server has already applied defaults)."""
+    return StreamQueueSpec.model_validate(spec)

@@ -1,0 +1,264 @@
+"""The scaling decision: worked examples and properties over generated policies and histories."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from streamqueue_operator.decide import Rates, Sample, ScalerState, decide, measure_rates
+from streamqueue_operator.models import ScalingSpec
+from streamqueue_operator.observe import Observation
+
+
+def policy(**kw: object) -> ScalingSpec:
+    base: dict[str, object] = {
+        "min_replicas": 0,
+        "max_replicas": 20,
+        "target_backlog_per_replica": 5,
+        "scale_down_stabilization_seconds": 30,
+        "idle_cooldown_seconds": 60,
+    }
+    return ScalingSpec(**{**base, **kw})
+
+
+def obs(at: float, lag: int = 0, pending: int = 0, added: int = 0, read: int | None = 0) -> Observation:
+    return Observation(
+        at=at, lag=lag, pending=pending, entries_added=added, entries_read=read, stream_length=lag
+    )
+
+
+def test_backlog_target_scales_up_in_one_step() -> None:
+    d, _ = decide(policy(), ScalerState.seeded(0, 1), obs(1, lag=40, pending=7), current=1, ready=1)
+    assert d.desired == 10 and d.reason == "Backlog"
+    assert "backlog 47" in d.message
+
+
+def test_max_replicas_caps_and_says_so() -> None:
+    d, _ = decide(policy(max_replicas=4), ScalerState.seeded(0, 1), obs(1, lag=1000), current=1, ready=1)
+    assert d.desired == 4 and "clamped to [0, 4]" in d.message
+
+
+def test_wakes_from_zero_on_first_message_and_on_pending_only() -> None:
+    p = policy()
+    assert decide(p, ScalerState(), obs(1, lag=1), current=0, ready=0)[0].desired == 1
+    # KEDA's pending-count mode cannot wake on pending alone; a dead consumer's pending entries need a worker.
+    d, _ = decide(p, ScalerState(), obs(1, pending=3), current=0, ready=0)
+    assert d.desired == 1 and d.reason == "Activation"
+
+
+def test_activation_threshold_keeps_zero_until_exceeded() -> None:
+    p = policy(activation_backlog=10)
+    assert decide(p, ScalerState(), obs(1, lag=10), current=0, ready=0)[0].desired == 0
+    assert decide(p, ScalerState(), obs(1, lag=11), current=0, ready=0)[0].desired == 3
+
+
+def test_scale_down_waits_for_stabilization_window() -> None:
+    p = policy(scale_down_stabilization_seconds=30)
+    state = ScalerState()
+    d, state = decide(p, state, obs(0, lag=50), current=2, ready=2)
+    assert d.desired == 10
+    d, state = decide(p, state, obs(10, lag=5), current=10, ready=10)
+    assert d.desired == 10 and d.reason == "Stabilized"
+    d, state = decide(p, state, obs(29, lag=5), current=10, ready=10)
+    assert d.desired == 10
+    d, state = decide(p, state, obs(31, lag=5), current=10, ready=10)
+    assert d.desired == 1
+
+
+def test_scale_to_zero_only_after_idle_cooldown() -> None:
+    p = policy(idle_cooldown_seconds=60, scale_down_stabilization_seconds=10)
+    state = ScalerState()
+    _, state = decide(p, state, obs(0, lag=3, added=3), current=1, ready=1)
+    for t in (5, 30, 59):
+        d, state = decide(p, state, obs(t, added=3, read=3), current=1, ready=1)
+        assert d.desired == 1, t
+    d, state = decide(p, state, obs(61, added=3, read=3), current=1, ready=1)
+    assert d.desired == 0 and d.reason == "Idle"
+
+
+def test_new_arrivals_reset_idle_cooldown_even_if_drained_between_polls() -> None:
+    p = policy(idle_cooldown_seconds=60, scale_down_stabilization_seconds=0)
+    state = ScalerState.seeded(0, 1)
+    _, state = decide(p, state, obs(50, added=1, read=1), current=1, ready=1)
+    _, state = decide(p, state, obs(100, added=9, read=9), current=1, ready=1)
+    d, _ = decide(p, state, obs(130, added=9, read=9), current=1, ready=1)
+    assert d.desired == 1
+
+
+def test_restart_seed_prevents_early_scale_down() -> None:
+    p = policy(scale_down_stabilization_seconds=30)
+    d, _ = decide(p, ScalerState.seeded(100, 8), obs(101, lag=0), current=8, ready=8)
+    assert d.desired == 8
+
+
+def test_redis_error_holds_and_fallback_only_raises() -> None:
+    err = Observation(at=5, error="ConnectionError: refused")
+    d, state = decide(policy(), ScalerState.seeded(0, 3), err, current=3, ready=3)
+    assert d.desired == 3 and d.reason == "RedisUnavailable" and "holding 3" in d.message
+    assert state.recommendations == ((0, 3), (5, 3)) and state.samples == ()
+    assert decide(policy(fallback_replicas=5), ScalerState(), err, current=3, ready=3)[0].desired == 5
+    assert decide(policy(fallback_replicas=2), ScalerState(), err, current=3, ready=3)[0].desired == 3
+    assert decide(policy(), ScalerState(), err, current=0, ready=0)[0].desired == 0
+
+
+def test_missing_group_holds_but_wakes_a_worker_for_a_non_empty_stream() -> None:
+    missing = Observation(at=1, group_missing=True, stream_length=4)
+    assert decide(policy(), ScalerState(), missing, current=0, ready=0)[0].desired == 1
+    d, _ = decide(policy(), ScalerState(), missing, current=4, ready=4)
+    assert d.desired == 4 and d.reason == "GroupMissing"
+    empty = Observation(at=1, group_missing=True, stream_length=0)
+    assert decide(policy(), ScalerState(), empty, current=0, ready=0)[0].desired == 0
+
+
+def test_drain_target_uses_saturated_service_rate() -> None:
+    # 2 ready replicas complete 20 entries/s in total while lag stays high: 10/s per replica.
+    # Arrival 30/s plus a backlog of 600 to drain in 30 s needs (30 + 20) / 10 = 5 replicas.
+    p = policy(target_backlog_per_replica=1000, target_drain_seconds=30)
+    state = ScalerState()
+    _, state = decide(p, state, obs(0, lag=500, added=1000, read=400, pending=10), current=2, ready=2)
+    d, _ = decide(p, state, obs(10, lag=590, added=1300, read=600, pending=10), current=2, ready=2)
+    assert d.rates == Rates(arrival=30.0, service_per_replica=10.0)
+    assert d.drain_target == 5 and d.desired == 5 and d.reason == "DrainRate"
+
+
+def test_no_service_rate_when_workers_were_not_saturated() -> None:
+    samples = (Sample(0, 10, 10, 0, 0, 2), Sample(10, 20, 20, 0, 0, 2))
+    assert measure_rates(samples) == Rates(arrival=1.0, service_per_replica=None)
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+policies = st.builds(
+    lambda lo, span, target, stab, idle, act, drain: ScalingSpec(
+        min_replicas=lo,
+        max_replicas=max(1, lo + span),
+        target_backlog_per_replica=target,
+        scale_down_stabilization_seconds=stab,
+        idle_cooldown_seconds=idle,
+        activation_backlog=act,
+        target_drain_seconds=drain,
+    ),
+    st.integers(0, 5),
+    st.integers(0, 30),
+    st.integers(1, 50),
+    st.integers(0, 120),
+    st.integers(0, 300),
+    st.integers(0, 20),
+    st.integers(1, 120),
+)
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[ScalingSpec, list[Observation]]:
+    p = draw(policies)
+    n = draw(st.integers(1, 25))
+    t, added, read, out = 0.0, 0, 0, []
+    for _ in range(n):
+        t += draw(st.floats(0.2, 20))
+        if draw(st.integers(0, 9)) == 0:
+            out.append(Observation(at=t, error="ConnectionError"))
+            continue
+        added += draw(st.integers(0, 500))
+        read = draw(st.integers(read, added))
+        pending = draw(st.integers(0, read))
+        out.append(
+            Observation(
+                at=t,
+                lag=added - read,
+                pending=pending,
+                entries_added=added,
+                entries_read=read,
+                stream_length=added,
+                lag_estimated=draw(st.booleans()),
+            )
+        )
+    return p, out
+
+
+def run(p: ScalingSpec, observations: list[Observation], current: int) -> list[tuple[Observation, int, int]]:
+    """Feed a history through decide, applying each decision; returns (obs, before, after)."""
+    state, steps = ScalerState.seeded(0.0, current), []
+    for o in observations:
+        d, state = decide(p, state, o, current=current, ready=current)
+        steps.append((o, current, d.desired))
+        current = d.desired
+    return steps
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.integers(0, 40))
+def test_never_outside_min_max(history: tuple[ScalingSpec, list[Observation]], start: int) -> None:
+    p, observations = history
+    start = min(max(start, p.min_replicas), p.max_replicas)
+    for _, _, after in run(p, observations, start):
+        assert p.min_replicas <= after <= p.max_replicas
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.integers(0, 40))
+def test_never_scales_to_zero_while_backlog_waits(
+    history: tuple[ScalingSpec, list[Observation]], start: int
+) -> None:
+    p, observations = history
+    start = min(max(start, p.min_replicas), p.max_replicas)
+    for o, before, after in run(p, observations, start):
+        if o.ok and o.backlog > 0 and before > 0:
+            assert after >= 1
+        if o.ok and o.backlog > p.activation_backlog:
+            assert after >= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.integers(0, 40))
+def test_errors_never_scale_down(history: tuple[ScalingSpec, list[Observation]], start: int) -> None:
+    p, observations = history
+    start = min(max(start, p.min_replicas), p.max_replicas)
+    for o, before, after in run(p, observations, start):
+        if not o.ok:
+            assert after >= before
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.integers(0, 40))
+def test_no_scale_down_inside_stabilization_window(
+    history: tuple[ScalingSpec, list[Observation]], start: int
+) -> None:
+    """A scale-down never goes below what any poll inside the window called for: the backlog target of
+    an observed poll, the count held through an error, the count found at start. Going to zero after
+    the idle cooldown is allowed once nothing in the window needed more than one replica."""
+    p, observations = history
+    start = min(max(start, p.min_replicas), p.max_replicas)
+    needs: list[tuple[float, int]] = [(0.0, start)]
+    for o, before, after in run(p, observations, start):
+        if o.ok:
+            needs.append(
+                (
+                    o.at,
+                    min(max(-(-o.backlog // p.target_backlog_per_replica), p.min_replicas), p.max_replicas),
+                )
+            )
+        else:
+            needs.append((o.at, after))
+        if after < before:
+            floor = max(n for t, n in needs if t > o.at - p.scale_down_stabilization_seconds or t == o.at)
+            assert after >= floor or (after == 0 and floor <= 1), (floor, before, after)
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.integers(0, 40), st.integers(0, 5000), st.integers(0, 5000))
+def test_monotone_in_backlog(
+    history: tuple[ScalingSpec, list[Observation]], current: int, lag_a: int, lag_b: int
+) -> None:
+    p, observations = history
+    current = min(max(current, p.min_replicas), p.max_replicas)
+    state = ScalerState.seeded(0.0, current)
+    for o in observations[:-1]:
+        _, state = decide(p, state, o, current=current, ready=current)
+    last = observations[-1]
+    if not last.ok:
+        return
+    low, high = sorted((lag_a, lag_b))
+    d_low, _ = decide(p, state, Observation(**{**last.__dict__, "lag": low}), current=current, ready=current)
+    d_high, _ = decide(
+        p, state, Observation(**{**last.__dict__, "lag": high}), current=current, ready=current
+    )
+    assert d_low.desired <= d_high.desired
