@@ -32,7 +32,7 @@ helm install streamqueue charts/streamqueue-operator --namespace streamqueue-sys
 kubectl -n "$NS" apply -f hack/e2e/redis.yaml
 kubectl -n "$NS" rollout status deploy/redis --timeout 120s
 kubectl -n "$NS" apply -f examples/streamqueue-secret-tls.yaml --dry-run=server >/dev/null
-sed -e "s#redis://redis:6379/0#redis://redis.$NS.svc:6379/0#" examples/streamqueue-e2e.yaml | kubectl -n "$NS" apply -f -
+kubectl -n "$NS" apply -f hack/e2e/streamqueue.yaml
 
 replicas() { kubectl -n "$NS" get deploy -l streamqueue.io/queue=e2e -o jsonpath='{.items[0].spec.replicas}' 2>/dev/null || echo 0; }
 wait_for() {  # wait_for DESCRIPTION SECONDS COMMAND...
