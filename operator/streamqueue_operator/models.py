@@ -27,7 +27,7 @@ QUEUE_LABEL = f"{GROUP}/queue"
 _PRESERVE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
 
-def _rule(rule: str, message: str, *, field_path: str | None = None) -> dict[str, str]:
+def _rule(rule: str, message: str, *, field_path: str | None = None) -> Any:
     out = {"rule": rule, "messageExpression" if message.startswith("'") else "message": message}
     if field_path:
         out["fieldPath"] = field_path

@@ -9,7 +9,7 @@ never mistaken for an idle one (KEDA's lag mode treats nil as inactive).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -105,27 +105,27 @@ def from_replies(at: float, group_name: str, groups_reply: Any, stream_reply: An
             return Observation(at=at, error=f"{type(reply).__name__}: {reply}")
     stream = _normalize(stream_reply)
     groups = tuple(_group(g) for g in groups_reply)
-    base = {
-        "at": at,
-        "stream_length": int(stream["length"]),
-        "entries_added": int(stream.get("entries-added") or stream["length"]),
-        "last_generated_id": _text(stream["last-generated-id"]),
-        "groups": groups,
-    }
+    base = Observation(
+        at=at,
+        stream_length=int(stream["length"]),
+        entries_added=int(stream.get("entries-added") or stream["length"]),
+        last_generated_id=_text(stream["last-generated-id"]),
+        groups=groups,
+    )
     mine = next((g for g in groups if g.name == group_name), None)
     if mine is None:
-        return Observation(group_missing=True, **base)
+        return replace(base, group_missing=True)
     lag, estimated = mine.lag, False
     if lag is None:
-        lag = estimate_lag(mine, base["stream_length"], base["entries_added"], base["last_generated_id"])
+        lag = estimate_lag(mine, base.stream_length, base.entries_added, base.last_generated_id)
         estimated = True
-    return Observation(
+    return replace(
+        base,
         lag=lag,
         lag_estimated=estimated,
         pending=mine.pending,
         entries_read=mine.entries_read,
         consumers=mine.consumers,
-        **base,
     )
 
 

@@ -1,0 +1,160 @@
+"""Every write the operator makes to the Kubernetes API (and the reads those writes need).
+
+The kubernetes client is synchronous; calls run in a worker thread so one slow API request never
+stalls the other queues' poll loops. The Deployment's template is replaced with a JSON Patch (so a
+field removed from the StreamQueue disappears from the pod) while ``spec.replicas`` is only ever
+written by ``scale``: reconciling the template cannot undo a scaling decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.rest import ApiException
+
+from .models import GROUP, PLURAL, VERSION, SecretKeyRef
+
+HASH_ANNOTATION = f"{GROUP}/template-hash"
+
+
+class DeploymentConflict(Exception):
+    """The Deployment exists but cannot be adopted (another controller owns it, or its selector differs)."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    created: bool
+    changed: bool
+
+
+def template_hash(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def adoption_patch(existing: dict[str, Any], manifest: dict[str, Any], digest: str) -> list[dict[str, Any]]:
+    """JSON Patch that makes ``existing`` match ``manifest`` everywhere except ``spec.replicas``."""
+    meta = existing["metadata"]
+    ours = manifest["metadata"]["ownerReferences"][0]
+    others = [r for r in meta.get("ownerReferences") or [] if r.get("uid") != ours["uid"]]
+    controllers = [r for r in others if r.get("controller")]
+    if controllers:
+        c = controllers[0]
+        raise DeploymentConflict(
+            f"Deployment {meta['name']} is controlled by {c.get('kind')}/{c.get('name')}; "
+            "delete it or rename the StreamQueue"
+        )
+    if existing["spec"]["selector"] != manifest["spec"]["selector"]:
+        raise DeploymentConflict(
+            f"Deployment {meta['name']} has selector {existing['spec']['selector']}, expected "
+            f"{manifest['spec']['selector']} (selectors are immutable): delete the Deployment"
+        )
+    labels = {**(meta.get("labels") or {}), **manifest["metadata"]["labels"]}
+    annotations = {**(meta.get("annotations") or {}), HASH_ANNOTATION: digest}
+    return [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]},
+        {"op": "add", "path": "/metadata/labels", "value": labels},
+        {"op": "add", "path": "/metadata/annotations", "value": annotations},
+        {"op": "add", "path": "/metadata/ownerReferences", "value": [*others, ours]},
+        {"op": "replace", "path": "/spec/template", "value": manifest["spec"]["template"]},
+        {"op": "replace", "path": "/spec/strategy", "value": manifest["spec"]["strategy"]},
+        {
+            "op": "add",
+            "path": "/spec/revisionHistoryLimit",
+            "value": manifest["spec"]["revisionHistoryLimit"],
+        },
+    ]
+
+
+def _owned_by(existing: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    uid = manifest["metadata"]["ownerReferences"][0]["uid"]
+    return any(r.get("uid") == uid for r in existing["metadata"].get("ownerReferences") or [])
+
+
+def load_api_client() -> k8s.ApiClient:
+    """In-cluster credentials when running in a Pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+    return k8s.ApiClient()
+
+
+class Cluster:
+    """The operator's API calls; see docs/operator.md "Permissions" for the verbs they need."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self._api = api_client
+        self.apps = k8s.AppsV1Api(api_client)
+        self.core = k8s.CoreV1Api(api_client)
+        self.custom = k8s.CustomObjectsApi(api_client)
+
+    def _sanitized(self, obj: Any) -> dict[str, Any]:
+        return self._api.sanitize_for_serialization(obj)
+
+    async def apply_deployment(self, manifest: dict[str, Any], initial_replicas: int) -> Applied:
+        """Create the worker Deployment, or adopt and update an existing one (template only)."""
+        return await asyncio.to_thread(self._apply_deployment, manifest, initial_replicas)
+
+    def _apply_deployment(self, manifest: dict[str, Any], initial_replicas: int) -> Applied:
+        meta = manifest["metadata"]
+        digest = template_hash(manifest)
+        try:
+            existing = self._sanitized(self.apps.read_namespaced_deployment(meta["name"], meta["namespace"]))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = {**manifest, "spec": {**manifest["spec"], "replicas": initial_replicas}}
+            body["metadata"] = {**meta, "annotations": {HASH_ANNOTATION: digest}}
+            self.apps.create_namespaced_deployment(meta["namespace"], body)  # type: ignore[arg-type]
+            return Applied(created=True, changed=True)
+        annotations = existing["metadata"].get("annotations") or {}
+        if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
+            return Applied(created=False, changed=False)
+        patch = adoption_patch(existing, manifest, digest)
+        self.apps.patch_namespaced_deployment(meta["name"], meta["namespace"], patch)
+        return Applied(created=False, changed=True)
+
+    async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
+        body = {"spec": {"replicas": replicas}}
+        await asyncio.to_thread(self.apps.patch_namespaced_deployment, deployment, namespace, body)
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
+        )
+
+    async def secret_value(self, namespace: str, ref: SecretKeyRef) -> str:
+        """One key of a Secret, decoded; a clear error names the Secret and key when it is missing."""
+        try:
+            secret = await asyncio.to_thread(self.core.read_namespaced_secret, ref.name, namespace)
+        except ApiException as exc:
+            raise LookupError(
+                f"cannot read Secret {namespace}/{ref.name}: {exc.status} {exc.reason}"
+            ) from exc
+        data = secret.data or {}
+        if ref.key not in data:
+            raise LookupError(f"Secret {namespace}/{ref.name} has no key {ref.key!r}")
+        return base64.b64decode(data[ref.key]).decode()
+
+    async def pod_names(self, namespace: str, label_selector: str) -> set[str]:
+        pods = await asyncio.to_thread(
+            self.core.list_namespaced_pod, namespace, label_selector=label_selector
+        )
+        return {p.metadata.name for p in pods.items if p.metadata and p.metadata.name}

@@ -1,0 +1,208 @@
+"""Render a StreamQueue's worker Deployment (pure: spec in, manifest out).
+
+The manifest never contains ``spec.replicas``: the scaler owns that field (it is set once on
+create and then only by ``act``), so re-applying the template after a spec change can never undo a
+scaling decision. Worker settings reach the pod as ``STREAMQUEUE_*`` variables, the names the
+worker's ``WorkerSettings`` reads; the password only ever as a ``secretKeyRef``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+from .models import GROUP, KIND, QUEUE_LABEL, VERSION, StreamQueueSpec, WorkerSpec
+
+ENV_PREFIX = "STREAMQUEUE_"
+HEALTH_PORT = 8080
+DEFAULT_WORKER_IMAGE = f"streamqueue/worker:{__version__}"
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 30
+GRACE_MARGIN_SECONDS = 15
+CA_DIR = "/etc/streamqueue/redis-ca"
+CONTAINER = "worker"
+FIELD_MANAGER = "streamqueue-operator"
+DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+
+# WorkerSpec field -> worker setting (env var without the prefix). Booleans are rendered "true"/"false".
+TUNING_ENV = {
+    "handler": "HANDLER",
+    "handler_url": "HANDLER_URL",
+    "batch_size": "BATCH_SIZE",
+    "concurrency": "CONCURRENCY",
+    "block_ms": "BLOCK_MS",
+    "claim_idle_ms": "CLAIM_IDLE_MS",
+    "max_deliveries": "MAX_DELIVERIES",
+    "dead_letter_stream": "DEAD_LETTER_STREAM",
+    "error_replies": "ERROR_REPLIES",
+    "stream_replies": "STREAM_REPLIES",
+    "reply_max_len": "REPLY_MAXLEN",
+    "reply_ttl_seconds": "REPLY_TTL_SECONDS",
+    "max_message_bytes": "MAX_MESSAGE_BYTES",
+    "shutdown_grace_seconds": "SHUTDOWN_GRACE_SECONDS",
+    "log_level": "LOG_LEVEL",
+}
+
+
+def deployment_name(queue: str) -> str:
+    return f"{queue}-worker"
+
+
+def selector_labels(queue: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "streamqueue-worker", QUEUE_LABEL: queue}
+
+
+def _env(name: str, value: Any) -> dict[str, Any]:
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return {"name": ENV_PREFIX + name, "value": text}
+
+
+def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
+    """The worker's environment: connection, queue names, tuning, then the user's extra env.
+
+    A user variable with the same name replaces the operator's, except the consumer name, which
+    must stay the pod name for dead-consumer cleanup to be correct.
+    """
+    redis = spec.redis
+    env = [
+        _env("REDIS_URL", redis.url),
+        _env("STREAM", spec.stream),
+        _env("GROUP", spec.group),
+        _env("REPLY_PREFIX", spec.reply_prefix),
+        {"name": ENV_PREFIX + "CONSUMER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        _env("HEALTH_PORT", HEALTH_PORT),
+    ]
+    if redis.username:
+        env.append(_env("REDIS_USERNAME", redis.username))
+    if redis.password_secret_ref:
+        ref = redis.password_secret_ref
+        env.append(
+            {
+                "name": ENV_PREFIX + "REDIS_PASSWORD",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    if redis.tls_on:
+        env.append(_env("REDIS_TLS", True))
+    if redis.tls.ca_secret_ref:
+        env.append(_env("REDIS_TLS_CA_FILE", f"{CA_DIR}/{redis.tls.ca_secret_ref.key}"))
+    for field, name in TUNING_ENV.items():
+        value = getattr(spec.worker, field)
+        if value is not None:
+            env.append(_env(name, value))
+    extra = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.worker.env or []]
+    overridden = {e["name"] for e in extra} - {ENV_PREFIX + "CONSUMER"}
+    return [e for e in env if e["name"] not in overridden] + [
+        e for e in extra if e["name"] != ENV_PREFIX + "CONSUMER"
+    ]
+
+
+def termination_grace(worker: WorkerSpec) -> int:
+    """Longer than the worker's own shutdown grace, so SIGKILL never cuts a clean drain short."""
+    if worker.termination_grace_period_seconds is not None:
+        return worker.termination_grace_period_seconds
+    shutdown = worker.shutdown_grace_seconds
+    return (DEFAULT_SHUTDOWN_GRACE_SECONDS if shutdown is None else shutdown) + GRACE_MARGIN_SECONDS
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "health"},
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def _container(spec: StreamQueueSpec, default_image: str) -> dict[str, Any]:
+    worker = spec.worker
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": worker.image or default_image,
+        "env": worker_env(spec),
+        "ports": [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        "livenessProbe": _probe("/healthz", 10, 6),
+        "readinessProbe": _probe("/readyz", 5, 2),
+        "resources": worker.resources if worker.resources is not None else DEFAULT_RESOURCES,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if worker.image_pull_policy:
+        container["imagePullPolicy"] = worker.image_pull_policy
+    if spec.redis.tls.ca_secret_ref:
+        container["volumeMounts"].append({"name": "redis-ca", "mountPath": CA_DIR, "readOnly": True})
+    return container
+
+
+def _pod_spec(spec: StreamQueueSpec, default_image: str) -> dict[str, Any]:
+    worker = spec.worker
+    pod: dict[str, Any] = {
+        "containers": [_container(spec, default_image)],
+        "terminationGracePeriodSeconds": termination_grace(worker),
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+        # Workers talk to Redis only; without a dedicated account they get no API token at all.
+        "automountServiceAccountToken": worker.service_account_name is not None,
+    }
+    if spec.redis.tls.ca_secret_ref:
+        ref = spec.redis.tls.ca_secret_ref
+        pod["volumes"].append(
+            {
+                "name": "redis-ca",
+                "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": ref.key}]},
+            }
+        )
+    optional = {
+        "serviceAccountName": worker.service_account_name,
+        "nodeSelector": worker.node_selector,
+        "tolerations": worker.tolerations,
+        "affinity": worker.affinity,
+        "imagePullSecrets": [r.model_dump() for r in worker.image_pull_secrets or []] or None,
+    }
+    pod.update({k: v for k, v in optional.items() if v is not None})
+    return pod
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+    }
+
+
+def render(owner: dict[str, Any], spec: StreamQueueSpec, default_image: str) -> dict[str, Any]:
+    """The worker Deployment for a StreamQueue object (``owner``), without ``spec.replicas``."""
+    queue = owner["metadata"]["name"]
+    labels = {
+        **selector_labels(queue),
+        "app.kubernetes.io/instance": queue,
+        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+    }
+    pod_labels = {**(spec.worker.pod_labels or {}), **labels}
+    template_meta: dict[str, Any] = {"labels": pod_labels}
+    if spec.worker.pod_annotations:
+        template_meta["annotations"] = dict(spec.worker.pod_annotations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name(queue),
+            "namespace": owner["metadata"]["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "selector": {"matchLabels": selector_labels(queue)},
+            "revisionHistoryLimit": 3,
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
+            "template": {"metadata": template_meta, "spec": _pod_spec(spec, default_image)},
+        },
+    }

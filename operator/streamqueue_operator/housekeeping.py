@@ -1,0 +1,82 @@
+"""Housekeeping on the queue's Redis: remove dead consumers, trim fully processed entries.
+
+Both run as Lua scripts so the check and the write are atomic: XGROUP DELCONSUMER drops the
+consumer's pending entries, so it runs only if XPENDING for that consumer is empty at that very
+moment; XTRIM MINID is computed from every group's oldest pending entry and last-delivered ID in
+the same script that trims, so a group created or rewound concurrently cannot lose entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import redis.asyncio
+
+# Returns -1 (and deletes nothing) while the consumer still owns pending entries.
+_DELETE_IF_IDLE = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# The oldest entry some group still needs: its oldest pending entry, else the one after its
+# last-delivered ID (undelivered). Entries below the minimum over all groups are acknowledged by
+# every group. No groups: nothing is known to be processed, nothing is trimmed.
+_TRIM_PROCESSED = """
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return 0 end
+local best_ms, best_seq = nil, nil
+for _, g in ipairs(groups) do
+  local f = {}
+  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+  local ms, seq
+  if f['pending'] > 0 then
+    local summary = redis.call('XPENDING', KEYS[1], f['name'])
+    ms, seq = string.match(summary[2], '(%d+)-(%d+)')
+    ms, seq = tonumber(ms), tonumber(seq)
+  else
+    ms, seq = string.match(f['last-delivered-id'], '(%d+)-(%d+)')
+    ms, seq = tonumber(ms), tonumber(seq) + 1
+  end
+  if best_ms == nil or ms < best_ms or (ms == best_ms and seq < best_seq) then
+    best_ms, best_seq = ms, seq
+  end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f-%.0f', best_ms, best_seq))
+"""
+
+
+@dataclass(frozen=True)
+class ConsumerCleanup:
+    deleted: tuple[str, ...]
+    kept_with_pending: tuple[str, ...]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def remove_dead_consumers(
+    client: redis.asyncio.Redis, stream: str, group: str, live_pods: Collection[str]
+) -> ConsumerCleanup:
+    """Delete consumers named after Pods that no longer exist, once nothing is pending for them.
+
+    Consumers with pending entries are kept: the workers' XAUTOCLAIM moves those entries to a live
+    consumer after ``claimIdle``, and a later pass deletes the then-empty consumer.
+    """
+    deleted, kept = [], []
+    for info in await client.xinfo_consumers(stream, group):
+        name = _text(info["name"])
+        if name in live_pods:
+            continue
+        if await client.eval(_DELETE_IF_IDLE, 1, stream, group, name) == -1:
+            kept.append(name)
+        else:
+            deleted.append(name)
+    return ConsumerCleanup(tuple(deleted), tuple(kept))
+
+
+async def trim_processed(client: redis.asyncio.Redis, stream: str) -> int:
+    """XTRIM MINID below the oldest entry any group still needs; returns the number of entries removed."""
+    return int(await client.eval(_TRIM_PROCESSED, 1, stream))

@@ -1,0 +1,60 @@
+"""Prometheus metrics, one series per queue (labels: namespace, name)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, start_http_server
+
+from .decide import Decision
+from .observe import Observation
+
+_LABELS = ("namespace", "name")
+
+BACKLOG = Gauge("streamqueue_backlog", "Lag plus pending entries of the queue's group.", _LABELS)
+PENDING = Gauge("streamqueue_pending", "Delivered but unacknowledged entries.", _LABELS)
+LAG = Gauge("streamqueue_lag", "Entries not yet delivered to the group.", _LABELS)
+LAG_ESTIMATED = Gauge(
+    "streamqueue_lag_estimated", "1 when Redis reported lag as nil and it is estimated.", _LABELS
+)
+DESIRED = Gauge("streamqueue_desired_replicas", "Replicas the scaler decided on.", _LABELS)
+CURRENT = Gauge("streamqueue_current_replicas", "Replicas of the worker Deployment.", _LABELS)
+SCALE_EVENTS = Counter(
+    "streamqueue_scale_events", "Replica changes made by the scaler.", (*_LABELS, "direction", "reason")
+)
+REDIS_ERRORS = Counter("streamqueue_redis_errors", "Polls that could not read Redis.", _LABELS)
+STATUS_WRITES = Counter("streamqueue_status_writes", "Status patches sent to the API server.", _LABELS)
+CONSUMERS_DELETED = Counter(
+    "streamqueue_dead_consumers_deleted", "Consumers removed after their Pod was gone.", _LABELS
+)
+ENTRIES_TRIMMED = Counter("streamqueue_entries_trimmed", "Entries removed by safe trimming.", _LABELS)
+
+_GAUGES = (BACKLOG, PENDING, LAG, LAG_ESTIMATED, DESIRED, CURRENT)
+
+
+def record_poll(namespace: str, name: str, obs: Observation, decision: Decision, current: int) -> None:
+    labels = (namespace, name)
+    if obs.error:
+        REDIS_ERRORS.labels(*labels).inc()
+    if obs.ok:
+        BACKLOG.labels(*labels).set(obs.backlog)
+        PENDING.labels(*labels).set(obs.pending)
+        LAG.labels(*labels).set(obs.lag)
+        LAG_ESTIMATED.labels(*labels).set(int(obs.lag_estimated))
+    DESIRED.labels(*labels).set(decision.desired)
+    CURRENT.labels(*labels).set(current)
+
+
+def record_scale(namespace: str, name: str, before: int, after: int, reason: str) -> None:
+    SCALE_EVENTS.labels(namespace, name, "up" if after > before else "down", reason).inc()
+
+
+def forget(namespace: str, name: str) -> None:
+    """Drop a deleted queue's gauges so dashboards do not show a ghost queue."""
+    for gauge in _GAUGES:
+        try:
+            gauge.remove(namespace, name)
+        except KeyError:
+            continue
+
+
+def serve(port: int, address: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=address)

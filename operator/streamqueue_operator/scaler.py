@@ -1,0 +1,198 @@
+"""One queue's poll loop: observe → decide → act, once per ``pollIntervalSeconds``.
+
+Data flows one way: the spec and the Deployment's replica counts come in, ``observe`` reads Redis,
+``decide`` (pure) picks the count, and the cluster writes happen last (scale, event, status,
+housekeeping). The only state kept between polls is the decision's history and what was last
+written, which is what lets status writes happen only on meaningful change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from . import housekeeping, metrics, redis_access, status
+from .act import Cluster
+from .decide import Decision, ScalerState, decide
+from .deployment import deployment_name, selector_labels
+from .models import RedisSpec, StreamQueueSpec, parse_spec
+from .observe import Observation, observe
+
+RECONNECT_INTERVAL_SECONDS = 5.0
+PATCH_TRUST_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """The worker Deployment as last seen by the watch: spec.replicas and status.readyReplicas."""
+
+    desired: int
+    ready: int
+
+
+ScaleCallback = Callable[[int, int, Decision], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    status_min_interval: float
+
+
+class QueueScaler:
+    """Per-StreamQueue state across polls; ``poll`` runs one observe → decide → act step."""
+
+    def __init__(self, cluster: Cluster, settings: Settings, namespace: str, name: str) -> None:
+        self.cluster, self.settings = cluster, settings
+        self.namespace, self.name = namespace, name
+        self.deployment = deployment_name(name)
+        self.deployment_error: str | None = None
+        self.log = logging.getLogger(f"streamqueue.scaler.{namespace}.{name}")
+        self._spec: tuple[int, StreamQueueSpec] | None = None
+        self._client: tuple[RedisSpec, redis.asyncio.Redis] | None = None
+        self._client_error: str | None = None
+        self._last_connect = -RECONNECT_INTERVAL_SECONDS
+        self._state: ScalerState | None = None
+        self._patched: tuple[int, int, float] | None = None
+        self._written: dict[str, Any] | None = None
+        self._last_write = 0.0
+        self._last_housekeeping = time.monotonic()
+        self._last_scale: tuple[str | None, str | None] = (None, None)
+
+    def spec(self, body: Mapping[str, Any]) -> StreamQueueSpec:
+        generation = body["metadata"].get("generation", 0)
+        if self._spec is None or self._spec[0] != generation:
+            self._spec = (generation, parse_spec(body.get("spec") or {}))
+        return self._spec[1]
+
+    async def close(self) -> None:
+        await self._drop_client()
+        metrics.forget(self.namespace, self.name)
+
+    async def _redis(self, spec: RedisSpec) -> redis.asyncio.Redis | None:
+        if self._client is not None and self._client[0] == spec:
+            return self._client[1]
+        now = time.monotonic()
+        if now - self._last_connect < RECONNECT_INTERVAL_SECONDS:
+            return None
+        self._last_connect = now
+        await self._drop_client()
+        try:
+            credentials = await redis_access.resolve(self.cluster, self.namespace, spec)
+        except LookupError as exc:
+            self._client_error = str(exc)
+            return None
+        self._client_error = None
+        self._client = (spec, redis_access.connect(spec, credentials))
+        return self._client[1]
+
+    async def _observe(self, spec: StreamQueueSpec) -> Observation:
+        client = await self._redis(spec.redis)
+        at = time.monotonic()
+        if client is None:
+            return Observation(at=at, error=self._client_error or "waiting to reconnect")
+        obs = await observe(client, spec.stream, spec.group, at)
+        if obs.error and "auth" in obs.error.lower():
+            await self._drop_client()  # re-read the Secret on the next attempt: the password may have rotated
+        return obs
+
+    async def _drop_client(self) -> None:
+        if self._client is not None:
+            await self._client[1].aclose()
+            self._client = None
+
+    def _current(self, replicas: Replicas, now: float) -> int:
+        """The Deployment's replicas; our own patch wins until the watch has caught up with it."""
+        if self._patched is not None:
+            value, before, at = self._patched
+            if replicas.desired == before and now - at < PATCH_TRUST_SECONDS:
+                return value
+            self._patched = None
+        return replicas.desired
+
+    def seed(self, previous_status: dict[str, Any]) -> None:
+        """Take over what the last operator instance wrote, so a restart changes nothing by itself."""
+        self._written = dict(previous_status) if previous_status else None
+        self._last_scale = (previous_status.get("lastScaleTime"), previous_status.get("lastScaleReason"))
+
+    async def poll(
+        self, body: Mapping[str, Any], replicas: Replicas | None, on_scale: ScaleCallback
+    ) -> float:
+        """One step; returns the poll interval to sleep before the next."""
+        spec = self.spec(body)
+        obs = await self._observe(spec)
+        now = obs.at
+        if replicas is None:  # not created yet, or not ours to scale (deployment_error says why)
+            if self.deployment_error:
+                held = Decision(0, "DeploymentError", self.deployment_error)
+                await self._write_status(body, obs, held, current=0, ready=0)
+            return spec.scaling.poll_interval_seconds
+        current = self._current(replicas, now)
+        if self._state is None:
+            self._state = ScalerState.seeded(now, current)
+        decision, self._state = decide(spec.scaling, self._state, obs, current, replicas.ready)
+        if decision.desired != current:
+            await self.cluster.scale(self.namespace, self.deployment, decision.desired)
+            self._patched = (decision.desired, replicas.desired, now)
+            self._last_scale = (status.now_iso(), f"{decision.reason}: {decision.message}")
+            metrics.record_scale(self.namespace, self.name, current, decision.desired, decision.reason)
+            on_scale(current, decision.desired, decision)
+            self.log.info(
+                "scaled %s -> %s (%s: %s)", current, decision.desired, decision.reason, decision.message
+            )
+            current = decision.desired
+        metrics.record_poll(self.namespace, self.name, obs, decision, current)
+        await self._write_status(body, obs, decision, current, replicas.ready)
+        if obs.ok:
+            await self._housekeeping(spec, now)
+        return spec.scaling.poll_interval_seconds
+
+    async def _write_status(
+        self, body: Mapping[str, Any], obs: Observation, decision: Decision, current: int, ready: int
+    ) -> None:
+        snapshot = status.Snapshot(
+            generation=body["metadata"].get("generation", 0),
+            deployment=self.deployment,
+            deployment_error=self.deployment_error,
+            observation=obs,
+            decision=decision,
+            current=current,
+            ready=ready,
+            last_scale_time=self._last_scale[0],
+            last_scale_reason=self._last_scale[1],
+        )
+        previous = self._written or {}
+        new = status.build(snapshot, previous)
+        now = time.monotonic()
+        if self._written is not None and not status.worth_writing(
+            previous, new, now - self._last_write, self.settings.status_min_interval
+        ):
+            return
+        await self.cluster.patch_status(self.namespace, self.name, new)
+        metrics.STATUS_WRITES.labels(self.namespace, self.name).inc()
+        self._written, self._last_write = new, now
+
+    async def _housekeeping(self, spec: StreamQueueSpec, now: float) -> None:
+        rules = spec.housekeeping
+        if now - self._last_housekeeping < rules.interval_seconds or self._client is None:
+            return
+        self._last_housekeeping = now
+        client = self._client[1]
+        try:
+            if rules.dead_consumer_cleanup:
+                selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
+                pods = await self.cluster.pod_names(self.namespace, selector)
+                result = await housekeeping.remove_dead_consumers(client, spec.stream, spec.group, pods)
+                metrics.CONSUMERS_DELETED.labels(self.namespace, self.name).inc(len(result.deleted))
+                if result.deleted:
+                    self.log.info("deleted dead consumers %s", ", ".join(result.deleted))
+            if rules.trim_stream:
+                trimmed = await housekeeping.trim_processed(client, spec.stream)
+                metrics.ENTRIES_TRIMMED.labels(self.namespace, self.name).inc(trimmed)
+        except (redis.RedisError, OSError) as exc:
+            self.log.warning("housekeeping skipped: %s", exc)

@@ -1,0 +1,80 @@
+"""Housekeeping against a real redis-server: dead consumers and safe trimming never lose an entry."""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio
+from streamqueue_harness.redis_server import RedisServer
+from streamqueue_operator.housekeeping import remove_dead_consumers, trim_processed
+
+STREAM, GROUP = "q", "g"
+
+
+def _setup(server: RedisServer, n: int = 10) -> tuple[redis.Redis, redis.asyncio.Redis, list[bytes]]:
+    r = server.client()
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    ids = [r.xadd(STREAM, {"user_id": "u", "message": str(i)}) for i in range(n)]
+    return r, redis.asyncio.Redis(host=server.host, port=server.port), ids
+
+
+async def test_dead_consumer_with_pending_is_kept_until_its_entries_are_claimed(
+    redis_server: RedisServer,
+) -> None:
+    r, client, _ = _setup(redis_server)
+    r.xreadgroup(GROUP, "pod-dead", {STREAM: ">"}, count=3)
+    r.xreadgroup(GROUP, "pod-idle-dead", {STREAM: ">"}, count=1)
+    r.xack(
+        STREAM,
+        GROUP,
+        *[e["message_id"] for e in r.xpending_range(STREAM, GROUP, "-", "+", 10, "pod-idle-dead")],
+    )
+    r.xreadgroup(GROUP, "pod-live", {STREAM: ">"}, count=2)
+
+    result = await remove_dead_consumers(client, STREAM, GROUP, live_pods={"pod-live"})
+    assert result.deleted == ("pod-idle-dead",) and result.kept_with_pending == ("pod-dead",)
+    assert r.xpending(STREAM, GROUP)["pending"] == 5  # nothing lost
+
+    r.xautoclaim(STREAM, GROUP, "pod-live", min_idle_time=0, start_id="0-0", count=10)
+    result = await remove_dead_consumers(client, STREAM, GROUP, live_pods={"pod-live"})
+    assert result.deleted == ("pod-dead",)
+    assert r.xpending(STREAM, GROUP)["pending"] == 5
+    assert [_name(c) for c in r.xinfo_consumers(STREAM, GROUP)] == ["pod-live"]
+
+
+def _name(info: dict) -> str:
+    return info["name"].decode()
+
+
+async def test_trim_keeps_pending_and_undelivered_entries_of_every_group(redis_server: RedisServer) -> None:
+    r, client, ids = _setup(redis_server)
+    r.xgroup_create(STREAM, "slow", id="0")
+    # g: delivered 6, acked the first 4 -> needs ids[4:]; slow: delivered 2, acked all -> needs ids[2:].
+    delivered = r.xreadgroup(GROUP, "c", {STREAM: ">"}, count=6)[0][1]
+    r.xack(STREAM, GROUP, *[e[0] for e in delivered[:4]])
+    slow = r.xreadgroup("slow", "c", {STREAM: ">"}, count=2)[0][1]
+    r.xack(STREAM, "slow", *[e[0] for e in slow])
+
+    assert await trim_processed(client, STREAM) == 2
+    assert [e[0] for e in r.xrange(STREAM)] == ids[2:]
+
+    r.xack(STREAM, GROUP, *[e[0] for e in delivered[4:]])
+    r.xreadgroup("slow", "c", {STREAM: ">"}, count=10)  # slow now has ids[2:] pending
+    assert await trim_processed(client, STREAM) == 0
+
+
+async def test_trim_after_everything_is_acknowledged_empties_the_stream(redis_server: RedisServer) -> None:
+    r, client, _ = _setup(redis_server, n=5)
+    entries = r.xreadgroup(GROUP, "c", {STREAM: ">"}, count=10)[0][1]
+    r.xack(STREAM, GROUP, *[e[0] for e in entries])
+    assert await trim_processed(client, STREAM) == 5
+    r.xadd(STREAM, {"user_id": "u", "message": "new"})
+    assert await trim_processed(client, STREAM) == 0 and r.xlen(STREAM) == 1
+
+
+async def test_trim_without_groups_does_nothing(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    r.xadd(STREAM, {"m": "1"})
+    assert (
+        await trim_processed(redis.asyncio.Redis(host=redis_server.host, port=redis_server.port), STREAM) == 0
+    )
+    assert r.xlen(STREAM) == 1
