@@ -1,0 +1,61 @@
+"""Helpers shared by the data-plane benchmarks: loading a queue, waiting for it to drain, printing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from streamqueue import wire
+
+LOAD_BATCH = 1000
+
+
+async def load_requests(redis: aioredis.Redis, stream: str, count: int, users: int) -> None:
+    """XADD ``count`` article-format requests spread over ``users`` users, pipelined in batches."""
+    for start in range(0, count, LOAD_BATCH):
+        pipe = redis.pipeline(transaction=False)
+        for i in range(start, min(start + LOAD_BATCH, count)):
+            pipe.xadd(
+                stream,
+                {
+                    wire.USER_ID: f"user{i % users}",
+                    wire.MESSAGE: f"message {i}",
+                    wire.TIMESTAMP: repr(time.time()),
+                },
+            )
+        await pipe.execute()
+
+
+async def wait_drained(redis: aioredis.Redis, stream: str, group: str, poll_s: float = 0.005) -> float:
+    """Wait until the group has delivered and acknowledged everything; returns the monotonic time seen.
+
+    Both contenders are timed by this same poll, so its granularity is the same small error for each.
+    """
+    while True:
+        groups = await redis.xinfo_groups(stream)
+        info = next(g for g in groups if g["name"] == group)
+        if info["pending"] == 0 and info["lag"] == 0:
+            return time.perf_counter()
+        await asyncio.sleep(poll_s)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(headers), *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print(
+            "  ".join(
+                v.rjust(w) if n and i else v.ljust(w)
+                for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,375 @@
+"""``streamqueue.Client``: send requests into the input stream and await their replies.
+
+A user's replies all land on one stream (``ai_to_user:<user_id>``), so many concurrent requests for the
+same user share it. Rather than one blocking read per request (which would cost a connection each and
+race with each other), the client runs ONE reader task per user reply stream and hands each entry to
+whoever waits for its ``request_id``. The reader's cursor is taken before the first request is sent, so a
+reply that arrives before the reader's first XREAD is still seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
+
+from . import wire
+from .connection import RedisConnectionSettings, connect
+
+log = logging.getLogger(__name__)
+
+# How long one reader XREAD blocks; an idle reader notices it has nobody to serve after at most this.
+DEFAULT_BLOCK_MS = 2000
+# Non-blocking commands (XADD, XREVRANGE) share this many connections however many requests run at
+# once; each active user's reader holds one more connection while it blocks.
+_COMMAND_CONNECTIONS = 32
+_RECONNECT_BACKOFF_MAX_S = 2.0
+
+
+class ReplyError(Exception):
+    """The worker answered with an error reply (e.g. the request was dead-lettered)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.error)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One entry of a user's reply stream: a final reply, an error reply or a streamed chunk."""
+
+    entry_id: str
+    fields: dict[str, str]
+
+    @property
+    def request_id(self) -> str | None:
+        return self.fields.get(wire.REQUEST_ID)
+
+    @property
+    def response(self) -> str | None:
+        return self.fields.get(wire.RESPONSE)
+
+    @property
+    def error(self) -> str | None:
+        return self.fields.get(wire.ERROR)
+
+    @property
+    def worker_id(self) -> str | None:
+        return self.fields.get(wire.WORKER_ID)
+
+    @property
+    def chunk(self) -> str | None:
+        return self.fields.get(wire.CHUNK)
+
+    @property
+    def seq(self) -> int | None:
+        raw = self.fields.get(wire.SEQ)
+        return int(raw) if raw is not None else None
+
+    @property
+    def is_chunk(self) -> bool:
+        """Chunk entries precede the final entry; the final one carries the whole response (or the error)."""
+        return (
+            wire.CHUNK in self.fields and wire.RESPONSE not in self.fields and wire.ERROR not in self.fields
+        )
+
+
+@dataclass
+class _Waiter:
+    """A request awaiting entries with its request_id; ``chunks`` waiters also receive chunk entries."""
+
+    chunks: bool
+    queue: asyncio.Queue[Reply | BaseException] = field(default_factory=asyncio.Queue)
+
+
+class _UserReader:
+    """The single reader of one user's reply stream, alive while anyone waits on it."""
+
+    def __init__(self, client: Client, key: str) -> None:
+        self._client = client
+        self.key = key
+        self.waiters: dict[str, _Waiter] = {}
+        self.subscribers: set[asyncio.Queue[Reply | BaseException]] = set()
+        self.ready = asyncio.Event()  # set once the cursor is known, or the reader has failed
+        self.error: Exception | None = None
+        self._cursor = "0-0"
+        self.task = asyncio.create_task(self._run(), name=f"streamqueue-reply-reader:{key}")
+
+    def idle(self) -> bool:
+        return not self.waiters and not self.subscribers
+
+    async def _run(self) -> None:
+        try:
+            await self._take_position()
+            self.ready.set()
+            await self._read_until_idle()
+        except Exception as exc:
+            log.error("reply reader for %s failed: %s", self.key, exc)
+            self.fail(exc)
+        finally:
+            self._client._forget_reader(self)
+
+    async def _take_position(self) -> None:
+        """Start after the newest reply already there, so old replies are not re-delivered."""
+        async with self._client.commands:
+            last = await self._client.redis.xrevrange(self.key, count=1)
+        if last:
+            self._cursor = str(last[0][0])
+
+    async def _read_until_idle(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                result = await self._client.redis.xread(
+                    {self.key: self._cursor}, block=self._client.block_ms, count=1000
+                )
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if self.idle():
+                    return
+                log.warning("reply reader for %s lost Redis (%s); retrying in %.2fs", self.key, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RECONNECT_BACKOFF_MAX_S)
+                continue
+            backoff = 0.05
+            entries = _stream_entries(result)
+            for entry_id, fields in entries:
+                self._cursor = entry_id
+                self._dispatch(Reply(entry_id, fields))
+            # Checked only after a read, and with no await in between: a request that registered
+            # itself with this reader is always served by it.
+            if not entries and self.idle():
+                return
+
+    def _dispatch(self, reply: Reply) -> None:
+        for queue in self.subscribers:
+            queue.put_nowait(reply)
+        request_id = reply.request_id
+        if request_id is None:
+            return
+        waiter = self.waiters.get(request_id)
+        if waiter is None or (reply.is_chunk and not waiter.chunks):
+            return
+        if not reply.is_chunk:
+            # A redelivered request can be answered twice; only the first final reply is awaited.
+            del self.waiters[request_id]
+        waiter.queue.put_nowait(reply)
+
+    def fail(self, exc: Exception) -> None:
+        """Wake everyone waiting on this reader with ``exc``; it will not read again."""
+        self.error = exc
+        self.ready.set()
+        for waiter in self.waiters.values():
+            waiter.queue.put_nowait(exc)
+        self.waiters.clear()
+        for queue in self.subscribers:
+            queue.put_nowait(exc)
+
+
+class Client:
+    """Async client for a streamqueue: ``send``, ``request``, ``request_stream`` and ``responses``.
+
+    Use as ``async with Client("redis://...") as client:``; closing stops every reply reader and the
+    connection pool.
+    """
+
+    def __init__(
+        self,
+        connection: RedisConnectionSettings | str = "redis://localhost:6379/0",
+        *,
+        stream: str = wire.DEFAULT_STREAM,
+        reply_prefix: str = wire.DEFAULT_REPLY_PREFIX,
+        stream_maxlen: int | None = None,
+        max_message_bytes: int | None = None,
+        block_ms: int = DEFAULT_BLOCK_MS,
+        max_readers: int = 1000,
+    ) -> None:
+        """``stream_maxlen`` trims the input stream (MAXLEN ~) on every send; leave it unset unless
+        producers may outrun the workers for long, since trimming drops unprocessed requests.
+        ``max_message_bytes`` rejects oversized messages before sending (the worker would
+        dead-letter them). ``max_readers`` bounds the users with requests in flight at once (each has a
+        blocking reader on its own connection); beyond it readers wait for a free connection."""
+        settings = (
+            RedisConnectionSettings(redis_url=connection) if isinstance(connection, str) else connection
+        )
+        self.stream = stream
+        self.reply_prefix = reply_prefix
+        self.stream_maxlen = stream_maxlen
+        self.max_message_bytes = max_message_bytes if max_message_bytes is not None else sys.maxsize
+        self.block_ms = block_ms
+        self.redis: aioredis.Redis = connect(settings, block_ms=block_ms)
+        self.redis.connection_pool.max_connections = max_readers + _COMMAND_CONNECTIONS
+        self.commands = asyncio.Semaphore(_COMMAND_CONNECTIONS)
+        self._readers: dict[str, _UserReader] = {}
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the reply readers (pending requests fail with ``RuntimeError``) and disconnect."""
+        readers = list(self._readers.values())
+        for reader in readers:
+            reader.fail(RuntimeError("the streamqueue client was closed"))
+            reader.task.cancel()
+        for reader in readers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader.task
+        await self.redis.aclose()
+
+    async def send(self, user_id: str, message: str, request_id: str | None = None) -> str:
+        """Append one request to the input stream (the article's plain XADD) and return its entry id."""
+        self._check(user_id, message)
+        fields: dict[FieldT, EncodableT] = {
+            wire.USER_ID: user_id,
+            wire.MESSAGE: message,
+            wire.TIMESTAMP: repr(time.time()),
+        }
+        if request_id is not None:
+            fields[wire.REQUEST_ID] = request_id
+        async with self.commands:
+            entry_id = await self.redis.xadd(
+                self.stream, fields, maxlen=self.stream_maxlen, approximate=self.stream_maxlen is not None
+            )
+        return str(entry_id)
+
+    async def request(
+        self,
+        user_id: str,
+        message: str,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 -- a per-request deadline is the API callers expect
+        request_id: str | None = None,
+    ) -> Reply:
+        """Send a request and return its final reply; raises ``ReplyError`` on an error reply and
+        ``TimeoutError`` when no reply arrives within ``timeout`` seconds."""
+        request_id = request_id or uuid.uuid4().hex
+        reader, waiter = self._expect(user_id, request_id, chunks=False)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send_when_ready(reader, user_id, message, request_id)
+                return _final(await waiter.queue.get())
+        finally:
+            reader.waiters.pop(request_id, None)
+
+    async def request_stream(
+        self,
+        user_id: str,
+        message: str,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 -- a per-request deadline is the API callers expect
+        request_id: str | None = None,
+    ) -> AsyncIterator[str]:
+        """Send a request and yield its reply chunks in order, ending with the final reply.
+
+        ``timeout`` bounds the wait for each next chunk, not the whole answer. A handler that does not
+        stream yields its whole response as one chunk. Chunks repeated by a redelivered request are
+        skipped by sequence number.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        reader, waiter = self._expect(user_id, request_id, chunks=True)
+        try:
+            await self._send_when_ready(reader, user_id, message, request_id)
+            next_seq = 0
+            early: dict[int, str] = {}
+            while True:
+                async with asyncio.timeout(timeout):
+                    item = await waiter.queue.get()
+                reply = item if isinstance(item, Reply) else _final(item)
+                if not reply.is_chunk:
+                    _final(reply)
+                    if next_seq == 0:
+                        yield reply.response or ""
+                    return
+                seq = reply.seq if reply.seq is not None else next_seq
+                if seq >= next_seq:
+                    early[seq] = reply.chunk or ""
+                while next_seq in early:
+                    yield early.pop(next_seq)
+                    next_seq += 1
+        finally:
+            reader.waiters.pop(request_id, None)
+
+    async def responses(self, user_id: str) -> AsyncIterator[Reply]:
+        """Yield every entry (chunks, final and error replies) that arrives on the user's reply stream
+        from about now on, whoever sent the request; runs until the caller stops iterating."""
+        self._check(user_id, "")
+        reader = self._reader_for(user_id)
+        queue: asyncio.Queue[Reply | BaseException] = asyncio.Queue()
+        reader.subscribers.add(queue)
+        try:
+            await reader.ready.wait()
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.subscribers.discard(queue)
+
+    def _expect(self, user_id: str, request_id: str, *, chunks: bool) -> tuple[_UserReader, _Waiter]:
+        """Register the waiter synchronously, before any await, so the reader cannot retire meanwhile."""
+        self._check(user_id, "")
+        reader = self._reader_for(user_id)
+        if request_id in reader.waiters:
+            raise ValueError(f"request_id {request_id!r} is already awaited for user {user_id!r}")
+        waiter = _Waiter(chunks=chunks)
+        reader.waiters[request_id] = waiter
+        return reader, waiter
+
+    async def _send_when_ready(
+        self, reader: _UserReader, user_id: str, message: str, request_id: str
+    ) -> None:
+        """Send only once the reader's cursor predates the request, so its reply cannot be missed."""
+        await reader.ready.wait()
+        if reader.error is not None:
+            raise reader.error
+        await self.send(user_id, message, request_id)
+
+    def _reader_for(self, user_id: str) -> _UserReader:
+        key = wire.reply_stream(self.reply_prefix, user_id)
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = self._readers[key] = _UserReader(self, key)
+        return reader
+
+    def _forget_reader(self, reader: _UserReader) -> None:
+        if self._readers.get(reader.key) is reader:
+            del self._readers[reader.key]
+
+    def _check(self, user_id: str, message: str) -> None:
+        """Refuse what the worker would dead-letter, so the caller gets an error instead of a timeout."""
+        rejection = wire.validate_request(
+            {wire.USER_ID: user_id, wire.MESSAGE: message}, max_message_bytes=self.max_message_bytes
+        )
+        if rejection is not None:
+            raise ValueError(f"{rejection.reason}: {rejection.detail}")
+
+
+def _final(item: Reply | BaseException) -> Reply:
+    """Turn what a waiter received into the reply, raising reader failures and error replies."""
+    if isinstance(item, BaseException):
+        raise item
+    if item.error is not None:
+        raise ReplyError(item)
+    return item
+
+
+def _stream_entries(result: Any) -> list[tuple[str, dict[str, str]]]:
+    """Flatten an XREAD reply (``connect()`` decodes to text) into (id, fields) pairs."""
+    return [(entry_id, fields or {}) for _, entries in result or [] for entry_id, fields in entries]
