@@ -50,7 +50,18 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     if out.get("x-kubernetes-preserve-unknown-fields") and out.get("additionalProperties") is True:
         del out["additionalProperties"]
+    if out.get("default") == {} and "properties" in out:
+        out["default"] = filled_default(out)
     return out
+
+
+def filled_default(node: dict[str, Any]) -> dict[str, Any]:
+    """An object default spelled out from its properties' defaults.
+
+    The API server checks a default against the object's CEL rules without applying the nested
+    defaults first, so ``default: {}`` would fail a rule such as ``self.minReplicas <= ...``.
+    """
+    return {name: sub["default"] for name, sub in node["properties"].items() if "default" in sub}
 
 
 def _schema_of(model: type[models.BaseModel]) -> dict[str, Any]:

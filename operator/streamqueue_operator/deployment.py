@@ -27,6 +27,8 @@ DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {
 TUNING_ENV = {
     "handler": "HANDLER",
     "handler_url": "HANDLER_URL",
+    "handler_timeout_seconds": "HANDLER_TIMEOUT_SECONDS",
+    "handler_retries": "HANDLER_RETRIES",
     "batch_size": "BATCH_SIZE",
     "concurrency": "CONCURRENCY",
     "block_ms": "BLOCK_MS",

@@ -28,7 +28,7 @@ _PRESERVE: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fi
 
 
 def _rule(rule: str, message: str, *, field_path: str | None = None) -> Any:
-    out = {"rule": rule, "messageExpression" if message.startswith("'") else "message": message}
+    out = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
     return out
@@ -127,10 +127,8 @@ class WorkerSpec(_Model):
                 _rule(
                     "!has(self.terminationGracePeriodSeconds) || !has(self.shutdownGraceSeconds) || "
                     "self.terminationGracePeriodSeconds > self.shutdownGraceSeconds",
-                    "'worker.terminationGracePeriodSeconds (' + "
-                    "string(self.terminationGracePeriodSeconds) + ') must be greater than "
-                    "worker.shutdownGraceSeconds (' + string(self.shutdownGraceSeconds) + ') so "
-                    "Kubernetes does not kill a worker that is still finishing its messages'",
+                    "worker.terminationGracePeriodSeconds must be greater than worker.shutdownGraceSeconds, "
+                    "so Kubernetes does not kill a worker that is still finishing its messages",
                 ),
                 _rule(
                     "!has(self.env) || "
@@ -155,6 +153,10 @@ class WorkerSpec(_Model):
     handler_url: Annotated[
         str | None, Field(max_length=2048, description="HTTP endpoint the worker posts each message to.")
     ] = None
+    handler_timeout_seconds: Annotated[
+        float | None, Field(gt=0, le=3600, description="HTTP handler timeout per attempt.")
+    ] = None
+    handler_retries: Annotated[int | None, Field(ge=0, le=20, description="HTTP handler retries.")] = None
     batch_size: Annotated[int | None, Field(ge=1, le=1000, description="Entries per XREADGROUP.")] = None
     concurrency: Annotated[int | None, Field(ge=1, le=10000, description="Messages in flight per pod.")] = (
         None
@@ -162,7 +164,7 @@ class WorkerSpec(_Model):
     block_ms: Annotated[int | None, Field(ge=1, le=60000, description="XREADGROUP BLOCK in ms.")] = None
     claim_idle_ms: Annotated[
         int | None,
-        Field(ge=1000, le=86_400_000, description="Idle time before a pending entry is reclaimed."),
+        Field(ge=100, le=86_400_000, description="Idle time before a pending entry is reclaimed."),
     ] = None
     max_deliveries: Annotated[
         int | None, Field(ge=1, le=1000, description="Deliveries before an entry is dead-lettered.")
@@ -212,16 +214,15 @@ class ScalingSpec(_Model):
             "x-kubernetes-validations": [
                 _rule(
                     "self.minReplicas <= self.maxReplicas",
-                    "'scaling.minReplicas (' + string(self.minReplicas) + ') must not exceed "
-                    "scaling.maxReplicas (' + string(self.maxReplicas) + ')'",
+                    "scaling.minReplicas must not exceed scaling.maxReplicas: "
+                    "lower minReplicas or raise maxReplicas",
                 ),
                 _rule(
                     "!has(self.fallbackReplicas) || "
                     "(self.fallbackReplicas >= self.minReplicas && "
                     "self.fallbackReplicas <= self.maxReplicas)",
-                    "'scaling.fallbackReplicas (' + string(self.fallbackReplicas) + ') must lie within "
-                    "[minReplicas, maxReplicas] = [' + string(self.minReplicas) + ', ' + "
-                    "string(self.maxReplicas) + ']'",
+                    "scaling.fallbackReplicas must lie within [minReplicas, maxReplicas]: "
+                    "change it, or unset it to hold the current count while Redis is unreachable",
                     field_path=".fallbackReplicas",
                 ),
             ]

@@ -1,17 +1,19 @@
 """The operator's Redis client for one queue: credentials resolved from Secrets, short timeouts.
 
-Short socket timeouts and no client-side retries keep one poll bounded: an unreachable Redis shows
-up as an error Observation within a couple of seconds (and replicas are held) instead of stalling
-the poll loop behind redis-py's reconnect backoff.
+A short socket timeout keeps one poll bounded: an unreachable Redis shows up as an error
+Observation within seconds (and replicas are held) instead of stalling the queue's poll loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from pydantic import SecretStr
+from streamqueue.connection import RedisConnectionSettings
+from streamqueue.connection import connect as shared_connect
 
 from .act import Cluster
 from .models import RedisSpec
@@ -35,18 +37,23 @@ async def resolve(cluster: Cluster, namespace: str, spec: RedisSpec) -> Credenti
     return Credentials(password, ca)
 
 
-def connect(spec: RedisSpec, credentials: Credentials) -> redis.asyncio.Redis:
-    options: dict[str, object] = {
-        "username": spec.username,
-        "password": credentials.password,
-        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
-        "socket_connect_timeout": SOCKET_TIMEOUT_SECONDS,
-        "retry": Retry(NoBackoff(), 0),
-        "client_name": "streamqueue-operator",
-    }
-    url = spec.url
-    if spec.tls_on:
-        url = url.replace("redis://", "rediss://", 1)
-        if credentials.ca_pem:
-            options["ssl_ca_data"] = credentials.ca_pem
-    return redis.asyncio.Redis.from_url(url, **options)  # type: ignore[arg-type]
+def connect(spec: RedisSpec, credentials: Credentials, ca_dir: Path) -> redis.asyncio.Redis:
+    """A client through the shared ``streamqueue.connection`` rules, with the operator's short timeout.
+
+    The CA bundle is written under ``ca_dir`` (the operator's writable /tmp) because the shared
+    connection settings take a CA file, as the worker does with its mounted Secret.
+    """
+    ca_file = None
+    if credentials.ca_pem:
+        ca_dir.mkdir(parents=True, exist_ok=True)
+        ca_file = ca_dir / f"ca-{hashlib.sha256(credentials.ca_pem.encode()).hexdigest()[:16]}.pem"
+        ca_file.write_text(credentials.ca_pem)
+    settings = RedisConnectionSettings(
+        redis_url=spec.url,
+        redis_username=spec.username,
+        redis_password=SecretStr(credentials.password) if credentials.password is not None else None,
+        redis_tls=spec.tls_on,
+        redis_tls_ca_file=ca_file,
+        redis_socket_timeout=SOCKET_TIMEOUT_SECONDS,
+    )
+    return shared_connect(settings)

@@ -1,0 +1,136 @@
+"""The rendered worker Deployment: settings names, secrets, security, and no replicas field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamqueue.settings import WorkerSettings
+from streamqueue_operator.deployment import ENV_PREFIX, TUNING_ENV, render, termination_grace
+from streamqueue_operator.models import StreamQueueSpec, parse_spec
+
+OWNER = {"metadata": {"name": "chat", "namespace": "team", "uid": "1234"}}
+
+
+def _full_spec() -> StreamQueueSpec:
+    return parse_spec(
+        {
+            "redis": {
+                "url": "redis://redis:6379/2",
+                "username": "sq",
+                "passwordSecretRef": {"name": "redis-auth"},
+                "tls": {"enabled": True, "caSecretRef": {"name": "redis-ca"}},
+            },
+            "worker": {
+                "handler": "pkg.mod:fn",
+                "handlerUrl": "http://ai/x",
+                "handlerTimeoutSeconds": 5,
+                "handlerRetries": 1,
+                "batchSize": 10,
+                "concurrency": 8,
+                "blockMs": 1000,
+                "claimIdleMs": 5000,
+                "maxDeliveries": 3,
+                "deadLetterStream": "dead",
+                "errorReplies": False,
+                "streamReplies": True,
+                "replyMaxLen": 50,
+                "replyTtlSeconds": 60,
+                "maxMessageBytes": 1000,
+                "shutdownGraceSeconds": 20,
+                "logLevel": "DEBUG",
+                "env": [{"name": "EXTRA", "value": "1"}, {"name": "STREAMQUEUE_BATCH_SIZE", "value": "99"}],
+                "nodeSelector": {"pool": "ai"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "serviceAccountName": "worker-sa",
+                "resources": {"limits": {"cpu": "2"}},
+            },
+        }
+    )
+
+
+def _container(manifest: dict[str, Any]) -> dict[str, Any]:
+    (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in _container(manifest)["env"]}
+
+
+def test_every_env_var_the_operator_sets_is_a_worker_setting() -> None:
+    """One source of names: a renamed WorkerSettings field fails here, not silently in a pod."""
+    env = _env(render(OWNER, _full_spec(), "img"))
+    fields = set(WorkerSettings.model_fields)
+    ours = {name.removeprefix(ENV_PREFIX).lower() for name in env if name.startswith(ENV_PREFIX)}
+    assert ours - fields == set()
+    assert {n.lower() for n in TUNING_ENV.values()} <= fields
+    assert len(ours) >= len(TUNING_ENV) + 8  # every tuning knob of the full spec was rendered
+
+
+def test_password_only_by_secret_reference_and_consumer_is_the_pod_name() -> None:
+    env = _env(render(OWNER, _full_spec(), "img"))
+    assert env["STREAMQUEUE_REDIS_PASSWORD"] == {
+        "name": "STREAMQUEUE_REDIS_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}},
+    }
+    assert env["STREAMQUEUE_CONSUMER"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["STREAMQUEUE_REDIS_TLS"]["value"] == "true"
+    assert env["STREAMQUEUE_REDIS_TLS_CA_FILE"]["value"] == "/etc/streamqueue/redis-ca/ca.crt"
+    assert env["STREAMQUEUE_BATCH_SIZE"]["value"] == "99"  # the user's env wins over the operator's
+    assert env["STREAMQUEUE_ERROR_REPLIES"]["value"] == "false"
+    assert env["EXTRA"]["value"] == "1"
+
+
+def test_defaults_set_only_what_the_worker_cannot_know() -> None:
+    env = _env(render(OWNER, StreamQueueSpec(), "streamqueue/worker:9"))
+    assert set(env) == {
+        "STREAMQUEUE_REDIS_URL",
+        "STREAMQUEUE_STREAM",
+        "STREAMQUEUE_GROUP",
+        "STREAMQUEUE_REPLY_PREFIX",
+        "STREAMQUEUE_CONSUMER",
+        "STREAMQUEUE_HEALTH_PORT",
+    }
+    assert env["STREAMQUEUE_STREAM"]["value"] == "user_messages_queue"
+
+
+def test_pod_is_locked_down_and_has_probes_on_the_health_port() -> None:
+    manifest = render(OWNER, _full_spec(), "img")
+    pod = manifest["spec"]["template"]["spec"]
+    c = _container(manifest)
+    assert c["securityContext"] == {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert pod["nodeSelector"] == {"pool": "ai"} and pod["tolerations"][0]["key"] == "gpu"
+    assert pod["serviceAccountName"] == "worker-sa" and pod["automountServiceAccountToken"] is True
+    assert c["resources"] == {"limits": {"cpu": "2"}}
+    assert pod["terminationGracePeriodSeconds"] == 35 > 20
+
+
+def test_no_replicas_and_owned_by_the_streamqueue() -> None:
+    manifest = render(OWNER, StreamQueueSpec(), "img")
+    assert "replicas" not in manifest["spec"]
+    assert manifest["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "streamqueue.io/v1alpha1",
+            "kind": "StreamQueue",
+            "name": "chat",
+            "uid": "1234",
+            "controller": True,
+        }
+    ]
+    assert manifest["spec"]["selector"]["matchLabels"]["streamqueue.io/queue"] == "chat"
+    assert manifest["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_termination_grace_outlasts_the_worker_default() -> None:
+    default_grace = WorkerSettings.model_fields["shutdown_grace_seconds"].default
+    assert termination_grace(StreamQueueSpec().worker) > default_grace
