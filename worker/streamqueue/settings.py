@@ -73,7 +73,8 @@ class WorkerSettings(RedisConnectionSettings):
         default=True, description="send the user an error reply when their message is dead-lettered"
     )
     stream_replies: bool = Field(
-        default=False, description="write chunk entries as an async-iterator handler yields them"
+        default=True,
+        description="write chunk entries as an async-iterator handler yields them (off: final reply only)",
     )
     reply_maxlen: int = Field(default=1000, ge=1, le=10_000_000, description="MAXLEN ~ of each reply stream")
     reply_ttl_seconds: int = Field(

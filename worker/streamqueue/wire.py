@@ -67,13 +67,8 @@ class Rejection:
     detail: str
 
 
-def validate_request(fields: dict[str, str], max_message_bytes: int) -> Rejection | None:
-    """Return a Rejection if the entry is not a well-formed request, else None.
-
-    Checked before the handler so a malformed entry can never produce a reply on someone else's
-    stream (or an unbounded key name) and is never silently dropped.
-    """
-    user_id = fields.get(USER_ID)
+def user_id_rejection(user_id: str | None) -> Rejection | None:
+    """Return a Rejection unless ``user_id`` is safe to use in a reply stream's key."""
     if user_id is None or user_id == "":
         return Rejection(REASON_MISSING_USER_ID, "entry has no user_id field (or it is empty)")
     if len(user_id) > MAX_USER_ID_LENGTH:
@@ -82,6 +77,18 @@ def validate_request(fields: dict[str, str], max_message_bytes: int) -> Rejectio
         )
     if not _USER_ID_RE.fullmatch(user_id):
         return Rejection(REASON_INVALID_USER_ID, "user_id may contain only letters, digits and _ . @ -")
+    return None
+
+
+def validate_request(fields: dict[str, str], max_message_bytes: int) -> Rejection | None:
+    """Return a Rejection if the entry is not a well-formed request, else None.
+
+    Checked before the handler so a malformed entry can never produce a reply on someone else's
+    stream (or an unbounded key name) and is never silently dropped.
+    """
+    rejection = user_id_rejection(fields.get(USER_ID))
+    if rejection is not None:
+        return rejection
     message = fields.get(MESSAGE)
     if message is None:
         return Rejection(REASON_MISSING_MESSAGE, "entry has no message field")

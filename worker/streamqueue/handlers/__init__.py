@@ -1,0 +1,74 @@
+"""The handler contract: what a worker calls for each valid message, and how it is found by name.
+
+A handler is ``async def handle(msg: Message) -> str | dict | AsyncIterator[str]``. Returning a
+``str`` replies with it; a ``dict`` becomes the reply entry's fields (it must hold ``response`` so the
+article's clients still read it); an async iterator (an ``async def`` with ``yield``) streams chunks.
+A handler that needs configuration (a URL, a session) is exposed as a ``HandlerFactory`` instead,
+built once per worker from the worker's settings and closed when the worker stops.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from ..settings import WorkerSettings
+
+Result: TypeAlias = str | Mapping[str, Any]
+Handler: TypeAlias = Callable[["Message"], Awaitable[Result] | AsyncIterator[str]]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One request as the handler sees it: the validated wire fields plus delivery facts."""
+
+    id: str
+    stream: str
+    user_id: str
+    message: str
+    request_id: str | None
+    deliveries: int
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HandlerFactory:
+    """A handler that must be built from the worker's settings (and may hold resources)."""
+
+    build: Callable[[WorkerSettings], Handler]
+
+
+class HandlerLoadError(ValueError):
+    """``module:function`` does not name a usable handler."""
+
+
+def load_handler(spec: str, settings: WorkerSettings) -> Handler:
+    """Import ``module:attribute`` and return the handler it names (building factories)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise HandlerLoadError(f"handler must be module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerLoadError(f"cannot import handler module {module_name!r}: {exc}") from exc
+    target = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise HandlerLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if isinstance(target, HandlerFactory):
+        target = target.build(settings)
+    if not callable(target):
+        raise HandlerLoadError(f"handler {spec!r} is {type(target).__name__}, not callable")
+    return target  # type: ignore[return-value]
+
+
+async def close_handler(handler: Handler) -> None:
+    """Release what a built handler holds (an HTTP session); plain functions hold nothing."""
+    aclose = getattr(handler, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,0 +1,97 @@
+"""The HTTP handler: POST each message to a service and reply with the response body.
+
+For AI backends that already speak HTTP, so the worker image needs no user code. The request body is
+JSON (``id``, ``user_id``, ``message``, ``request_id``, ``deliveries``, ``fields``); the reply is the
+body as text. Timeouts, connection errors, 429 and 5xx are retried with backoff; other statuses fail
+at once (retrying a 400 cannot help). A failure leaves the entry pending, so the worker's delivery
+limit still applies on top of these in-process retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from . import HandlerFactory, Message
+
+if TYPE_CHECKING:
+    from ..settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+BACKOFF_BASE_S = 0.2
+BACKOFF_CAP_S = 5.0
+
+
+class HttpHandlerError(RuntimeError):
+    """The service answered with an error, or could not be reached after every retry."""
+
+
+class HttpHandler:
+    """POSTs messages to ``url`` over one shared connection pool."""
+
+    def __init__(self, url: str, *, timeout_s: float, retries: int) -> None:
+        self.url = url
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.retries = retries
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, msg: Message) -> str:
+        body = _request_body(msg)
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._post(body)
+            except _Retryable as exc:
+                if attempt == self.retries:
+                    raise HttpHandlerError(f"{self.url}: {exc} (after {attempt + 1} attempts)") from exc
+                delay = min(BACKOFF_BASE_S * 2**attempt, BACKOFF_CAP_S)
+                log.warning("POST %s failed (%s); retry %d in %.1fs", self.url, exc, attempt + 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _post(self, body: dict[str, Any]) -> str:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        try:
+            async with self._session.post(self.url, json=body) as response:
+                text = await response.text()
+                if response.status == 429 or response.status >= 500:
+                    raise _Retryable(f"HTTP {response.status}")
+                if response.status >= 400:
+                    raise HttpHandlerError(f"{self.url}: HTTP {response.status}: {text[:200]}")
+                return text
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _Retryable(Exception):
+    pass
+
+
+def _request_body(msg: Message) -> dict[str, Any]:
+    return {
+        "id": msg.id,
+        "user_id": msg.user_id,
+        "message": msg.message,
+        "request_id": msg.request_id,
+        "deliveries": msg.deliveries,
+        "fields": dict(msg.fields),
+    }
+
+
+def _build(settings: WorkerSettings) -> HttpHandler:
+    if not settings.handler_url:
+        raise ValueError("the HTTP handler needs STREAMQUEUE_HANDLER_URL (--handler-url)")
+    return HttpHandler(
+        settings.handler_url, timeout_s=settings.handler_timeout_seconds, retries=settings.handler_retries
+    )
+
+
+handle = HandlerFactory(_build)

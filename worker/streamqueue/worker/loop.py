@@ -1,0 +1,374 @@
+"""The consumer-group loop: read, handle concurrently, answer and acknowledge, reclaim, drain.
+
+Four tasks share one Redis client (each blocking read holds its own pooled connection):
+the reader (XREADGROUP ``>`` in batches sized to the free in-flight slots), the reclaimer
+(XAUTOCLAIM of entries idle past the claim time), the renewer (keeps long handlers' entries from
+looking idle) and the outbox flusher (reply XADD + XACK pipelines). Each entry runs in its own task.
+``request_stop`` starts the drain: reading stops, in-flight entries get the grace period, whatever is
+still unfinished is handed back to the group, and ``run`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .. import wire
+from ..connection import connect
+from ..handlers import Handler, Message, close_handler, load_handler
+from ..metrics import WorkerMetrics
+from ..settings import WorkerSettings
+from .backoff import Backoff
+from .outbox import Outbox, OutboxAbandoned, StreamWrite
+from .reclaim import PendingOwnership
+from .replies import chunk_fields, dead_letter_fields, error_reply_fields, reply_fields
+from .slots import Slots
+
+log = logging.getLogger("streamqueue.worker")
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+# Last handler error per entry, kept for the dead-letter record; bounded so failures cannot grow it.
+_LAST_ERRORS_KEPT = 10_000
+# One reclaim round takes at most this many XAUTOCLAIM steps before yielding to the next interval.
+_RECLAIM_STEPS = 10
+
+
+class Worker:
+    """One consumer of a stream's group. ``await run()`` until ``request_stop()``."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        handler: Handler | None = None,
+        *,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self._given_handler = handler
+        self._stop = asyncio.Event()
+        self._ready = False
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._last_errors: OrderedDict[str, str] = OrderedDict()
+        self._dead_letter_stream = settings.dead_letter()
+
+    @property
+    def ready(self) -> bool:
+        """True while the group exists, Redis answered the last read, and no stop was requested."""
+        return self._ready and not self._stop.is_set()
+
+    def request_stop(self) -> None:
+        """Begin the drain; safe to call from a signal handler running on the worker's loop."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        s = self.settings
+        handler = self._given_handler or load_handler(s.handler, s)
+        redis = connect(s, block_ms=s.block_ms)
+        log.info(
+            "worker %s starting on %s stream=%s group=%s handler=%s concurrency=%d batch=%d",
+            s.consumer, s.safe_url(), s.stream, s.group, s.handler if self._given_handler is None
+            else getattr(handler, "__qualname__", repr(handler)), s.concurrency, s.batch_size,
+        )  # fmt: skip
+        run = _Run(self, redis, handler)
+        try:
+            await run.until_stopped(self._stop)
+        finally:
+            self._ready = False
+            if self._given_handler is None:
+                await close_handler(handler)
+            await redis.aclose()
+            log.info("worker %s stopped", s.consumer)
+
+
+class _Run:
+    """The state of one ``Worker.run`` call: its Redis client, tasks and in-flight entries."""
+
+    def __init__(self, worker: Worker, redis: aioredis.Redis, handler: Handler) -> None:
+        s = worker.settings
+        self.w = worker
+        self.s = s
+        self.redis = redis
+        self.handler = handler
+        self.metrics = worker.metrics
+        self.slots = Slots(s.concurrency)
+        self.outbox = Outbox(redis, s.stream, s.group, worker.metrics)
+        self.pending = PendingOwnership(redis, s.stream, s.group, s.consumer, s.claim_idle_ms)
+
+    async def until_stopped(self, stop: asyncio.Event) -> None:
+        flusher = asyncio.create_task(self.outbox.run(), name="streamqueue-outbox")
+        renewer = asyncio.create_task(self._renew_loop(), name="streamqueue-renew")
+        intake = [
+            asyncio.create_task(self._read_loop(), name="streamqueue-read"),
+            asyncio.create_task(self._reclaim_loop(), name="streamqueue-reclaim"),
+        ]
+        stopper = asyncio.create_task(stop.wait())
+        background = [flusher, renewer, *intake]
+        done, _ = await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
+        crashed = next((t for t in done if t is not stopper), None)
+        stopper.cancel()
+        log.info("worker %s draining %d in-flight entries", self.s.consumer, len(self.w._inflight))
+        await _cancel(*intake)
+        await self._drain()
+        await self._release()
+        await _cancel(renewer, flusher)
+        if crashed is not None and not crashed.cancelled() and crashed.exception() is not None:
+            raise RuntimeError(f"worker task {crashed.get_name()} failed") from crashed.exception()
+
+    # --- intake -------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        s = self.s
+        backoff = Backoff()
+        group_ready = False
+        while True:
+            if not group_ready:
+                group_ready = await self._redis_call(self._ensure_group, backoff)
+                continue
+            n = await self.slots.take(s.batch_size)
+            try:
+                reply = await self.redis.xreadgroup(
+                    s.group, s.consumer, {s.stream: ">"}, count=n, block=s.block_ms
+                )
+            except ResponseError as exc:
+                self.slots.give(n)
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning(
+                    "group %s on %s is gone (Redis restarted or reset?); recreating it", s.group, s.stream
+                )
+                group_ready = False
+                continue
+            except _REDIS_DOWN as exc:
+                self.slots.give(n)
+                await self._redis_down(exc, backoff)
+                continue
+            except BaseException:
+                self.slots.give(n)
+                raise
+            backoff.reset()
+            self.w._ready = True
+            entries = [entry for _, stream_entries in reply or [] for entry in stream_entries]
+            self.slots.give(n - len(entries))
+            for entry_id, fields in entries:
+                self._start(entry_id, fields, deliveries=1)
+
+    async def _ensure_group(self) -> None:
+        """Create the group at the stream's start (id 0) so entries sent before it existed are served."""
+        try:
+            await self.redis.xgroup_create(self.s.stream, self.s.group, id="0", mkstream=True)
+            log.info("created group %s on %s", self.s.group, self.s.stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _redis_call(self, call: Callable[[], Awaitable[None]], backoff: Backoff) -> bool:
+        """Run ``call``; on a connection error back off and return False so the caller retries."""
+        try:
+            await call()
+        except _REDIS_DOWN as exc:
+            await self._redis_down(exc, backoff)
+            return False
+        backoff.reset()
+        return True
+
+    async def _redis_down(self, exc: Exception, backoff: Backoff) -> None:
+        self.w._ready = False
+        self.metrics.redis_errors.inc()
+        delay = backoff.next_delay()
+        log.warning("Redis unreachable (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
+        await asyncio.sleep(delay)
+
+    async def _reclaim_loop(self) -> None:
+        interval = min(max(self.s.claim_idle_ms / 2000, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._reclaim_round()
+            except _REDIS_DOWN as exc:
+                self.metrics.redis_errors.inc()
+                log.warning("reclaim skipped, Redis unreachable: %s", exc)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The reader recreates the group; nothing is pending in a new one.
+
+    async def _reclaim_round(self) -> None:
+        for _ in range(_RECLAIM_STEPS):
+            n = self.slots.take_now(self.s.batch_size)
+            if n == 0:
+                return
+            try:
+                claimed, wrapped = await self.pending.claim(n, mine=self.w._inflight)
+            except BaseException:
+                self.slots.give(n)
+                raise
+            self.slots.give(n - len(claimed))
+            for entry in claimed:
+                self.metrics.reclaimed.inc()
+                log.info("reclaimed %s (delivery %d)", entry.entry_id, entry.deliveries)
+                self._start(entry.entry_id, entry.fields, entry.deliveries)
+            if wrapped:
+                return
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.renew_interval_s)
+            if not self.w._inflight:
+                continue
+            try:
+                await self.pending.renew(list(self.w._inflight))
+            except _REDIS_DOWN as exc:
+                log.warning("claim renewal failed, Redis unreachable: %s", exc)
+
+    # --- one entry ----------------------------------------------------------------------------
+
+    def _start(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+        """Run one entry in its own task; the caller has taken its slot, which the task gives back."""
+        task = asyncio.create_task(
+            self._entry(entry_id, fields, deliveries), name=f"streamqueue-entry:{entry_id}"
+        )
+        self.w._inflight[entry_id] = task
+        self.metrics.in_flight.inc()
+
+    async def _entry(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+        try:
+            await self._process(entry_id, fields, deliveries)
+        except OutboxAbandoned:
+            log.warning("entry %s left pending: its reply could not be written before shutdown", entry_id)
+        except Exception:
+            log.exception("entry %s: unexpected error; it stays pending", entry_id)
+        finally:
+            self.w._inflight.pop(entry_id, None)
+            self.metrics.in_flight.dec()
+            self.slots.give()
+
+    async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+        s = self.s
+        rejection = wire.validate_request(fields, s.max_message_bytes)
+        if rejection is not None:
+            await self._dead_letter(entry_id, fields, rejection.reason, rejection.detail, deliveries)
+            return
+        if deliveries > s.max_deliveries:
+            error = (
+                self.w._last_errors.pop(entry_id, None) or "the handler did not succeed (error not seen here)"
+            )
+            await self._dead_letter(entry_id, fields, wire.REASON_MAX_DELIVERIES, error, deliveries - 1)
+            return
+        msg = Message(
+            id=entry_id,
+            stream=s.stream,
+            user_id=fields[wire.USER_ID],
+            message=fields[wire.MESSAGE],
+            request_id=fields.get(wire.REQUEST_ID),
+            deliveries=deliveries,
+            fields=fields,
+        )
+        started = time.perf_counter()
+        try:
+            writes = await self._answer(msg)
+        except Exception as exc:
+            self.metrics.failed.inc()
+            self._remember_error(entry_id, f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "handler failed on %s (user %s, delivery %d of %d): %s: %s",
+                entry_id, msg.user_id, deliveries, s.max_deliveries, type(exc).__name__, exc,
+            )  # fmt: skip
+            return
+        finally:
+            self.metrics.handler_latency.observe(time.perf_counter() - started)
+        await self.outbox.finish(entry_id, writes)
+        self.w._last_errors.pop(entry_id, None)
+        self.metrics.processed.inc()
+
+    async def _answer(self, msg: Message) -> list[StreamWrite]:
+        """Call the handler; stream its chunks if it yields them; return the final reply write."""
+        s = self.s
+        key = wire.reply_stream(s.reply_prefix, msg.user_id)
+        outcome = self.handler(msg)
+        if isinstance(outcome, AsyncIterator):
+            result: str | Mapping[str, Any] = await self._stream_chunks(outcome, msg, key)
+        else:
+            result = await outcome
+        return [
+            StreamWrite(
+                key, reply_fields(s.consumer, msg.request_id, result), s.reply_maxlen, s.reply_ttl_seconds
+            )
+        ]
+
+    async def _stream_chunks(self, chunks: AsyncIterator[str], msg: Message, key: str) -> str:
+        """Write each chunk as it is produced (if enabled) and return the whole text for the final reply."""
+        parts: list[str] = []
+        async for chunk in chunks:
+            text = str(chunk)
+            if self.s.stream_replies:
+                fields = chunk_fields(self.s.consumer, msg.request_id, text, len(parts))
+                await self.redis.xadd(key, fields, maxlen=self.s.reply_maxlen, approximate=True)
+            parts.append(text)
+        return "".join(parts)
+
+    async def _dead_letter(
+        self, entry_id: str, fields: dict[str, str], reason: str, error: str, deliveries: int
+    ) -> None:
+        """Move the entry to the dead-letter stream (and tell its user, if allowed), then ack it."""
+        s = self.s
+        record = dead_letter_fields(
+            fields, reason=reason, error=error, deliveries=deliveries, source_id=entry_id,
+            source_stream=s.stream, consumer=s.consumer,
+        )  # fmt: skip
+        writes = [StreamWrite(self.w._dead_letter_stream, record)]
+        user_id = fields.get(wire.USER_ID)
+        if s.error_replies and wire.user_id_rejection(user_id) is None:
+            reply = error_reply_fields(s.consumer, fields.get(wire.REQUEST_ID), f"{reason}: {error}")
+            key = wire.reply_stream(s.reply_prefix, user_id or "")
+            writes.append(StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds))
+        await self.outbox.finish(entry_id, writes)
+        self.metrics.dead_lettered.labels(reason).inc()
+        log.warning("dead-lettered %s to %s: %s (%s)", entry_id, self.w._dead_letter_stream, reason, error)
+
+    def _remember_error(self, entry_id: str, error: str) -> None:
+        errors = self.w._last_errors
+        errors[entry_id] = error
+        errors.move_to_end(entry_id)
+        while len(errors) > _LAST_ERRORS_KEPT:
+            errors.popitem(last=False)
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Give in-flight entries the grace period; cancel what is left (it stays pending)."""
+        try:
+            await asyncio.wait_for(self.slots.wait_idle(), timeout=self.s.shutdown_grace_seconds)
+            return
+        except TimeoutError:
+            left = list(self.w._inflight.values())
+            log.warning("grace period over: %d entries unfinished are handed back to the group", len(left))
+        self.outbox.abandon()
+        await _cancel(*left)
+
+    async def _release(self) -> None:
+        """Hand back every entry this consumer still owns, so other workers take it over at once."""
+        try:
+            released = await asyncio.wait_for(self.pending.release_all(), timeout=5)
+        except (*_REDIS_DOWN, ResponseError, TimeoutError) as exc:
+            log.warning("could not hand back pending entries (they will be reclaimed when idle): %s", exc)
+            return
+        if released:
+            log.info("handed back %d pending entries to group %s", released, self.s.group)
+
+
+async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
