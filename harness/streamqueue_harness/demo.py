@@ -114,7 +114,7 @@ def queue_manifest(redis_url: str, cfg: DemoConfig) -> dict[str, Any]:
 def operator_process(kubeconfig: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The operator as a subprocess watching the demo namespace; its log goes to a file."""
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    cmd = [sys.executable, "-m", "streamqueue_operator", f"--namespace={NAMESPACE}", "--metrics-port=0"]
+    cmd = [sys.executable, "-m", "streamqueue_operator", f"--namespace={NAMESPACE}", "--metrics-port=0", "--liveness-port=0"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

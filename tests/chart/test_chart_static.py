@@ -74,3 +74,11 @@ def test_watch_namespaces_gives_roles_in_those_namespaces_only() -> None:
 def test_service_monitor_is_optional(enabled: bool) -> None:
     manifests = render(f"metrics.serviceMonitor.enabled={str(enabled).lower()}")
     assert bool(by_kind(manifests, "ServiceMonitor")) is enabled
+
+
+def test_chart_rbac_is_exactly_the_operators_permission_list() -> None:
+    from streamqueue_operator.permissions import role_rules
+
+    for manifests in (render(), render("watchNamespaces={team-a}")):
+        for role in by_kind(manifests, "ClusterRole") + by_kind(manifests, "Role"):
+            assert role["rules"] == role_rules()
