@@ -10,7 +10,7 @@ export PATH="$ROOT/.tools/bin:$PATH"
 VERSION="$(cat VERSION)"
 CLUSTER="${KIND_CLUSTER:-streamqueue-e2e}"
 NS=default
-MESSAGES="${E2E_MESSAGES:-3000}"
+MESSAGES="${E2E_MESSAGES:-20000}"
 log() { printf '[e2e-kind %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 for tool in docker kind helm kubectl; do
