@@ -23,6 +23,7 @@ OUTPUTS = (ROOT / "crds" / CRD_FILE, ROOT / "charts" / "streamqueue-operator" / 
 HEADER = "# Generated from operator/streamqueue_operator/models.py by `make crds`. Do not edit.\n"
 
 _DROP = {"title", "$defs"}
+_EXCLUSIVE = {"exclusiveMinimum": "minimum", "exclusiveMaximum": "maximum"}
 
 
 def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +47,9 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = {name: structural(sub, defs) for name, sub in value.items()}
         elif key in ("items", "additionalProperties") and isinstance(value, dict):
             out[key] = structural(value, defs)
+        elif key in _EXCLUSIVE and not isinstance(value, bool):  # JSON Schema number -> OpenAPI boolean
+            out[_EXCLUSIVE[key]] = value
+            out[key] = True
         else:
             out[key] = value
     if out.get("x-kubernetes-preserve-unknown-fields") and out.get("additionalProperties") is True:

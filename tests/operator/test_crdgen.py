@@ -37,6 +37,8 @@ def test_schema_is_structural() -> None:
         assert not {"$ref", "$defs", "anyOf", "allOf", "title"} & node.keys(), path
         assert "type" in node, f"{path} has no type"
         assert node.get("additionalProperties") is not True, path
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            assert node.get(bound, True) is True, f"{path}: Kubernetes wants a boolean {bound}"
 
 
 def test_nested_objects_default_so_an_empty_spec_gets_every_default() -> None:

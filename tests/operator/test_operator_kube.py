@@ -1,0 +1,318 @@
+"""The operator end to end on the local control plane and a real redis-server.
+
+Short stabilization and cooldown values keep each test to seconds; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+from streamqueue_harness.redis_server import RedisServer
+from streamqueue_operator import permissions
+from streamqueue_operator.models import GROUP, PLURAL, VERSION
+
+from tests.operator.conftest import wait_for
+
+pytestmark = pytest.mark.kube
+
+STREAM, CGROUP = "user_messages_queue", "ai_service_group"
+
+
+def apply_queue(control_plane: Any, namespace: str, name: str, redis_url: str, **scaling: Any) -> None:
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "StreamQueue",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "redis": {"url": redis_url},
+            "scaling": {"pollIntervalSeconds": 0.5, **scaling},
+            "housekeeping": {"intervalSeconds": 5},
+        },
+    }
+    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def queue(api: k8s.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    return k8s.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def condition(api: k8s.ApiClient, namespace: str, name: str, kind: str) -> dict[str, Any]:
+    conditions = queue(api, namespace, name).get("status", {}).get("conditions", [])
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def replicas(api: k8s.ApiClient, namespace: str, name: str) -> int | None:
+    try:
+        return k8s.AppsV1Api(api).read_namespaced_deployment(f"{name}-worker", namespace).spec.replicas
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def scale_events(api: k8s.ApiClient, namespace: str, name: str) -> list[tuple[str, str]]:
+    events = k8s.CoreV1Api(api).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind=StreamQueue,involvedObject.name={name}"
+    )
+    return [(e.reason, e.message) for e in events.items if e.reason in ("ScaledUp", "ScaledDown")]
+
+
+def push(r: redis.Redis, n: int) -> None:
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.xadd(STREAM, {"user_id": f"user{i % 5}", "message": f"m{i}", "timestamp": "0"})
+    pipe.execute()
+
+
+def steady(check: Any, seconds: float, interval: float = 0.25) -> list[Any]:
+    """Sample ``check`` for ``seconds``; the caller asserts nothing changed."""
+    samples, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        samples.append(check())
+        time.sleep(interval)
+    return samples
+
+
+def test_invalid_streamqueues_are_rejected_with_what_to_fix(
+    control_plane: Any, kube_namespace: str, streamqueue_crd: dict[str, Any]
+) -> None:
+    cases = {
+        "password-in-url": ({"redis": {"url": "redis://:hunter2@redis:6379/0"}},
+                            "must not contain a password"),
+        "min-above-max": ({"scaling": {"minReplicas": 5, "maxReplicas": 2}},
+                          "must not exceed scaling.maxReplicas"),
+        "fallback-outside": ({"scaling": {"maxReplicas": 3, "fallbackReplicas": 4}},
+                             "fallbackReplicas must lie within [minReplicas, maxReplicas]"),
+        "grace": ({"worker": {"shutdownGraceSeconds": 60, "terminationGracePeriodSeconds": 30}},
+                  "terminationGracePeriodSeconds must be greater than worker.shutdownGraceSeconds"),
+        "literal-password": ({"worker": {"env": [{"name": "STREAMQUEUE_REDIS_PASSWORD", "value": "x"}]}},
+                             "use redis.passwordSecretRef"),
+        "ca-without-tls": ({"redis": {"tls": {"caSecretRef": {"name": "ca"}}}}, "caSecretRef needs TLS"),
+        "negative-min": ({"scaling": {"minReplicas": -1}}, "spec.scaling.minReplicas"),
+        "bad-scheme": ({"redis": {"url": "http://redis:6379"}}, "spec.redis.url"),
+        "bad-enum": ({"worker": {"logLevel": "LOUD"}}, "supported values"),
+    }  # fmt: skip
+    for name, (spec, message) in cases.items():
+        manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "StreamQueue",
+                    "metadata": {"name": name, "namespace": kube_namespace}, "spec": spec}  # fmt: skip
+        result = control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest), check=False)
+        assert result.returncode != 0, name
+        assert message in result.stderr, (name, result.stderr)
+
+
+def test_deployment_owned_and_columns_shown(
+    control_plane: Any,
+    kube_namespace: str,
+    api: k8s.ApiClient,
+    redis_server: RedisServer,
+    start_operator: Any,
+) -> None:
+    start_operator()
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 7)
+    apply_queue(control_plane, kube_namespace, "chat", redis_server.url, minReplicas=1, maxReplicas=3)
+    owner_uid = queue(api, kube_namespace, "chat")["metadata"]["uid"]
+    wait_for(lambda: replicas(api, kube_namespace, "chat") is not None, 30, "the worker Deployment")
+    deployment = k8s.AppsV1Api(api).read_namespaced_deployment("chat-worker", kube_namespace)
+    (ref,) = deployment.metadata.owner_references
+    assert (ref.kind, ref.name, ref.uid, ref.controller) == ("StreamQueue", "chat", owner_uid, True)
+    wait_for(lambda: replicas(api, kube_namespace, "chat") == 2, 15, "scale to ceil(7/5) = 2")
+    wait_for(lambda: queue(api, kube_namespace, "chat").get("status", {}).get("backlog") == 7, 15, "status")
+
+    out = control_plane.kubectl("get", "streamqueues", "-n", kube_namespace).stdout.splitlines()
+    assert out[0].split() == ["NAME", "STREAM", "BACKLOG", "PENDING", "REPLICAS", "READY", "AGE"]
+    assert out[1].split()[:5] == ["chat", STREAM, "7", "0", "2/2"]
+    short = control_plane.kubectl("get", "sq", "-n", kube_namespace, "-o", "name").stdout.strip()
+    assert short == "streamqueue.streamqueue.io/chat"
+    reasons = [e[1] for e in scale_events(api, kube_namespace, "chat")]
+    assert any("1 -> 2 replicas (Backlog)" in m for m in reasons), reasons
+
+
+def test_scales_out_drains_scales_in_to_zero_and_wakes(
+    control_plane: Any,
+    kube_namespace: str,
+    api: k8s.ApiClient,
+    redis_server: RedisServer,
+    start_operator: Any,
+) -> None:
+    podrunner = pytest.importorskip("streamqueue_harness.podrunner")
+    start_operator()
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    apply_queue(
+        control_plane,
+        kube_namespace,
+        "work",
+        redis_server.url,
+        minReplicas=0,
+        maxReplicas=4,
+        targetBacklogPerReplica=10,
+        scaleDownStabilizationSeconds=3,
+        idleCooldownSeconds=3,
+    )
+    wait_for(lambda: replicas(api, kube_namespace, "work") == 0, 30, "an idle queue at zero")
+
+    push(r, 200)
+    wait_for(lambda: replicas(api, kube_namespace, "work") == 4, 10, "scale out to maxReplicas")
+    runner = podrunner.WorkerPodRunner(control_plane.kubeconfig, kube_namespace, "streamqueue.io/queue=work")
+    runner.start()
+    try:
+        wait_for(lambda: r.xinfo_groups(STREAM)[0]["lag"] == 0 and r.xpending(STREAM, CGROUP)["pending"] == 0,
+                 60, "the workers to drain the backlog")  # fmt: skip
+        wait_for(
+            lambda: replicas(api, kube_namespace, "work") == 0, 30, "scale in to zero after the cooldown"
+        )
+        events = scale_events(api, kube_namespace, "work")
+        assert events[-1][0] == "ScaledDown" and "(Idle)" in events[-1][1], events
+
+        push(r, 1)
+        wait_for(lambda: replicas(api, kube_namespace, "work") == 1, 10, "wake from zero on one message")
+        wait_for(lambda: r.xpending(STREAM, CGROUP)["pending"] == 0 and r.xinfo_groups(STREAM)[0]["lag"] == 0,
+                 60, "the woken worker to process it")  # fmt: skip
+    finally:
+        runner.stop()
+    replies = sum(r.xlen(f"ai_to_user:user{i}") for i in range(5))
+    assert replies == 201
+
+
+def test_redis_outage_holds_replicas_and_recovers(
+    control_plane: Any,
+    kube_namespace: str,
+    api: k8s.ApiClient,
+    redis_server: RedisServer,
+    start_operator: Any,
+) -> None:
+    start_operator()
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 10)
+    apply_queue(
+        control_plane,
+        kube_namespace,
+        "q",
+        redis_server.url,
+        minReplicas=0,
+        maxReplicas=5,
+        scaleDownStabilizationSeconds=1,
+        idleCooldownSeconds=1,
+    )
+    wait_for(lambda: replicas(api, kube_namespace, "q") == 2, 30, "2 replicas for a backlog of 10")
+
+    redis_server.stop()
+    wait_for(lambda: condition(api, kube_namespace, "q", "RedisReachable").get("status") == "False", 15,
+             "RedisReachable=False")  # fmt: skip
+    ready = condition(api, kube_namespace, "q", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "RedisUnavailable")
+    assert set(steady(lambda: replicas(api, kube_namespace, "q"), 4)) == {2}  # well past window + cooldown
+
+    redis_server.start()  # no persistence: the stream and group are gone, as after a real data loss
+    wait_for(lambda: condition(api, kube_namespace, "q", "RedisReachable").get("status") == "True", 15,
+             "RedisReachable=True again")  # fmt: skip
+    assert condition(api, kube_namespace, "q", "Ready")["reason"] == "GroupMissing"
+    assert replicas(api, kube_namespace, "q") == 2  # a missing group holds as well
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 20)
+    wait_for(lambda: replicas(api, kube_namespace, "q") == 4, 15, "scaling resumes after recovery")
+
+
+def test_operator_restart_causes_no_scaling(
+    control_plane: Any,
+    kube_namespace: str,
+    api: k8s.ApiClient,
+    redis_server: RedisServer,
+    start_operator: Any,
+) -> None:
+    operator = start_operator()
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 20)
+    apply_queue(
+        control_plane,
+        kube_namespace,
+        "q",
+        redis_server.url,
+        minReplicas=1,
+        maxReplicas=10,
+        scaleDownStabilizationSeconds=60,
+    )
+    wait_for(lambda: replicas(api, kube_namespace, "q") == 4, 30, "4 replicas for a backlog of 20")
+    entries = r.xreadgroup(CGROUP, "manual", {STREAM: ">"}, count=100)[0][1]
+    r.xack(STREAM, CGROUP, *[e[0] for e in entries])  # drained: a fresh operator would scale to 1 at once
+    events_before = scale_events(api, kube_namespace, "q")
+
+    operator.stop()
+    start_operator()
+    wait_for(
+        lambda: queue(api, kube_namespace, "q")["status"].get("backlog") == 0, 20, "the new operator's poll"
+    )
+    assert set(steady(lambda: replicas(api, kube_namespace, "q"), 5)) == {4}
+    assert scale_events(api, kube_namespace, "q") == events_before
+
+
+def test_dead_consumers_removed_only_after_their_pending_entries_move(
+    control_plane: Any,
+    kube_namespace: str,
+    api: k8s.ApiClient,
+    redis_server: RedisServer,
+    start_operator: Any,
+) -> None:
+    start_operator()
+    r = redis_server.client(decode_responses=True)
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 6)
+    r.xreadgroup(CGROUP, "work-gone-a", {STREAM: ">"}, count=3)  # crashed with 3 entries in flight
+    done = r.xreadgroup(CGROUP, "work-gone-b", {STREAM: ">"}, count=1)[0][1]
+    r.xack(STREAM, CGROUP, done[0][0])  # finished its work, then its pod went away
+    apply_queue(control_plane, kube_namespace, "work", redis_server.url, minReplicas=0, maxReplicas=2)
+
+    def consumers() -> set[str]:
+        return {c["name"] for c in r.xinfo_consumers(STREAM, CGROUP)}
+
+    wait_for(lambda: consumers() == {"work-gone-a"}, 30, "the idle dead consumer to be deleted")
+    assert r.xpending(STREAM, CGROUP)["pending"] == 3
+    assert all(c == {"work-gone-a"} for c in steady(consumers, 6, interval=0.5))
+    assert r.xpending(STREAM, CGROUP)["pending"] == 3  # the pass after still kept it: entries pending
+
+    claimed = r.xautoclaim(STREAM, CGROUP, "work-rescuer", min_idle_time=0, start_id="0-0", count=10)[1]
+    r.xack(STREAM, CGROUP, *[e[0] for e in claimed])
+    wait_for(lambda: "work-gone-a" not in consumers(), 30, "the drained dead consumer to be deleted")
+    assert r.xinfo_groups(STREAM)[0]["pending"] == 0 and r.xlen(STREAM) == 6
+
+
+def test_runs_with_exactly_the_documented_permissions(
+    control_plane: Any,
+    kube_namespace: str,
+    api: k8s.ApiClient,
+    redis_server: RedisServer,
+    start_operator: Any,
+) -> None:
+    rbac, meta = "rbac.authorization.k8s.io", {"name": "streamqueue-operator", "namespace": kube_namespace}
+    role = {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": meta, "rules": permissions.role_rules()}
+    binding = {"apiVersion": f"{rbac}/v1", "kind": "RoleBinding", "metadata": meta,
+               "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "streamqueue-operator"},
+               "subjects": [{"kind": "ServiceAccount", "name": "operator",
+                             "namespace": kube_namespace}]}  # fmt: skip
+    control_plane.kubectl("create", "serviceaccount", "operator", "-n", kube_namespace)
+    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
+    kubeconfig = control_plane.serviceaccount_kubeconfig(kube_namespace, "operator")
+    operator = start_operator(kubeconfig=kubeconfig)
+
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 1)
+    (entry,) = r.xreadgroup(CGROUP, "gone", {STREAM: ">"}, count=1)[0][1]
+    r.xack(STREAM, CGROUP, entry[0])  # an idle dead consumer for housekeeping (needs pods: list)
+    push(r, 12)
+    apply_queue(control_plane, kube_namespace, "rbac", redis_server.url, minReplicas=1, maxReplicas=5)
+    wait_for(lambda: replicas(api, kube_namespace, "rbac") == 3, 30, "create + scale as the service account")
+    wait_for(lambda: queue(api, kube_namespace, "rbac").get("status", {}).get("backlog") == 12, 15, "status")
+    wait_for(lambda: scale_events(api, kube_namespace, "rbac"), 15, "an Event")
+    wait_for(lambda: not r.xinfo_consumers(STREAM, CGROUP), 20, "housekeeping as the service account")
+    assert "403" not in operator.logs() and "Forbidden" not in operator.logs(), operator.logs()[-3000:]
