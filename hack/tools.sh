@@ -46,12 +46,23 @@ ensure_go() {
   GO="$dir/bin/go"
 }
 
-# build NAME VERSION BINARIES... -- runs the function build_NAME into $CACHE/NAME-VERSION once.
-built() { local d="$CACHE/$1-$2/bin"; shift 2; for b in "$@"; do [ -x "$d/$b" ] || return 1; done; }
+# The cache is keyed by version, and a stamp of the build recipe (the build_NAME function's source)
+# invalidates it when the recipe changes (new ldflags, say) without a version bump.
+recipe() { declare -f "build_$1" | sha256sum | cut -c1-16; }
+
+built() {  # built NAME VERSION BINARIES...
+  local name="$1" d="$CACHE/$1-$2"; shift 2
+  [ "$(cat "$d/recipe" 2>/dev/null)" = "$(recipe "$name")" ] || return 1
+  for b in "$@"; do [ -x "$d/bin/$b" ] || return 1; done
+}
 
 link() {
   local d="$CACHE/$1-$2/bin"; shift 2
   for b in "$@"; do ln -sf "$d/$b" "$BIN/$b"; done
+}
+
+json_field() {  # json_field NAME < `go mod download -json` output
+  sed -n "s/^\s*\"$1\": \"\(.*\)\",\{0,1\}\$/\1/p"
 }
 
 consumer_module() {  # dir module-path go-version
@@ -64,7 +75,10 @@ build_kubernetes() {
   local staging="v0.${v#v1.}"
   log "kubernetes $v: resolving k8s.io/kubernetes and its staging modules"
   consumer_module "$work" streamqueue.local/kubebuild 1.25.0
-  local gomod; gomod="$(cd "$work" && "$GO" mod download -json "k8s.io/kubernetes@$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
+  local info gomod released
+  info="$(cd "$work" && "$GO" mod download -json "k8s.io/kubernetes@$v")"
+  gomod="$(json_field GoMod <<<"$info")"
+  released="$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$(json_field Info <<<"$info")")"
   local mods; mods="$(sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$gomod")"
   log "kubernetes $v: replacing $(echo "$mods" | wc -l) staging modules with $staging"
   (
@@ -86,11 +100,13 @@ import (
 GO
     log "kubernetes $v: downloading modules (go mod tidy)"
     "$GO" mod tidy -e >/dev/null
-    local date; date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    # What the release build stamps, as far as a module build can know it: the build date is the
+    # release's publication time (reproducible); the commit is not in the module zip, so it is left
+    # empty rather than at the source's "$Format:%H$" placeholder.
     local ld=""
     for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
       ld="$ld -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-      ld="$ld -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date -X $pkg.gitCommit=release-$v"
+      ld="$ld -X $pkg.gitTreeState=clean -X $pkg.buildDate=$released -X $pkg.gitCommit="
     done
     mkdir -p "$out.tmp"
     for cmd in kube-apiserver kube-controller-manager kubectl; do
@@ -119,9 +135,18 @@ build_etcd() {  # etcd in its own module: its release go.mod files carry local r
 build_helm() {
   local v="$HELM_VERSION" out="$CACHE/helm-$HELM_VERSION/bin"
   log "helm $v: go install helm.sh/helm/v3/cmd/helm"
+  # Like helm's Makefile: the default Capabilities.KubeVersion (helm template, helm lint) is derived
+  # from the client-go helm was built with, not left at the source's placeholder v1.20.
+  local gomod kube_minor
+  gomod="$(json_field GoMod <<<"$("$GO" mod download -json "helm.sh/helm/v3@$v")")"
+  kube_minor="$(sed -n 's#^\s*k8s.io/client-go v0\.\([0-9]*\)\..*#\1#p' "$gomod")"
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$v"
+  ld="$ld -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld="$ld -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$kube_minor"
+  done
   mkdir -p "$out.tmp"
-  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$v" "helm.sh/helm/v3/cmd/helm@$v"
+  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$v"
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
@@ -141,6 +166,7 @@ ensure() {  # ensure NAME VERSION BINARIES...
     [ -n "${GO:-}" ] || ensure_go
     local t0=$SECONDS
     "build_$name"
+    recipe "$name" > "$CACHE/$name-$version/recipe"
     log "$name $version: built in $((SECONDS - t0))s"
   fi
   link "$name" "$version" "$@"

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 from streamqueue_harness.redis_server import RedisServer
 
+pytest_plugins = ["streamqueue_harness.pytest_plugin"]
+
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:

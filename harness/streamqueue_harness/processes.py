@@ -1,0 +1,104 @@
+"""Child processes the harness starts (servers, worker stand-ins): spawn them so none outlives it.
+
+Each child leads its own process group, so stopping it reaches anything it forked. Unless detached
+(``make cluster`` leaves the control plane running on purpose), a child also asks the kernel for
+SIGKILL when the thread that started it dies (``PR_SET_PDEATHSIG``): a pytest run that crashes or is
+killed leaves nothing behind even though no Python cleanup code runs. Start long-lived children from
+a thread that lives as long as they should (the main thread, or the thread that supervises them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            os._exit(127)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(127)
+
+    return preexec
+
+
+def spawn(
+    args: Sequence[str],
+    *,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    detach: bool = False,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``args`` in a new process group with stdout and stderr appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=None if detach else _die_with_parent(os.getpid()),
+        )
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else: not ours to judge
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def stop_groups(
+    processes: Sequence[tuple[int, subprocess.Popen[bytes] | None]],
+    grace: float,
+    sig: signal.Signals = signal.SIGTERM,
+) -> None:
+    """Signal each ``(pgid, popen)`` group, then SIGKILL whatever is still alive after ``grace`` seconds.
+
+    ``popen`` is given when the caller started the process itself: it must be reaped, or its zombie
+    would keep the group looking alive. Processes started by another invocation (``down``) are reaped
+    by init.
+    """
+    for pgid, _ in processes:
+        _signal_group(pgid, sig)
+    deadline = time.monotonic() + grace
+    pending = list(processes)
+    while pending and time.monotonic() < deadline:
+        pending = [(pgid, p) for pgid, p in pending if _still_running(pgid, p)]
+        if pending:
+            time.sleep(0.05)
+    for pgid, popen in pending:
+        _signal_group(pgid, signal.SIGKILL)
+        if popen is not None:
+            popen.wait()
+    reaped_by = time.monotonic() + 5  # a SIGKILLed orphan lingers only until init reaps it
+    while any(_still_running(pgid, p) for pgid, p in pending) and time.monotonic() < reaped_by:
+        time.sleep(0.02)
+
+
+def _still_running(pgid: int, popen: subprocess.Popen[bytes] | None) -> bool:
+    if popen is not None:
+        popen.poll()
+    return group_alive(pgid)
