@@ -30,7 +30,7 @@ from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
 from .backoff import Backoff
 from .outbox import Outbox, OutboxAbandoned, StreamWrite
-from .reclaim import PendingOwnership
+from .reclaim import Delivery, PendingOwnership
 from .replies import chunk_fields, dead_letter_fields, error_reply_fields, reply_fields
 from .slots import Slots
 
@@ -38,8 +38,6 @@ log = logging.getLogger("streamqueue.worker")
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # Last handler error per entry, kept for the dead-letter record; bounded so failures cannot grow it.
 _LAST_ERRORS_KEPT = 10_000
-# One reclaim round takes at most this many XAUTOCLAIM steps before yielding to the next interval.
-_RECLAIM_STEPS = 10
 
 
 class Worker:
@@ -107,17 +105,14 @@ class _Run:
     async def until_stopped(self, stop: asyncio.Event) -> None:
         flusher = asyncio.create_task(self.outbox.run(), name="streamqueue-outbox")
         renewer = asyncio.create_task(self._renew_loop(), name="streamqueue-renew")
-        intake = [
-            asyncio.create_task(self._read_loop(), name="streamqueue-read"),
-            asyncio.create_task(self._reclaim_loop(), name="streamqueue-reclaim"),
-        ]
+        intake = asyncio.create_task(self._intake_loop(), name="streamqueue-intake")
         stopper = asyncio.create_task(stop.wait())
-        background = [flusher, renewer, *intake]
+        background = [flusher, renewer, intake]
         done, _ = await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
         crashed = next((t for t in done if t is not stopper), None)
         stopper.cancel()
         log.info("worker %s draining %d in-flight entries", self.s.consumer, len(self.w._inflight))
-        await _cancel(*intake)
+        await _cancel(intake)
         await self._drain()
         await self._release()
         await _cancel(renewer, flusher)
@@ -126,26 +121,34 @@ class _Run:
 
     # --- intake -------------------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _intake_loop(self) -> None:
+        """Fill free slots: reclaim idle pending entries when a scan is due, otherwise read new ones.
+
+        One loop does both so reclaiming never starves behind a reader that holds every free slot
+        while it blocks, and the in-flight limit holds exactly.
+        """
         s = self.s
         backoff = Backoff()
         group_ready = False
+        reclaim_due = 0.0  # scan once at start: a restarted pod's orphans should not wait
         while True:
             if not group_ready:
                 group_ready = await self._redis_call(self._ensure_group, backoff)
                 continue
             n = await self.slots.take(s.batch_size)
             try:
-                reply = await self.redis.xreadgroup(
-                    s.group, s.consumer, {s.stream: ">"}, count=n, block=s.block_ms
-                )
+                if time.monotonic() >= reclaim_due:
+                    entries, wrapped = await self.pending.claim(n, mine=self.w._inflight)
+                    self.metrics.reclaimed.inc(len(entries))
+                    if wrapped:
+                        reclaim_due = time.monotonic() + self._reclaim_interval_s
+                else:
+                    entries = await self._read_new(n)
             except ResponseError as exc:
                 self.slots.give(n)
                 if "NOGROUP" not in str(exc):
                     raise
-                log.warning(
-                    "group %s on %s is gone (Redis restarted or reset?); recreating it", s.group, s.stream
-                )
+                log.warning("group %s on %s is gone (Redis restarted?); recreating it", s.group, s.stream)
                 group_ready = False
                 continue
             except _REDIS_DOWN as exc:
@@ -157,10 +160,21 @@ class _Run:
                 raise
             backoff.reset()
             self.w._ready = True
-            entries = [entry for _, stream_entries in reply or [] for entry in stream_entries]
             self.slots.give(n - len(entries))
-            for entry_id, fields in entries:
-                self._start(entry_id, fields, deliveries=1)
+            for entry in entries:
+                self._start(entry)
+
+    @property
+    def _reclaim_interval_s(self) -> float:
+        """Scan the pending list a few times per claim idle period (at most every 5 s)."""
+        return min(max(self.s.claim_idle_ms / 2000, 0.05), 5.0)
+
+    async def _read_new(self, count: int) -> list[Delivery]:
+        s = self.s
+        reply = await self.redis.xreadgroup(
+            s.group, s.consumer, {s.stream: ">"}, count=count, block=s.block_ms
+        )
+        return [Delivery(i, f, 1) for _, stream_entries in reply or [] for i, f in stream_entries]
 
     async def _ensure_group(self) -> None:
         """Create the group at the stream's start (id 0) so entries sent before it existed are served."""
@@ -188,38 +202,6 @@ class _Run:
         log.warning("Redis unreachable (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
         await asyncio.sleep(delay)
 
-    async def _reclaim_loop(self) -> None:
-        interval = min(max(self.s.claim_idle_ms / 2000, 0.05), 5.0)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._reclaim_round()
-            except _REDIS_DOWN as exc:
-                self.metrics.redis_errors.inc()
-                log.warning("reclaim skipped, Redis unreachable: %s", exc)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # The reader recreates the group; nothing is pending in a new one.
-
-    async def _reclaim_round(self) -> None:
-        for _ in range(_RECLAIM_STEPS):
-            n = self.slots.take_now(self.s.batch_size)
-            if n == 0:
-                return
-            try:
-                claimed, wrapped = await self.pending.claim(n, mine=self.w._inflight)
-            except BaseException:
-                self.slots.give(n)
-                raise
-            self.slots.give(n - len(claimed))
-            for entry in claimed:
-                self.metrics.reclaimed.inc()
-                log.info("reclaimed %s (delivery %d)", entry.entry_id, entry.deliveries)
-                self._start(entry.entry_id, entry.fields, entry.deliveries)
-            if wrapped:
-                return
-
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.renew_interval_s)
@@ -232,23 +214,25 @@ class _Run:
 
     # --- one entry ----------------------------------------------------------------------------
 
-    def _start(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+    def _start(self, entry: Delivery) -> None:
         """Run one entry in its own task; the caller has taken its slot, which the task gives back."""
-        task = asyncio.create_task(
-            self._entry(entry_id, fields, deliveries), name=f"streamqueue-entry:{entry_id}"
-        )
-        self.w._inflight[entry_id] = task
+        task = asyncio.create_task(self._entry(entry), name=f"streamqueue-entry:{entry.entry_id}")
+        self.w._inflight[entry.entry_id] = task
         self.metrics.in_flight.inc()
+        if entry.deliveries > 1:
+            log.info("reclaimed %s (delivery %d)", entry.entry_id, entry.deliveries)
 
-    async def _entry(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+    async def _entry(self, entry: Delivery) -> None:
         try:
-            await self._process(entry_id, fields, deliveries)
+            await self._process(entry.entry_id, entry.fields, entry.deliveries)
         except OutboxAbandoned:
-            log.warning("entry %s left pending: its reply could not be written before shutdown", entry_id)
+            log.warning(
+                "entry %s left pending: its reply could not be written before shutdown", entry.entry_id
+            )
         except Exception:
-            log.exception("entry %s: unexpected error; it stays pending", entry_id)
+            log.exception("entry %s: unexpected error; it stays pending", entry.entry_id)
         finally:
-            self.w._inflight.pop(entry_id, None)
+            self.w._inflight.pop(entry.entry_id, None)
             self.metrics.in_flight.dec()
             self.slots.give()
 

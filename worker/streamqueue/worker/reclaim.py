@@ -23,7 +23,9 @@ _RELEASE_LIMIT = 20_000
 
 
 @dataclass(frozen=True)
-class Claimed:
+class Delivery:
+    """An entry delivered to this consumer, by XREADGROUP or by a claim, and how often so far."""
+
     entry_id: str
     fields: dict[str, str]
     deliveries: int
@@ -40,7 +42,7 @@ class PendingOwnership:
         self._claim_idle_ms = claim_idle_ms
         self._cursor = "0-0"
 
-    async def claim(self, count: int, mine: Collection[str]) -> tuple[list[Claimed], bool]:
+    async def claim(self, count: int, mine: Collection[str]) -> tuple[list[Delivery], bool]:
         """One XAUTOCLAIM step of at most ``count`` entries; True once the scan has wrapped around.
 
         Entries deleted from the stream while pending are dropped from the pending list (and
@@ -60,7 +62,7 @@ class PendingOwnership:
             )
         live = [(i, f) for i, f in entries if f is not None and i not in mine]
         counts = await self._delivery_counts([i for i, _ in live])
-        return [Claimed(i, f, counts.get(i, 1)) for i, f in live], cursor == "0-0"
+        return [Delivery(i, f, counts.get(i, 1)) for i, f in live], cursor == "0-0"
 
     async def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
         if not ids:

@@ -1,0 +1,166 @@
+"""Fixtures for worker tests: article-style producers on a real redis-server, in-process Workers and
+worker processes started the way the pod runner starts them (``python -m streamqueue.worker``, env only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import pytest
+import redis
+from streamqueue import wire
+from streamqueue.settings import WorkerSettings
+from streamqueue.worker import Worker
+from streamqueue_harness.processes import spawn
+
+STREAM = wire.DEFAULT_STREAM
+GROUP = wire.DEFAULT_GROUP
+
+
+@pytest.fixture
+def raw(redis_server) -> redis.Redis:
+    """A plain synchronous client: how the article's producers and readers talk to Redis."""
+    return redis_server.client(decode_responses=True)
+
+
+def send(
+    r: redis.Redis, user_id: str | None, message: str, request_id: str | None = None, **extra: str
+) -> str:
+    """XADD a request the article's way (plus an optional request_id)."""
+    fields = {wire.MESSAGE: message, wire.TIMESTAMP: str(time.time()), **extra}
+    if user_id is not None:
+        fields[wire.USER_ID] = user_id
+    if request_id is not None:
+        fields[wire.REQUEST_ID] = request_id
+    return r.xadd(STREAM, fields)
+
+
+def replies(r: redis.Redis, user_id: str) -> list[dict[str, str]]:
+    return [fields for _, fields in r.xrange(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, user_id))]
+
+
+def answered_request_ids(r: redis.Redis, users: list[str]) -> list[str]:
+    """Every request_id with a final reply, duplicates included."""
+    return [f[wire.REQUEST_ID] for u in users for f in replies(r, u) if wire.RESPONSE in f]
+
+
+def group_settled(r: redis.Redis) -> bool:
+    """Nothing pending and nothing undelivered in the article's group."""
+    try:
+        [group] = [g for g in r.xinfo_groups(STREAM) if g["name"] == GROUP]
+    except redis.ResponseError:
+        return False
+    return group["pending"] == 0 and group["lag"] == 0
+
+
+def wait_for(predicate: Callable[[], bool], within: float = 15, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        time.sleep(0.02)
+
+
+async def async_wait_for(predicate: Callable[[], bool], within: float = 15, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def has_group(r: redis.Redis) -> bool:
+    try:
+        return any(g["name"] == GROUP for g in r.xinfo_groups(STREAM))
+    except redis.ResponseError:
+        return False
+
+
+@pytest.fixture
+def settings(redis_server) -> Callable[..., WorkerSettings]:
+    """Worker settings for tests: short BLOCK and claim times, no health port."""
+
+    def make(**overrides: Any) -> WorkerSettings:
+        values: dict[str, Any] = {
+            "redis_url": redis_server.url,
+            "consumer": "w1",
+            "block_ms": 100,
+            "claim_idle_ms": 300,
+            "health_port": 0,
+            "shutdown_grace_seconds": 10,
+        }
+        return WorkerSettings(**{**values, **overrides})
+
+    return make
+
+
+class RunningWorkers:
+    """In-process Workers started by a test; all stopped (and awaited) at teardown."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self._r = r
+        self.running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def start(self, settings: WorkerSettings, handler: Any = None) -> Worker:
+        worker = Worker(settings, handler=handler)
+        self.running.append((worker, asyncio.create_task(worker.run())))
+        await async_wait_for(lambda: has_group(self._r), what="the consumer group")
+        return worker
+
+    async def stop(self, worker: Worker, within: float = 20) -> None:
+        [task] = [t for w, t in self.running if w is worker]
+        worker.request_stop()
+        await asyncio.wait_for(task, within)
+
+
+@pytest.fixture
+async def workers(raw) -> AsyncIterator[RunningWorkers]:
+    running = RunningWorkers(raw)
+    yield running
+    for worker, _ in running.running:
+        worker.request_stop()
+    await asyncio.wait_for(asyncio.gather(*(t for _, t in running.running)), timeout=30)
+
+
+class WorkerProcesses:
+    """``python -m streamqueue.worker`` children configured by env only, as the pod runner does."""
+
+    def __init__(self, redis_url: str, logs: Path) -> None:
+        self.redis_url = redis_url
+        self.logs = logs
+        self.procs: list[Popen[bytes]] = []
+
+    def start(self, consumer: str, **env: str) -> Popen[bytes]:
+        full_env = {
+            **os.environ,
+            "STREAMQUEUE_REDIS_URL": self.redis_url,
+            "STREAMQUEUE_CONSUMER": consumer,
+            "STREAMQUEUE_HEALTH_PORT": "0",
+            "STREAMQUEUE_BLOCK_MS": "200",
+            **{f"STREAMQUEUE_{k.upper()}": v for k, v in env.items()},
+        }
+        proc = spawn(
+            [sys.executable, "-m", "streamqueue.worker"], log=self.logs / f"{consumer}.log", env=full_env
+        )
+        self.procs.append(proc)
+        return proc
+
+    def log_of(self, consumer: str) -> str:
+        return (self.logs / f"{consumer}.log").read_text()
+
+
+@pytest.fixture
+def worker_processes(redis_server, tmp_path) -> Iterator[WorkerProcesses]:
+    procs = WorkerProcesses(redis_server.url, tmp_path)
+    yield procs
+    for proc in procs.procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
