@@ -207,7 +207,9 @@ def test_server_side_dry_run_validates_without_persisting(
         input=yaml.safe_dump(mismatched),
         check=False,
     )
-    assert rejected.returncode != 0 and "`selector` does not match template" in rejected.stderr, rejected.stderr
+    assert rejected.returncode != 0 and "`selector` does not match template" in rejected.stderr, (
+        rejected.stderr
+    )
 
 
 def _recorded_pids(workdir: Path) -> list[int]:
