@@ -1,0 +1,92 @@
+"""connect(): ACL users, password sources, socket timeout versus BLOCK, redaction, reconnects."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.exceptions import AuthenticationError, ResponseError
+from streamqueue.connection import RedisConnectionSettings, connect, redact_url, socket_timeout_for
+from streamqueue_harness.redis_server import RedisServer
+
+
+@given(socket_timeout=st.floats(min_value=0.1, max_value=120), block_ms=st.integers(1, 600_000))
+def test_socket_timeout_outlasts_the_longest_block(socket_timeout: float, block_ms: int) -> None:
+    s = RedisConnectionSettings(redis_socket_timeout=socket_timeout)
+    assert socket_timeout_for(s, None) == socket_timeout
+    assert socket_timeout_for(s, block_ms) >= socket_timeout
+    assert socket_timeout_for(s, block_ms) >= block_ms / 1000 + 1  # the server's empty reply wins
+
+
+@given(
+    user=st.text(alphabet="abcxyz019_", max_size=8),
+    password=st.text(alphabet="abcXYZ019!~*$", min_size=1, max_size=16),
+)
+def test_redacted_url_never_contains_the_password(user: str, password: str) -> None:
+    url = f"redis://{user}:{password}@db.example:6380/2"
+    redacted = redact_url(url)
+    assert f":{password}@" not in redacted
+    assert redacted == f"redis://{user}:***@db.example:6380/2"
+
+
+def test_url_without_password_is_unchanged() -> None:
+    assert redact_url("rediss://db:6379/0") == "rediss://db:6379/0"
+
+
+async def test_acl_user_with_password_file(redis_server, tmp_path) -> None:
+    admin = redis_server.client()
+    admin.acl_setuser("worker", enabled=True, passwords=["+w-pass"], keys=["*"], commands=["+@all"])
+    (tmp_path / "pw").write_text("w-pass\n")
+    r = connect(
+        RedisConnectionSettings(
+            redis_url=redis_server.url, redis_username="worker", redis_password_file=tmp_path / "pw"
+        )
+    )
+    try:
+        assert await r.acl_whoami() == "worker"
+    finally:
+        await r.aclose()
+
+
+async def test_wrong_password_fails_with_an_auth_error(redis_server) -> None:
+    redis_server.client().acl_setuser("worker", enabled=True, passwords=["+right"], commands=["+@all"])
+    r = connect(
+        RedisConnectionSettings(redis_url=redis_server.url, redis_username="worker", redis_password="no")
+    )
+    try:
+        with pytest.raises((AuthenticationError, ResponseError)):
+            await r.ping()
+    finally:
+        await r.aclose()
+
+
+def test_unreadable_password_file_names_the_file(tmp_path) -> None:
+    s = RedisConnectionSettings(redis_password_file=tmp_path / "missing")
+    with pytest.raises(ValueError, match="missing"):
+        connect(s)
+
+
+@pytest.mark.slow
+async def test_a_block_longer_than_the_default_socket_timeout_is_not_cut(redis_server) -> None:
+    r = connect(RedisConnectionSettings(redis_url=redis_server.url, redis_socket_timeout=1), block_ms=2500)
+    try:
+        started = time.monotonic()
+        assert await r.xread({"empty": "$"}, block=2500) == []
+        assert time.monotonic() - started >= 2.4
+    finally:
+        await r.aclose()
+
+
+async def test_commands_retry_through_a_short_outage(tmp_path) -> None:
+    server = RedisServer().start()
+    try:
+        r = connect(RedisConnectionSettings(redis_url=server.url))
+        await r.set("k", "1")
+        server.stop()
+        server.start()
+        assert await r.set("k", "2")  # the pooled connection died; the retry reconnects
+        await r.aclose()
+    finally:
+        server.close()
