@@ -54,7 +54,7 @@ def load_handler(spec: str, settings: WorkerSettings) -> Handler:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerLoadError(f"cannot import handler module {module_name!r}: {exc}") from exc
-    target = module
+    target: Any = module
     for part in attr.split("."):
         try:
             target = getattr(target, part)
@@ -64,7 +64,7 @@ def load_handler(spec: str, settings: WorkerSettings) -> Handler:
         target = target.build(settings)
     if not callable(target):
         raise HandlerLoadError(f"handler {spec!r} is {type(target).__name__}, not callable")
-    return target  # type: ignore[return-value]
+    return target
 
 
 async def close_handler(handler: Handler) -> None:

@@ -29,7 +29,7 @@ from ..handlers import Handler, Message, close_handler, load_handler
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
 from .backoff import Backoff
-from .outbox import Outbox, OutboxAbandoned, StreamWrite
+from .outbox import Outbox, OutboxAbandoned, StreamWrite, redis_fields
 from .reclaim import Delivery, PendingOwnership
 from .replies import chunk_fields, dead_letter_fields, error_reply_fields, reply_fields
 from .slots import Slots
@@ -171,7 +171,8 @@ class _Run:
 
     async def _read_new(self, count: int) -> list[Delivery]:
         s = self.s
-        reply = await self.redis.xreadgroup(
+        # RESP2 reply with decoded text: [[stream, [(id, {field: value}), ...]]] or None on timeout.
+        reply: Any = await self.redis.xreadgroup(
             s.group, s.consumer, {s.stream: ">"}, count=count, block=s.block_ms
         )
         return [Delivery(i, f, 1) for _, stream_entries in reply or [] for i, f in stream_entries]
@@ -296,7 +297,7 @@ class _Run:
             text = str(chunk)
             if self.s.stream_replies:
                 fields = chunk_fields(self.s.consumer, msg.request_id, text, len(parts))
-                await self.redis.xadd(key, fields, maxlen=self.s.reply_maxlen, approximate=True)
+                await self.redis.xadd(key, redis_fields(fields), maxlen=self.s.reply_maxlen, approximate=True)
             parts.append(text)
         return "".join(parts)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
 
 from ..metrics import WorkerMetrics
 from .backoff import Backoff
@@ -102,7 +104,7 @@ class Outbox:
         pipe = self._redis.pipeline(transaction=False)
         for item in batch:
             for write in item.writes:
-                pipe.xadd(write.key, write.fields, maxlen=write.maxlen, approximate=True)
+                pipe.xadd(write.key, redis_fields(write.fields), maxlen=write.maxlen, approximate=True)
                 if write.ttl_s is not None:
                     pipe.expire(write.key, write.ttl_s)
         pipe.xack(self._stream, self._group, *(item.entry_id for item in batch))
@@ -112,6 +114,11 @@ class Outbox:
         for result in results:
             if isinstance(result, Exception):
                 log.error("Redis rejected a reply or dead-letter write: %s", result)
+
+
+def redis_fields(fields: Mapping[str, str]) -> dict[FieldT, EncodableT]:
+    """The same fields, typed as redis-py's XADD wants them."""
+    return {name: value for name, value in fields.items()}
 
 
 class OutboxAbandoned(RuntimeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -85,18 +86,19 @@ class PendingOwnership:
         rows = await self._redis.xpending_range(
             self._stream, self._group, min="-", max="+", count=_RELEASE_LIMIT, consumername=self._consumer
         )
-        ids = [row["message_id"] for row in rows]
+        ids = [str(row["message_id"]) for row in rows]
         await self._xclaim_justid(ids, idle_ms=self._claim_idle_ms)
         return len(ids)
 
     async def _xclaim_justid(self, ids: list[str], idle_ms: int | None) -> None:
         for start in range(0, len(ids), _ID_CHUNK):
+            chunk: list[Any] = ids[start : start + _ID_CHUNK]
             await self._redis.xclaim(
                 self._stream,
                 self._group,
                 self._consumer,
                 min_idle_time=0,
-                message_ids=ids[start : start + _ID_CHUNK],
+                message_ids=chunk,
                 idle=idle_ms,
                 justid=True,
             )
