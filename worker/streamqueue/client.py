@@ -284,7 +284,8 @@ class Client:
         request_id = request_id or uuid.uuid4().hex
         reader, waiter = self._expect(user_id, request_id, chunks=True)
         try:
-            await self._send_when_ready(reader, user_id, message, request_id)
+            async with asyncio.timeout(timeout):
+                await self._send_when_ready(reader, user_id, message, request_id)
             next_seq = 0
             early: dict[int, str] = {}
             while True:

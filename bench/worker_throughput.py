@@ -1,0 +1,155 @@
+"""Worker throughput against the article's loop, on one redis-server, in one run.
+
+The baseline is the loop the article wrote: XREADGROUP COUNT 1, run the handler, one XADD for the
+reply and one XACK, one message at a time. The contender is ``streamqueue.worker.Worker`` (batched
+reads, many messages in flight, reply XADD + XACK pipelined). Each runs on a pre-loaded stream with
+its own consumer group, timed from start until the group has nothing pending and no lag.
+
+Targets (issue 2): no-op handler >= 20x the baseline; 50 ms handler >= 50x and >= 1,000 msg/s.
+Figures are printed, never asserted: the machine's load decides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from streamqueue import wire
+from streamqueue.connection import RedisConnectionSettings, connect
+from streamqueue.handlers import Message
+from streamqueue.settings import WorkerSettings
+from streamqueue.worker import Worker
+from streamqueue_harness.redis_server import RedisServer
+
+from bench.common import load_requests, print_table, wait_drained
+
+USERS = 100
+
+
+async def noop(msg: Message) -> str:
+    return "ok"
+
+
+async def sleep_50ms(msg: Message) -> str:
+    await asyncio.sleep(0.05)
+    return "ok"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    handler: Callable[[Message], Awaitable[str]]
+    baseline_messages: int
+    worker_messages: int
+    target_ratio: float
+
+
+CASES = [
+    Case("no-op handler", noop, baseline_messages=3000, worker_messages=40_000, target_ratio=20),
+    Case("50 ms handler", sleep_50ms, baseline_messages=40, worker_messages=6000, target_ratio=50),
+]
+
+
+async def article_loop(
+    redis: aioredis.Redis,
+    stream: str,
+    group: str,
+    handler: Callable[[Message], Awaitable[str]],
+    messages: int,
+) -> None:
+    """The article's worker loop, kept as written there: one message per read, reply, ack."""
+    consumer = "article-worker"
+    processed = 0
+    while processed < messages:
+        result = await redis.xreadgroup(group, consumer, {stream: ">"}, count=1, block=1000)
+        for _, entries in result or []:
+            for entry_id, fields in entries:
+                msg = Message(entry_id, stream, fields[wire.USER_ID], fields[wire.MESSAGE], None, 1, fields)
+                response = await handler(msg)
+                await redis.xadd(
+                    wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, fields[wire.USER_ID]),
+                    {wire.RESPONSE: response, wire.WORKER_ID: consumer, wire.TIMESTAMP: repr(time.time())},
+                )
+                await redis.xack(stream, group, entry_id)
+                processed += 1
+
+
+async def _prepare(redis: aioredis.Redis, stream: str, group: str, messages: int) -> None:
+    await load_requests(redis, stream, messages, USERS)
+    await redis.xgroup_create(stream, group, id="0")
+
+
+async def run_baseline(url: str, case: Case, stream: str) -> float:
+    redis = connect(RedisConnectionSettings(redis_url=url))
+    try:
+        await _prepare(redis, stream, "article", case.baseline_messages)
+        start = time.perf_counter()
+        await article_loop(redis, stream, "article", case.handler, case.baseline_messages)
+        end = await wait_drained(redis, stream, "article")
+        return case.baseline_messages / (end - start)
+    finally:
+        await redis.aclose()
+
+
+def worker_settings(url: str, stream: str, batch_size: int, concurrency: int) -> WorkerSettings:
+    return WorkerSettings(
+        redis_url=url,
+        stream=stream,
+        group="streamqueue",
+        consumer="bench-worker",
+        batch_size=batch_size,
+        concurrency=concurrency,
+        health_port=0,
+    )
+
+
+async def run_worker(url: str, case: Case, stream: str, batch_size: int, concurrency: int) -> float:
+    redis = connect(RedisConnectionSettings(redis_url=url))
+    try:
+        await _prepare(redis, stream, "streamqueue", case.worker_messages)
+        worker = Worker(worker_settings(url, stream, batch_size, concurrency), handler=case.handler)
+        start = time.perf_counter()
+        task = asyncio.create_task(worker.run())
+        end = await wait_drained(redis, stream, "streamqueue")
+        worker.request_stop()
+        await task
+        return case.worker_messages / (end - start)
+    finally:
+        await redis.aclose()
+
+
+async def run(args: argparse.Namespace) -> None:
+    rows = []
+    with RedisServer() as server:
+        print(f"redis-server on port {server.port}; batch {args.batch_size}, concurrency {args.concurrency}")
+        for n, case in enumerate(CASES):
+            print(f"[{case.name}] article loop: {case.baseline_messages} messages ...", flush=True)
+            baseline = await run_baseline(server.url, case, f"bench:{n}:article")
+            print(f"[{case.name}] article loop: {baseline:,.1f} msg/s", flush=True)
+            print(f"[{case.name}] streamqueue Worker: {case.worker_messages} messages ...", flush=True)
+            worker = await run_worker(
+                server.url, case, f"bench:{n}:worker", args.batch_size, args.concurrency
+            )
+            print(f"[{case.name}] streamqueue Worker: {worker:,.1f} msg/s", flush=True)
+            ratio = worker / baseline
+            met = "yes" if ratio >= case.target_ratio else "NO"
+            rows.append([case.name, baseline, worker, f"{ratio:.1f}x", f">= {case.target_ratio:g}x", met])
+    print()
+    print_table(["handler", "article msg/s", "worker msg/s", "ratio", "target", "met"], rows)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.worker_throughput", description=__doc__)
+    parser.add_argument("--batch-size", type=int, default=500, help="worker XREADGROUP COUNT")
+    parser.add_argument("--concurrency", type=int, default=1000, help="worker messages in flight")
+    asyncio.run(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
