@@ -22,6 +22,14 @@ mkdir -p "$CACHE" "$BIN"
 
 log() { printf '[tools %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+# One build at a time per cache: CI and developers on the same machine share it, and two builds
+# would race on the consumer modules and the half-written bin.tmp directories.
+exec 9>"$CACHE/.lock"
+if ! flock -n 9; then
+  log "waiting for another build using $CACHE to finish"
+  flock 9
+fi
+
 go_ok() {
   command -v "$1" >/dev/null 2>&1 || return 1
   local v; v="$("$1" env GOVERSION 2>/dev/null | sed 's/^go//')"
