@@ -46,7 +46,8 @@ ensure_go() {
     local mod="v0.0.1-go${GO_FALLBACK_VERSION}.linux-amd64"
     log "installing Go $GO_FALLBACK_VERSION from the module proxy"
     local tmp; tmp="$(mktemp -d)"
-    curl -fsSL "$proxy/golang.org/toolchain/@v/$mod.zip" -o "$tmp/go.zip"
+    python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+      "$proxy/golang.org/toolchain/@v/$mod.zip" "$tmp/go.zip"  # python3, not curl: slim images lack curl
     (cd "$tmp" && python3 -m zipfile -e go.zip x)
     rm -rf "$dir"; mv "$tmp/x/golang.org/toolchain@$mod" "$dir"; chmod +x "$dir"/bin/* "$dir"/pkg/tool/*/*
     rm -rf "$tmp"

@@ -52,7 +52,10 @@ class OpenSSLError(RuntimeError):
 
 
 def _openssl(*args: str) -> None:
-    result = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=30)
+    try:
+        result = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise OpenSSLError("the openssl CLI is missing: install the Debian package openssl") from None
     if result.returncode != 0:
         raise OpenSSLError(f"openssl {args[0]} failed ({result.returncode}): {result.stderr.strip()}")
 

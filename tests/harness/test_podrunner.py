@@ -142,3 +142,26 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(
         )
         # The ReplicaSet replaces the Pod and the runner starts its process.
         eventually(lambda: len(runner.running()) == 1 and name not in runner.running(), "the replacement")
+
+
+def test_a_crashed_process_is_restarted_and_the_restart_reported(
+    control_plane: ControlPlane, kube_namespace: str, tmp_path: Path
+) -> None:
+    ns = kube_namespace
+    _setup(control_plane, ns, _deployment(replicas=1))
+    with _runner(control_plane, ns, tmp_path, STANDIN_EXIT_CODE="3"):
+        (name,) = eventually(lambda: list(_pods(control_plane, ns)), "the pod")
+        eventually(lambda: len(_starts(tmp_path / name)) >= 2, "a restart")
+
+        def restart_reported() -> dict[str, Any] | None:
+            statuses = _pods(control_plane, ns)[name]["status"].get("containerStatuses") or [{}]
+            return statuses[0] if statuses[0].get("restartCount", 0) >= 1 else None
+
+        status = eventually(restart_reported, "restartCount in the pod status")
+        assert status["ready"] is False
+        assert _ready_replicas(control_plane, ns) == 0
+
+
+def _starts(evidence: Path) -> list[str]:
+    path = evidence / "starts"
+    return path.read_text().split() if path.exists() else []
