@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,9 +108,13 @@ class _Component:
 
 @dataclass
 class _Ports:
-    etcd_client: int = field(default_factory=free_port)
-    etcd_peer: int = field(default_factory=free_port)
-    apiserver: int = field(default_factory=free_port)
+    etcd_client: int
+    etcd_peer: int
+    apiserver: int
+
+    @classmethod
+    def choose(cls) -> _Ports:
+        return cls(free_port(), free_port(), free_port())
 
 
 class ControlPlane:
@@ -143,11 +147,12 @@ class ControlPlane:
             atexit.register(self.stop)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             try:
-                self._start_components(_Ports(), began + timeout)
+                self._start_components(_Ports.choose(), began + timeout)
                 break
             except _PortTaken as exc:
                 log.warning("control plane start attempt %d: %s; retrying with new ports", attempt, exc)
                 self._stop_components()
+                shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # its member records the old ports
                 if attempt == PORT_ATTEMPTS:
                     raise
             except BaseException:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+from streamqueue_harness import controlplane
 from streamqueue_harness.controlplane import STATE_FILE, ControlPlane
+from streamqueue_harness.ports import free_port
 
 from tests.harness.eventually import eventually
 
@@ -258,3 +261,20 @@ def test_components_die_with_a_killed_test_process(control_plane: ControlPlane, 
         owner.send_signal(signal.SIGKILL)
         owner.wait()
     eventually(lambda: _pids_alive(pids) == [], "the orphaned components to die", timeout=10)
+
+
+def test_a_port_taken_after_it_was_chosen_is_retried_with_new_ports(
+    control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """free_port() races with other processes; losing the race must cost a retry, not the session."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        chosen = iter([squatter.getsockname()[1]])  # etcd's client port: already bound by someone else
+        monkeypatch.setattr(controlplane, "free_port", lambda: next(chosen, None) or free_port())
+        with ControlPlane(tmp_path) as plane:
+            assert (
+                plane.kubectl("get", "ns", "kube-system", "-o", "name").stdout.strip()
+                == "namespace/kube-system"
+            )
+    assert "address already in use" in (tmp_path / "logs" / "etcd.log").read_text()
