@@ -280,3 +280,28 @@ async def test_in_flight_never_exceeds_concurrency(raw, settings, workers, concu
         send(raw, "henry", f"m{i}")
     await async_wait_for(lambda: group_settled(raw), what="all answered")
     assert peak == concurrency
+
+
+async def test_replies_flow_for_an_acl_user_that_may_not_run_scripts(
+    raw, settings, workers, caplog
+) -> None:
+    raw.acl_setuser(
+        "noscript", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@scripting"]
+    )
+    s = settings(redis_username="noscript", redis_password="pw")
+    await workers.start(s)
+    for i in range(5):
+        send(raw, "lena", f"m{i}", request_id=str(i))
+    await async_wait_for(lambda: group_settled(raw), what="replies committed with pipelines")
+    assert sorted(answered_request_ids(raw, ["lena"])) == [str(i) for i in range(5)]
+    assert "committing with pipelines instead" in caplog.text
+
+
+async def test_a_reply_key_of_another_type_does_not_block_the_batch(raw, settings, workers) -> None:
+    raw.set(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "clash"), "not a stream")
+    await workers.start(settings())
+    send(raw, "clash", "lost reply")
+    send(raw, "mike", "fine", request_id="m1")
+    await async_wait_for(lambda: group_settled(raw), what="the batch acknowledged")
+    assert answered_request_ids(raw, ["mike"]) == ["m1"]
+    assert raw.get(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "clash")) == "not a stream"

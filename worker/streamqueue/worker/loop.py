@@ -101,6 +101,8 @@ class _Run:
         self.slots = Slots(s.concurrency)
         self.outbox = Outbox(redis, s.stream, s.group, worker.metrics)
         self.pending = PendingOwnership(redis, s.stream, s.group, s.consumer, s.claim_idle_ms)
+        inflight = worker._inflight
+        self.metrics.in_flight.set_function(lambda: len(inflight))  # read at scrape, free per message
 
     async def until_stopped(self, stop: asyncio.Event) -> None:
         flusher = asyncio.create_task(self.outbox.run(), name="streamqueue-outbox")
@@ -219,7 +221,6 @@ class _Run:
         """Run one entry in its own task; the caller has taken its slot, which the task gives back."""
         task = asyncio.create_task(self._entry(entry), name=f"streamqueue-entry:{entry.entry_id}")
         self.w._inflight[entry.entry_id] = task
-        self.metrics.in_flight.inc()
         if entry.deliveries > 1:
             log.info("reclaimed %s (delivery %d)", entry.entry_id, entry.deliveries)
 
@@ -234,7 +235,6 @@ class _Run:
             log.exception("entry %s: unexpected error; it stays pending", entry.entry_id)
         finally:
             self.w._inflight.pop(entry.entry_id, None)
-            self.metrics.in_flight.dec()
             self.slots.give()
 
     async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
