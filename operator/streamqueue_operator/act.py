@@ -81,13 +81,18 @@ def _owned_by(existing: dict[str, Any], manifest: dict[str, Any]) -> bool:
     return any(r.get("uid") == uid for r in existing["metadata"].get("ownerReferences") or [])
 
 
-def load_api_client() -> k8s.ApiClient:
-    """In-cluster credentials when running in a Pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+def load_api_client(connections: int) -> k8s.ApiClient:
+    """In-cluster credentials when running in a Pod, else the kubeconfig (KUBECONFIG or ~/.kube/config).
+
+    ``connections`` sizes the HTTP pool to the number of threads that call the API concurrently.
+    """
+    configuration = k8s.Configuration()
     try:
-        k8s_config.load_incluster_config()
+        k8s_config.load_incluster_config(client_configuration=configuration)
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
-    return k8s.ApiClient()
+        k8s_config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = connections
+    return k8s.ApiClient(configuration)
 
 
 class Cluster:

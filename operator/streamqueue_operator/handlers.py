@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from .models import GROUP, PLURAL, QUEUE_LABEL, VERSION, parse_spec
 from .scaler import QueueScaler, Replicas, Settings
 
 MISSING_DEPLOYMENT_GRACE_SECONDS = 10.0
+API_THREADS = 32
 POLL_ERROR_BACKOFF_SECONDS = 5.0
 log = logging.getLogger("streamqueue.operator")
 
@@ -42,7 +44,7 @@ class OperatorConfig:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -51,7 +53,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.peering.standalone = True
     if "config" not in memo:
         memo.config = OperatorConfig.from_env()
-    memo.cluster = Cluster(load_api_client())
+    # Every API call runs in a thread; asyncio's default pool (cores + 4) would queue hundreds of
+    # queues' status writes behind each other and delay their polls.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(API_THREADS, "k8s-api"))
+    memo.cluster = Cluster(load_api_client(API_THREADS))
     memo.scalers = {}
 
 

@@ -170,7 +170,7 @@ def test_scales_out_drains_scales_in_to_zero_and_wakes(
             lambda: replicas(api, kube_namespace, "work") == 0, 30, "scale in to zero after the cooldown"
         )
         events = scale_events(api, kube_namespace, "work")
-        assert events[-1][0] == "ScaledDown" and "(Idle)" in events[-1][1], events
+        assert any(reason == "ScaledDown" and "(Idle)" in message for reason, message in events), events
 
         push(r, 1)
         wait_for(lambda: replicas(api, kube_namespace, "work") == 1, 10, "wake from zero on one message")
@@ -245,7 +245,13 @@ def test_operator_restart_causes_no_scaling(
     wait_for(lambda: replicas(api, kube_namespace, "q") == 4, 30, "4 replicas for a backlog of 20")
     entries = r.xreadgroup(CGROUP, "manual", {STREAM: ">"}, count=100)[0][1]
     r.xack(STREAM, CGROUP, *[e[0] for e in entries])  # drained: a fresh operator would scale to 1 at once
-    events_before = scale_events(api, kube_namespace, "q")
+    events_before = wait_for(  # kopf posts Events asynchronously: wait for the scale-up's
+        lambda: (
+            (e := scale_events(api, kube_namespace, "q")) and any("-> 4 replicas" in m for _, m in e) and e
+        ),
+        15,
+        "the scale-up Event",
+    )
 
     operator.stop()
     start_operator()

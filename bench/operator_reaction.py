@@ -1,0 +1,178 @@
+"""Operator reaction time: backlog written to Redis → worker Deployment's replicas patched.
+
+Each trial XADDs ``targetBacklogPerReplica`` entries (one replica's worth) to a queue and times how
+long until a watch on the Deployment sees ``spec.replicas`` go up by one. Default settings
+(``pollIntervalSeconds: 1``) are measured, and, in the same run, a 5 s poll interval as the
+slow-polling baseline (KEDA's redis-streams scaler polls every 30 s and the HPA syncs every 15 s on
+top). Figures only; nothing is asserted.
+
+    python -m bench operator_reaction [--trials 20] [--baseline-trials 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import urllib3
+import yaml
+from kubernetes import client as k8s
+from kubernetes import watch
+from streamqueue_harness.controlplane import ControlPlane
+from streamqueue_harness.redis_server import RedisServer
+from streamqueue_operator import crdgen
+from streamqueue_operator.models import GROUP, VERSION
+
+from bench.common import print_table
+
+NAMESPACE = "bench"
+STREAM, CGROUP = "user_messages_queue", "ai_service_group"
+PER_REPLICA = 5  # the default targetBacklogPerReplica
+
+
+@dataclass
+class Environment:
+    plane: ControlPlane
+    redis: RedisServer
+    api: k8s.ApiClient
+    operator: subprocess.Popen[bytes]
+    log: Path = field(default_factory=Path)
+
+
+@contextlib.contextmanager
+def environment(*operator_args: str) -> Iterator[Environment]:
+    """Control plane + redis-server + CRD + namespace + the operator watching it (all torn down after)."""
+    workdir = Path(tempfile.mkdtemp(prefix="sq-bench-"))
+    with ControlPlane(workdir / "cluster") as plane, RedisServer() as redis_server:
+        plane.kubectl("apply", "--server-side", "-f", "-", input=crdgen.render())
+        crd = f"crd/{crdgen.CRD_FILE.removesuffix('.yaml')}"
+        plane.kubectl("wait", "--for=condition=Established", crd, "--timeout=60s")
+        plane.kubectl("create", "namespace", NAMESPACE)
+        plane.wait_for_default_serviceaccount(NAMESPACE)
+        log = workdir / "operator.log"
+        env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "PYTHONWARNINGS": "ignore"}
+        cmd = [sys.executable, "-m", "streamqueue_operator", f"--namespace={NAMESPACE}", "--metrics-port=0",
+               "--liveness-port=0", "--log-level=warning", *operator_args]  # fmt: skip
+        with log.open("wb") as out, plane.api_client() as api:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                yield Environment(plane, redis_server, api, proc, log)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+
+def apply_queue(env: Environment, name: str, stream: str, **scaling: Any) -> None:
+    manifest = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "StreamQueue",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"redis": {"url": env.redis.url}, "stream": stream, "scaling": scaling},
+    }
+    env.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+
+class ReplicaWatch:
+    """Records when each ``spec.replicas`` value of one Deployment was first seen (watch, not polling)."""
+
+    def __init__(self, api: k8s.ApiClient, deployment: str) -> None:
+        self.seen: dict[int, float] = {}
+        self._cond = threading.Condition()
+        self._watch = watch.Watch()
+        apps = k8s.AppsV1Api(api)
+        self._stream = self._watch.stream(
+            apps.list_namespaced_deployment, NAMESPACE, field_selector=f"metadata.name={deployment}"
+        )
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):  # the cluster stops at the end
+            for event in self._stream:
+                replicas = event["object"].spec.replicas
+                with self._cond:
+                    self.seen.setdefault(replicas, time.perf_counter())
+                    self._cond.notify_all()
+
+    def wait(self, replicas: int, timeout: float) -> float:
+        with self._cond:
+            if not self._cond.wait_for(lambda: replicas in self.seen, timeout):
+                raise TimeoutError(f"replicas never reached {replicas} within {timeout}s")
+            return self.seen[replicas]
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+
+def measure(env: Environment, name: str, trials: int, poll: float) -> list[float]:
+    """Reaction times (seconds) of ``trials`` one-replica backlog steps on a fresh queue."""
+    stream = f"{name}-stream"
+    r = env.redis.client()
+    r.xgroup_create(stream, CGROUP, id="0", mkstream=True)
+    apply_queue(env, name, stream, minReplicas=1, maxReplicas=trials + 1, pollIntervalSeconds=poll)
+    watcher = ReplicaWatch(env.api, f"{name}-worker")
+    try:
+        watcher.wait(1, timeout=60)
+        _push(
+            r, stream
+        )  # one replica's worth: still 1 replica; each trial then adds one more replica's worth
+        time.sleep(2 * poll)
+        times = []
+        for trial in range(1, trials + 1):
+            time.sleep(poll * (0.37 + 0.61 * (trial % 3) / 2))  # land at varying points of the poll cycle
+            _push(r, stream)
+            written = time.perf_counter()
+            times.append(watcher.wait(trial + 1, timeout=10 * poll + 30) - written)
+        return times
+    finally:
+        watcher.stop()
+
+
+def _push(r: Any, stream: str) -> None:
+    pipe = r.pipeline(transaction=False)
+    for i in range(PER_REPLICA):
+        pipe.xadd(stream, {"user_id": f"user{i}", "message": "m", "timestamp": "0"})
+    pipe.execute()
+
+
+def _p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench operator_reaction", description="operator reaction time (see module doc)"
+    )
+    parser.add_argument("--trials", type=int, default=20, help="trials with default settings (1 s poll)")
+    parser.add_argument("--baseline-trials", type=int, default=6, help="trials with a 5 s poll (0 skips)")
+    args = parser.parse_args(argv)
+    with environment() as env:
+        results = {"default (poll 1 s)": measure(env, "default", args.trials, 1.0)}
+        if args.baseline_trials:
+            results["slow poll (5 s)"] = measure(env, "slow", args.baseline_trials, 5.0)
+    rows = [
+        [label, len(t), f"{statistics.median(t):.2f}", f"{_p95(t):.2f}", f"{max(t):.2f}"]
+        for label, t in results.items()
+    ]
+    print_table(["setting", "trials", "median s", "p95 s", "max s"], rows)
+    default = results["default (poll 1 s)"]
+    print(f"target: p95 <= 3 s with default settings -> {'met' if _p95(default) <= 3 else 'NOT met'}")
+    if "slow poll (5 s)" in results:
+        ratio = statistics.median(results["slow poll (5 s)"]) / statistics.median(default)
+        print(f"slow-poll median / default median = {ratio:.1f}x")
+    print("KEDA defaults for comparison (not measured here): 30 s poll + 15 s HPA sync -> up to ~45 s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
