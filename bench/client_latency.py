@@ -102,7 +102,11 @@ async def run(args: argparse.Namespace) -> None:
         server.client().xgroup_create(stream, wire.DEFAULT_GROUP, id="0", mkstream=True)
         worker = start_worker(server.url, stream)
         try:
-            print(f"redis-server on port {server.port}; worker pid {worker.pid}", flush=True)
+            print(
+                f"redis-server on port {server.port}; worker pid {worker.pid}; "
+                f"load average {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
             await wait_answering(server.url, stream)
             start = time.perf_counter()
             floor = await measure_floor(server.url, args.rate, args.count)
@@ -118,7 +122,8 @@ async def run(args: argparse.Namespace) -> None:
     rows = [summary("PING floor", floor, floor_rate), summary("request->reply", requests, request_rate)]
     print_table(headers, [[*r[:3], *(f"{v:.2f}" for v in r[3:])] for r in rows])
     p99 = rows[1][5]
-    print(f"\nrequest->reply p99 {p99:.2f} ms (target <= 5 ms): {'met' if p99 <= 5 else 'NOT met'}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    print(f"request->reply p99 {p99:.2f} ms (target <= 5 ms): {'met' if p99 <= 5 else 'NOT met'}")
 
 
 def main(argv: list[str]) -> None:

@@ -204,3 +204,14 @@ async def test_close_fails_pending_requests(redis_server) -> None:
     await client.close()
     with pytest.raises(RuntimeError, match="closed"):
         await asyncio.wait_for(pending, timeout=5)
+
+
+async def test_cancelling_a_request_removes_its_waiter(client: Client) -> None:
+    task = asyncio.create_task(client.request("alice", "cancel me", request_id="c1", timeout=30))
+    await asyncio.sleep(0.2)
+    reader = client._readers[wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "alice")]
+    assert "c1" in reader.waiters
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "c1" not in reader.waiters

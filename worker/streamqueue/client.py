@@ -86,6 +86,29 @@ class Reply:
         )
 
 
+class ChunkOrder:
+    """Puts streamed chunks back in sequence order and drops repeats.
+
+    Entries of one stream arrive in the order they were written, but a request redelivered after a
+    worker crash streams again from sequence 0, and nothing forbids a handler's writes from racing.
+    """
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+        self._early: dict[int, str] = {}
+
+    def add(self, seq: int | None, chunk: str) -> list[str]:
+        """Record one chunk (no ``seq``: the next one) and return the chunks now ready, in order."""
+        seq = self.next_seq if seq is None else seq
+        if seq >= self.next_seq:
+            self._early[seq] = chunk
+        ready = []
+        while self.next_seq in self._early:
+            ready.append(self._early.pop(self.next_seq))
+            self.next_seq += 1
+        return ready
+
+
 @dataclass
 class _Waiter:
     """A request awaiting entries with its request_id; ``chunks`` waiters also receive chunk entries."""
@@ -286,23 +309,16 @@ class Client:
         try:
             async with asyncio.timeout(timeout):
                 await self._send_when_ready(reader, user_id, message, request_id)
-            next_seq = 0
-            early: dict[int, str] = {}
+            order = ChunkOrder()
             while True:
                 async with asyncio.timeout(timeout):
-                    item = await waiter.queue.get()
-                reply = item if isinstance(item, Reply) else _final(item)
+                    reply = _final(await waiter.queue.get())
                 if not reply.is_chunk:
-                    _final(reply)
-                    if next_seq == 0:
+                    if order.next_seq == 0:
                         yield reply.response or ""
                     return
-                seq = reply.seq if reply.seq is not None else next_seq
-                if seq >= next_seq:
-                    early[seq] = reply.chunk or ""
-                while next_seq in early:
-                    yield early.pop(next_seq)
-                    next_seq += 1
+                for chunk in order.add(reply.seq, reply.chunk or ""):
+                    yield chunk
         finally:
             reader.waiters.pop(request_id, None)
 
