@@ -1,0 +1,103 @@
+"""TLS to Redis: a real redis-server with a TLS port and a CA made by the harness's openssl helpers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from streamqueue import wire
+from streamqueue.connection import RedisConnectionSettings, connect
+from streamqueue.settings import WorkerSettings
+from streamqueue_harness.pki import _certificate_authority, _signed
+from streamqueue_harness.ports import free_port
+from streamqueue_harness.processes import spawn
+
+from tests.worker.conftest import RunningWorkers, async_wait_for, group_settled, replies, send
+
+
+class TlsRedis:
+    def __init__(self, port: int, ca: Path) -> None:
+        self.port = port
+        self.ca = ca
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=str(self.ca), decode_responses=True
+        )
+
+
+@pytest.fixture
+def tls_redis(tmp_path) -> Iterator[TlsRedis]:
+    ca = _certificate_authority(tmp_path, "streamqueue-test-ca")
+    server = _signed(tmp_path, ca, "redis", "/CN=redis", "serverAuth", ("IP:127.0.0.1", "DNS:localhost"))
+    port = free_port()
+    args = [
+        shutil.which("redis-server") or "redis-server", "--port", "0", "--tls-port", str(port),
+        "--bind", "127.0.0.1", "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
+        "--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
+        "--dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = spawn(args, log=tmp_path / "redis.log")
+    tls = TlsRedis(port, ca.cert)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                tls.client().ping()
+                break
+            except redis.RedisError:
+                assert proc.poll() is None, (tmp_path / "redis.log").read_text()
+                assert time.monotonic() < deadline, "TLS redis-server not ready"
+                time.sleep(0.05)
+        yield tls
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.parametrize("how", ["rediss-url", "tls-flag"])
+async def test_worker_answers_over_tls(tls_redis: TlsRedis, how: str) -> None:
+    url = f"redis://127.0.0.1:{tls_redis.port}/0"
+    settings = WorkerSettings(
+        redis_url=url.replace("redis://", "rediss://") if how == "rediss-url" else url,
+        redis_tls=how == "tls-flag",
+        redis_tls_ca_file=tls_redis.ca,
+        consumer="tls",
+        block_ms=100,
+        health_port=0,
+    )
+    raw = tls_redis.client()
+    workers = RunningWorkers(raw)
+    await workers.start(settings)
+    try:
+        send(raw, "nina", "secure hello", request_id="n1")
+        await async_wait_for(lambda: group_settled(raw), what="the reply over TLS")
+        [reply] = replies(raw, "nina")
+        assert reply[wire.RESPONSE] == "Echo: secure hello"
+    finally:
+        for worker, _ in workers.running:
+            await workers.stop(worker)
+
+
+async def test_an_untrusted_server_certificate_is_refused(tls_redis: TlsRedis, tmp_path) -> None:
+    (tmp_path / "other").mkdir()
+    other_ca = _certificate_authority(tmp_path / "other", "someone-else")
+    r = connect(
+        RedisConnectionSettings(
+            redis_url=f"rediss://127.0.0.1:{tls_redis.port}/0", redis_tls_ca_file=other_ca.cert
+        )
+    )
+    try:
+        with pytest.raises(RedisConnectionError, match=r"(?i)certificate verify failed"):
+            await r.ping()
+    finally:
+        await r.aclose()
