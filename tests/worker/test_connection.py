@@ -90,3 +90,23 @@ async def test_commands_retry_through_a_short_outage(tmp_path) -> None:
         await r.aclose()
     finally:
         server.close()
+
+
+async def test_a_rotated_password_file_is_used_by_new_connections(redis_server, tmp_path) -> None:
+    admin = redis_server.client()
+    admin.acl_setuser("worker", enabled=True, passwords=["+old"], keys=["*"], commands=["+@all"])
+    secret = tmp_path / "pw"
+    secret.write_text("old\n")
+    r = connect(
+        RedisConnectionSettings(
+            redis_url=redis_server.url, redis_username="worker", redis_password_file=secret
+        )
+    )
+    try:
+        assert await r.acl_whoami() == "worker"
+        admin.acl_setuser("worker", enabled=True, reset_passwords=True, passwords=["+new"])  # rotate...
+        secret.write_text("new\n")  # ...the Secret
+        admin.client_kill_filter(user="worker")  # ...and drop the connection that authenticated before
+        assert await r.acl_whoami() == "worker"  # reconnected with the new password, no restart
+    finally:
+        await r.aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 from pydantic_settings import CliApp
@@ -116,3 +118,10 @@ def test_cli_flags_override_env(monkeypatch) -> None:
 def test_invalid_values_are_rejected_clearly(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         WorkerSettings(**overrides)
+
+
+def test_docs_list_every_setting() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "worker.md").read_text()
+    missing = [f"STREAMQUEUE_{name.upper()}" for name in WorkerSettings.model_fields]
+    missing = [var for var in missing if f"`{var}`" not in docs]
+    assert not missing, f"docs/worker.md does not describe {missing}"

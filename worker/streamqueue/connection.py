@@ -19,6 +19,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.credentials import CredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -98,6 +99,21 @@ class RedisConnectionSettings(BaseSettings):
         return redact_url(self.redis_url)
 
 
+class PasswordFileCredentials(CredentialProvider):
+    """Reads the password file for every new connection, so a rotated Secret needs no restart."""
+
+    def __init__(self, username: str | None, path: Path) -> None:
+        self.username = username
+        self.path = path
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        password = self.path.read_text().rstrip("\r\n")
+        return (self.username, password) if self.username else (password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
 def redact_url(url: str) -> str:
     """``url`` without its password, for logs and error messages."""
     parts = urlsplit(url)
@@ -127,11 +143,16 @@ def connect(settings: RedisConnectionSettings, *, block_ms: int | None = None) -
     if settings.redis_tls and url.startswith("redis://"):
         url = "rediss://" + url.removeprefix("redis://")
     kwargs: dict[str, object] = {}
-    if settings.redis_username is not None:
-        kwargs["username"] = settings.redis_username
-    password = settings.password()
-    if password is not None:
-        kwargs["password"] = password
+    if settings.redis_password_file is not None:
+        settings.password()  # unreadable file: fail now, with the file's name
+        kwargs["credential_provider"] = PasswordFileCredentials(
+            settings.redis_username, settings.redis_password_file
+        )
+    else:
+        if settings.redis_username is not None:
+            kwargs["username"] = settings.redis_username
+        if settings.redis_password is not None:
+            kwargs["password"] = settings.redis_password.get_secret_value()
     if settings.uses_tls and settings.redis_tls_ca_file is not None:
         kwargs["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
     timeout = socket_timeout_for(settings, block_ms)
