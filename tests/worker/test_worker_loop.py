@@ -282,9 +282,7 @@ async def test_in_flight_never_exceeds_concurrency(raw, settings, workers, concu
     assert peak == concurrency
 
 
-async def test_replies_flow_for_an_acl_user_that_may_not_run_scripts(
-    raw, settings, workers, caplog
-) -> None:
+async def test_replies_flow_for_an_acl_user_that_may_not_run_scripts(raw, settings, workers, caplog) -> None:
     raw.acl_setuser(
         "noscript", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@scripting"]
     )
@@ -305,3 +303,16 @@ async def test_a_reply_key_of_another_type_does_not_block_the_batch(raw, setting
     await async_wait_for(lambda: group_settled(raw), what="the batch acknowledged")
     assert answered_request_ids(raw, ["mike"]) == ["m1"]
     assert raw.get(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "clash")) == "not a stream"
+
+
+async def test_chunks_of_a_failed_stream_still_expire(raw, settings, workers) -> None:
+    async def breaks_halfway(msg: Message):
+        yield "partial "
+        yield "answer"
+        raise RuntimeError("model went away")
+
+    worker = await workers.start(settings(stream_replies=True, reply_ttl_seconds=60), breaks_halfway)
+    send(raw, "olga", "tell me")
+    await async_wait_for(lambda: worker.metrics.failed._value.get() == 1, what="the failed handler")
+    assert [f[wire.CHUNK] for f in replies(raw, "olga")] == ["partial ", "answer"]
+    assert 0 < raw.ttl(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "olga")) <= 60

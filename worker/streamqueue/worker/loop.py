@@ -141,7 +141,12 @@ class _Run:
             try:
                 if time.monotonic() >= reclaim_due:
                     entries, wrapped = await self.pending.claim(n, mine=self.w._inflight)
-                    self.metrics.reclaimed.inc(len(entries))
+                    if entries:
+                        self.metrics.reclaimed.inc(len(entries))
+                        log.info(
+                            "reclaimed %d idle entries (%s, delivery %d, ...)",
+                            len(entries), entries[0].entry_id, entries[0].deliveries,
+                        )  # fmt: skip
                     if wrapped:
                         reclaim_due = time.monotonic() + self._reclaim_interval_s
                 else:
@@ -221,8 +226,6 @@ class _Run:
         """Run one entry in its own task; the caller has taken its slot, which the task gives back."""
         task = asyncio.create_task(self._entry(entry), name=f"streamqueue-entry:{entry.entry_id}")
         self.w._inflight[entry.entry_id] = task
-        if entry.deliveries > 1:
-            log.info("reclaimed %s (delivery %d)", entry.entry_id, entry.deliveries)
 
     async def _entry(self, entry: Delivery) -> None:
         try:
@@ -291,13 +294,24 @@ class _Run:
         ]
 
     async def _stream_chunks(self, chunks: AsyncIterator[str], msg: Message, key: str) -> str:
-        """Write each chunk as it is produced (if enabled) and return the whole text for the final reply."""
+        """Write each chunk as it is produced (if enabled) and return the whole text for the final reply.
+
+        The first chunk also sets the stream's expiry: should the handler fail halfway, the chunks
+        already written must not leave a key without a TTL behind.
+        """
+        s = self.s
         parts: list[str] = []
         async for chunk in chunks:
             text = str(chunk)
-            if self.s.stream_replies:
-                fields = chunk_fields(self.s.consumer, msg.request_id, text, len(parts))
-                await self.redis.xadd(key, redis_fields(fields), maxlen=self.s.reply_maxlen, approximate=True)
+            if s.stream_replies:
+                fields = redis_fields(chunk_fields(s.consumer, msg.request_id, text, len(parts)))
+                if parts:
+                    await self.redis.xadd(key, fields, maxlen=s.reply_maxlen, approximate=True)
+                else:
+                    pipe = self.redis.pipeline(transaction=False)
+                    pipe.xadd(key, fields, maxlen=s.reply_maxlen, approximate=True)
+                    pipe.expire(key, s.reply_ttl_seconds)
+                    await pipe.execute()
             parts.append(text)
         return "".join(parts)
 
