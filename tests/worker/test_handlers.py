@@ -69,24 +69,35 @@ async def service() -> AsyncIterator[Callable[..., str]]:
         await runner.cleanup()
 
 
-async def test_http_handler_posts_the_message_and_replies_with_the_body(service) -> None:
+@pytest.fixture
+async def http_handler() -> AsyncIterator[Callable[..., HttpHandler]]:
+    """Build HttpHandlers for a test; their sessions are closed at teardown."""
+    built: list[HttpHandler] = []
+
+    def build(url: str, *, timeout_s: float = 5, retries: int = 0) -> HttpHandler:
+        built.append(HttpHandler(url, timeout_s=timeout_s, retries=retries))
+        return built[-1]
+
+    yield build
+    for handler in built:
+        await close_handler(handler)
+
+
+async def test_http_handler_posts_the_message_and_replies_with_the_body(service, http_handler) -> None:
     received = []
 
     async def respond(request: web.Request) -> web.Response:
         received.append(await request.json())
         return web.Response(text="model says hello")
 
-    handler = HttpHandler(await service(respond), timeout_s=5, retries=0)
-    try:
-        assert await handler(MSG) == "model says hello"
-    finally:
-        await handler.aclose()
+    handler = http_handler(await service(respond), timeout_s=5, retries=0)
+    assert await handler(MSG) == "model says hello"
     assert received == [
         {"id": "1-0", "user_id": "alice", "message": "hi", "request_id": "r1", "deliveries": 2, "fields": {}}
     ]
 
 
-async def test_http_handler_retries_server_errors_then_succeeds(service) -> None:
+async def test_http_handler_retries_server_errors_then_succeeds(service, http_handler) -> None:
     attempts = 0
 
     async def respond(request: web.Request) -> web.Response:
@@ -94,15 +105,12 @@ async def test_http_handler_retries_server_errors_then_succeeds(service) -> None
         attempts += 1
         return web.Response(status=503) if attempts < 3 else web.Response(text="third time")
 
-    handler = HttpHandler(await service(respond), timeout_s=5, retries=2)
-    try:
-        assert await handler(MSG) == "third time"
-    finally:
-        await handler.aclose()
+    handler = http_handler(await service(respond), timeout_s=5, retries=2)
+    assert await handler(MSG) == "third time"
     assert attempts == 3
 
 
-async def test_http_handler_does_not_retry_client_errors(service) -> None:
+async def test_http_handler_does_not_retry_client_errors(service, http_handler) -> None:
     attempts = 0
 
     async def respond(request: web.Request) -> web.Response:
@@ -110,35 +118,26 @@ async def test_http_handler_does_not_retry_client_errors(service) -> None:
         attempts += 1
         return web.Response(status=422, text="bad prompt")
 
-    handler = HttpHandler(await service(respond), timeout_s=5, retries=3)
-    try:
-        with pytest.raises(HttpHandlerError, match="422: bad prompt"):
-            await handler(MSG)
-    finally:
-        await handler.aclose()
+    handler = http_handler(await service(respond), timeout_s=5, retries=3)
+    with pytest.raises(HttpHandlerError, match="422: bad prompt"):
+        await handler(MSG)
     assert attempts == 1
 
 
-async def test_http_handler_times_out_and_gives_up(service) -> None:
+async def test_http_handler_times_out_and_gives_up(service, http_handler) -> None:
     async def respond(request: web.Request) -> web.Response:
         await asyncio.sleep(1)
         return web.Response(text="too late")
 
-    handler = HttpHandler(await service(respond), timeout_s=0.2, retries=1)
-    try:
-        with pytest.raises(HttpHandlerError, match="after 2 attempts"):
-            await handler(MSG)
-    finally:
-        await handler.aclose()
+    handler = http_handler(await service(respond), timeout_s=0.2, retries=1)
+    with pytest.raises(HttpHandlerError, match="after 2 attempts"):
+        await handler(MSG)
 
 
-async def test_http_handler_unreachable_service_fails() -> None:
-    handler = HttpHandler(f"http://127.0.0.1:{free_port()}/", timeout_s=1, retries=0)
-    try:
-        with pytest.raises(HttpHandlerError, match="ClientConnectorError"):
-            await handler(MSG)
-    finally:
-        await close_handler(handler)
+async def test_http_handler_unreachable_service_fails(http_handler) -> None:
+    handler = http_handler(f"http://127.0.0.1:{free_port()}/", timeout_s=1, retries=0)
+    with pytest.raises(HttpHandlerError, match="ClientConnectorError"):
+        await handler(MSG)
 
 
 async def test_worker_with_handler_url_answers_from_the_service(raw, settings, workers, service) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from streamqueue.connection import RedisConnectionSettings, connect
 from streamqueue.settings import WorkerSettings
 from streamqueue_harness.pki import _certificate_authority, _signed
 from streamqueue_harness.ports import free_port
-from streamqueue_harness.processes import spawn
+from streamqueue_harness.processes import spawn, stop_groups
 
 from tests.worker.conftest import RunningWorkers, async_wait_for, group_settled, replies, send
 
@@ -57,11 +56,7 @@ def tls_redis(tmp_path) -> Iterator[TlsRedis]:
                 time.sleep(0.05)
         yield tls
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_groups([(proc.pid, proc)], grace=10)
 
 
 @pytest.mark.parametrize("how", ["rediss-url", "tls-flag"])
