@@ -54,15 +54,12 @@ class Worker:
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self._given_handler = handler
         self._stop = asyncio.Event()
-        self._ready = False
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._last_errors: OrderedDict[str, str] = OrderedDict()
-        self._dead_letter_stream = settings.dead_letter()
+        self._run: _Run | None = None
 
     @property
     def ready(self) -> bool:
         """True while the group exists, Redis answered the last read, and no stop was requested."""
-        return self._ready and not self._stop.is_set()
+        return self._run is not None and self._run.ready and not self._stop.is_set()
 
     def request_stop(self) -> None:
         """Begin the drain; safe to call from a signal handler running on the worker's loop."""
@@ -77,11 +74,11 @@ class Worker:
             s.consumer, s.safe_url(), s.stream, s.group, s.handler if self._given_handler is None
             else getattr(handler, "__qualname__", repr(handler)), s.concurrency, s.batch_size,
         )  # fmt: skip
-        run = _Run(self, redis, handler)
+        self._run = _Run(s, redis, handler, self.metrics)
         try:
-            await run.until_stopped(self._stop)
+            await self._run.until_stopped(self._stop)
         finally:
-            self._ready = False
+            self._run.ready = False
             if self._given_handler is None:
                 await close_handler(handler)
             await redis.aclose()
@@ -91,18 +88,23 @@ class Worker:
 class _Run:
     """The state of one ``Worker.run`` call: its Redis client, tasks and in-flight entries."""
 
-    def __init__(self, worker: Worker, redis: aioredis.Redis, handler: Handler) -> None:
-        s = worker.settings
-        self.w = worker
+    def __init__(
+        self, settings: WorkerSettings, redis: aioredis.Redis, handler: Handler, metrics: WorkerMetrics
+    ) -> None:
+        s = settings
         self.s = s
         self.redis = redis
         self.handler = handler
-        self.metrics = worker.metrics
+        self.metrics = metrics
+        self.ready = False
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.last_errors: OrderedDict[str, str] = OrderedDict()
+        self.dead_letter_stream = s.dead_letter()
         self.slots = Slots(s.concurrency)
-        self.outbox = Outbox(redis, s.stream, s.group, worker.metrics)
+        self.outbox = Outbox(redis, s.stream, s.group, metrics)
         self.pending = PendingOwnership(redis, s.stream, s.group, s.consumer, s.claim_idle_ms)
-        inflight = worker._inflight
-        self.metrics.in_flight.set_function(lambda: len(inflight))  # read at scrape, free per message
+        inflight = self.inflight
+        metrics.in_flight.set_function(lambda: len(inflight))  # read at scrape, free per message
 
     async def until_stopped(self, stop: asyncio.Event) -> None:
         flusher = asyncio.create_task(self.outbox.run(), name="streamqueue-outbox")
@@ -113,7 +115,7 @@ class _Run:
         done, _ = await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
         crashed = next((t for t in done if t is not stopper), None)
         stopper.cancel()
-        log.info("worker %s draining %d in-flight entries", self.s.consumer, len(self.w._inflight))
+        log.info("worker %s draining %d in-flight entries", self.s.consumer, len(self.inflight))
         await _cancel(intake)
         await self._drain()
         await self._release()
@@ -140,7 +142,7 @@ class _Run:
             n = await self.slots.take(s.batch_size)
             try:
                 if time.monotonic() >= reclaim_due:
-                    entries, wrapped = await self.pending.claim(n, mine=self.w._inflight)
+                    entries, wrapped = await self.pending.claim(n, mine=self.inflight)
                     if entries:
                         self.metrics.reclaimed.inc(len(entries))
                         log.info(
@@ -166,7 +168,7 @@ class _Run:
                 self.slots.give(n)
                 raise
             backoff.reset()
-            self.w._ready = True
+            self.ready = True
             self.slots.give(n - len(entries))
             for entry in entries:
                 self._start(entry)
@@ -204,7 +206,7 @@ class _Run:
         return True
 
     async def _redis_down(self, exc: Exception, backoff: Backoff) -> None:
-        self.w._ready = False
+        self.ready = False
         self.metrics.redis_errors.inc()
         delay = backoff.next_delay()
         log.warning("Redis unreachable (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
@@ -213,10 +215,10 @@ class _Run:
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.renew_interval_s)
-            if not self.w._inflight:
+            if not self.inflight:
                 continue
             try:
-                await self.pending.renew(list(self.w._inflight))
+                await self.pending.renew(list(self.inflight))
             except _REDIS_DOWN as exc:
                 log.warning("claim renewal failed, Redis unreachable: %s", exc)
 
@@ -225,7 +227,7 @@ class _Run:
     def _start(self, entry: Delivery) -> None:
         """Run one entry in its own task; the caller has taken its slot, which the task gives back."""
         task = asyncio.create_task(self._entry(entry), name=f"streamqueue-entry:{entry.entry_id}")
-        self.w._inflight[entry.entry_id] = task
+        self.inflight[entry.entry_id] = task
 
     async def _entry(self, entry: Delivery) -> None:
         try:
@@ -237,7 +239,7 @@ class _Run:
         except Exception:
             log.exception("entry %s: unexpected error; it stays pending", entry.entry_id)
         finally:
-            self.w._inflight.pop(entry.entry_id, None)
+            self.inflight.pop(entry.entry_id, None)
             self.slots.give()
 
     async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
@@ -248,7 +250,7 @@ class _Run:
             return
         if deliveries > s.max_deliveries:
             error = (
-                self.w._last_errors.pop(entry_id, None) or "the handler did not succeed (error not seen here)"
+                self.last_errors.pop(entry_id, None) or "the handler did not succeed (error not seen here)"
             )
             await self._dead_letter(entry_id, fields, wire.REASON_MAX_DELIVERIES, error, deliveries - 1)
             return
@@ -275,7 +277,7 @@ class _Run:
         finally:
             self.metrics.handler_latency.observe(time.perf_counter() - started)
         await self.outbox.finish(entry_id, writes)
-        self.w._last_errors.pop(entry_id, None)
+        self.last_errors.pop(entry_id, None)
         self.metrics.processed.inc()
 
     async def _answer(self, msg: Message) -> list[StreamWrite]:
@@ -324,7 +326,7 @@ class _Run:
             fields, reason=reason, error=error, deliveries=deliveries, source_id=entry_id,
             source_stream=s.stream, consumer=s.consumer,
         )  # fmt: skip
-        writes = [StreamWrite(self.w._dead_letter_stream, record)]
+        writes = [StreamWrite(self.dead_letter_stream, record)]
         user_id = fields.get(wire.USER_ID)
         if s.error_replies and wire.user_id_rejection(user_id) is None:
             reply = error_reply_fields(s.consumer, fields.get(wire.REQUEST_ID), f"{reason}: {error}")
@@ -332,10 +334,10 @@ class _Run:
             writes.append(StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds))
         await self.outbox.finish(entry_id, writes)
         self.metrics.dead_lettered.labels(reason).inc()
-        log.warning("dead-lettered %s to %s: %s (%s)", entry_id, self.w._dead_letter_stream, reason, error)
+        log.warning("dead-lettered %s to %s: %s (%s)", entry_id, self.dead_letter_stream, reason, error)
 
     def _remember_error(self, entry_id: str, error: str) -> None:
-        errors = self.w._last_errors
+        errors = self.last_errors
         errors[entry_id] = error
         errors.move_to_end(entry_id)
         while len(errors) > _LAST_ERRORS_KEPT:
@@ -349,7 +351,7 @@ class _Run:
             await asyncio.wait_for(self.slots.wait_idle(), timeout=self.s.shutdown_grace_seconds)
             return
         except TimeoutError:
-            left = list(self.w._inflight.values())
+            left = list(self.inflight.values())
             log.warning("grace period over: %d entries unfinished are handed back to the group", len(left))
         self.outbox.abandon()
         await _cancel(*left)
