@@ -6,6 +6,7 @@ Short stabilization and cooldown values keep each test to seconds; every wait is
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import redis
 import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
+from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator import permissions
 from streamqueue_operator.models import GROUP, PLURAL, VERSION
@@ -24,43 +26,55 @@ pytestmark = pytest.mark.kube
 STREAM, CGROUP = "user_messages_queue", "ai_service_group"
 
 
-def apply_queue(control_plane: Any, namespace: str, name: str, redis_url: str, **scaling: Any) -> None:
-    manifest = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "StreamQueue",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "redis": {"url": redis_url},
-            "scaling": {"pollIntervalSeconds": 0.5, **scaling},
-            "housekeeping": {"intervalSeconds": 5},
-        },
-    }
-    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+@dataclass
+class Queues:
+    """StreamQueues in the test's namespace, pointed at the test's redis-server, and what they drive."""
+
+    plane: Any
+    namespace: str
+    api: k8s.ApiClient
+    redis_url: str
+
+    def apply(self, name: str, **scaling: Any) -> None:
+        manifest = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "StreamQueue",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": {
+                "redis": {"url": self.redis_url},
+                "scaling": {"pollIntervalSeconds": 0.5, **scaling},
+                "housekeeping": {"intervalSeconds": 5},
+            },
+        }
+        self.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+    def get(self, name: str) -> dict[str, Any]:
+        custom = k8s.CustomObjectsApi(self.api)
+        return custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def condition(self, name: str, kind: str) -> dict[str, Any]:
+        conditions = self.get(name).get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == kind), {})
+
+    def replicas(self, name: str) -> int | None:
+        try:
+            deployment = k8s.AppsV1Api(self.api).read_namespaced_deployment(f"{name}-worker", self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return deployment.spec.replicas
+
+    def scale_events(self, name: str) -> list[tuple[str, str]]:
+        events = k8s.CoreV1Api(self.api).list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.kind=StreamQueue,involvedObject.name={name}"
+        )
+        return [(e.reason, e.message) for e in events.items if e.reason in ("ScaledUp", "ScaledDown")]
 
 
-def queue(api: k8s.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    return k8s.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-
-def condition(api: k8s.ApiClient, namespace: str, name: str, kind: str) -> dict[str, Any]:
-    conditions = queue(api, namespace, name).get("status", {}).get("conditions", [])
-    return next((c for c in conditions if c["type"] == kind), {})
-
-
-def replicas(api: k8s.ApiClient, namespace: str, name: str) -> int | None:
-    try:
-        return k8s.AppsV1Api(api).read_namespaced_deployment(f"{name}-worker", namespace).spec.replicas
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-def scale_events(api: k8s.ApiClient, namespace: str, name: str) -> list[tuple[str, str]]:
-    events = k8s.CoreV1Api(api).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.kind=StreamQueue,involvedObject.name={name}"
-    )
-    return [(e.reason, e.message) for e in events.items if e.reason in ("ScaledUp", "ScaledDown")]
+@pytest.fixture
+def sq(control_plane: Any, kube_namespace: str, api: k8s.ApiClient, redis_server: RedisServer) -> Queues:
+    return Queues(control_plane, kube_namespace, api, redis_server.url)
 
 
 def push(r: redis.Redis, n: int) -> None:
@@ -107,73 +121,61 @@ def test_invalid_streamqueues_are_rejected_with_what_to_fix(
 
 
 def test_deployment_owned_and_columns_shown(
-    control_plane: Any,
-    kube_namespace: str,
-    api: k8s.ApiClient,
-    redis_server: RedisServer,
-    start_operator: Any,
+    sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
     start_operator()
     r = redis_server.client()
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 7)
-    apply_queue(control_plane, kube_namespace, "chat", redis_server.url, minReplicas=1, maxReplicas=3)
-    owner_uid = queue(api, kube_namespace, "chat")["metadata"]["uid"]
-    wait_for(lambda: replicas(api, kube_namespace, "chat") is not None, 30, "the worker Deployment")
-    deployment = k8s.AppsV1Api(api).read_namespaced_deployment("chat-worker", kube_namespace)
+    sq.apply("chat", minReplicas=1, maxReplicas=3)
+    owner_uid = sq.get("chat")["metadata"]["uid"]
+    wait_for(lambda: sq.replicas("chat") is not None, 30, "the worker Deployment")
+    deployment = k8s.AppsV1Api(sq.api).read_namespaced_deployment("chat-worker", sq.namespace)
+    assert deployment.metadata and deployment.metadata.owner_references
     (ref,) = deployment.metadata.owner_references
     assert (ref.kind, ref.name, ref.uid, ref.controller) == ("StreamQueue", "chat", owner_uid, True)
-    wait_for(lambda: replicas(api, kube_namespace, "chat") == 2, 15, "scale to ceil(7/5) = 2")
-    wait_for(lambda: queue(api, kube_namespace, "chat").get("status", {}).get("backlog") == 7, 15, "status")
+    wait_for(lambda: sq.replicas("chat") == 2, 15, "scale to ceil(7/5) = 2")
+    wait_for(lambda: sq.get("chat").get("status", {}).get("backlog") == 7, 15, "status")
 
-    out = control_plane.kubectl("get", "streamqueues", "-n", kube_namespace).stdout.splitlines()
+    out = sq.plane.kubectl("get", "streamqueues", "-n", sq.namespace).stdout.splitlines()
     assert out[0].split() == ["NAME", "STREAM", "BACKLOG", "PENDING", "REPLICAS", "READY", "AGE"]
     assert out[1].split()[:5] == ["chat", STREAM, "7", "0", "2/2"]
-    short = control_plane.kubectl("get", "sq", "-n", kube_namespace, "-o", "name").stdout.strip()
+    short = sq.plane.kubectl("get", "sq", "-n", sq.namespace, "-o", "name").stdout.strip()
     assert short == "streamqueue.streamqueue.io/chat"
-    reasons = [e[1] for e in scale_events(api, kube_namespace, "chat")]
+    reasons = [e[1] for e in sq.scale_events("chat")]
     assert any("1 -> 2 replicas (Backlog)" in m for m in reasons), reasons
 
 
 def test_scales_out_drains_scales_in_to_zero_and_wakes(
-    control_plane: Any,
-    kube_namespace: str,
-    api: k8s.ApiClient,
-    redis_server: RedisServer,
-    start_operator: Any,
+    sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
-    podrunner = pytest.importorskip("streamqueue_harness.podrunner")
     start_operator()
     r = redis_server.client()
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    apply_queue(
-        control_plane,
-        kube_namespace,
+    sq.apply(
         "work",
-        redis_server.url,
         minReplicas=0,
         maxReplicas=4,
         targetBacklogPerReplica=10,
         scaleDownStabilizationSeconds=3,
         idleCooldownSeconds=3,
     )
-    wait_for(lambda: replicas(api, kube_namespace, "work") == 0, 30, "an idle queue at zero")
+    wait_for(lambda: sq.replicas("work") == 0, 30, "an idle queue at zero")
 
     push(r, 200)
-    wait_for(lambda: replicas(api, kube_namespace, "work") == 4, 10, "scale out to maxReplicas")
-    runner = podrunner.WorkerPodRunner(control_plane.kubeconfig, kube_namespace, "streamqueue.io/queue=work")
+    wait_for(lambda: sq.replicas("work") == 4, 10, "scale out to maxReplicas")
+    runner = WorkerPodRunner(sq.plane.kubeconfig, sq.namespace, "streamqueue.io/queue=work")
     runner.start()
     try:
         wait_for(lambda: r.xinfo_groups(STREAM)[0]["lag"] == 0 and r.xpending(STREAM, CGROUP)["pending"] == 0,
                  60, "the workers to drain the backlog")  # fmt: skip
-        wait_for(
-            lambda: replicas(api, kube_namespace, "work") == 0, 30, "scale in to zero after the cooldown"
-        )
-        events = scale_events(api, kube_namespace, "work")
+        wait_for(lambda: sq.replicas("work") == 0, 30, "scale in to zero after the cooldown")
+        events = sq.scale_events("work")
         assert any(reason == "ScaledDown" and "(Idle)" in message for reason, message in events), events
 
+        wait_for(lambda: not runner.running(), 60, "the scaled-in workers to exit")  # else one reads it
         push(r, 1)
-        wait_for(lambda: replicas(api, kube_namespace, "work") == 1, 10, "wake from zero on one message")
+        wait_for(lambda: sq.replicas("work") == 1, 10, "wake from zero on one message")
         wait_for(lambda: r.xpending(STREAM, CGROUP)["pending"] == 0 and r.xinfo_groups(STREAM)[0]["lag"] == 0,
                  60, "the woken worker to process it")  # fmt: skip
     finally:
@@ -183,91 +185,69 @@ def test_scales_out_drains_scales_in_to_zero_and_wakes(
 
 
 def test_redis_outage_holds_replicas_and_recovers(
-    control_plane: Any,
-    kube_namespace: str,
-    api: k8s.ApiClient,
-    redis_server: RedisServer,
-    start_operator: Any,
+    sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
     start_operator()
     r = redis_server.client()
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 10)
-    apply_queue(
-        control_plane,
-        kube_namespace,
+    sq.apply(
         "q",
-        redis_server.url,
         minReplicas=0,
         maxReplicas=5,
         scaleDownStabilizationSeconds=1,
         idleCooldownSeconds=1,
     )
-    wait_for(lambda: replicas(api, kube_namespace, "q") == 2, 30, "2 replicas for a backlog of 10")
+    wait_for(lambda: sq.replicas("q") == 2, 30, "2 replicas for a backlog of 10")
 
     redis_server.stop()
-    wait_for(lambda: condition(api, kube_namespace, "q", "RedisReachable").get("status") == "False", 15,
+    wait_for(lambda: sq.condition("q", "RedisReachable").get("status") == "False", 15,
              "RedisReachable=False")  # fmt: skip
-    ready = condition(api, kube_namespace, "q", "Ready")
+    ready = sq.condition("q", "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "RedisUnavailable")
-    assert set(steady(lambda: replicas(api, kube_namespace, "q"), 4)) == {2}  # well past window + cooldown
+    assert set(steady(lambda: sq.replicas("q"), 4)) == {2}  # well past window + cooldown
 
     redis_server.start()  # no persistence: the stream and group are gone, as after a real data loss
-    wait_for(lambda: condition(api, kube_namespace, "q", "RedisReachable").get("status") == "True", 15,
+    wait_for(lambda: sq.condition("q", "RedisReachable").get("status") == "True", 15,
              "RedisReachable=True again")  # fmt: skip
-    assert condition(api, kube_namespace, "q", "Ready")["reason"] == "GroupMissing"
-    assert replicas(api, kube_namespace, "q") == 2  # a missing group holds as well
+    assert sq.condition("q", "Ready")["reason"] == "GroupMissing"
+    assert sq.replicas("q") == 2  # a missing group holds as well
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 20)
-    wait_for(lambda: replicas(api, kube_namespace, "q") == 4, 15, "scaling resumes after recovery")
+    wait_for(lambda: sq.replicas("q") == 4, 15, "scaling resumes after recovery")
 
 
 def test_operator_restart_causes_no_scaling(
-    control_plane: Any,
-    kube_namespace: str,
-    api: k8s.ApiClient,
-    redis_server: RedisServer,
-    start_operator: Any,
+    sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
     operator = start_operator()
     r = redis_server.client()
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 20)
-    apply_queue(
-        control_plane,
-        kube_namespace,
+    sq.apply(
         "q",
-        redis_server.url,
         minReplicas=1,
         maxReplicas=10,
         scaleDownStabilizationSeconds=60,
     )
-    wait_for(lambda: replicas(api, kube_namespace, "q") == 4, 30, "4 replicas for a backlog of 20")
+    wait_for(lambda: sq.replicas("q") == 4, 30, "4 replicas for a backlog of 20")
     entries = r.xreadgroup(CGROUP, "manual", {STREAM: ">"}, count=100)[0][1]
     r.xack(STREAM, CGROUP, *[e[0] for e in entries])  # drained: a fresh operator would scale to 1 at once
     events_before = wait_for(  # kopf posts Events asynchronously: wait for the scale-up's
-        lambda: (
-            (e := scale_events(api, kube_namespace, "q")) and any("-> 4 replicas" in m for _, m in e) and e
-        ),
+        lambda: (e := sq.scale_events("q")) and any("-> 4 replicas" in m for _, m in e) and e,
         15,
         "the scale-up Event",
     )
 
     operator.stop()
     start_operator()
-    wait_for(
-        lambda: queue(api, kube_namespace, "q")["status"].get("backlog") == 0, 20, "the new operator's poll"
-    )
-    assert set(steady(lambda: replicas(api, kube_namespace, "q"), 5)) == {4}
-    assert scale_events(api, kube_namespace, "q") == events_before
+    wait_for(lambda: sq.get("q")["status"].get("backlog") == 0, 20, "the new operator's poll")
+    assert set(steady(lambda: sq.replicas("q"), 5)) == {4}
+    assert sq.scale_events("q") == events_before
 
 
 def test_dead_consumers_removed_only_after_their_pending_entries_move(
-    control_plane: Any,
-    kube_namespace: str,
-    api: k8s.ApiClient,
-    redis_server: RedisServer,
-    start_operator: Any,
+    sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
     start_operator()
     r = redis_server.client(decode_responses=True)
@@ -276,7 +256,7 @@ def test_dead_consumers_removed_only_after_their_pending_entries_move(
     r.xreadgroup(CGROUP, "work-gone-a", {STREAM: ">"}, count=3)  # crashed with 3 entries in flight
     done = r.xreadgroup(CGROUP, "work-gone-b", {STREAM: ">"}, count=1)[0][1]
     r.xack(STREAM, CGROUP, done[0][0])  # finished its work, then its pod went away
-    apply_queue(control_plane, kube_namespace, "work", redis_server.url, minReplicas=0, maxReplicas=2)
+    sq.apply("work", minReplicas=0, maxReplicas=2)
 
     def consumers() -> set[str]:
         return {c["name"] for c in r.xinfo_consumers(STREAM, CGROUP)}
@@ -293,21 +273,17 @@ def test_dead_consumers_removed_only_after_their_pending_entries_move(
 
 
 def test_runs_with_exactly_the_documented_permissions(
-    control_plane: Any,
-    kube_namespace: str,
-    api: k8s.ApiClient,
-    redis_server: RedisServer,
-    start_operator: Any,
+    sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
-    rbac, meta = "rbac.authorization.k8s.io", {"name": "streamqueue-operator", "namespace": kube_namespace}
+    rbac, meta = "rbac.authorization.k8s.io", {"name": "streamqueue-operator", "namespace": sq.namespace}
     role = {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": meta, "rules": permissions.role_rules()}
     binding = {"apiVersion": f"{rbac}/v1", "kind": "RoleBinding", "metadata": meta,
                "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "streamqueue-operator"},
                "subjects": [{"kind": "ServiceAccount", "name": "operator",
-                             "namespace": kube_namespace}]}  # fmt: skip
-    control_plane.kubectl("create", "serviceaccount", "operator", "-n", kube_namespace)
-    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
-    kubeconfig = control_plane.serviceaccount_kubeconfig(kube_namespace, "operator")
+                             "namespace": sq.namespace}]}  # fmt: skip
+    sq.plane.kubectl("create", "serviceaccount", "operator", "-n", sq.namespace)
+    sq.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
+    kubeconfig = sq.plane.serviceaccount_kubeconfig(sq.namespace, "operator")
     operator = start_operator(kubeconfig=kubeconfig)
 
     r = redis_server.client()
@@ -316,9 +292,9 @@ def test_runs_with_exactly_the_documented_permissions(
     (entry,) = r.xreadgroup(CGROUP, "gone", {STREAM: ">"}, count=1)[0][1]
     r.xack(STREAM, CGROUP, entry[0])  # an idle dead consumer for housekeeping (needs pods: list)
     push(r, 12)
-    apply_queue(control_plane, kube_namespace, "rbac", redis_server.url, minReplicas=1, maxReplicas=5)
-    wait_for(lambda: replicas(api, kube_namespace, "rbac") == 3, 30, "create + scale as the service account")
-    wait_for(lambda: queue(api, kube_namespace, "rbac").get("status", {}).get("backlog") == 12, 15, "status")
-    wait_for(lambda: scale_events(api, kube_namespace, "rbac"), 15, "an Event")
+    sq.apply("rbac", minReplicas=1, maxReplicas=5)
+    wait_for(lambda: sq.replicas("rbac") == 3, 30, "create + scale as the service account")
+    wait_for(lambda: sq.get("rbac").get("status", {}).get("backlog") == 12, 15, "status")
+    wait_for(lambda: sq.scale_events("rbac"), 15, "an Event")
     wait_for(lambda: not r.xinfo_consumers(STREAM, CGROUP), 20, "housekeeping as the service account")
     assert "403" not in operator.logs() and "Forbidden" not in operator.logs(), operator.logs()[-3000:]
