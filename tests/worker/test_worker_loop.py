@@ -316,3 +316,28 @@ async def test_chunks_of_a_failed_stream_still_expire(raw, settings, workers) ->
     await async_wait_for(lambda: worker.metrics.failed._value.get() == 1, what="the failed handler")
     assert [f[wire.CHUNK] for f in replies(raw, "olga")] == ["partial ", "answer"]
     assert 0 < raw.ttl(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "olga")) <= 60
+
+
+async def test_a_reply_finished_during_an_outage_is_written_once_redis_is_back(
+    raw, redis_server, settings, workers
+) -> None:
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def waits(msg: Message) -> str:
+        started.set()
+        await release.wait()
+        return "worth the wait"
+
+    await workers.start(settings(), waits)
+    send(raw, "paul", "hold on", request_id="p1")
+    await asyncio.wait_for(started.wait(), 10)
+    redis_server.stop()
+    release.set()  # the handler finishes while Redis is down: the commit must be retried, not dropped
+    await asyncio.sleep(0.3)
+    redis_server.start()
+    fresh = redis_server.client(decode_responses=True)
+    await async_wait_for(lambda: replies(fresh, "paul"), what="the reply after the outage")
+    assert [(r[wire.RESPONSE], r[wire.REQUEST_ID]) for r in replies(fresh, "paul")] == [
+        ("worth the wait", "p1")
+    ]
