@@ -123,3 +123,15 @@ async def _until_final(replies: AsyncIterator) -> list:
         if not reply.is_chunk:
             return entries
     return entries
+
+
+async def test_the_same_client_works_again_after_a_redis_restart(
+    client: Client, start_worker: StartWorker, redis_server
+) -> None:
+    await start_worker()
+    assert (await client.request("alice", "before", timeout=10)).response == "Echo: before"
+    redis_server.stop()  # no persistence: the queue, the group and the reply streams are gone
+    redis_server.start()
+    # The worker recreates its group; the client's pool reconnects and a new reader starts.
+    reply = await client.request("alice", "after", timeout=30)
+    assert reply.response == "Echo: after"
