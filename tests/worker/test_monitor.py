@@ -76,11 +76,31 @@ def test_any_queue_names_from_flags(redis_server, capsys) -> None:
     assert "reply streams reply.*: 1" in out
 
 
-def test_settings_come_from_the_worker_environment_variables(queue, redis_server) -> None:
-    env = {**os.environ, "STREAMQUEUE_REDIS_URL": redis_server.url}
+def test_settings_come_from_the_worker_environment_variables(redis_server) -> None:
+    r = redis_server.client(decode_responses=True)
+    r.xadd("orders", {wire.USER_ID: "u", wire.MESSAGE: "m"})
+    r.xgroup_create("orders", "billing", id="0")
+    r.xadd("orders:dead", {wire.DL_REASON: "x"})
+    env = {
+        **os.environ,
+        "STREAMQUEUE_REDIS_URL": redis_server.url,
+        "STREAMQUEUE_STREAM": "orders",  # a plain name, exactly as the operator sets it for the worker
+        "STREAMQUEUE_REPLY_PREFIX": "reply.",
+    }
     script = os.path.join(os.path.dirname(sys.executable), "streamqueue-monitor")
     out = subprocess.run([script, "--once"], env=env, capture_output=True, text=True, timeout=60, check=True)
-    assert _row(out.stdout, wire.DEFAULT_GROUP)[1:3] == ["2", "4"]
+    assert _row(out.stdout, "orders")[-2:] == ["orders:dead", "1"]
+    assert _row(out.stdout, "billing")[1:4] == ["0", "0", "1"]
+    assert "reply streams reply.*: 0" in out.stdout
+
+
+def test_several_streams_from_commas_or_repeated_flags(redis_server, capsys) -> None:
+    r = redis_server.client(decode_responses=True)
+    for name in ("a", "b", "c"):
+        r.xadd(name, {wire.USER_ID: "u", wire.MESSAGE: "m"})
+    assert main(["--once", "--redis-url", redis_server.url, "--stream", "a,b", "--stream", "c"]) == 0
+    out = capsys.readouterr().out
+    assert [_row(out, name)[1] for name in ("a", "b", "c")] == ["1", "1", "1"]
 
 
 def test_help_lists_the_options() -> None:

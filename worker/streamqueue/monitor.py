@@ -12,10 +12,11 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Annotated
 
 import redis.asyncio as aioredis
-from pydantic import Field
-from pydantic_settings import CliApp, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import CliApp, NoDecode, SettingsConfigDict
 from redis.exceptions import RedisError, ResponseError
 
 from . import wire
@@ -35,8 +36,10 @@ class MonitorSettings(RedisConnectionSettings):
         cli_implicit_flags=True,
     )
 
-    stream: list[str] = Field(
-        default=[wire.DEFAULT_STREAM], description="input stream(s) to watch (repeat the flag for several)"
+    # NoDecode: STREAMQUEUE_STREAM holds one plain name for the worker, not JSON; commas add more.
+    stream: Annotated[list[str], NoDecode] = Field(
+        default=[wire.DEFAULT_STREAM],
+        description="input stream(s) to watch (repeat the flag, or separate names with commas)",
     )
     reply_prefix: str = Field(
         default=wire.DEFAULT_REPLY_PREFIX, description="reply stream prefix (counted with SCAN)"
@@ -46,9 +49,18 @@ class MonitorSettings(RedisConnectionSettings):
     )
     interval: float = Field(default=1.0, gt=0, description="seconds between refreshes")
     once: bool = Field(default=False, description="print one snapshot and exit (no screen clearing)")
+
     scan_limit: int = Field(
         default=100_000, gt=0, description="stop counting reply streams after this many keys scanned"
     )
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        names = [value] if isinstance(value, str) else value
+        if isinstance(names, list):
+            return [part.strip() for name in names for part in str(name).split(",") if part.strip()]
+        return value
 
 
 @dataclass(frozen=True)
