@@ -135,3 +135,9 @@ async def test_reply_stream_count_is_bounded(redis_server) -> None:
         assert not complete and 0 < count < 5000
     finally:
         await client.aclose()
+
+
+def test_a_key_of_another_type_is_an_error_not_a_missing_stream(redis_server, capsys) -> None:
+    redis_server.client().set("not-a-stream", "x")
+    assert main(["--once", "--redis-url", redis_server.url, "--stream", "not-a-stream"]) == 1
+    assert "WRONGTYPE" in capsys.readouterr().err

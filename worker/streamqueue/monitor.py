@@ -124,7 +124,7 @@ async def _observe_stream(redis: aioredis.Redis, name: str, dead_letter: str) ->
     pipe.xinfo_groups(name)
     pipe.xlen(dead_letter)
     info, groups, dead_length = await pipe.execute(raise_on_error=False)
-    if isinstance(info, ResponseError):  # no such key: the queue has not been used yet
+    if isinstance(info, ResponseError) and "no such key" in str(info).lower():  # not used yet
         return StreamView(name, False, 0, 0, "-", dead_letter, _int(dead_length), [])
     for result in (info, groups, dead_length):
         if isinstance(result, Exception):
