@@ -8,6 +8,7 @@ written, which is what lets status writes happen only on meaningful change.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import time
@@ -66,6 +67,7 @@ class QueueScaler:
         self._last_write = 0.0
         self._last_housekeeping = time.monotonic()
         self._last_scale: tuple[str | None, str | None] = (None, None)
+        self._status_write: asyncio.Task[None] | None = None
 
     def spec(self, body: Mapping[str, Any]) -> StreamQueueSpec:
         generation = body["metadata"].get("generation", 0)
@@ -74,6 +76,8 @@ class QueueScaler:
         return self._spec[1]
 
     async def close(self) -> None:
+        if self._status_write is not None:
+            self._status_write.cancel()
         await self._drop_client()
         metrics.forget(self.namespace, self.name)
 
@@ -176,7 +180,17 @@ class QueueScaler:
             previous, new, now - self._last_write, self.settings.status_min_interval
         ):
             return
-        await self.cluster.patch_status(self.namespace, self.name, new)
+        if self._status_write is not None and not self._status_write.done():
+            return  # one write in flight per queue; the next poll sends whatever is newest then
+        self._status_write = asyncio.create_task(self._send_status(new, now))
+
+    async def _send_status(self, new: dict[str, Any], now: float) -> None:
+        """Patch status off the poll path, so a slow API server never delays the next observation."""
+        try:
+            await self.cluster.patch_status(self.namespace, self.name, new)
+        except Exception:
+            self.log.exception("status write failed; retrying on the next poll")
+            return
         metrics.STATUS_WRITES.labels(self.namespace, self.name).inc()
         self._written, self._last_write = new, now
 
