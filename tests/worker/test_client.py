@@ -40,6 +40,13 @@ async def _replier(url: str, script: Script, *, batch: int = 1, shuffle: bool = 
         await redis.aclose()
 
 
+async def _listening(client: Client, user_id: str) -> None:
+    """Wait until the user's reader has taken its position: replies from then on are delivered."""
+    await asyncio.sleep(0)  # one step of the subscriber's task creates the reader
+    reader = client._readers[wire.reply_stream(client.reply_prefix, user_id)]
+    await asyncio.wait_for(reader.ready.wait(), timeout=10)
+
+
 def echo(fields: Fields) -> list[Fields]:
     return [{wire.RESPONSE: f"Echo: {fields[wire.MESSAGE]}", wire.REQUEST_ID: fields[wire.REQUEST_ID]}]
 
@@ -126,7 +133,7 @@ async def test_a_late_reply_after_a_timeout_goes_only_to_subscribers(client: Cli
         await client.request("alice", "slow", request_id="late", timeout=0.2)
     seen = client.responses("alice")
     first = asyncio.create_task(anext(seen))
-    await asyncio.sleep(0.3)
+    await _listening(client, "alice")
     key = wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "alice")
     redis_server.client().xadd(key, {wire.RESPONSE: "too late", wire.REQUEST_ID: "late"})
     reply = await asyncio.wait_for(first, timeout=5)
@@ -176,7 +183,7 @@ async def test_responses_sees_replies_to_requests_sent_elsewhere(
     replier()
     seen = client.responses("bob")
     first = asyncio.create_task(anext(seen))
-    await asyncio.sleep(0.1)
+    await _listening(client, "bob")
     async with Client(redis_server.url) as other:
         await other.request("bob", "from another process", request_id="x1", timeout=5)
     reply: Reply = await asyncio.wait_for(first, timeout=5)

@@ -14,6 +14,13 @@ from streamqueue.worker import Worker
 StartWorker = Callable[..., Awaitable[Worker]]
 
 
+async def _listening(client: Client, user_id: str) -> None:
+    """Wait until the user's reader has taken its position: replies from then on are delivered."""
+    await asyncio.sleep(0)  # one step of the subscriber's task creates the reader
+    reader = client._readers[wire.reply_stream(client.reply_prefix, user_id)]
+    await asyncio.wait_for(reader.ready.wait(), timeout=10)
+
+
 async def _wait_for_group(client: Client, group: str) -> None:
     """Requests sent before the worker's group exists could be skipped by a group made at ``$``."""
     async with asyncio.timeout(30):
@@ -107,7 +114,7 @@ async def test_streamed_reply_still_ends_with_the_whole_response(
     await start_worker(handler=words, stream_replies=True)
     seen = client.responses("bob")
     collect = asyncio.create_task(_until_final(seen))
-    await asyncio.sleep(0.1)
+    await _listening(client, "bob")
     async for _ in client.request_stream("bob", "a b c", timeout=10):
         pass
     entries = await asyncio.wait_for(collect, timeout=10)
