@@ -129,7 +129,9 @@ def measure(env: Environment, name: str, trials: int, poll: float) -> list[float
         time.sleep(2 * poll)
         times = []
         for trial in range(1, trials + 1):
-            time.sleep(poll * (0.37 + 0.61 * (trial % 3) / 2))  # land at varying points of the poll cycle
+            # Writes land at evenly spread points of the poll cycle (golden-ratio sequence), measured from
+            # the previous patch, which follows a poll by a few ms: a fair mix of lucky and unlucky phases.
+            time.sleep(poll * ((trial * 0.6180339887) % 1.0))
             _push(r, stream)
             written = time.perf_counter()
             times.append(watcher.wait(trial + 1, timeout=10 * poll + 30) - written)
