@@ -1,0 +1,75 @@
+"""Status content and the meaningful-change rule that keeps API writes independent of poll rate."""
+
+from __future__ import annotations
+
+from streamqueue_operator.decide import Decision
+from streamqueue_operator.observe import Observation
+from streamqueue_operator.status import Snapshot, build, worth_writing
+
+
+def snap(
+    obs: Observation, desired: int = 2, current: int = 2, ready: int = 2, error: str | None = None
+) -> Snapshot:
+    return Snapshot(
+        generation=3, deployment="q-worker", deployment_error=error, observation=obs,
+        decision=Decision(desired, "Backlog", "msg"), current=current, ready=ready,
+        last_scale_time=None, last_scale_reason=None,
+    )  # fmt: skip
+
+
+def ok(lag: int = 10, pending: int = 2, estimated: bool = False) -> Observation:
+    return Observation(at=1, lag=lag, pending=pending, lag_estimated=estimated, stream_length=12, consumers=2)
+
+
+def conditions(status: dict) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_serving_queue_status_and_columns() -> None:
+    s = build(snap(ok()), {})
+    assert (s["backlog"], s["lag"], s["pending"], s["replicas"]) == (12, 10, 2, "2/2")
+    assert conditions(s) == {
+        "Ready": ("True", "Serving"),
+        "RedisReachable": ("True", "Reachable"),
+        "Scaling": ("False", "Backlog"),
+        "LagEstimated": ("False", "Exact"),
+    }
+    assert all(c["observedGeneration"] == 3 and c["lastTransitionTime"] for c in s["conditions"])
+
+
+def test_redis_error_keeps_last_counts_and_says_why() -> None:
+    before = build(snap(ok()), {})
+    s = build(snap(Observation(at=2, error="ConnectionError: refused")), before)
+    assert conditions(s)["Ready"] == ("False", "RedisUnavailable")
+    assert conditions(s)["RedisReachable"] == ("False", "ConnectionFailed")
+    assert s["backlog"] == 12 and conditions(s)["LagEstimated"] == ("False", "Exact")
+    assert worth_writing(before, s, since_last_write=0.1, min_interval=10)
+
+
+def test_transition_time_changes_only_with_status() -> None:
+    first = build(snap(ok()), {})
+    for c in first["conditions"]:
+        c["lastTransitionTime"] = "2000-01-01T00:00:00Z"
+    again = build(snap(ok(lag=50)), first)
+    assert all(c["lastTransitionTime"] == "2000-01-01T00:00:00Z" for c in again["conditions"])
+    flipped = build(snap(ok(estimated=True)), first)
+    lag_cond = next(c for c in flipped["conditions"] if c["type"] == "LagEstimated")
+    assert lag_cond["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+
+
+def test_counter_changes_wait_for_the_interval_but_meaningful_changes_do_not() -> None:
+    old = build(snap(ok(lag=10)), {})
+    busier = build(snap(ok(lag=40)), old)
+    assert not worth_writing(old, busier, since_last_write=1, min_interval=10)
+    assert worth_writing(old, busier, since_last_write=10, min_interval=10)
+    assert not worth_writing(old, build(snap(ok(lag=10)), old), since_last_write=3600, min_interval=10)
+    assert worth_writing(old, build(snap(ok(lag=0, pending=0)), old), since_last_write=0.1, min_interval=10)
+    assert worth_writing(old, build(snap(ok(), desired=3), old), since_last_write=0.1, min_interval=10)
+    assert worth_writing(old, build(snap(ok(estimated=True)), old), since_last_write=0.1, min_interval=10)
+
+
+def test_deployment_error_and_scaled_to_zero() -> None:
+    s = build(snap(ok(), error="Deployment q-worker is controlled by Foo/bar"), {})
+    assert conditions(s)["Ready"] == ("False", "DeploymentError")
+    zero = build(snap(ok(lag=0, pending=0), desired=0, current=0, ready=0), {})
+    assert conditions(zero)["Ready"] == ("True", "ScaledToZero") and zero["replicas"] == "0/0"
