@@ -35,10 +35,10 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
 
 
 class OperatorProcess:
-    """``streamqueue-operator --namespace <ns>`` in a subprocess; restartable, log kept for failures."""
+    """``streamqueue-operator <scope>`` in a subprocess; restartable, log kept for failures."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_dir: Path, *extra: str) -> None:
-        self.kubeconfig, self.namespace, self.extra = kubeconfig, namespace, extra
+    def __init__(self, kubeconfig: Path, scope: str, log_dir: Path, *extra: str) -> None:
+        self.kubeconfig, self.scope, self.extra = kubeconfig, scope, extra
         self.log_dir = log_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -50,7 +50,7 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         self.starts += 1
         cmd = [
-            sys.executable, "-m", "streamqueue_operator", f"--namespace={self.namespace}",
+            sys.executable, "-m", "streamqueue_operator", self.scope,
             "--metrics-port=0", "--liveness-port=0", "--status-min-interval=1", *self.extra,
         ]  # fmt: skip
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONWARNINGS": "ignore"}
@@ -94,11 +94,12 @@ def api(control_plane: Any) -> Iterator[k8s.ApiClient]:
 def start_operator(
     control_plane: Any, kube_namespace: str, streamqueue_crd: dict[str, Any], tmp_path: Path
 ) -> Iterator[Callable[..., OperatorProcess]]:
-    """Start the operator for the test namespace (optionally with another kubeconfig); stopped after."""
+    """Start the operator for the test namespace (or another scope, or kubeconfig); stopped after."""
     started: list[OperatorProcess] = []
 
-    def start(*extra: str, kubeconfig: Path | None = None) -> OperatorProcess:
-        op = OperatorProcess(kubeconfig or control_plane.kubeconfig, kube_namespace, tmp_path, *extra)
+    def start(*extra: str, kubeconfig: Path | None = None, scope: str | None = None) -> OperatorProcess:
+        scope = scope or f"--namespace={kube_namespace}"
+        op = OperatorProcess(kubeconfig or control_plane.kubeconfig, scope, tmp_path, *extra)
         started.append(op.start())
         return op
 

@@ -298,3 +298,13 @@ def test_runs_with_exactly_the_documented_permissions(
     wait_for(lambda: sq.scale_events("rbac"), 15, "an Event")
     wait_for(lambda: not r.xinfo_consumers(STREAM, CGROUP), 20, "housekeeping as the service account")
     assert "403" not in operator.logs() and "Forbidden" not in operator.logs(), operator.logs()[-3000:]
+
+
+def test_all_namespaces_mode(sq: Queues, redis_server: RedisServer, start_operator: Any) -> None:
+    """The chart's default scope (a ClusterRole and --all-namespaces) works the same way."""
+    start_operator(scope="--all-namespaces")
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 11)
+    sq.apply("wide", minReplicas=1, maxReplicas=5)
+    wait_for(lambda: sq.replicas("wide") == 3, 30, "the cluster-wide operator to scale to ceil(11/5) = 3")
