@@ -11,11 +11,12 @@ still unfinished is handed back to the group, and ``run`` returns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import io
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -38,6 +39,9 @@ log = logging.getLogger("streamqueue.worker")
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # Last handler error per entry, kept for the dead-letter record; bounded so failures cannot grow it.
 _LAST_ERRORS_KEPT = 10_000
+_CANCEL_PATIENCE_S = 1.0
+# What finishing an entry takes: the writes to commit with its XACK, and a step once committed.
+_Commit = tuple[list[StreamWrite], Callable[[], None]]
 
 
 class Worker:
@@ -225,35 +229,52 @@ class _Run:
     # --- one entry ----------------------------------------------------------------------------
 
     def _start(self, entry: Delivery) -> None:
-        """Run one entry in its own task; the caller has taken its slot, which the task gives back."""
-        task = asyncio.create_task(self._entry(entry), name=f"streamqueue-entry:{entry.entry_id}")
+        """Run one entry in its own task; the caller has taken its slot.
+
+        The slot (and the entry's place in ``inflight``, which keeps its claim renewed) is given back
+        when the entry is committed, or at once if it ends without a commit (handler failure).
+        """
+        task = asyncio.create_task(self._entry(entry))
         self.inflight[entry.entry_id] = task
 
     async def _entry(self, entry: Delivery) -> None:
+        handed_over = False
         try:
-            await self._process(entry.entry_id, entry.fields, entry.deliveries)
-        except OutboxAbandoned:
-            log.warning(
-                "entry %s left pending: its reply could not be written before shutdown", entry.entry_id
-            )
+            commit = await self._process(entry.entry_id, entry.fields, entry.deliveries)
+            if commit is not None:
+                writes, after = commit
+                self.outbox.submit(entry.entry_id, writes, partial(self._committed, entry.entry_id, after))
+                handed_over = True
         except Exception:
             log.exception("entry %s: unexpected error; it stays pending", entry.entry_id)
         finally:
-            self.inflight.pop(entry.entry_id, None)
-            self.slots.give()
+            if not handed_over:
+                self._release_slot(entry.entry_id)
 
-    async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+    def _committed(self, entry_id: str, after: Callable[[], None], error: BaseException | None) -> None:
+        if error is None:
+            after()
+        elif isinstance(error, OutboxAbandoned):
+            log.warning("entry %s left pending: its reply could not be written before shutdown", entry_id)
+        else:
+            log.error("entry %s left pending: commit failed: %s", entry_id, error)
+        self._release_slot(entry_id)
+
+    def _release_slot(self, entry_id: str) -> None:
+        self.inflight.pop(entry_id, None)
+        self.slots.give()
+
+    async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> _Commit | None:
+        """What to commit for this entry (writes, then a step to run once committed), or None."""
         s = self.s
         rejection = wire.validate_request(fields, s.max_message_bytes)
         if rejection is not None:
-            await self._dead_letter(entry_id, fields, rejection.reason, rejection.detail, deliveries)
-            return
+            return self._dead_letter(entry_id, fields, rejection.reason, rejection.detail, deliveries)
         if deliveries > s.max_deliveries:
             error = (
                 self.last_errors.pop(entry_id, None) or "the handler did not succeed (error not seen here)"
             )
-            await self._dead_letter(entry_id, fields, wire.REASON_MAX_DELIVERIES, error, deliveries - 1)
-            return
+            return self._dead_letter(entry_id, fields, wire.REASON_MAX_DELIVERIES, error, deliveries - 1)
         msg = Message(
             id=entry_id,
             stream=s.stream,
@@ -273,10 +294,12 @@ class _Run:
                 "handler failed on %s (user %s, delivery %d of %d): %s: %s",
                 entry_id, msg.user_id, deliveries, s.max_deliveries, type(exc).__name__, exc,
             )  # fmt: skip
-            return
+            return None
         finally:
             self.metrics.handler_latency.observe(time.perf_counter() - started)
-        await self.outbox.finish(entry_id, writes)
+        return writes, partial(self._answered, entry_id)
+
+    def _answered(self, entry_id: str) -> None:
         self.last_errors.pop(entry_id, None)
         self.metrics.processed.inc()
 
@@ -317,10 +340,10 @@ class _Run:
             parts.append(text)
         return "".join(parts)
 
-    async def _dead_letter(
+    def _dead_letter(
         self, entry_id: str, fields: dict[str, str], reason: str, error: str, deliveries: int
-    ) -> None:
-        """Move the entry to the dead-letter stream (and tell its user, if allowed), then ack it."""
+    ) -> _Commit:
+        """The dead-letter record (and the user's error reply, if allowed) to commit with the XACK."""
         s = self.s
         record = dead_letter_fields(
             fields, reason=reason, error=error, deliveries=deliveries, source_id=entry_id,
@@ -332,9 +355,12 @@ class _Run:
             reply = error_reply_fields(s.consumer, fields.get(wire.REQUEST_ID), f"{reason}: {error}")
             key = wire.reply_stream(s.reply_prefix, user_id or "")
             writes.append(StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds))
-        await self.outbox.finish(entry_id, writes)
-        self.metrics.dead_lettered.labels(reason).inc()
-        log.warning("dead-lettered %s to %s: %s (%s)", entry_id, self.dead_letter_stream, reason, error)
+
+        def dead_lettered() -> None:
+            self.metrics.dead_lettered.labels(reason).inc()
+            log.warning("dead-lettered %s to %s: %s (%s)", entry_id, self.dead_letter_stream, reason, error)
+
+        return writes, dead_lettered
 
     def _remember_error(self, entry_id: str, error: str) -> None:
         errors = self.last_errors
@@ -368,8 +394,23 @@ class _Run:
 
 
 async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait for them to end, asking again if a cancellation got lost.
+
+    A cancellation that lands exactly as a library call times out can be turned into an ordinary
+    error (and retried) instead of ending the task; shutdown must not hang on that.
+    """
     for task in tasks:
         task.cancel()
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=_CANCEL_PATIENCE_S)
+        for task in pending:
+            where = io.StringIO()
+            task.print_stack(limit=4, file=where)
+            log.warning(
+                "task %s ignored cancellation; cancelling again\n%s", task.get_name(), where.getvalue()
+            )
+            task.cancel()
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure is reported by the caller, not as "never retrieved"

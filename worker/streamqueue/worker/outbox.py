@@ -16,8 +16,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,11 +41,15 @@ class StreamWrite:
     ttl_s: int | None = None
 
 
-@dataclass
+# Called once per entry with None when its writes and XACK are committed, else with the reason.
+Done = Callable[[BaseException | None], None]
+
+
+@dataclass(frozen=True)
 class _Finished:
     entry_id: str
     writes: list[StreamWrite]
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    on_done: Done
 
 
 class Outbox:
@@ -62,16 +66,14 @@ class Outbox:
         self._script = redis.register_script(_COMMIT_LUA)
         self._use_script = True
 
-    async def finish(self, entry_id: str, writes: list[StreamWrite]) -> None:
-        """Return once ``writes`` are stored and ``entry_id`` is acknowledged.
+    def submit(self, entry_id: str, writes: list[StreamWrite], on_done: Done) -> None:
+        """Queue ``writes`` and the XACK of ``entry_id``; ``on_done`` reports the outcome.
 
-        Raises ``OutboxAbandoned`` if Redis stayed unreachable until the worker gave up (shutdown
-        deadline): the entry then stays pending and another worker reclaims it.
+        ``on_done`` gets ``OutboxAbandoned`` if Redis stayed unreachable until the worker gave up
+        (shutdown deadline): the entry then stays pending and another worker reclaims it.
         """
-        item = _Finished(entry_id, writes)
-        self._queue.append(item)
+        self._queue.append(_Finished(entry_id, writes, on_done))
         self._wake.set()
-        await item.done
 
     def abandon(self) -> None:
         """Stop retrying: queued and future entries fail with ``OutboxAbandoned``."""
@@ -87,7 +89,7 @@ class Outbox:
             batch, self._queue = self._queue, []
             while batch:
                 if self._abandon.is_set():
-                    _fail(batch, OutboxAbandoned("Redis unreachable at shutdown; entry left pending"))
+                    _report(batch, OutboxAbandoned("Redis unreachable at shutdown; entry left pending"))
                     break
                 try:
                     await self._commit(batch)
@@ -101,12 +103,10 @@ class Outbox:
                     continue
                 except Exception as exc:
                     log.exception("reply/ack commit rejected by Redis")
-                    _fail(batch, exc)
+                    _report(batch, exc)
                     break
                 backoff.reset()
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_result(None)
+                _report(batch, None)
                 break
 
     async def _commit(self, batch: list[_Finished]) -> None:
@@ -195,10 +195,12 @@ class OutboxAbandoned(RuntimeError):
     """The entry's writes were never confirmed; it was not acknowledged."""
 
 
-def _fail(batch: list[_Finished], exc: BaseException) -> None:
+def _report(batch: list[_Finished], error: BaseException | None) -> None:
     for item in batch:
-        if not item.done.done():
-            item.done.set_exception(exc)
+        try:
+            item.on_done(error)
+        except Exception:
+            log.exception("outcome callback for %s failed", item.entry_id)
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
