@@ -5,7 +5,9 @@ Short stabilization and cooldown values keep each test to seconds; every wait is
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +17,10 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from streamqueue_harness.podrunner import WorkerPodRunner
+from streamqueue_harness.ports import free_port
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator import permissions
+from streamqueue_operator.deployment import DEFAULT_WORKER_IMAGE
 from streamqueue_operator.models import GROUP, PLURAL, VERSION
 
 from tests.operator.conftest import wait_for
@@ -300,11 +304,80 @@ def test_runs_with_exactly_the_documented_permissions(
     assert "403" not in operator.logs() and "Forbidden" not in operator.logs(), operator.logs()[-3000:]
 
 
-def test_all_namespaces_mode(sq: Queues, redis_server: RedisServer, start_operator: Any) -> None:
-    """The chart's default scope (a ClusterRole and --all-namespaces) works the same way."""
-    start_operator(scope="--all-namespaces")
+def test_all_namespaces_mode_with_metrics_and_liveness(
+    sq: Queues, redis_server: RedisServer, start_operator: Any
+) -> None:
+    """The chart's default scope (a ClusterRole and --all-namespaces); its metrics and liveness endpoints."""
+    metrics_port, liveness_port = free_port(), free_port()
+    start_operator(
+        f"--metrics-port={metrics_port}", f"--liveness-port={liveness_port}", scope="--all-namespaces"
+    )
     r = redis_server.client()
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 11)
     sq.apply("wide", minReplicas=1, maxReplicas=5)
     wait_for(lambda: sq.replicas("wide") == 3, 30, "the cluster-wide operator to scale to ceil(11/5) = 3")
+
+    labels = f'name="wide",namespace="{sq.namespace}"'
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    for sample in (f"streamqueue_backlog{{{labels}}} 11.0", f"streamqueue_desired_replicas{{{labels}}} 3.0"):
+        assert sample in text, sample
+    assert f'streamqueue_scale_events_total{{direction="up",{labels},reason="Backlog"}}' in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5) as health:
+        assert health.status == 200
+
+
+def test_spec_changes_update_the_template_but_never_the_replicas(
+    sq: Queues, redis_server: RedisServer, start_operator: Any
+) -> None:
+    start_operator()
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 20)
+    sq.apply("q", minReplicas=1, maxReplicas=10)
+    wait_for(lambda: sq.replicas("q") == 4, 30, "4 replicas for a backlog of 20")
+    apps = k8s.AppsV1Api(sq.api)
+
+    def pod_spec() -> Any:
+        return apps.read_namespaced_deployment("q-worker", sq.namespace).spec.template.spec
+
+    patch = {"spec": {"worker": {"nodeSelector": {"pool": "ai"}, "concurrency": 7}}}
+    sq.plane.kubectl("patch", "streamqueue", "q", "-n", sq.namespace, "--type=merge", "-p", json.dumps(patch))
+    wait_for(lambda: pod_spec().node_selector == {"pool": "ai"}, 15, "the new nodeSelector")
+    env = {e.name: e.value for e in pod_spec().containers[0].env}
+    assert env["STREAMQUEUE_CONCURRENCY"] == "7"
+    assert sq.replicas("q") == 4
+
+    remove = [{"op": "remove", "path": "/spec/worker/nodeSelector"}]
+    sq.plane.kubectl("patch", "streamqueue", "q", "-n", sq.namespace, "--type=json", "-p", json.dumps(remove))
+    wait_for(lambda: pod_spec().node_selector is None, 15, "the nodeSelector to be removed")
+    assert sq.replicas("q") == 4
+    generation = sq.get("q")["metadata"]["generation"]
+    wait_for(lambda: sq.get("q")["status"]["observedGeneration"] == generation, 15, "observedGeneration")
+
+
+def test_adopts_an_existing_deployment_without_touching_its_replicas(
+    sq: Queues, redis_server: RedisServer, start_operator: Any
+) -> None:
+    """A Deployment left by an earlier install (no owner reference) is taken over, not recreated."""
+    labels = {"app.kubernetes.io/name": "streamqueue-worker", "streamqueue.io/queue": "old"}
+    pod = {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "worker", "image": "legacy:1"}]}}
+    legacy = {"apiVersion": "apps/v1", "kind": "Deployment",
+              "metadata": {"name": "old-worker", "labels": labels},
+              "spec": {"replicas": 3, "selector": {"matchLabels": labels}, "template": pod}}  # fmt: skip
+    sq.plane.kubectl("apply", "-n", sq.namespace, "-f", "-", input=yaml.safe_dump(legacy))
+    uid = k8s.AppsV1Api(sq.api).read_namespaced_deployment("old-worker", sq.namespace).metadata.uid
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 15)  # 3 replicas' worth: the scaler has nothing to change either
+    start_operator()
+    sq.apply("old", minReplicas=1, maxReplicas=5)
+
+    def adopted() -> Any:
+        d = k8s.AppsV1Api(sq.api).read_namespaced_deployment("old-worker", sq.namespace)
+        return d.metadata.owner_references and d
+
+    deployment = wait_for(adopted, 30, "the owner reference")
+    assert deployment.metadata.uid == uid and deployment.spec.replicas == 3
+    assert deployment.spec.template.spec.containers[0].image == DEFAULT_WORKER_IMAGE
+    assert sq.scale_events("old") == []
