@@ -226,6 +226,11 @@ class _Run:
                 await self.pending.renew(list(self.inflight))
             except _REDIS_DOWN as exc:
                 log.warning("claim renewal failed, Redis unreachable: %s", exc)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis lost the group (restart without persistence): nothing of ours is pending any
+                # more; the intake loop recreates the group.
 
     # --- one entry ----------------------------------------------------------------------------
 
