@@ -150,11 +150,12 @@ class ControlPlane:
                 self._start_components(_Ports.choose(), began + timeout)
                 break
             except _PortTaken as exc:
+                if attempt == PORT_ATTEMPTS:
+                    self.stop()
+                    raise
                 log.warning("control plane start attempt %d: %s; retrying with new ports", attempt, exc)
                 self._stop_components()
                 shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # its member records the old ports
-                if attempt == PORT_ATTEMPTS:
-                    raise
             except BaseException:
                 self.stop()
                 raise
