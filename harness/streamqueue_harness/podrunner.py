@@ -9,8 +9,9 @@ selector in one namespace and, like a kubelet on a node it registers:
 - starts the Pod's first container as a local process (default ``python -m streamqueue.worker``)
   with the container's environment resolved like the kubelet does (``podenv``), the Pod's name as
   ``HOSTNAME`` and ``STREAMQUEUE_CONSUMER``, and a free loopback port as ``STREAMQUEUE_HEALTH_PORT``;
-- reports the Pod Running, then Ready once the readiness probe's path answers on that port (once:
-  there is no periodic probing), so Deployment ``readyReplicas`` behaves as on a real cluster;
+- reports the Pod Running, then Ready once the readiness probe's path answers on that port, and
+  keeps probing (``periodSeconds``, ``failureThreshold``) so readiness follows the process, and
+  Deployment ``readyReplicas`` behaves as on a real cluster;
 - restarts a process that exits on its own (``restartPolicy: Always``), with back-off;
 - on graceful deletion (``deletionTimestamp``) sends SIGTERM, waits up to the grace period, then
   SIGKILL, and deletes the Pod with grace 0 as the kubelet does.
@@ -26,9 +27,11 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -67,10 +70,28 @@ def _grace_seconds(pod: Mapping[str, Any]) -> float:
     return float(grace)
 
 
-def _readiness_path(container: Mapping[str, Any]) -> str | None:
-    """The readiness probe's HTTP path; None when the container has no HTTP readiness probe."""
-    probe = (container.get("readinessProbe") or {}).get("httpGet")
-    return str(probe.get("path") or "/") if probe else None
+@dataclass(frozen=True)
+class _ReadinessProbe:
+    """The container's HTTP readiness probe, as far as the runner honours it.
+
+    Until first ready it is polled every ``PROBE_INTERVAL`` (tests should not wait a period for a
+    start); afterwards every ``period`` seconds, and ``failure_threshold`` failures in a row report
+    the Pod not ready, as the kubelet does.
+    """
+
+    path: str | None  # None: no HTTP probe, ready as soon as the process runs
+    period: float
+    failure_threshold: int
+
+    @classmethod
+    def of(cls, container: Mapping[str, Any]) -> _ReadinessProbe:
+        probe = container.get("readinessProbe") or {}
+        http = probe.get("httpGet")
+        path = str(http.get("path") or "/") if http else None
+        return cls(path, float(probe.get("periodSeconds", 10)), int(probe.get("failureThreshold", 3)))
+
+    def url(self, port: int) -> str | None:
+        return None if self.path is None else f"http://{LOOPBACK}:{port}{self.path}"
 
 
 def _answers(url: str) -> bool:
@@ -366,6 +387,7 @@ class _PodProcess(threading.Thread):
         self.name: str = pod["metadata"]["name"]
         self.uid: str = pod["metadata"]["uid"]
         self.container: dict[str, Any] = pod["spec"]["containers"][0]
+        self.probe = _ReadinessProbe.of(self.container)
         self.grace = float(pod["spec"].get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS))
         self.restarts = 0
         self._delete_pod = False
@@ -406,11 +428,11 @@ class _PodProcess(threading.Thread):
                 continue
             self._launch(env)
             self._report(running=True, ready=False)
-            if self._await_ready(port):
+            url = self.probe.url(port)
+            if self._await_ready(url):
                 self._report(running=True, ready=True)
                 backoff = 1.0
-            while self._popen.poll() is None and not self._terminating.wait(PROBE_INTERVAL):
-                pass
+                self._probe_until_exit(url)
             if self._terminating.is_set():
                 return
             self.restarts += 1
@@ -430,14 +452,25 @@ class _PodProcess(threading.Thread):
         self._started_at = _now()
         log.info("worker-pod runner: started %s as pid %d (log %s)", self.name, self._popen.pid, log_path)
 
-    def _await_ready(self, port: int) -> bool:
-        path = _readiness_path(self.container)
-        url = None if path is None else f"http://{LOOPBACK}:{port}{path}"
+    def _await_ready(self, url: str | None) -> bool:
         while self._popen.poll() is None and not self._terminating.is_set():
             if url is None or _answers(url):
                 return True
             self._terminating.wait(PROBE_INTERVAL)
         return False
+
+    def _probe_until_exit(self, url: str | None) -> None:
+        """Keep probing a ready process; report each readiness change until it exits or is stopped."""
+        ready, failures = True, 0
+        next_probe = time.monotonic() + self.probe.period
+        while self._popen.poll() is None and not self._terminating.wait(PROBE_INTERVAL):
+            if url is None or time.monotonic() < next_probe:
+                continue
+            next_probe = time.monotonic() + self.probe.period
+            failures = 0 if _answers(url) else failures + 1
+            if ready != (failures < self.probe.failure_threshold):
+                ready = not ready
+                self._report(running=True, ready=ready)
 
     def _stop_process(self) -> None:
         popen = self._popen

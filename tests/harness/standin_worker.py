@@ -1,10 +1,11 @@
 """Stand-in for ``python -m streamqueue.worker`` in the worker-pod runner tests.
 
 It behaves as the runner expects a worker to: serves ``/readyz`` on ``STREAMQUEUE_HEALTH_PORT``
-and exits 0 on SIGTERM (unless ``STANDIN_IGNORE_SIGTERM=1``; ``STANDIN_EXIT_CODE`` makes it crash
-at once). It leaves evidence in ``$STANDIN_DIR/<consumer name>/``: the environment it was started
-with (``env.json``), one line per start (``starts``) and, on SIGTERM, a ``sigterm`` file, so the
-tests can tell a graceful stop from a SIGKILL.
+and exits 0 on SIGTERM. Test knobs: ``STANDIN_IGNORE_SIGTERM=1`` (a worker stuck in its drain),
+``STANDIN_EXIT_CODE`` (crash at once), SIGUSR1 (toggle ``/readyz`` between 200 and 503). It leaves
+evidence in ``$STANDIN_DIR/<consumer name>/``: the environment it was started with (``env.json``),
+one line per start (``starts``) and, on SIGTERM, a ``sigterm`` file, so the tests can tell a
+graceful stop from a SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ from pathlib import Path
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
+    ready = True  # SIGUSR1 flips it, like a worker that loses Redis and gets it back
+
     def do_GET(self) -> None:
-        self.send_response(200 if self.path == "/readyz" else 404)
+        if self.path != "/readyz":
+            self.send_response(404)
+        else:
+            self.send_response(200 if _Health.ready else 503)
         self.end_headers()
 
     def log_message(self, *args: object) -> None:
@@ -44,7 +50,11 @@ def main() -> None:
         if os.environ.get("STANDIN_IGNORE_SIGTERM") != "1":  # a worker stuck in its drain
             threading.Thread(target=server.shutdown).start()
 
+    def on_sigusr1(*_: object) -> None:
+        _Health.ready = not _Health.ready
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGUSR1, on_sigusr1)
     server.serve_forever()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ LABELS = {"app": "standin"}
 SELECTOR = "app=standin"
 
 
-def _deployment(replicas: int, grace: int = 20) -> dict[str, Any]:
+def _deployment(replicas: int, grace: int = 20, probe_period: int = 5) -> dict[str, Any]:
     env = [
         {"name": "STREAMQUEUE_REDIS_URL", "value": "redis://redis.in-cluster:6379"},
         {
@@ -38,7 +39,11 @@ def _deployment(replicas: int, grace: int = 20) -> dict[str, Any]:
     ]
     container = {
         "name": "worker", "image": "streamqueue/worker:test", "env": env,
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}},
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": 8080},
+            "periodSeconds": probe_period,
+            "failureThreshold": 2,
+        },
     }  # fmt: skip
     return {
         "apiVersion": "apps/v1",
@@ -165,3 +170,18 @@ def test_a_crashed_process_is_restarted_and_the_restart_reported(
 def _starts(evidence: Path) -> list[str]:
     path = evidence / "starts"
     return path.read_text().split() if path.exists() else []
+
+
+def test_readiness_follows_the_probe_after_the_first_ready(
+    control_plane: ControlPlane, kube_namespace: str, tmp_path: Path
+) -> None:
+    ns = kube_namespace
+    _setup(control_plane, ns, _deployment(replicas=1, probe_period=1))
+    with _runner(control_plane, ns, tmp_path) as runner:
+        eventually(lambda: _ready_replicas(control_plane, ns) == 1, "a ready replica")
+        ((name, pid),) = runner.running().items()
+        os.kill(pid, signal.SIGUSR1)  # /readyz now answers 503
+        eventually(lambda: _ready_replicas(control_plane, ns) == 0, "the pod reported not ready")
+        assert runner.running() == {name: pid}, "an unready process is not restarted"
+        os.kill(pid, signal.SIGUSR1)
+        eventually(lambda: _ready_replicas(control_plane, ns) == 1, "the pod ready again")
