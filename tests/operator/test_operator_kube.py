@@ -146,8 +146,11 @@ def test_deployment_owned_and_columns_shown(
     assert out[1].split()[:5] == ["chat", STREAM, "7", "0", "2/2"]
     short = sq.plane.kubectl("get", "sq", "-n", sq.namespace, "-o", "name").stdout.strip()
     assert short == "streamqueue.streamqueue.io/chat"
-    reasons = [e[1] for e in sq.scale_events("chat")]
-    assert any("1 -> 2 replicas (Backlog)" in m for m in reasons), reasons
+    wait_for(
+        lambda: any("1 -> 2 replicas (Backlog)" in m for _, m in sq.scale_events("chat")),
+        15,
+        "the ScaledUp Event",
+    )
 
 
 def test_scales_out_drains_scales_in_to_zero_and_wakes(
@@ -174,8 +177,11 @@ def test_scales_out_drains_scales_in_to_zero_and_wakes(
         wait_for(lambda: r.xinfo_groups(STREAM)[0]["lag"] == 0 and r.xpending(STREAM, CGROUP)["pending"] == 0,
                  60, "the workers to drain the backlog")  # fmt: skip
         wait_for(lambda: sq.replicas("work") == 0, 30, "scale in to zero after the cooldown")
-        events = sq.scale_events("work")
-        assert any(reason == "ScaledDown" and "(Idle)" in message for reason, message in events), events
+        wait_for(  # Events are posted asynchronously
+            lambda: any(reason == "ScaledDown" and "(Idle)" in m for reason, m in sq.scale_events("work")),
+            15,
+            "a ScaledDown (Idle) Event",
+        )
 
         wait_for(lambda: not runner.running(), 60, "the scaled-in workers to exit")  # else one reads it
         push(r, 1)
