@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -351,9 +351,9 @@ class WorkerPodRunner:
         return Sources(secret=secret, config_map=config_map)
 
     @staticmethod
-    def _read(read: Any) -> Mapping[str, str] | None:
-        try:
-            return dict(read())
+    def _read(read: Callable[[], Mapping[str, Any]]) -> Mapping[str, str] | None:
+        try:  # JSON carries Secret data as base64 strings, whatever the client's type hint allows
+            return cast(Mapping[str, str], dict(read()))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -512,7 +512,7 @@ class _PodProcess(threading.Thread):
             }
         }  # fmt: skip
 
-    def _best_effort(self, call: Any) -> None:
+    def _best_effort(self, call: Callable[[], object]) -> None:
         """API writes from a pod thread must not kill it: the process still has to be stopped."""
         try:
             call()
