@@ -20,7 +20,7 @@ DEFAULT_SHUTDOWN_GRACE_SECONDS = 30
 GRACE_MARGIN_SECONDS = 15
 CA_DIR = "/etc/streamqueue/redis-ca"
 CONTAINER = "worker"
-FIELD_MANAGER = "streamqueue-operator"
+MANAGED_BY = "streamqueue-operator"
 DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 # WorkerSpec field -> worker setting (env var without the prefix). Booleans are rendered "true"/"false".
@@ -186,7 +186,7 @@ def render(owner: dict[str, Any], spec: StreamQueueSpec, default_image: str) -> 
     labels = {
         **selector_labels(queue),
         "app.kubernetes.io/instance": queue,
-        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
     }
     pod_labels = {**(spec.worker.pod_labels or {}), **labels}
     template_meta: dict[str, Any] = {"labels": pod_labels}
