@@ -19,12 +19,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+# Resolved once, in the parent: between fork and exec the child must not dlopen (another thread may
+# have held the loader lock at fork time), only call what is already there.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
             os._exit(127)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(127)
