@@ -102,6 +102,8 @@ class _Run:
         self.handler = handler
         self.metrics = metrics
         self.ready = False
+        self.reading = False  # an XREADGROUP/XAUTOCLAIM is on the wire
+        self.stop = asyncio.Event()
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.last_errors: OrderedDict[str, str] = OrderedDict()
         self.dead_letter_stream = s.dead_letter()
@@ -112,6 +114,7 @@ class _Run:
         metrics.in_flight.set_function(lambda: len(inflight))  # read at scrape, free per message
 
     async def until_stopped(self, stop: asyncio.Event) -> None:
+        self.stop = stop
         flusher = asyncio.create_task(self.outbox.run(), name="streamqueue-outbox")
         renewer = asyncio.create_task(self._renew_loop(), name="streamqueue-renew")
         intake = asyncio.create_task(self._intake_loop(), name="streamqueue-intake")
@@ -121,7 +124,7 @@ class _Run:
         crashed = next((t for t in done if t is not stopper), None)
         stopper.cancel()
         log.info("worker %s draining %d in-flight entries", self.s.consumer, len(self.inflight))
-        await _cancel(intake)
+        await self._stop_intake(intake)
         await self._drain()
         await self._release()
         await _cancel(renewer, flusher)
@@ -140,11 +143,12 @@ class _Run:
         backoff = Backoff()
         group_ready = False
         reclaim_due = 0.0  # scan once at start: a restarted pod's orphans should not wait
-        while True:
+        while not self.stop.is_set():
             if not group_ready:
                 group_ready = await self._redis_call(self._ensure_group, backoff)
                 continue
             n = await self.slots.take(s.batch_size)
+            self.reading = True
             try:
                 if time.monotonic() >= reclaim_due:
                     entries, wrapped = await self.pending.claim(n, mine=self.inflight)
@@ -172,6 +176,8 @@ class _Run:
             except BaseException:
                 self.slots.give(n)
                 raise
+            finally:
+                self.reading = False
             backoff.reset()
             self.ready = True
             self.slots.give(n - len(entries))
@@ -379,6 +385,15 @@ class _Run:
             errors.popitem(last=False)
 
     # --- shutdown -----------------------------------------------------------------------------
+
+    async def _stop_intake(self, intake: asyncio.Task[None]) -> None:
+        """Stop taking work. A read already on the wire may have been delivered to this consumer by
+        Redis: let it return (BLOCK bounds the wait) so its entries are handled here, not handed back.
+        """
+        if self.reading:
+            patience = min(self.s.block_ms / 1000 + _CANCEL_PATIENCE_S, self.s.shutdown_grace_seconds)
+            await asyncio.wait([intake], timeout=patience)
+        await _cancel(intake)
 
     async def _drain(self) -> None:
         """Give in-flight entries the grace period; cancel what is left (it stays pending)."""
