@@ -10,8 +10,8 @@ selector in one namespace and, like a kubelet on a node it registers:
   with the container's environment resolved like the kubelet does (``podenv``), the Pod's name as
   ``HOSTNAME`` and ``STREAMQUEUE_CONSUMER``, and a free loopback port as ``STREAMQUEUE_HEALTH_PORT``;
 - reports the Pod Running, then Ready once the readiness probe's path answers on that port, and
-  keeps probing (``periodSeconds``, ``failureThreshold``) so readiness follows the process, and
-  Deployment ``readyReplicas`` behaves as on a real cluster;
+  keeps probing (``periodSeconds``, ``failureThreshold``) so readiness follows the process and
+  Deployment ``readyReplicas`` behaves as on a real cluster; a failing liveness probe restarts it;
 - restarts a process that exits on its own (``restartPolicy: Always``), with back-off;
 - on graceful deletion (``deletionTimestamp``) sends SIGTERM, waits up to the grace period, then
   SIGKILL, and deletes the Pod with grace 0 as the kubelet does.
@@ -71,27 +71,40 @@ def _grace_seconds(pod: Mapping[str, Any]) -> float:
 
 
 @dataclass(frozen=True)
-class _ReadinessProbe:
-    """The container's HTTP readiness probe, as far as the runner honours it.
+class _HttpProbe:
+    """A container's HTTP readiness or liveness probe, as far as the runner honours it."""
 
-    Until first ready it is polled every ``PROBE_INTERVAL`` (tests should not wait a period for a
-    start); afterwards every ``period`` seconds, and ``failure_threshold`` failures in a row report
-    the Pod not ready, as the kubelet does.
-    """
-
-    path: str | None  # None: no HTTP probe, ready as soon as the process runs
+    path: str | None  # None: no HTTP probe (always passes)
     period: float
     failure_threshold: int
 
     @classmethod
-    def of(cls, container: Mapping[str, Any]) -> _ReadinessProbe:
-        probe = container.get("readinessProbe") or {}
+    def of(cls, container: Mapping[str, Any], kind: str) -> _HttpProbe:
+        probe = container.get(kind) or {}
         http = probe.get("httpGet")
         path = str(http.get("path") or "/") if http else None
         return cls(path, float(probe.get("periodSeconds", 10)), int(probe.get("failureThreshold", 3)))
 
     def url(self, port: int) -> str | None:
         return None if self.path is None else f"http://{LOOPBACK}:{port}{self.path}"
+
+
+class _ProbeRun:
+    """One probe of one running process: failing after ``failure_threshold`` failures in a row."""
+
+    def __init__(self, probe: _HttpProbe, port: int) -> None:
+        self.probe = probe
+        self.url = probe.url(port)
+        self.failures = 0
+        self.next_due = time.monotonic() + probe.period
+
+    def failing(self) -> bool | None:
+        """None when no check is due; otherwise probe now and say whether the threshold is reached."""
+        if self.url is None or time.monotonic() < self.next_due:
+            return None
+        self.next_due = time.monotonic() + self.probe.period
+        self.failures = 0 if _answers(self.url) else self.failures + 1
+        return self.failures >= self.probe.failure_threshold
 
 
 def _answers(url: str) -> bool:
@@ -387,7 +400,8 @@ class _PodProcess(threading.Thread):
         self.name: str = pod["metadata"]["name"]
         self.uid: str = pod["metadata"]["uid"]
         self.container: dict[str, Any] = pod["spec"]["containers"][0]
-        self.probe = _ReadinessProbe.of(self.container)
+        self.readiness = _HttpProbe.of(self.container, "readinessProbe")
+        self.liveness = _HttpProbe.of(self.container, "livenessProbe")
         self.grace = float(pod["spec"].get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS))
         self.restarts = 0
         self._delete_pod = False
@@ -428,11 +442,10 @@ class _PodProcess(threading.Thread):
                 continue
             self._launch(env)
             self._report(running=True, ready=False)
-            url = self.probe.url(port)
-            if self._await_ready(url):
+            if self._await_ready(self.readiness.url(port)):
                 self._report(running=True, ready=True)
                 backoff = 1.0
-                self._probe_until_exit(url)
+                self._probe_until_exit(port)
             if self._terminating.is_set():
                 return
             self.restarts += 1
@@ -459,17 +472,22 @@ class _PodProcess(threading.Thread):
             self._terminating.wait(PROBE_INTERVAL)
         return False
 
-    def _probe_until_exit(self, url: str | None) -> None:
-        """Keep probing a ready process; report each readiness change until it exits or is stopped."""
-        ready, failures = True, 0
-        next_probe = time.monotonic() + self.probe.period
+    def _probe_until_exit(self, port: int) -> None:
+        """Probe a ready process until it exits or is stopped, like the kubelet's probe workers.
+
+        Readiness changes are reported; a failed liveness probe stops the process (SIGTERM, grace,
+        SIGKILL) so the supervisor restarts it.
+        """
+        readiness, liveness = _ProbeRun(self.readiness, port), _ProbeRun(self.liveness, port)
+        ready = True
         while self._popen.poll() is None and not self._terminating.wait(PROBE_INTERVAL):
-            if url is None or time.monotonic() < next_probe:
-                continue
-            next_probe = time.monotonic() + self.probe.period
-            failures = 0 if _answers(url) else failures + 1
-            if ready != (failures < self.probe.failure_threshold):
-                ready = not ready
+            if liveness.failing():
+                log.warning("worker-pod runner: %s failed its liveness probe; restarting it", self.name)
+                self._stop_process()
+                return
+            failing = readiness.failing()
+            if failing is not None and ready == failing:
+                ready = not failing
                 self._report(running=True, ready=ready)
 
     def _stop_process(self) -> None:

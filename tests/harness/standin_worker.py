@@ -2,7 +2,8 @@
 
 It behaves as the runner expects a worker to: serves ``/readyz`` on ``STREAMQUEUE_HEALTH_PORT``
 and exits 0 on SIGTERM. Test knobs: ``STANDIN_IGNORE_SIGTERM=1`` (a worker stuck in its drain),
-``STANDIN_EXIT_CODE`` (crash at once), SIGUSR1 (toggle ``/readyz`` between 200 and 503). It leaves
+``STANDIN_EXIT_CODE`` (crash at once), SIGUSR1 (toggle ``/readyz`` between 200 and 503), SIGUSR2
+(toggle ``/healthz`` between 200 and 500). It leaves
 evidence in ``$STANDIN_DIR/<consumer name>/``: the environment it was started with (``env.json``),
 one line per start (``starts``) and, on SIGTERM, a ``sigterm`` file, so the tests can tell a
 graceful stop from a SIGKILL.
@@ -21,12 +22,11 @@ from pathlib import Path
 
 class _Health(http.server.BaseHTTPRequestHandler):
     ready = True  # SIGUSR1 flips it, like a worker that loses Redis and gets it back
+    live = True  # SIGUSR2 flips it, like a worker whose event loop is wedged
 
     def do_GET(self) -> None:
-        if self.path != "/readyz":
-            self.send_response(404)
-        else:
-            self.send_response(200 if _Health.ready else 503)
+        status = {"/readyz": 200 if _Health.ready else 503, "/healthz": 200 if _Health.live else 500}
+        self.send_response(status.get(self.path, 404))
         self.end_headers()
 
     def log_message(self, *args: object) -> None:
@@ -53,8 +53,12 @@ def main() -> None:
     def on_sigusr1(*_: object) -> None:
         _Health.ready = not _Health.ready
 
+    def on_sigusr2(*_: object) -> None:
+        _Health.live = not _Health.live
+
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGUSR1, on_sigusr1)
+    signal.signal(signal.SIGUSR2, on_sigusr2)
     server.serve_forever()
 
 

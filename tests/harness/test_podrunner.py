@@ -23,7 +23,9 @@ LABELS = {"app": "standin"}
 SELECTOR = "app=standin"
 
 
-def _deployment(replicas: int, grace: int = 20, probe_period: int = 5) -> dict[str, Any]:
+def _deployment(
+    replicas: int, grace: int = 20, probe_period: int = 5, liveness: bool = False
+) -> dict[str, Any]:
     env = [
         {"name": "STREAMQUEUE_REDIS_URL", "value": "redis://redis.in-cluster:6379"},
         {
@@ -45,6 +47,8 @@ def _deployment(replicas: int, grace: int = 20, probe_period: int = 5) -> dict[s
             "failureThreshold": 2,
         },
     }  # fmt: skip
+    if liveness:
+        container["livenessProbe"] = {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -185,3 +189,23 @@ def test_readiness_follows_the_probe_after_the_first_ready(
         assert runner.running() == {name: pid}, "an unready process is not restarted"
         os.kill(pid, signal.SIGUSR1)
         eventually(lambda: _ready_replicas(control_plane, ns) == 1, "the pod ready again")
+
+
+def test_a_failing_liveness_probe_restarts_the_process(
+    control_plane: ControlPlane, kube_namespace: str, tmp_path: Path
+) -> None:
+    ns = kube_namespace
+    _setup(control_plane, ns, _deployment(replicas=1, liveness=True))
+    with _runner(control_plane, ns, tmp_path) as runner:
+        eventually(lambda: _ready_replicas(control_plane, ns) == 1, "a ready replica")
+        ((name, pid),) = runner.running().items()
+        os.kill(pid, signal.SIGUSR2)  # /healthz now answers 500
+        restarted = eventually(
+            lambda: runner.running().get(name, pid) != pid and runner.running(), "a restart"
+        )
+        assert (tmp_path / name / "sigterm").exists(), "stopped without SIGTERM"
+        assert not _alive(pid)
+        status = _pods(control_plane, ns)[name]["status"]["containerStatuses"][0]
+        assert status["restartCount"] == 1
+        eventually(lambda: _ready_replicas(control_plane, ns) == 1, "the restarted process ready")
+        assert runner.running() == restarted
