@@ -341,3 +341,18 @@ async def test_a_reply_finished_during_an_outage_is_written_once_redis_is_back(
     assert [(r[wire.RESPONSE], r[wire.REQUEST_ID]) for r in replies(fresh, "paul")] == [
         ("worth the wait", "p1")
     ]
+
+
+async def test_more_finished_entries_than_one_commit_takes(raw, settings, workers) -> None:
+    async def together(msg: Message) -> str:
+        await asyncio.sleep(0.2)  # the whole batch finishes at once
+        return msg.message
+
+    await workers.start(settings(concurrency=1200, batch_size=1000), together)
+    pipe = raw.pipeline(transaction=False)
+    for i in range(1200):
+        pipe.xadd(STREAM, {wire.USER_ID: f"u{i % 7}", wire.MESSAGE: f"m{i}", wire.REQUEST_ID: str(i)})
+    pipe.execute()
+    await async_wait_for(lambda: group_settled(raw), what="all 1200 answered")
+    answered = answered_request_ids(raw, [f"u{u}" for u in range(7)])
+    assert sorted(answered, key=int) == [str(i) for i in range(1200)]

@@ -29,6 +29,8 @@ from ..metrics import WorkerMetrics
 from .backoff import Backoff
 
 log = logging.getLogger(__name__)
+# Entries per commit: a script blocks Redis while it runs, so one call stays within a few milliseconds.
+MAX_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,9 @@ class Outbox:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._queue = self._queue, []
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            if self._queue:
+                self._wake.set()
             while batch:
                 if self._abandon.is_set():
                     _report(batch, OutboxAbandoned("Redis unreachable at shutdown; entry left pending"))
