@@ -50,7 +50,11 @@ def _rows(schema: dict[str, Any], path: str) -> Iterator[tuple[str, str, str, st
     for name, sub in schema.get("properties", {}).items():
         here = f"{path}.{name}" if path else name
         default = sub.get("default")
-        shown = "" if default is None or default == {} else f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`"
+        shown = (
+            ""
+            if default is None or default == {}
+            else f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`"
+        )
         if shown.endswith("\n...`"):
             shown = shown[:-5] + "`"
         description = " ".join(str(sub.get("description", "")).split())

@@ -1,7 +1,7 @@
 """Shared fixtures: a real redis-server per test (free loopback port).
 
-Control-plane fixtures (``kubeconfig``, ``kube_namespace``) live in tests/kube_fixtures.py and are
-registered here so every test directory can use them.
+The control-plane fixtures (``control_plane``, session scope, and ``kube_namespace``) come from
+``streamqueue_harness.pytest_plugin``, registered here so every test directory can use them.
 """
 
 from __future__ import annotations

@@ -114,7 +114,14 @@ def queue_manifest(redis_url: str, cfg: DemoConfig) -> dict[str, Any]:
 def operator_process(kubeconfig: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The operator as a subprocess watching the demo namespace; its log goes to a file."""
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    cmd = [sys.executable, "-m", "streamqueue_operator", f"--namespace={NAMESPACE}", "--metrics-port=0", "--liveness-port=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamqueue_operator",
+        f"--namespace={NAMESPACE}",
+        "--metrics-port=0",
+        "--liveness-port=0",
+    ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -137,7 +144,9 @@ class KubeView:
         self.apps = k8s.AppsV1Api(api)
 
     def refresh(self, seen: Observed, runner: WorkerPodRunner) -> None:
-        queue = self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, QUEUE)
+        queue: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, NAMESPACE, PLURAL, QUEUE
+        )
         status = queue.get("status") or {}
         seen.backlog = status.get("backlog")
         seen.pending = status.get("pending")
@@ -148,8 +157,8 @@ class KubeView:
         if deployments:
             dep = deployments[0]
             seen.desired = dep.spec.replicas or 0
-            seen.current = dep.status.replicas or 0
-            seen.ready = dep.status.ready_replicas or 0
+            seen.current = (dep.status and dep.status.replicas) or 0
+            seen.ready = (dep.status and dep.status.ready_replicas) or 0
         seen.processes = len(runner.running())
         seen.max_replicas = max(seen.max_replicas, seen.desired)
         now = time.monotonic()
@@ -223,7 +232,9 @@ async def send_bursts(client: Client, cfg: DemoConfig, seen: Observed) -> None:
     await asyncio.gather(*tasks)
 
 
-async def run_load_and_watch(cfg: DemoConfig, redis_url: str, view: KubeView, runner: WorkerPodRunner) -> Observed:
+async def run_load_and_watch(
+    cfg: DemoConfig, redis_url: str, view: KubeView, runner: WorkerPodRunner
+) -> Observed:
     seen = Observed()
     screen = Screen()
     deadline = seen.started + cfg.deadline_seconds
@@ -257,8 +268,9 @@ def verdict(seen: Observed, cfg: DemoConfig) -> tuple[bool, str]:
     out_after = (seen.scaled_out_at or seen.started) - seen.started
     in_after = (seen.scaled_in_at or seen.started) - seen.started
     summary = (
-        f"sent {seen.sent} messages from {cfg.users} users; every user got exactly their {total // max(cfg.users, 1)} "
-        f"replies; peak {seen.max_replicas} replicas (scaled out {out_after:.1f}s after the first burst), "
+        f"sent {seen.sent} messages from {cfg.users} users; each user got exactly their own replies "
+        f"({total} in all); peak {seen.max_replicas} replicas "
+        f"(scaled out {out_after:.1f}s after the first burst), "
         f"back to 0 at t={in_after:.1f}s"
     )
     return (not problems, "; ".join(problems) if problems else summary)
@@ -284,7 +296,9 @@ def run(cfg: DemoConfig) -> int:
         plane = stack.enter_context(ControlPlane(cfg.workdir / "cluster"))
         step("installing the StreamQueue CRD and the demo namespace")
         plane.kubectl("apply", "-f", str(ROOT / "crds"))
-        plane.kubectl("wait", "--for=condition=Established", "crd/streamqueues.streamqueue.io", "--timeout=30s")
+        plane.kubectl(
+            "wait", "--for=condition=Established", "crd/streamqueues.streamqueue.io", "--timeout=30s"
+        )
         plane.kubectl("create", "namespace", NAMESPACE)
         step(f"starting the operator (log: {cfg.workdir / 'operator.log'})")
         stack.enter_context(operator_process(plane.kubeconfig, cfg.workdir / "operator.log"))
@@ -306,11 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m streamqueue_harness.demo",
         description="Local demo: a StreamQueue scaling out on bursts of messages and back in to zero.",
     )
-    parser.add_argument("--short", action="store_true", help="short unattended run (also STREAMQUEUE_DEMO_SHORT=1)")
+    parser.add_argument(
+        "--short", action="store_true", help="short unattended run (also STREAMQUEUE_DEMO_SHORT=1)"
+    )
     parser.add_argument("--users", type=int, default=5, help="number of users sending (default 5)")
     parser.add_argument("--bursts", type=int, default=3, help="number of bursts (default 3)")
     parser.add_argument("--burst-size", type=int, default=600, help="messages per burst (default 600)")
-    parser.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="state and logs (default .demo/)")
+    parser.add_argument(
+        "--workdir", type=Path, default=ROOT / ".demo", help="state and logs (default .demo/)"
+    )
     try:
         return run(DemoConfig.from_args(parser.parse_args(argv)))
     except KeyboardInterrupt:

@@ -66,7 +66,7 @@ def _ec_key(path: Path) -> Path:
     return path
 
 
-def _certificate_authority(directory: Path, common_name: str) -> CertKey:
+def certificate_authority(directory: Path, common_name: str) -> CertKey:
     key = _ec_key(directory / "ca.key")
     config = directory / "ca.cnf"
     config.write_text(_REQ_CONFIG + _CA_EXTENSIONS)
@@ -78,7 +78,7 @@ def _certificate_authority(directory: Path, common_name: str) -> CertKey:
     return CertKey(cert, key)
 
 
-def _signed(
+def signed_certificate(
     directory: Path, ca: CertKey, name: str, subject: str, usage: str, alt_names: tuple[str, ...] = ()
 ) -> CertKey:
     """A leaf certificate signed by ``ca``; ``usage`` is ``serverAuth`` or ``clientAuth``."""
@@ -108,15 +108,19 @@ def _signed(
 def create_pki(directory: Path) -> ClusterPKI:
     """Write a fresh CA, serving and client certificates and the token signing key into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    ca = _certificate_authority(directory, "streamqueue-local-ca")
+    ca = certificate_authority(directory, "streamqueue-local-ca")
     sa_key = _ec_key(directory / "service-account.key")
     sa_pub = directory / "service-account.pub"
     _openssl("pkey", "-in", str(sa_key), "-pubout", "-out", str(sa_pub))
     return ClusterPKI(
         ca=ca,
-        apiserver=_signed(directory, ca, "apiserver", "/CN=kube-apiserver", "serverAuth", APISERVER_NAMES),
-        admin=_signed(directory, ca, "admin", "/O=system:masters/CN=streamqueue-admin", "clientAuth"),
-        controller_manager=_signed(
+        apiserver=signed_certificate(
+            directory, ca, "apiserver", "/CN=kube-apiserver", "serverAuth", APISERVER_NAMES
+        ),
+        admin=signed_certificate(
+            directory, ca, "admin", "/O=system:masters/CN=streamqueue-admin", "clientAuth"
+        ),
+        controller_manager=signed_certificate(
             directory, ca, "controller-manager", "/CN=system:kube-controller-manager", "clientAuth"
         ),
         service_account_key=sa_key,

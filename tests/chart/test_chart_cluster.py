@@ -24,7 +24,13 @@ def _template(namespace: str, *extra: str) -> str:
 def test_rendered_manifests_pass_server_side_dry_run(control_plane, kube_namespace: str) -> None:
     for extra in ([], ["--set", f"watchNamespaces={{{kube_namespace}}}"]):
         result = control_plane.kubectl(
-            "apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=_template(kube_namespace, *extra)
+            "apply",
+            "--dry-run=server",
+            "-n",
+            kube_namespace,
+            "-f",
+            "-",
+            input=_template(kube_namespace, *extra),
         )
         assert "deployment.apps/sq-streamqueue-operator created (server dry run)" in result.stdout
 
@@ -46,8 +52,11 @@ def test_helm_install_then_uninstall_keeps_only_the_crd(control_plane, kube_name
     finally:
         helm("uninstall", RELEASE, "--namespace", kube_namespace, "--wait", kubeconfig=kubeconfig)
     for kind, namespace in [
-        ("deployment", kube_namespace), ("serviceaccount", kube_namespace), ("service", kube_namespace),
-        ("clusterrole", None), ("clusterrolebinding", None),
+        ("deployment", kube_namespace),
+        ("serviceaccount", kube_namespace),
+        ("service", kube_namespace),
+        ("clusterrole", None),
+        ("clusterrolebinding", None),
     ]:
         assert _names(control_plane, kind, namespace) == set(), kind
     control_plane.kubectl("get", "crd", "streamqueues.streamqueue.io")  # CRDs survive uninstall
@@ -56,29 +65,46 @@ def test_helm_install_then_uninstall_keeps_only_the_crd(control_plane, kube_name
 def _can_i(kubeconfig: Path, control_plane, *args: str) -> bool:
     result = subprocess.run(
         [str(control_plane.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig), "auth", "can-i", *args],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     return result.stdout.strip() == "yes"
 
 
-def test_chart_service_account_is_refused_what_the_chart_does_not_grant(control_plane, kube_namespace: str) -> None:
+def test_chart_service_account_is_refused_what_the_chart_does_not_grant(
+    control_plane, kube_namespace: str
+) -> None:
     control_plane.kubectl(
-        "apply", "-n", kube_namespace, "-f", "-",
+        "apply",
+        "-n",
+        kube_namespace,
+        "-f",
+        "-",
         input=_template(kube_namespace, "--set", f"watchNamespaces={{{kube_namespace}}}"),
     )
     sa = control_plane.serviceaccount_kubeconfig(kube_namespace, "sq-streamqueue-operator")
     ns = ["-n", kube_namespace]
     granted = [
-        ("patch", "deployments.apps"), ("create", "deployments.apps"), ("watch", "streamqueues.streamqueue.io"),
-        ("patch", "streamqueues.streamqueue.io", "--subresource=status"), ("get", "secrets"), ("create", "events"),
+        ("patch", "deployments.apps"),
+        ("create", "deployments.apps"),
+        ("watch", "streamqueues.streamqueue.io"),
+        ("patch", "streamqueues.streamqueue.io", "--subresource=status"),
+        ("get", "secrets"),
+        ("create", "events"),
         ("list", "pods"),
     ]
     for verb_resource in granted:
         assert _can_i(sa, control_plane, *verb_resource, *ns), verb_resource
     refused = [
-        ("delete", "deployments.apps", *ns), ("list", "secrets", *ns), ("create", "pods", *ns), ("get", "pods", *ns),
-        ("update", "roles.rbac.authorization.k8s.io", *ns), ("get", "deployments.apps", "-n", "default"),
-        ("create", "clusterroles.rbac.authorization.k8s.io"), ("delete", "streamqueues.streamqueue.io", *ns),
+        ("delete", "deployments.apps", *ns),
+        ("list", "secrets", *ns),
+        ("create", "pods", *ns),
+        ("get", "pods", *ns),
+        ("update", "roles.rbac.authorization.k8s.io", *ns),
+        ("get", "deployments.apps", "-n", "default"),
+        ("create", "clusterroles.rbac.authorization.k8s.io"),
+        ("delete", "streamqueues.streamqueue.io", *ns),
     ]
     for verb_resource in refused:
         assert not _can_i(sa, control_plane, *verb_resource), verb_resource

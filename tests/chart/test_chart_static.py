@@ -12,7 +12,11 @@ from tests.chart.helm import CHART, ROOT, by_kind, helm, render
 
 
 def test_helm_lint_passes_for_cluster_wide_and_namespaced_installs() -> None:
-    for extra in ([], ["--set", "watchNamespaces={team-a,team-b}"], ["--set", "metrics.serviceMonitor.enabled=true"]):
+    for extra in (
+        [],
+        ["--set", "watchNamespaces={team-a,team-b}"],
+        ["--set", "metrics.serviceMonitor.enabled=true"],
+    ):
         result = helm("lint", str(CHART), "--strict", *extra, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -55,7 +59,9 @@ def test_rbac_has_no_wildcards_and_no_destructive_verbs() -> None:
     for rule in rules:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], rule
-        assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+        assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"]), (
+            rule
+        )
     secrets = [r for r in rules if "secrets" in r["resources"]]
     assert secrets and all(r["verbs"] == ["get"] for r in secrets), "secrets: get only, never list/watch"
 
@@ -64,7 +70,10 @@ def test_watch_namespaces_gives_roles_in_those_namespaces_only() -> None:
     manifests = render("watchNamespaces={team-a,team-b}")
     assert not by_kind(manifests, "ClusterRole") and not by_kind(manifests, "ClusterRoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in by_kind(manifests, "Role")) == ["team-a", "team-b"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(manifests, "RoleBinding")) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(manifests, "RoleBinding")) == [
+        "team-a",
+        "team-b",
+    ]
     (deployment,) = by_kind(manifests, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args

@@ -18,7 +18,11 @@ def test_demo_scales_out_and_back_in(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{ROOT / '.tools' / 'bin'}:{os.environ['PATH']}"}
     result = subprocess.run(
         [sys.executable, "-m", "streamqueue_harness.demo", "--short", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=ROOT,
     )
     output = result.stdout + result.stderr
     operator_log = tmp_path / "operator.log"
@@ -27,4 +31,7 @@ def test_demo_scales_out_and_back_in(tmp_path: Path) -> None:
     assert result.returncode == 0, output
     assert "PASSED" in result.stdout
     # The live view showed the scale-out (desired above 1) and the return to zero.
-    assert any("desired=" in line and int(line.split("desired=")[1].split()[0]) > 1 for line in result.stdout.splitlines())
+    assert any(
+        "desired=" in line and int(line.split("desired=")[1].split()[0]) > 1
+        for line in result.stdout.splitlines()
+    )

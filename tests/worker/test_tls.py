@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from streamqueue import wire
 from streamqueue.connection import RedisConnectionSettings, connect
 from streamqueue.settings import WorkerSettings
-from streamqueue_harness.pki import _certificate_authority, _signed
+from streamqueue_harness.pki import certificate_authority, signed_certificate
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.processes import spawn, stop_groups
 
@@ -33,8 +33,10 @@ class TlsRedis:
 
 @pytest.fixture
 def tls_redis(tmp_path) -> Iterator[TlsRedis]:
-    ca = _certificate_authority(tmp_path, "streamqueue-test-ca")
-    server = _signed(tmp_path, ca, "redis", "/CN=redis", "serverAuth", ("IP:127.0.0.1", "DNS:localhost"))
+    ca = certificate_authority(tmp_path, "streamqueue-test-ca")
+    server = signed_certificate(
+        tmp_path, ca, "redis", "/CN=redis", "serverAuth", ("IP:127.0.0.1", "DNS:localhost")
+    )
     port = free_port()
     args = [
         shutil.which("redis-server") or "redis-server", "--port", "0", "--tls-port", str(port),
@@ -85,7 +87,7 @@ async def test_worker_answers_over_tls(tls_redis: TlsRedis, how: str) -> None:
 
 async def test_an_untrusted_server_certificate_is_refused(tls_redis: TlsRedis, tmp_path) -> None:
     (tmp_path / "other").mkdir()
-    other_ca = _certificate_authority(tmp_path / "other", "someone-else")
+    other_ca = certificate_authority(tmp_path / "other", "someone-else")
     r = connect(
         RedisConnectionSettings(
             redis_url=f"rediss://127.0.0.1:{tls_redis.port}/0", redis_tls_ca_file=other_ca.cert
