@@ -40,10 +40,16 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run `make setup` (Debian package redis-server)")
-        args = [
-            binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-            "--dir", str(self._dir), "--daemonize", "no", "--loglevel", "warning",
-        ]
+        options = {
+            "port": str(self.port),
+            "bind": self.host,
+            "save": "",  # no persistence: a stop is a real outage that loses data
+            "appendonly": "no",
+            "dir": str(self._dir),
+            "daemonize": "no",
+            "loglevel": "warning",
+        }
+        args = [binary, *(arg for name, value in options.items() for arg in (f"--{name}", value))]
         if self.password:
             args += ["--requirepass", self.password]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
