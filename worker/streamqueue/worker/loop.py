@@ -3,7 +3,8 @@
 Four tasks share one Redis client (each blocking read holds its own pooled connection):
 the reader (XREADGROUP ``>`` in batches sized to the free in-flight slots), the reclaimer
 (XAUTOCLAIM of entries idle past the claim time), the renewer (keeps long handlers' entries from
-looking idle) and the outbox flusher (reply XADD + XACK pipelines). Each entry runs in its own task.
+looking idle) and the outbox flusher (reply XADD + XACK pipelines). Entries run concurrently on a
+``ConsumerPool`` (no task per entry).
 ``request_stop`` starts the drain: reading stops, in-flight entries get the grace period, whatever is
 still unfinished is handed back to the group, and ``run`` returns.
 """
@@ -31,6 +32,7 @@ from ..handlers import Handler, Message, close_handler, load_handler
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
 from .backoff import Backoff
+from .consumers import ConsumerPool
 from .outbox import Outbox, OutboxAbandoned, StreamWrite, redis_fields
 from .reclaim import Delivery, PendingOwnership
 from .replies import chunk_fields, dead_letter_fields, error_reply_fields, reply_fields
@@ -104,10 +106,11 @@ class _Run:
         self.ready = False
         self.reading = False  # an XREADGROUP/XAUTOCLAIM is on the wire
         self.stop = asyncio.Event()
-        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.inflight: set[str] = set()  # ids taken from Redis and not yet committed or given up
         self.last_errors: OrderedDict[str, str] = OrderedDict()
         self.dead_letter_stream = s.dead_letter()
         self.slots = Slots(s.concurrency)
+        self.consumers: ConsumerPool[Delivery] = ConsumerPool(self._entry, "streamqueue-consumer")
         self.outbox = Outbox(redis, s.stream, s.group, metrics)
         self.pending = PendingOwnership(redis, s.stream, s.group, s.consumer, s.claim_idle_ms)
         inflight = self.inflight
@@ -241,13 +244,13 @@ class _Run:
     # --- one entry ----------------------------------------------------------------------------
 
     def _start(self, entry: Delivery) -> None:
-        """Run one entry in its own task; the caller has taken its slot.
+        """Queue one entry on the consumer pool; the caller has taken its slot.
 
         The slot (and the entry's place in ``inflight``, which keeps its claim renewed) is given back
         when the entry is committed, or at once if it ends without a commit (handler failure).
         """
-        task = asyncio.create_task(self._entry(entry))
-        self.inflight[entry.entry_id] = task
+        self.inflight.add(entry.entry_id)
+        self.consumers.submit(entry)
 
     async def _entry(self, entry: Delivery) -> None:
         handed_over = False
@@ -273,7 +276,7 @@ class _Run:
         self._release_slot(entry_id)
 
     def _release_slot(self, entry_id: str) -> None:
-        self.inflight.pop(entry_id, None)
+        self.inflight.discard(entry_id)
         self.slots.give()
 
     async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> _Commit | None:
@@ -399,12 +402,12 @@ class _Run:
         """Give in-flight entries the grace period; cancel what is left (it stays pending)."""
         try:
             await asyncio.wait_for(self.slots.wait_idle(), timeout=self.s.shutdown_grace_seconds)
-            return
         except TimeoutError:
-            left = list(self.inflight.values())
-            log.warning("grace period over: %d entries unfinished are handed back to the group", len(left))
-        self.outbox.abandon()
-        await _cancel(*left)
+            log.warning(
+                "grace period over: %d entries unfinished are handed back to the group", len(self.inflight)
+            )
+            self.outbox.abandon()
+        await _cancel(*self.consumers.tasks)  # also the idle ones, parked until cancelled
 
     async def _release(self) -> None:
         """Hand back every entry this consumer still owns, so other workers take it over at once."""
