@@ -39,7 +39,7 @@ class Queues:
     api: k8s.ApiClient
     redis_url: str
 
-    def apply(self, name: str, **scaling: Any) -> None:
+    def apply(self, name: str, housekeeping: dict[str, Any] | None = None, **scaling: Any) -> None:
         manifest = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "StreamQueue",
@@ -47,7 +47,7 @@ class Queues:
             "spec": {
                 "redis": {"url": self.redis_url},
                 "scaling": {"pollIntervalSeconds": 0.5, **scaling},
-                "housekeeping": {"intervalSeconds": 5},
+                "housekeeping": {"intervalSeconds": 5, **(housekeeping or {})},
             },
         }
         self.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
@@ -192,6 +192,37 @@ def test_scales_out_drains_scales_in_to_zero_and_wakes(
         runner.stop()
     replies = sum(r.xlen(f"ai_to_user:user{i}") for i in range(5))
     assert replies == 201
+
+
+def test_trimming_removes_only_what_every_group_has_processed(
+    sq: Queues, redis_server: RedisServer, start_operator: Any
+) -> None:
+    """A second group ("audit") lags behind the workers: the trim stops at its oldest pending entry,
+    then at its first undelivered one once it acknowledges; the workers' group never loses one."""
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    r.xgroup_create(STREAM, "audit", id="0")
+    push(r, 100)
+    ids = [entry_id for entry_id, _ in r.xrange(STREAM)]
+    r.xreadgroup("audit", "auditor", {STREAM: ">"}, count=30)
+    r.xack(STREAM, "audit", *ids[:20])  # audit: 20 acknowledged, 10 pending, 70 undelivered
+    start_operator()
+    sq.apply("trim", housekeeping={"trimStream": True}, minReplicas=1, maxReplicas=2)
+    runner = WorkerPodRunner(sq.plane.kubeconfig, sq.namespace, "streamqueue.io/queue=trim")
+    runner.start()
+    try:
+        workers = lambda: next(g for g in r.xinfo_groups(STREAM) if g["name"] == CGROUP.encode())  # noqa: E731
+        wait_for(lambda: workers()["lag"] == workers()["pending"] == 0, 60, "the workers to process all 100")
+        wait_for(lambda: r.xlen(STREAM) == 80, 20, "a trim up to audit's oldest pending entry")
+        assert r.xrange(STREAM, count=1)[0][0] == ids[20]
+
+        r.xack(STREAM, "audit", *ids[20:30])
+        wait_for(lambda: r.xlen(STREAM) == 70, 20, "a trim up to audit's first undelivered entry")
+        assert r.xrange(STREAM, count=1)[0][0] == ids[30]
+        assert len(r.xreadgroup("audit", "auditor", {STREAM: ">"}, count=100)[0][1]) == 70
+    finally:
+        runner.stop()
+    assert sum(r.xlen(f"ai_to_user:user{i}") for i in range(5)) == 100
 
 
 def test_redis_outage_holds_replicas_and_recovers(
