@@ -19,10 +19,10 @@ from kubernetes.client.rest import ApiException
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.redis_server import RedisServer
-from streamqueue_operator import permissions
 from streamqueue_operator.deployment import DEFAULT_WORKER_IMAGE
 from streamqueue_operator.models import GROUP, PLURAL, VERSION
 
+from tests.chart.helm import CHART, KUBE_VERSION, helm
 from tests.operator.conftest import wait_for
 
 pytestmark = pytest.mark.kube
@@ -313,32 +313,35 @@ def test_dead_consumers_removed_only_after_their_pending_entries_move(
     assert r.xinfo_groups(STREAM)[0]["pending"] == 0 and r.xlen(STREAM) == 6
 
 
-def test_runs_with_exactly_the_documented_permissions(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
+@pytest.mark.parametrize("scope", ["namespaced", "cluster-wide"])
+def test_does_its_whole_job_as_the_charts_service_account(
+    sq: Queues, redis_server: RedisServer, start_operator: Any, scope: str
 ) -> None:
-    rbac, meta = "rbac.authorization.k8s.io", {"name": "streamqueue-operator", "namespace": sq.namespace}
-    role = {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": meta, "rules": permissions.role_rules()}
-    binding = {"apiVersion": f"{rbac}/v1", "kind": "RoleBinding", "metadata": meta,
-               "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "streamqueue-operator"},
-               "subjects": [{"kind": "ServiceAccount", "name": "operator",
-                             "namespace": sq.namespace}]}  # fmt: skip
-    sq.plane.kubectl("create", "serviceaccount", "operator", "-n", sq.namespace)
-    sq.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
-    kubeconfig = sq.plane.serviceaccount_kubeconfig(sq.namespace, "operator")
-    operator = start_operator(kubeconfig=kubeconfig)
-
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 1)
-    (entry,) = r.xreadgroup(CGROUP, "gone", {STREAM: ">"}, count=1)[0][1]
-    r.xack(STREAM, CGROUP, entry[0])  # an idle dead consumer for housekeeping (needs pods: list)
-    push(r, 12)
-    sq.apply("rbac", minReplicas=1, maxReplicas=5)
-    wait_for(lambda: sq.replicas("rbac") == 3, 30, "create + scale as the service account")
-    wait_for(lambda: sq.get("rbac").get("status", {}).get("backlog") == 12, 15, "status")
-    wait_for(lambda: sq.scale_events("rbac"), 15, "an Event")
-    wait_for(lambda: not r.xinfo_consumers(STREAM, CGROUP), 20, "housekeeping as the service account")
-    assert "403" not in operator.logs() and "Forbidden" not in operator.logs(), operator.logs()[-3000:]
+    """With the chart's ServiceAccount and RBAC (a Role in the watched namespace, or the default
+    ClusterRole), the operator creates, scales, reports, records Events and cleans up consumers
+    without one refused request. The chart's RBAC is ``permissions.RULES`` (a chart test)."""
+    values = ["--set", f"watchNamespaces={{{sq.namespace}}}"] if scope == "namespaced" else []
+    manifests = helm(
+        "template", "rbac", str(CHART), "--namespace", sq.namespace, "--kube-version", KUBE_VERSION, *values
+    ).stdout
+    sq.plane.kubectl("apply", "-n", sq.namespace, "-f", "-", input=manifests)
+    try:
+        kubeconfig = sq.plane.serviceaccount_kubeconfig(sq.namespace, "rbac-streamqueue-operator")
+        operator = start_operator(kubeconfig=kubeconfig, scope=None if values else "--all-namespaces")
+        r = redis_server.client()
+        r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+        push(r, 1)
+        (entry,) = r.xreadgroup(CGROUP, "gone", {STREAM: ">"}, count=1)[0][1]
+        r.xack(STREAM, CGROUP, entry[0])  # an idle dead consumer for housekeeping (needs pods: list)
+        push(r, 12)
+        sq.apply("rbac", minReplicas=1, maxReplicas=5)
+        wait_for(lambda: sq.replicas("rbac") == 3, 30, "create + scale as the service account")
+        wait_for(lambda: sq.get("rbac").get("status", {}).get("backlog") == 12, 15, "status")
+        wait_for(lambda: sq.scale_events("rbac"), 15, "an Event")
+        wait_for(lambda: not r.xinfo_consumers(STREAM, CGROUP), 20, "housekeeping as the service account")
+        assert "403" not in operator.logs() and "Forbidden" not in operator.logs(), operator.logs()[-3000:]
+    finally:
+        sq.plane.kubectl("delete", "-n", sq.namespace, "--ignore-not-found", "-f", "-", input=manifests)
 
 
 def test_all_namespaces_mode_with_metrics_and_liveness(
