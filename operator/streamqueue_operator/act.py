@@ -1,7 +1,9 @@
 """Every write the operator makes to the Kubernetes API (and the reads those writes need).
 
 The kubernetes client is synchronous; calls run in a worker thread so one slow API request never
-stalls the other queues' poll loops. The Deployment's template is replaced with a JSON Patch (so a
+stalls the other queues' poll loops. Every call has a deadline: without one, a request on a
+connection that a network partition black-holed would wait for TCP to give up (many minutes) and
+hold its queue's poll loop the whole time. The Deployment's template is replaced with a JSON Patch (so a
 field removed from the StreamQueue disappears from the pod) while ``spec.replicas`` is only ever
 written by ``scale``: reconciling the template cannot undo a scaling decision.
 """
@@ -15,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
@@ -22,6 +25,12 @@ from kubernetes.client.rest import ApiException
 from .models import GROUP, PLURAL, VERSION, SecretKeyRef
 
 HASH_ANNOTATION = f"{GROUP}/template-hash"
+
+# (connect, read) seconds for every API request the operator makes outside kopf.
+REQUEST_TIMEOUT = (5.0, 15.0)
+
+# What a failed API request raises: an HTTP error status, or a connection that failed or timed out.
+API_ERRORS = (ApiException, urllib3.exceptions.HTTPError)
 
 
 class DeploymentConflict(Exception):
@@ -114,28 +123,36 @@ class Cluster:
     def _apply_deployment(self, manifest: dict[str, Any], initial_replicas: int) -> Applied:
         meta = manifest["metadata"]
         digest = template_hash(manifest)
+        name, namespace, timeout = meta["name"], meta["namespace"], REQUEST_TIMEOUT
         try:
-            existing = self._sanitized(self.apps.read_namespaced_deployment(meta["name"], meta["namespace"]))
+            existing = self._sanitized(
+                self.apps.read_namespaced_deployment(name, namespace, _request_timeout=timeout)
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
             body = {**manifest, "spec": {**manifest["spec"], "replicas": initial_replicas}}
             body["metadata"] = {**meta, "annotations": {HASH_ANNOTATION: digest}}
-            self.apps.create_namespaced_deployment(meta["namespace"], body)  # type: ignore[arg-type]
+            self.apps.create_namespaced_deployment(namespace, body, _request_timeout=timeout)  # type: ignore[arg-type]
             return Applied(created=True, changed=True)
         annotations = existing["metadata"].get("annotations") or {}
         if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
             return Applied(created=False, changed=False)
         patch = adoption_patch(existing, manifest, digest)
-        self.apps.patch_namespaced_deployment(meta["name"], meta["namespace"], patch)
+        self.apps.patch_namespaced_deployment(name, namespace, patch, _request_timeout=timeout)
         return Applied(created=False, changed=True)
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         body = {"spec": {"replicas": replicas}}
-        await asyncio.to_thread(self.apps.patch_namespaced_deployment, deployment, namespace, body)
+        await _call(self.apps.patch_namespaced_deployment, deployment, namespace, body)
+
+    async def deployment_replicas(self, namespace: str, deployment: str) -> int | None:
+        """``spec.replicas`` read from the API server itself, for when the watch may be behind."""
+        found = await _call(self.apps.read_namespaced_deployment, deployment, namespace)
+        return found.spec.replicas if found.spec else None
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await asyncio.to_thread(
+        await _call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP,
             VERSION,
@@ -148,18 +165,20 @@ class Cluster:
     async def secret_value(self, namespace: str, ref: SecretKeyRef) -> str:
         """One key of a Secret, decoded; a clear error names the Secret and key when it is missing."""
         try:
-            secret = await asyncio.to_thread(self.core.read_namespaced_secret, ref.name, namespace)
-        except ApiException as exc:
-            raise LookupError(
-                f"cannot read Secret {namespace}/{ref.name}: {exc.status} {exc.reason}"
-            ) from exc
+            secret = await _call(self.core.read_namespaced_secret, ref.name, namespace)
+        except API_ERRORS as exc:
+            why = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc)
+            raise LookupError(f"cannot read Secret {namespace}/{ref.name}: {why}") from exc
         data = secret.data or {}
         if ref.key not in data:
             raise LookupError(f"Secret {namespace}/{ref.name} has no key {ref.key!r}")
         return base64.b64decode(data[ref.key]).decode()
 
     async def pod_names(self, namespace: str, label_selector: str) -> set[str]:
-        pods = await asyncio.to_thread(
-            self.core.list_namespaced_pod, namespace, label_selector=label_selector
-        )
+        pods = await _call(self.core.list_namespaced_pod, namespace, label_selector=label_selector)
         return {p.metadata.name for p in pods.items if p.metadata and p.metadata.name}
+
+
+async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """One API request in a worker thread, with the operator's deadline."""
+    return await asyncio.to_thread(method, *args, _request_timeout=REQUEST_TIMEOUT, **kwargs)

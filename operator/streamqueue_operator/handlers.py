@@ -51,6 +51,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING  # our own Events are posted explicitly with kopf.event
     settings.scanning.disabled = True  # no cluster-wide CRD/namespace watch: least privilege
     settings.peering.standalone = True
+    # kopf's defaults wait without limit to connect and up to 5 minutes per request; through a
+    # network partition that would freeze finalizer and event writes long after the API is back.
+    settings.networking.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.watching.connect_timeout = 10
     if "config" not in memo:
         memo.config = OperatorConfig.from_env()
     # Every API call runs in a thread; asyncio's default pool (cores + 4) would queue hundreds of

@@ -21,6 +21,11 @@ SCALE_EVENTS = Counter(
     "streamqueue_scale_events", "Replica changes made by the scaler.", (*_LABELS, "direction", "reason")
 )
 REDIS_ERRORS = Counter("streamqueue_redis_errors", "Polls that could not read Redis.", _LABELS)
+API_ERRORS = Counter(
+    "streamqueue_api_errors",
+    "Kubernetes API requests that failed or timed out, by what the scaler was doing.",
+    (*_LABELS, "operation"),
+)
 STATUS_WRITES = Counter("streamqueue_status_writes", "Status patches sent to the API server.", _LABELS)
 CONSUMERS_DELETED = Counter(
     "streamqueue_dead_consumers_deleted", "Consumers removed after their Pod was gone.", _LABELS
@@ -30,7 +35,8 @@ ENTRIES_TRIMMED = Counter("streamqueue_entries_trimmed", "Entries removed by saf
 _GAUGES = (BACKLOG, PENDING, LAG, LAG_ESTIMATED, DESIRED, CURRENT)
 
 
-def record_poll(namespace: str, name: str, obs: Observation, decision: Decision, current: int) -> None:
+def record_observation(namespace: str, name: str, obs: Observation) -> None:
+    """Recorded before any API call, so the backlog stays visible while the API server is not."""
     labels = (namespace, name)
     if obs.error:
         REDIS_ERRORS.labels(*labels).inc()
@@ -39,8 +45,11 @@ def record_poll(namespace: str, name: str, obs: Observation, decision: Decision,
         PENDING.labels(*labels).set(obs.pending)
         LAG.labels(*labels).set(obs.lag)
         LAG_ESTIMATED.labels(*labels).set(int(obs.lag_estimated))
-    DESIRED.labels(*labels).set(decision.desired)
-    CURRENT.labels(*labels).set(current)
+
+
+def record_replicas(namespace: str, name: str, decision: Decision, current: int) -> None:
+    DESIRED.labels(namespace, name).set(decision.desired)
+    CURRENT.labels(namespace, name).set(current)
 
 
 def record_scale(namespace: str, name: str, before: int, after: int, reason: str) -> None:

@@ -21,7 +21,7 @@ import redis
 import redis.asyncio
 
 from . import housekeeping, metrics, redis_access, status
-from .act import Cluster
+from .act import API_ERRORS, Cluster
 from .decide import Decision, ScalerState, decide
 from .deployment import deployment_name, selector_labels
 from .models import RedisSpec, StreamQueueSpec, parse_spec
@@ -113,14 +113,36 @@ class QueueScaler:
             await self._client[1].aclose()
             self._client = None
 
-    def _current(self, replicas: Replicas, now: float) -> int:
-        """The Deployment's replicas; our own patch wins until the watch has caught up with it."""
-        if self._patched is not None:
-            value, before, at = self._patched
-            if replicas.desired == before and now - at < PATCH_TRUST_SECONDS:
-                return value
+    async def _current(self, replicas: Replicas, now: float) -> int:
+        """The Deployment's replicas; our own patch wins until the watch has caught up with it.
+
+        A watch can stay behind for a minute (after a network partition kopf reconnects only once
+        the stream has been silent for its inactivity timeout); trusting it then would re-send
+        the same patch, and its Event, every poll. So once the trust period ends with the watch
+        still showing the old count, the API server is asked.
+        """
+        if self._patched is None:
+            return replicas.desired
+        value, before, at = self._patched
+        if replicas.desired != before:
             self._patched = None
-        return replicas.desired
+            return replicas.desired
+        if now - at < PATCH_TRUST_SECONDS:
+            return value
+        try:
+            actual = await self.cluster.deployment_replicas(self.namespace, self.deployment)
+        except API_ERRORS as exc:
+            self._api_error("read", exc)
+            return value
+        if actual == value:
+            self._patched = (value, before, now)
+            return value
+        self._patched = None
+        return replicas.desired if actual is None else actual
+
+    def _api_error(self, operation: str, exc: Exception) -> None:
+        metrics.API_ERRORS.labels(self.namespace, self.name, operation).inc()
+        self.log.warning("Kubernetes API %s failed, holding and retrying: %s", operation, exc)
 
     def seed(self, previous_status: dict[str, Any]) -> None:
         """Take over what the last operator instance wrote, so a restart changes nothing by itself."""
@@ -133,31 +155,42 @@ class QueueScaler:
         """One step; returns the poll interval to sleep before the next."""
         spec = self.spec(body)
         obs = await self._observe(spec)
+        metrics.record_observation(self.namespace, self.name, obs)
         now = obs.at
         if replicas is None:  # not created yet, or not ours to scale (deployment_error says why)
             if self.deployment_error:
                 held = Decision(0, "DeploymentError", self.deployment_error)
                 await self._write_status(body, obs, held, current=0, ready=0)
             return spec.scaling.poll_interval_seconds
-        current = self._current(replicas, now)
+        current = await self._current(replicas, now)
         if self._state is None:
             self._state = ScalerState.seeded(now, current)
         decision, self._state = decide(spec.scaling, self._state, obs, current, replicas.ready)
         if decision.desired != current:
-            await self.cluster.scale(self.namespace, self.deployment, decision.desired)
-            self._patched = (decision.desired, replicas.desired, now)
-            self._last_scale = (status.now_iso(), f"{decision.reason}: {decision.message}")
-            metrics.record_scale(self.namespace, self.name, current, decision.desired, decision.reason)
-            on_scale(current, decision.desired, decision)
-            self.log.info(
-                "scaled %s -> %s (%s: %s)", current, decision.desired, decision.reason, decision.message
-            )
-            current = decision.desired
-        metrics.record_poll(self.namespace, self.name, obs, decision, current)
+            current = await self._scale(current, replicas.desired, decision, now, on_scale)
+        metrics.record_replicas(self.namespace, self.name, decision, current)
         await self._write_status(body, obs, decision, current, replicas.ready)
         if obs.ok:
             await self._housekeeping(spec, now)
         return spec.scaling.poll_interval_seconds
+
+    async def _scale(
+        self, current: int, watched: int, decision: Decision, now: float, on_scale: ScaleCallback
+    ) -> int:
+        """Patch the replica count; on an API error keep the current count and retry next poll."""
+        try:
+            await self.cluster.scale(self.namespace, self.deployment, decision.desired)
+        except API_ERRORS as exc:
+            self._api_error("scale", exc)
+            return current
+        self._patched = (decision.desired, watched, now)
+        self._last_scale = (status.now_iso(), f"{decision.reason}: {decision.message}")
+        metrics.record_scale(self.namespace, self.name, current, decision.desired, decision.reason)
+        on_scale(current, decision.desired, decision)
+        self.log.info(
+            "scaled %s -> %s (%s: %s)", current, decision.desired, decision.reason, decision.message
+        )
+        return decision.desired
 
     async def _write_status(
         self, body: Mapping[str, Any], obs: Observation, decision: Decision, current: int, ready: int
@@ -188,6 +221,9 @@ class QueueScaler:
         """Patch status off the poll path, so a slow API server never delays the next observation."""
         try:
             await self.cluster.patch_status(self.namespace, self.name, new)
+        except API_ERRORS as exc:
+            self._api_error("status", exc)
+            return
         except Exception:
             self.log.exception("status write failed; retrying on the next poll")
             return
@@ -213,3 +249,5 @@ class QueueScaler:
                 metrics.ENTRIES_TRIMMED.labels(self.namespace, self.name).inc(trimmed)
         except (redis.RedisError, OSError) as exc:
             self.log.warning("housekeeping skipped: %s", exc)
+        except API_ERRORS as exc:
+            self._api_error("housekeeping", exc)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,8 @@ import redis
 import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
+from prometheus_client.parser import text_string_to_metric_families
+from streamqueue_harness.partition import PartitionProxy
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.redis_server import RedisServer
@@ -365,6 +369,68 @@ def test_all_namespaces_mode_with_metrics_and_liveness(
     assert f'streamqueue_scale_events_total{{direction="up",{labels},reason="Backlog"}}' in text
     with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5) as health:
         assert health.status == 200
+
+
+def metric(port: int, sample_name: str, labels: dict[str, str]) -> float | None:
+    """One sample from the operator's /metrics, or None if it has not been recorded."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def kubeconfig_via(kubeconfig: Path, proxy: PartitionProxy, directory: Path) -> Path:
+    """The same credentials, pointed at the proxy (the server certificate is for 127.0.0.1)."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = f"https://{proxy.address}"
+    path = directory / "via-proxy.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_api_partition_holds_reports_and_recovers(
+    sq: Queues, redis_server: RedisServer, start_operator: Any, tmp_path: Path
+) -> None:
+    """Operator and API server partitioned (requests hang; nothing is refused): replicas are held,
+    the backlog stays visible in the metrics and the failed requests are counted. Once the network
+    heals the operator scales to the backlog, and does not re-send that patch while its watch,
+    cut by the partition, still shows the old count."""
+    server = urllib.parse.urlsplit(
+        yaml.safe_load(sq.plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    )
+    with PartitionProxy(server.hostname or "127.0.0.1", server.port or 443) as proxy:
+        port = free_port()
+        start_operator(
+            f"--metrics-port={port}", kubeconfig=kubeconfig_via(sq.plane.kubeconfig, proxy, tmp_path)
+        )
+        r = redis_server.client()
+        r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+        push(r, 3)
+        sq.apply("cut", minReplicas=1, maxReplicas=5)
+        wait_for(lambda: sq.replicas("cut") == 1 and sq.get("cut").get("status", {}).get("backlog") == 3,
+                 30, "1 replica and a status for a backlog of 3")  # fmt: skip
+        labels = {"namespace": sq.namespace, "name": "cut"}
+        up = {**labels, "direction": "up"}
+
+        proxy.partition()
+        push(r, 22)  # backlog 25: 5 replicas at the default 5 per replica
+        wait_for(lambda: metric(port, "streamqueue_backlog", labels) == 25, 15,
+                 "the backlog in the metrics while the API server is unreachable")  # fmt: skip
+        wait_for(lambda: metric(port, "streamqueue_api_errors_total", {**labels, "operation": "scale"}), 60,
+                 "a scale request that timed out, counted")  # fmt: skip
+        assert sq.replicas("cut") == 1
+        assert sq.get("cut")["status"]["backlog"] == 3
+
+        proxy.heal()
+        wait_for(lambda: sq.replicas("cut") == 5, 60, "the scale-up once the API server is reachable")
+        scaled_up = wait_for(lambda: metric(port, "streamqueue_scale_events_total", up),
+                             10, "the scale-up counted")  # fmt: skip
+        wait_for(lambda: sq.get("cut")["status"]["backlog"] == 25, 60, "the status to catch up")
+        samples = steady(lambda: metric(port, "streamqueue_scale_events_total", up), 8)
+        assert set(samples) == {scaled_up}  # the patch was not re-sent while the watch was behind
+        assert sq.replicas("cut") == 5
 
 
 def test_spec_changes_update_the_template_but_never_the_replicas(
