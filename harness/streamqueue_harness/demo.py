@@ -200,11 +200,11 @@ class Screen:
         if self.tty:
             sys.stdout.write("\x1b[H\x1b[2J" + render(seen, cfg, phase) + "\n")
             sys.stdout.flush()
-        elif time.monotonic() - self._last_line >= 1.0:
+        elif phase == "done" or time.monotonic() - self._last_line >= 1.0:
             self._last_line = time.monotonic()
             t = time.monotonic() - seen.started
             print(
-                f"[demo t={t:5.1f}s] {phase:<22} backlog={seen.backlog} desired={seen.desired} "
+                f"[demo t={t:5.1f}s] {phase:<26} backlog={seen.backlog} desired={seen.desired} "
                 f"current={seen.current} ready={seen.ready} processes={seen.processes} "
                 f"replies={sum(seen.replies.values())}/{seen.sent}",
                 flush=True,
@@ -242,9 +242,8 @@ async def run_load_and_watch(
         load = asyncio.create_task(send_bursts(client, cfg, seen))
         while time.monotonic() < deadline:
             await asyncio.to_thread(view.refresh, seen, runner)
-            phase = "sending bursts" if not load.done() else "draining / scaling in"
-            screen.show(seen, cfg, phase)
-            if load.done() and seen.scaled_in_at is not None:
+            screen.show(seen, cfg, _phase(load.done(), seen))
+            if load.done() and seen.scaled_in_at is not None and seen.processes == 0:
                 break
             await asyncio.sleep(0.5)
         if load.done():
@@ -255,6 +254,14 @@ async def run_load_and_watch(
     return seen
 
 
+def _phase(load_done: bool, seen: Observed) -> str:
+    if not load_done:
+        return "sending bursts"
+    if seen.scaled_in_at is None:
+        return "draining / scaling in"
+    return "workers exiting (SIGTERM)"
+
+
 def verdict(seen: Observed, cfg: DemoConfig) -> tuple[bool, str]:
     """Did the queue scale out and back to zero, with every user's replies delivered to that user?"""
     total = sum(seen.replies.values())
@@ -263,6 +270,8 @@ def verdict(seen: Observed, cfg: DemoConfig) -> tuple[bool, str]:
         problems.append(f"never scaled out (peak {seen.max_replicas} replicas)")
     if seen.scaled_in_at is None:
         problems.append("did not scale back in to zero before the deadline")
+    elif seen.processes:
+        problems.append(f"{seen.processes} worker processes still running after the scale-in")
     if total != seen.sent or seen.wrong_user_replies:
         problems.append(f"{total}/{seen.sent} replies, {seen.wrong_user_replies} to the wrong request")
     out_after = (seen.scaled_out_at or seen.started) - seen.started

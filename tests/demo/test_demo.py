@@ -30,8 +30,7 @@ def test_demo_scales_out_and_back_in(tmp_path: Path) -> None:
         output += "\n--- operator log (tail) ---\n" + "\n".join(operator_log.read_text().splitlines()[-40:])
     assert result.returncode == 0, output
     assert "PASSED" in result.stdout
-    # The live view showed the scale-out (desired above 1) and the return to zero.
-    assert any(
-        "desired=" in line and int(line.split("desired=")[1].split()[0]) > 1
-        for line in result.stdout.splitlines()
-    )
+    # The live view showed the scale-out (desired above 1), then zero replicas and no worker left.
+    lines = [line for line in result.stdout.splitlines() if "desired=" in line]
+    assert any(int(line.split("desired=")[1].split()[0]) > 1 for line in lines)
+    assert "desired=0 current=0 ready=0 processes=0" in lines[-1]
