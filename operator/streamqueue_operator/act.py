@@ -3,9 +3,11 @@
 The kubernetes client is synchronous; calls run in a worker thread so one slow API request never
 stalls the other queues' poll loops. Every call has a deadline: without one, a request on a
 connection that a network partition black-holed would wait for TCP to give up (many minutes) and
-hold its queue's poll loop the whole time. The Deployment's template is replaced with a JSON Patch (so a
-field removed from the StreamQueue disappears from the pod) while ``spec.replicas`` is only ever
-written by ``scale``: reconciling the template cannot undo a scaling decision.
+hold its queue's poll loop the whole time.
+
+The Deployment's template is replaced with a JSON Patch (so a field removed from the StreamQueue
+disappears from the pod) while ``spec.replicas`` is only ever written by ``scale``: reconciling
+the template cannot undo a scaling decision.
 """
 
 from __future__ import annotations
@@ -118,28 +120,23 @@ class Cluster:
 
     async def apply_deployment(self, manifest: dict[str, Any], initial_replicas: int) -> Applied:
         """Create the worker Deployment, or adopt and update an existing one (template only)."""
-        return await asyncio.to_thread(self._apply_deployment, manifest, initial_replicas)
-
-    def _apply_deployment(self, manifest: dict[str, Any], initial_replicas: int) -> Applied:
         meta = manifest["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
         digest = template_hash(manifest)
-        name, namespace, timeout = meta["name"], meta["namespace"], REQUEST_TIMEOUT
         try:
-            existing = self._sanitized(
-                self.apps.read_namespaced_deployment(name, namespace, _request_timeout=timeout)
-            )
+            existing = self._sanitized(await _call(self.apps.read_namespaced_deployment, name, namespace))
         except ApiException as exc:
             if exc.status != 404:
                 raise
             body = {**manifest, "spec": {**manifest["spec"], "replicas": initial_replicas}}
             body["metadata"] = {**meta, "annotations": {HASH_ANNOTATION: digest}}
-            self.apps.create_namespaced_deployment(namespace, body, _request_timeout=timeout)  # type: ignore[arg-type]
+            await _call(self.apps.create_namespaced_deployment, namespace, body)
             return Applied(created=True, changed=True)
         annotations = existing["metadata"].get("annotations") or {}
         if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
             return Applied(created=False, changed=False)
         patch = adoption_patch(existing, manifest, digest)
-        self.apps.patch_namespaced_deployment(name, namespace, patch, _request_timeout=timeout)
+        await _call(self.apps.patch_namespaced_deployment, name, namespace, patch)
         return Applied(created=False, changed=True)
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:

@@ -397,9 +397,7 @@ def test_api_partition_holds_reports_and_recovers(
     the backlog stays visible in the metrics and the failed requests are counted. Once the network
     heals the operator scales to the backlog, and does not re-send that patch while its watch,
     cut by the partition, still shows the old count."""
-    server = urllib.parse.urlsplit(
-        yaml.safe_load(sq.plane.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
-    )
+    server = urllib.parse.urlsplit(sq.plane.server)
     with PartitionProxy(server.hostname or "127.0.0.1", server.port or 443) as proxy:
         port = free_port()
         start_operator(
