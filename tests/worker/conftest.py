@@ -83,6 +83,12 @@ def has_group(r: redis.Redis) -> bool:
         return False
 
 
+def acl_user(r: redis.Redis, name: str, *commands: str) -> dict[str, str]:
+    """Create an ACL user allowed ``+@all`` and ``commands`` on every key; returns its settings overrides."""
+    r.acl_setuser(name, enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", *commands])
+    return {"redis_username": name, "redis_password": "pw"}
+
+
 @pytest.fixture
 def settings(redis_server) -> Callable[..., WorkerSettings]:
     """Worker settings for tests: short BLOCK and claim times, no health port."""

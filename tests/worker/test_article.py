@@ -1,22 +1,28 @@
-"""A client written the article's way works unchanged against the streamqueue worker.
+"""Clients written the article's way work unchanged against the streamqueue worker.
 
 The article's client is synchronous redis-py: a plain XADD of user_id/message/timestamp to
-``user_messages_queue`` (no request_id), then XREAD on ``ai_to_user:<user_id>`` reading ``response``.
-The worker runs as its own process with nothing but the Redis URL configured, so its defaults must be
-the article's names.
+``user_messages_queue`` (no request_id), then it reads ``response`` from ``ai_to_user:<user_id>``,
+either with plain XREAD or through a consumer group of its own. The worker runs as its own process
+with nothing but the Redis URL configured, so its defaults must be the article's names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 import redis
+from streamqueue_harness.redis_server import RedisServer
+
+from tests.worker.conftest import WorkerProcesses, wait_for
 
 ARTICLE_STREAM = "user_messages_queue"
 ARTICLE_GROUP = "ai_service_group"
@@ -102,3 +108,143 @@ def test_article_client_gets_echo_replies_on_its_own_stream(redis_server, worker
 def _backlog(r: redis.Redis) -> tuple[int, int]:
     group = next(g for g in r.xinfo_groups(ARTICLE_STREAM) if g["name"] == ARTICLE_GROUP)
     return group["pending"], group["lag"]
+
+
+class _ReplyReader:
+    """One of the article's user clients reading ``ai_to_user:<user_id>`` on its own connection and thread.
+
+    Replies are handed over through a queue; Redis errors are recorded (the article's loops log them
+    and carry on) so a test can assert there were none. ``stop`` wakes a blocked read with CLIENT
+    UNBLOCK instead of waiting out its BLOCK.
+    """
+
+    def __init__(self, server: RedisServer, user_id: str) -> None:
+        self.key = f"{ARTICLE_REPLY_PREFIX}{user_id}"
+        # A socket timeout above BLOCK 5000: redis-py 8's default (5 s) would cut the read and reconnect.
+        self.conn = server.client(decode_responses=True, single_connection_client=True, socket_timeout=15)
+        self.admin = server.client(decode_responses=True)
+        self.client_id = self.conn.client_id()
+        self.replies: queue.Queue[dict[str, str]] = queue.Queue()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"reader-{user_id}", daemon=True)
+
+    def start(self) -> _ReplyReader:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._read_once()
+            except redis.ResponseError as exc:
+                self.errors.append(str(exc))
+                self._stop.wait(0.1)
+
+    def _read_once(self) -> None:
+        raise NotImplementedError
+
+    def receive(self, n: int, within: float = 20) -> list[dict[str, str]]:
+        """The next ``n`` replies, waiting at most ``within`` seconds in all."""
+        deadline = time.monotonic() + within
+        got = []
+        for _ in range(n):
+            try:
+                got.append(self.replies.get(timeout=max(deadline - time.monotonic(), 0)))
+            except queue.Empty:
+                raise AssertionError(
+                    f"{self.key}: {len(got)} of {n} replies within {within}s; errors: {self.errors[-3:]}"
+                ) from None
+        return got
+
+    def stop(self) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + 10
+        while self._thread.is_alive():
+            assert time.monotonic() < deadline, f"reader of {self.key} did not stop"
+            self.admin.client_unblock(self.client_id)
+            self._thread.join(0.05)
+        self.conn.close()
+
+
+class XreadReader(_ReplyReader):
+    """The article's plain reader: XREAD BLOCK from ``$``, then on from the last entry it got."""
+
+    last_id = "$"
+
+    def start(self) -> XreadReader:
+        super().start()
+        # ``$`` means "after whatever is there when the read arrives": only once the read blocks on
+        # the server may a reply be written, or the reader would rightly never see it.
+        wait_for(lambda: _blocked(self.admin, self.client_id), 10, f"{self.key}'s reader to block")
+        return self
+
+    def _read_once(self) -> None:
+        for _, entries in self.conn.xread({self.key: self.last_id}, count=1, block=5000) or []:
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                self.replies.put(fields)
+
+
+class GroupReader(_ReplyReader):
+    """The article's group reader: ``XGROUP CREATE <key> wsgroup_<u> 0 MKSTREAM`` once, then
+    ``XREADGROUP GROUP wsgroup_<u> consumer_<u> COUNT 1 BLOCK 5000 STREAMS <key> >`` and XACK."""
+
+    def __init__(self, server: RedisServer, user_id: str) -> None:
+        super().__init__(server, user_id)
+        self.group, self.consumer = f"wsgroup_{user_id}", f"consumer_{user_id}"
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: created by an earlier session
+            self.conn.xgroup_create(self.key, self.group, id="0", mkstream=True)
+
+    def _read_once(self) -> None:
+        result = self.conn.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=1, block=5000)
+        for _, entries in result or []:
+            for entry_id, fields in entries:
+                self.replies.put(fields)
+                self.conn.xack(self.key, self.group, entry_id)
+
+
+def _blocked(admin: redis.Redis, client_id: int) -> bool:
+    [info] = admin.client_list(client_id=[client_id])
+    return "b" in info["flags"]
+
+
+def _round(readers: list[_ReplyReader], label: str, n: int = 3) -> None:
+    """Each reader's user sends ``n`` messages and must get exactly their ``n`` echoes, one user after
+    the other (so the last reader's stream is the last one written to)."""
+    for reader in readers:
+        user = ArticleClient(reader.admin, reader.key.removeprefix(ARTICLE_REPLY_PREFIX))
+        for i in range(n):
+            user.send(f"{label} {i}")
+        got = sorted(reply["response"] for reply in reader.receive(n))
+        assert got == [f"Echo: {label} {i}" for i in range(n)]
+
+
+def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+
+
+def test_plain_and_group_readers_get_every_reply_across_expiry_and_a_worker_restart(
+    redis_server: RedisServer, worker_processes: WorkerProcesses
+) -> None:
+    r = redis_server.client(decode_responses=True)
+    worker = worker_processes.start("article-a", reply_ttl_seconds="1")
+    plain, grouped = XreadReader(redis_server, "alice").start(), GroupReader(redis_server, "bob").start()
+    try:
+        _round([grouped, plain], "first")  # bob's last reply is written before alice's
+        assert r.ttl(grouped.key) == -1
+        # Idle past the TTL: alice's stream, read plainly, goes (one-time users leave no key behind)...
+        wait_for(lambda: not r.exists(plain.key), 15, "alice's idle reply stream to expire")
+        # ...bob's, read through a group, stays with its group although it has been idle even longer.
+        assert r.ttl(grouped.key) == -1
+        assert [g["name"] for g in r.xinfo_groups(grouped.key)] == ["wsgroup_bob"]
+        _round([grouped, plain], "after idle")
+        _stop_worker(worker)
+        worker_processes.start("article-b", reply_ttl_seconds="1")
+        _round([grouped, plain], "after restart")
+        assert r.ttl(grouped.key) == -1 and r.xinfo_groups(grouped.key)[0]["pending"] == 0
+    finally:
+        plain.stop()
+        grouped.stop()
+    assert plain.errors == [] and grouped.errors == []

@@ -16,6 +16,7 @@ from streamqueue.handlers import Message
 from tests.worker.conftest import (
     GROUP,
     STREAM,
+    acl_user,
     answered_request_ids,
     async_wait_for,
     group_settled,
@@ -283,11 +284,7 @@ async def test_in_flight_never_exceeds_concurrency(raw, settings, workers, concu
 
 
 async def test_replies_flow_for_an_acl_user_that_may_not_run_scripts(raw, settings, workers, caplog) -> None:
-    raw.acl_setuser(
-        "noscript", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-@scripting"]
-    )
-    s = settings(redis_username="noscript", redis_password="pw")
-    await workers.start(s)
+    await workers.start(settings(**acl_user(raw, "noscript", "-@scripting")))
     for i in range(5):
         send(raw, "lena", f"m{i}", request_id=str(i))
     await async_wait_for(lambda: group_settled(raw), what="replies committed with pipelines")

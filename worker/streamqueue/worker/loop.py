@@ -3,8 +3,8 @@
 Four tasks share one Redis client (each blocking read holds its own pooled connection):
 the reader (XREADGROUP ``>`` in batches sized to the free in-flight slots), the reclaimer
 (XAUTOCLAIM of entries idle past the claim time), the renewer (keeps long handlers' entries from
-looking idle) and the outbox flusher (reply XADD + XACK pipelines). Entries run concurrently on a
-``ConsumerPool`` (no task per entry).
+looking idle) and the outbox flusher (reply XADDs, their streams' lifetime and the XACK in one
+script call per batch). Entries run concurrently on a ``ConsumerPool`` (no task per entry).
 ``request_stop`` starts the drain: reading stops, in-flight entries get the grace period, whatever is
 still unfinished is handed back to the group, and ``run`` returns.
 """
@@ -339,22 +339,20 @@ class _Run:
     async def _stream_chunks(self, chunks: AsyncIterator[str], msg: Message, key: str) -> str:
         """Write each chunk as it is produced (if enabled) and return the whole text for the final reply.
 
-        The first chunk also sets the stream's expiry: should the handler fail halfway, the chunks
-        already written must not leave a key without a TTL behind.
+        The first chunk goes through the outbox to get the stream's lifetime as a reply would: should
+        the handler fail halfway, the chunks already written must not leave a key without a TTL behind
+        (nor expire a stream its user reads through a consumer group).
         """
         s = self.s
         parts: list[str] = []
         async for chunk in chunks:
             text = str(chunk)
             if s.stream_replies:
-                fields = redis_fields(chunk_fields(s.consumer, msg.request_id, text, len(parts)))
+                fields = chunk_fields(s.consumer, msg.request_id, text, len(parts))
                 if parts:
-                    await self.redis.xadd(key, fields, maxlen=s.reply_maxlen, approximate=True)
+                    await self.redis.xadd(key, redis_fields(fields), maxlen=s.reply_maxlen, approximate=True)
                 else:
-                    pipe = self.redis.pipeline(transaction=False)
-                    pipe.xadd(key, fields, maxlen=s.reply_maxlen, approximate=True)
-                    pipe.expire(key, s.reply_ttl_seconds)
-                    await pipe.execute()
+                    await self.outbox.write_now(StreamWrite(key, fields, s.reply_maxlen, s.reply_ttl_seconds))
             parts.append(text)
         return "".join(parts)
 

@@ -4,10 +4,18 @@ At-least-once hinges on order: an entry is acknowledged only together with, and 
 answer it. Finished entries queue here and one flusher commits everything queued so far in a single
 round trip, so a busy worker pays one RTT for many replies while an idle one pays no delay.
 
-The commit is one Lua script call per batch: every XADD, one EXPIRE per key and the XACK run
-atomically on the server, so a lost connection can no longer leave replies written but unacknowledged,
-and the client encodes one command instead of hundreds (redis-py spends far more time per command than
-Redis does). If the ACL user may not run scripts (NOPERM), the same commands go as a pipeline instead.
+The commit is one Lua script call per batch: every XADD, one lifetime step per reply stream and the
+XACK run atomically on the server, so a lost connection can no longer leave replies written but
+unacknowledged, and the client encodes one command instead of hundreds (redis-py spends far more time
+per command than Redis does). If the ACL user may not run scripts (NOPERM), the same commands go as a
+pipeline instead.
+
+The lifetime step decides whether a reply stream may expire. A stream read with plain XREAD is only
+ever read from a position its reader keeps, so it can expire after an idle TTL and be recreated by the
+next reply. A stream read through a consumer group (the article's user client creates one) must not:
+the group lives inside the key, so an expiry would delete it and its reader would get NOGROUP forever.
+So a stream with a group gets PERSIST (which also clears a TTL set before the group existed) and one
+without gets EXPIRE; ``XINFO GROUPS`` decides, once per stream per batch, inside the same script.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ MAX_BATCH = 500
 
 @dataclass(frozen=True)
 class StreamWrite:
-    """One XADD; ``maxlen`` trims approximately and ``ttl_s`` (re)sets the key's idle expiry."""
+    """One XADD; ``maxlen`` trims approximately and ``ttl_s`` (re)sets the key's idle expiry, unless
+    the stream is read through a consumer group (then it is made persistent: see the module doc)."""
 
     key: str
     fields: dict[str, str]
@@ -113,42 +122,55 @@ class Outbox:
                 _report(batch, None)
                 break
 
+    async def write_now(self, write: StreamWrite) -> None:
+        """Write one entry at once, outside any commit (a streamed reply's first chunk).
+
+        It takes the same path as a commit, so the chunk's stream gets the same lifetime rule as the
+        final reply will: a handler that fails halfway leaves chunks that expire, unless the stream is
+        read through a group. Connection errors propagate: the entry then stays pending.
+        """
+        await self._write([write], [])
+
     async def _commit(self, batch: list[_Finished]) -> None:
+        await self._write([w for item in batch for w in item.writes], [item.entry_id for item in batch])
+
+    async def _write(self, writes: list[StreamWrite], ack_ids: list[str]) -> None:
         if self._use_script:
             try:
-                await self._commit_script(batch)
+                await self._write_script(writes, ack_ids)
                 return
             except NoPermissionError as exc:
                 log.warning("cannot run the commit script (%s); committing with pipelines instead", exc)
                 self._use_script = False
-        await self._commit_pipeline(batch)
+        await self._write_pipeline(writes, ack_ids)
 
-    async def _commit_script(self, batch: list[_Finished]) -> None:
+    async def _write_script(self, writes: list[StreamWrite], ack_ids: list[str]) -> None:
         keys: dict[str, int] = {self._stream: 1}
-        writes = []
-        for item in batch:
-            for write in item.writes:
-                index = keys.setdefault(write.key, len(keys) + 1)
-                flat = [part for pair in write.fields.items() for part in pair]
-                writes.append([index, write.maxlen or 0, write.ttl_s or 0, flat])
+        flat_writes = []
+        for write in writes:
+            index = keys.setdefault(write.key, len(keys) + 1)
+            flat = [part for pair in write.fields.items() for part in pair]
+            flat_writes.append([index, write.maxlen or 0, write.ttl_s or 0, flat])
         # One JSON argument instead of a dozen per reply: redis-py encodes each argument in Python,
         # json.dumps runs in C, and Redis decodes it in C (cjson).
-        payload = json.dumps([writes, [item.entry_id for item in batch]], separators=(",", ":"))
+        payload = json.dumps([flat_writes, ack_ids], separators=(",", ":"))
         failed = await self._script(keys=list(keys), args=[self._group, payload], client=self._redis)
         for error in failed:
             log.error("Redis rejected a reply or dead-letter write: %s", error)
 
-    async def _commit_pipeline(self, batch: list[_Finished]) -> None:
+    async def _write_pipeline(self, writes: list[StreamWrite], ack_ids: list[str]) -> None:
+        expiries = {w.key: w.ttl_s for w in writes if w.ttl_s is not None}  # one step per key per batch
+        grouped = await self._read_through_groups(list(expiries))
         pipe = self._redis.pipeline(transaction=False)
-        expiries: dict[str, int] = {}  # one EXPIRE per key per batch, however many replies it got
-        for item in batch:
-            for write in item.writes:
-                pipe.xadd(write.key, redis_fields(write.fields), maxlen=write.maxlen, approximate=True)
-                if write.ttl_s is not None:
-                    expiries[write.key] = write.ttl_s
+        for write in writes:
+            pipe.xadd(write.key, redis_fields(write.fields), maxlen=write.maxlen, approximate=True)
         for key, ttl_s in expiries.items():
-            pipe.expire(key, ttl_s)
-        pipe.xack(self._stream, self._group, *(item.entry_id for item in batch))
+            if key in grouped:
+                pipe.persist(key)
+            else:
+                pipe.expire(key, ttl_s)
+        if ack_ids:
+            pipe.xack(self._stream, self._group, *ack_ids)
         results = await pipe.execute(raise_on_error=False)
         # Connection trouble surfaces as an exception above; a per-command error (a reply key that is
         # not a stream) cannot be retried away, so it is logged and the rest of the batch stands.
@@ -156,11 +178,28 @@ class Outbox:
             if isinstance(result, Exception):
                 log.error("Redis rejected a reply or dead-letter write: %s", result)
 
+    async def _read_through_groups(self, keys: list[str]) -> set[str]:
+        """The keys that are streams with at least one consumer group (pipeline fallback only).
+
+        Without a script this check and the writes cannot be atomic: a group created in between keeps
+        the TTL set here until the next reply to its stream clears it.
+        """
+        if not keys:
+            return set()
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.xinfo_groups(key)
+        results = await pipe.execute(raise_on_error=False)  # no such key / not a stream: no group
+        return {key for key, groups in zip(keys, results, strict=True) if isinstance(groups, list) and groups}
+
 
 # KEYS: the input stream, then every key written. ARGV: the group, then JSON
 # [[[key index, maxlen or 0, ttl or 0, [field, value, ...]], ...], [entry id to XACK, ...]].
 # A write Redis rejects (a key of another type) is reported and skipped; the batch is still acked,
-# exactly as a pipeline would behave. XACK is chunked below Lua's unpack() stack limit.
+# exactly as a pipeline would behave. Each key written with a ttl gets one lifetime step: PERSIST if
+# some consumer group reads it (an expiry would delete the group), else EXPIRE. PERSIST runs under
+# pcall so an ACL without +persist costs a logged error, never a half-applied commit. XACK is chunked
+# below Lua's unpack() stack limit.
 _COMMIT_LUA = """
 local batch = cjson.decode(ARGV[2])
 local ttls = {}
@@ -180,7 +219,14 @@ for _, w in ipairs(batch[1]) do
   end
 end
 for key, ttl in pairs(ttls) do
-  redis.call('EXPIRE', key, ttl)
+  if #redis.call('XINFO', 'GROUPS', key) > 0 then
+    local ok = redis.pcall('PERSIST', key)
+    if type(ok) == 'table' and ok.err then
+      failed[#failed + 1] = 'PERSIST ' .. key .. ' (read through a consumer group): ' .. ok.err
+    end
+  else
+    redis.call('EXPIRE', key, ttl)
+  end
 end
 local ids = batch[2]
 for i = 1, #ids, 1000 do
