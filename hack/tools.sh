@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the pinned Kubernetes tool chain (etcd, kube-apiserver, kube-controller-manager, kubectl,
-# helm, kind) from the Go module proxy into a cache outside the repository, keyed by version, and
-# link it into .tools/bin. A warm cache makes this a no-op that takes well under a second.
+# kube-scheduler, kubelet, kube-proxy, helm, kind) from the Go module proxy into a cache outside the
+# repository, keyed by version, and link it into .tools/bin. A warm cache makes this a no-op that
+# takes well under a second.
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every staging module with a local
 # path. We build it from a throwaway consumer module that requires k8s.io/kubernetes and replaces each
@@ -13,6 +14,8 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${HELM_VERSION:-v3.20.2}"
 KIND_VERSION="${KIND_VERSION:-v0.30.0}"
 GO_MIN_VERSION="1.25"
+# The control plane, plus what runs real pods beside it: kube-scheduler, kubelet, kube-proxy.
+KUBERNETES_COMMANDS="kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy"
 GO_FALLBACK_VERSION="${GO_FALLBACK_VERSION:-1.25.5}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -105,6 +108,9 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
     log "kubernetes $v: downloading modules (go mod tidy)"
@@ -118,7 +124,7 @@ GO
       ld="$ld -X $pkg.gitTreeState=clean -X $pkg.buildDate=$released -X $pkg.gitCommit="
     done
     mkdir -p "$out.tmp"
-    for cmd in kube-apiserver kube-controller-manager kubectl; do
+    for cmd in $KUBERNETES_COMMANDS; do
       log "kubernetes $v: go build $cmd (cold: several minutes on 2 cores)"
       CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w $ld" -o "$out.tmp/$cmd" "k8s.io/kubernetes/cmd/$cmd"
     done
@@ -186,7 +192,7 @@ main() {
   for t in $want; do
     case "$t" in
       etcd) ensure etcd "$ETCD_VERSION" etcd ;;
-      kubernetes) ensure kubernetes "$KUBERNETES_VERSION" kube-apiserver kube-controller-manager kubectl ;;
+      kubernetes) ensure kubernetes "$KUBERNETES_VERSION" $KUBERNETES_COMMANDS ;;
       helm) ensure helm "$HELM_VERSION" helm ;;
       kind) ensure kind "$KIND_VERSION" kind ;;
       *) echo "unknown tool: $t (want etcd, kubernetes, helm, kind)" >&2; exit 2 ;;
