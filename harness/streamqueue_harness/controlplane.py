@@ -3,8 +3,10 @@
 The operator is only trustworthy if it is tested against a real apiserver (CRD schema validation,
 the status subresource, owner references and garbage collection, RBAC, server-side dry-run). These
 machines have no container engine, so this runs the pinned binaries from ``make tools`` directly,
-envtest-style, with the controllers the operator relies on. There is no scheduler and no kubelet:
-``podrunner.WorkerPodRunner`` stands in for the kubelet where a test needs running pods.
+envtest-style, with the controllers the operator relies on. Alone it has no scheduler and no kubelet:
+``podrunner.WorkerPodRunner`` stands in for the kubelet where a test needs running processes, and
+``node.Node`` joins a real node (containerd, kubelet, kube-scheduler, kube-proxy) to a control plane
+started with ``node_ip`` inside the run's private network namespace.
 
 Used by the pytest fixtures, the demo and ``make cluster`` (``python -m streamqueue_harness.controlplane
 up|down --dir DIR``). Teardown leaves no process behind: each component leads its own process group,
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import logging
 import os
 import shutil
@@ -26,22 +27,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import kubernetes.client
 import kubernetes.config
 from kubernetes.client.rest import ApiException
 
+from .components import Components, PortTakenError, StartupError, running_components, stop_recorded
 from .kubeconfig import write_kubeconfig
 from .pki import ClusterPKI, create_pki
 from .ports import free_port
-from .processes import group_alive, spawn, stop_groups
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
@@ -55,23 +54,17 @@ CONTROLLERS = (
     "clusterrole-aggregation-controller",
     "root-ca-certificate-publisher-controller",
 )
+# With a real node: the not-ready taint comes off when the kubelet reports Ready, and Services get
+# EndpointSlices for kube-proxy.
+NODE_CONTROLLERS = ("node-lifecycle-controller", "endpointslice-controller")
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 STATE_FILE = "processes.json"
-STOP_GRACE_SECONDS = 10.0
 PORT_ATTEMPTS = 3
 
 
 class ToolsMissingError(RuntimeError):
     """The pinned binaries are not built; the message tells the user how to build them."""
-
-
-class StartupError(RuntimeError):
-    pass
-
-
-class _PortTaken(StartupError):
-    """A component lost the race for its free port; starting again with new ports fixes it."""
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -96,17 +89,6 @@ def check_tools(bin_dir: Path) -> None:
 
 
 @dataclass
-class _Component:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    exe: str
-
-    def record(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": self.popen.pid, "exe": self.exe}
-
-
-@dataclass
 class _Ports:
     etcd_client: int
     etcd_peer: int
@@ -121,40 +103,45 @@ class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager on free 127.0.0.1 ports under ``workdir``.
 
     ``detach=True`` lets the processes outlive this Python process (``make cluster``); otherwise
-    they are killed with it, whatever way it ends.
+    they are killed with it, whatever way it ends. ``node_ip`` prepares it for ``node.Node``.
     """
 
-    def __init__(self, workdir: Path, bin_dir: Path | None = None, *, detach: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, bin_dir: Path | None = None, *, detach: bool = False, node_ip: str | None = None
+    ) -> None:
         self.workdir = Path(workdir).resolve()
         self.bin_dir = Path(bin_dir) if bin_dir is not None else default_bin_dir()
         self.detach = detach
+        # Set for a control plane that a real node joins: pods reach the apiserver there (through the
+        # ``kubernetes`` Service), so it listens on every address of the run's private namespace.
+        self.node_ip = node_ip
         self.kubeconfig = self.workdir / "kubeconfig"
         self.server = ""
         self.start_seconds: float | None = None
-        self._components: list[_Component] = []
+        self._components = Components(self.workdir, STATE_FILE, detach=detach)
         self._pki: ClusterPKI | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def start(self, timeout: float = 120.0) -> ControlPlane:
         check_tools(self.bin_dir)
-        if running_components(self.workdir):
+        if running_components(self.workdir, STATE_FILE):
             raise StartupError(f"a control plane is already running from {self.workdir}: run `down` first")
         began = time.monotonic()
         self._prepare_workdir()
-        self._pki = create_pki(self.workdir / "pki")
+        self._pki = create_pki(self.workdir / "pki", (self.node_ip,) if self.node_ip else ())
         if not self.detach:
             atexit.register(self.stop)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             try:
                 self._start_components(_Ports.choose(), began + timeout)
                 break
-            except _PortTaken as exc:
+            except PortTakenError as exc:
                 if attempt == PORT_ATTEMPTS:
                     self.stop()
                     raise
                 log.warning("control plane start attempt %d: %s; retrying with new ports", attempt, exc)
-                self._stop_components()
+                self._components.stop(shutdown_phases)
                 shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # its member records the old ports
             except BaseException:
                 self.stop()
@@ -168,11 +155,16 @@ class ControlPlane:
         )
         return self
 
+    @property
+    def pki(self) -> ClusterPKI:
+        """The cluster's certificates: a node signs its components' client certificates with its CA."""
+        assert self._pki is not None, "the control plane is not started"
+        return self._pki
+
     def stop(self) -> None:
         """Stop every component (SIGTERM, SIGKILL after a grace period); safe to call twice."""
         atexit.unregister(self.stop)
-        self._stop_components()
-        (self.workdir / STATE_FILE).unlink(missing_ok=True)
+        self._components.stop(shutdown_phases)
 
     def __enter__(self) -> ControlPlane:
         return self.start()
@@ -186,11 +178,6 @@ class ControlPlane:
         for stale in ("etcd", "pki", "logs", "serviceaccounts"):
             shutil.rmtree(self.workdir / stale, ignore_errors=True)
 
-    def _stop_components(self) -> None:
-        components, self._components = self._components, []
-        for phase in _shutdown_phases(components, lambda c: c.name):
-            stop_groups([(c.popen.pid, c.popen) for c in phase], STOP_GRACE_SECONDS)
-
     # ---- components ------------------------------------------------------------------------------
 
     def _start_components(self, ports: _Ports, deadline: float) -> None:
@@ -199,10 +186,12 @@ class ControlPlane:
         self.server = f"https://127.0.0.1:{ports.apiserver}"
         etcd_url = f"http://127.0.0.1:{ports.etcd_client}"
         self._launch("etcd", self._etcd_args(ports))
-        self._wait(deadline, "etcd /health", lambda: _http_ok(f"{etcd_url}/health"))
+        self._components.wait(deadline, "etcd /health", lambda: _http_ok(f"{etcd_url}/health"))
         self._launch("kube-apiserver", self._apiserver_args(pki, ports.apiserver, etcd_url))
         context = _client_tls(pki)
-        self._wait(deadline, "kube-apiserver /readyz", lambda: _http_ok(f"{self.server}/readyz", context))
+        self._components.wait(
+            deadline, "kube-apiserver /readyz", lambda: _http_ok(f"{self.server}/readyz", context)
+        )
         write_kubeconfig(
             self.kubeconfig, server=self.server, ca_cert=pki.ca.cert, user="admin",
             client_cert=pki.admin.cert, client_key=pki.admin.key,
@@ -215,35 +204,18 @@ class ControlPlane:
         self._launch("kube-controller-manager", self._controller_manager_args(pki, manager_config))
         with self.api_client() as api:
             core = kubernetes.client.CoreV1Api(api)
-            self._wait(deadline, "system namespaces", lambda: _namespaces_exist(core, SYSTEM_NAMESPACES))
-            self._wait(
+            self._components.wait(
+                deadline, "system namespaces", lambda: _namespaces_exist(core, SYSTEM_NAMESPACES)
+            )
+            self._components.wait(
                 deadline,
                 "the default ServiceAccount",
                 lambda: _default_serviceaccount_exists(core, "default"),
             )
 
     def _launch(self, name: str, args: list[str]) -> None:
-        binary = self.bin_dir / name
-        log_path = self.workdir / "logs" / f"{name}.log"
-        popen = spawn([str(binary), *args], log=log_path, detach=self.detach, cwd=self.workdir)
-        self._components.append(_Component(name, popen, log_path, os.path.realpath(binary)))
-        self._write_state()
-
-    def _write_state(self) -> None:
-        state = {"server": self.server, "processes": [c.record() for c in self._components]}
-        (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-
-    def _wait(self, deadline: float, what: str, ready: Callable[[], bool]) -> None:
-        """Poll ``ready`` until it holds; fail fast, with the log's tail, when a component exits."""
-        while True:
-            for component in self._components:
-                if component.popen.poll() is not None:
-                    raise _startup_failure(component, what)
-            if ready():
-                return
-            if time.monotonic() > deadline:
-                raise StartupError(f"timed out waiting for {what}; logs in {self.workdir / 'logs'}")
-            time.sleep(0.1)
+        self._components.facts["server"] = self.server
+        self._components.launch(self.bin_dir / name, args)
 
     def _etcd_args(self, ports: _Ports) -> list[str]:
         client = f"http://127.0.0.1:{ports.etcd_client}"
@@ -260,7 +232,7 @@ class ControlPlane:
     def _apiserver_args(self, pki: ClusterPKI, port: int, etcd_url: str) -> list[str]:
         return [
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
+            *self._apiserver_address_args(pki), f"--secure-port={port}",
             f"--cert-dir={self.workdir / 'pki'}",
             f"--tls-cert-file={pki.apiserver.cert}", f"--tls-private-key-file={pki.apiserver.key}",
             f"--client-ca-file={pki.ca.cert}",
@@ -270,16 +242,31 @@ class ControlPlane:
             f"--service-account-signing-key-file={pki.service_account_key}",
             "--service-cluster-ip-range=10.96.0.0/16",
             "--allow-privileged=true",
+            "--profiling=false",
+        ]  # fmt: skip
+
+    def _apiserver_address_args(self, pki: ClusterPKI) -> list[str]:
+        if self.node_ip is None:
             # The "kubernetes" Service's endpoint would be 127.0.0.1, which Endpoints reject; nothing
             # runs in-cluster here, so the reconciler would only log an error every few seconds.
-            "--endpoint-reconciler-type=none",
-            "--profiling=false",
+            return [
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+            ]
+        # Every address of the private namespace: loopback for the harness, the node IP for pods (the
+        # "kubernetes" Service's endpoint). Logs and exec reach the kubelet at its InternalIP.
+        return [
+            "--bind-address=0.0.0.0", f"--advertise-address={self.node_ip}",
+            f"--kubelet-client-certificate={pki.apiserver_kubelet_client.cert}",
+            f"--kubelet-client-key={pki.apiserver_kubelet_client.key}",
+            "--kubelet-preferred-address-types=InternalIP",
         ]  # fmt: skip
 
     def _controller_manager_args(self, pki: ClusterPKI, kubeconfig: Path) -> list[str]:
         return [
             f"--kubeconfig={kubeconfig}",
-            f"--controllers={','.join(CONTROLLERS)}",
+            f"--controllers={','.join(CONTROLLERS + (NODE_CONTROLLERS if self.node_ip else ()))}",
             # Each controller acts as its own ServiceAccount, under the RBAC roles a real cluster uses.
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={pki.service_account_key}",
@@ -340,9 +327,9 @@ class ControlPlane:
                 time.sleep(0.05)
 
 
-def _shutdown_phases(items: Sequence[_T], name: Callable[[_T], str]) -> list[list[_T]]:
+def shutdown_phases(names: Sequence[str]) -> list[set[str]]:
     """etcd last: an apiserver that loses its storage mid-shutdown hangs until SIGKILL."""
-    return [[i for i in items if name(i) != "etcd"], [i for i in items if name(i) == "etcd"]]
+    return [set(names) - {"etcd"}, {"etcd"}]
 
 
 def _client_tls(pki: ClusterPKI) -> ssl.SSLContext:
@@ -374,53 +361,12 @@ def _default_serviceaccount_exists(core: kubernetes.client.CoreV1Api, namespace:
     return True
 
 
-def _startup_failure(component: _Component, waiting_for: str) -> StartupError:
-    tail = "\n".join(component.log.read_text(errors="replace").splitlines()[-15:])
-    message = (
-        f"{component.name} exited with {component.popen.returncode} while waiting for {waiting_for}:\n{tail}"
-    )
-    if "address already in use" in tail:
-        return _PortTaken(message)
-    return StartupError(message)
-
-
-# ---- pid file: `down` stops what a detached `up` started ----------------------------------------------
-
-
-def running_components(workdir: Path) -> list[dict[str, Any]]:
-    """The recorded components of ``workdir`` that are still alive (and still the same programs)."""
-    try:
-        state = json.loads((workdir / STATE_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return [p for p in state.get("processes", []) if _is_recorded_process(p)]
-
-
-def _is_recorded_process(record: dict[str, Any]) -> bool:
-    """Alive and running the recorded binary: a recycled pid must never be killed."""
-    pid = int(record["pid"])
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return False
-    return exe == record["exe"] and group_alive(pid)
-
-
-def stop_recorded(workdir: Path) -> int:
-    """Stop the processes recorded in ``workdir``; returns how many were running."""
-    alive = running_components(workdir)
-    for phase in _shutdown_phases(alive, lambda p: str(p["name"])):
-        stop_groups([(int(p["pid"]), None) for p in phase], STOP_GRACE_SECONDS)
-    (workdir / STATE_FILE).unlink(missing_ok=True)
-    return len(alive)
-
-
 # ---- command line -------------------------------------------------------------------------------------
 
 
 def _up(workdir: Path, bin_dir: Path | None, timeout: float) -> int:
     kubeconfig = workdir / "kubeconfig"
-    if running_components(workdir):
+    if running_components(workdir, STATE_FILE):
         print(f"control plane already running; kubectl --kubeconfig {kubeconfig} get ns")
         return 0
     plane = ControlPlane(workdir, bin_dir, detach=True)
@@ -436,7 +382,7 @@ def _up(workdir: Path, bin_dir: Path | None, timeout: float) -> int:
 
 
 def _down(workdir: Path) -> int:
-    stopped = stop_recorded(workdir)
+    stopped = stop_recorded(workdir, STATE_FILE, shutdown_phases)
     print(
         f"stopped {stopped} control-plane process(es) from {workdir}"
         if stopped

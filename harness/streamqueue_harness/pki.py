@@ -18,9 +18,11 @@ _CA_EXTENSIONS = (
     "[v3_ca]\nbasicConstraints = critical, CA:TRUE\n"
     "keyUsage = critical, keyCertSign, cRLSign, digitalSignature\nsubjectKeyIdentifier = hash\n"
 )
-# Names the apiserver answers to: loopback for the harness, the in-cluster names for completeness.
+# Names the apiserver answers to: loopback for the harness, the ``kubernetes`` Service's cluster IP
+# (the first of the service range) and DNS names for pods.
 APISERVER_NAMES = (
     "IP:127.0.0.1",
+    "IP:10.96.0.1",
     "DNS:localhost",
     "DNS:kubernetes",
     "DNS:kubernetes.default",
@@ -43,6 +45,7 @@ class ClusterPKI:
     apiserver: CertKey
     admin: CertKey
     controller_manager: CertKey
+    apiserver_kubelet_client: CertKey  # the apiserver's identity toward kubelets (logs, exec)
     service_account_key: Path
     service_account_public_key: Path
 
@@ -105,8 +108,11 @@ def signed_certificate(
     return CertKey(cert, key)
 
 
-def create_pki(directory: Path) -> ClusterPKI:
-    """Write a fresh CA, serving and client certificates and the token signing key into ``directory``."""
+def create_pki(directory: Path, apiserver_ips: tuple[str, ...] = ()) -> ClusterPKI:
+    """Write a fresh CA, serving and client certificates and the token signing key into ``directory``.
+
+    ``apiserver_ips`` are further addresses the apiserver's certificate must name (a node's IP).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     ca = certificate_authority(directory, "streamqueue-local-ca")
     sa_key = _ec_key(directory / "service-account.key")
@@ -115,13 +121,25 @@ def create_pki(directory: Path) -> ClusterPKI:
     return ClusterPKI(
         ca=ca,
         apiserver=signed_certificate(
-            directory, ca, "apiserver", "/CN=kube-apiserver", "serverAuth", APISERVER_NAMES
+            directory,
+            ca,
+            "apiserver",
+            "/CN=kube-apiserver",
+            "serverAuth",
+            APISERVER_NAMES + tuple(f"IP:{ip}" for ip in apiserver_ips),
         ),
         admin=signed_certificate(
             directory, ca, "admin", "/O=system:masters/CN=streamqueue-admin", "clientAuth"
         ),
         controller_manager=signed_certificate(
             directory, ca, "controller-manager", "/CN=system:kube-controller-manager", "clientAuth"
+        ),
+        apiserver_kubelet_client=signed_certificate(
+            directory,
+            ca,
+            "apiserver-kubelet-client",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            "clientAuth",
         ),
         service_account_key=sa_key,
         service_account_public_key=sa_pub,
