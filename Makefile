@@ -7,7 +7,7 @@ VERSION := $(shell cat VERSION)
 IMAGE_REPO ?= streamqueue
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools test test-fast bench lint crds cluster cluster-down demo images e2e-kind clean
+.PHONY: help setup tools test test-fast bench lint crds cluster cluster-down demo images base-image e2e-kind clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -45,9 +45,11 @@ cluster-down: ## stop the local control plane
 demo: setup ## local demo: Redis + control plane + operator + workers, scale out and back in
 	$(PY) -m streamqueue_harness.demo $(DEMO_ARGS)
 
-images: ## build both container images (needs a container engine)
-	docker build -f Dockerfile.worker -t $(IMAGE_REPO)/worker:$(VERSION) .
-	docker build -f Dockerfile.operator -t $(IMAGE_REPO)/operator:$(VERSION) .
+images: ## build the worker, operator and pause images (docker, podman or buildah; no registry needed)
+	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh build
+
+base-image: ## build the local Python base image from Debian packages (mmdebstrap)
+	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh base-image
 
 e2e-kind: ## full-cluster test on kind (needs Docker): install chart, drive load, assert scaling
 	bash hack/e2e-kind.sh

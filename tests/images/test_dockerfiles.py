@@ -1,9 +1,10 @@
-"""The Dockerfiles checked against the repository they build from (no container engine here).
+"""The Dockerfiles checked against the repository they build from, without a container engine.
 
-`make images` cannot run on these machines, so what can be checked without building is: what they
-copy exists and is not docker-ignored, the entrypoint is a console script of what they install,
-the pins the tests ran with constrain every runtime dependency, and the user, ports and
-filesystem expectations agree with the pods the chart and the operator create.
+What can be checked without building: what they copy exists and is not docker-ignored, the
+entrypoint is a console script of what they install, the pins the tests ran with constrain every
+runtime dependency, the build can run with no network (wheelhouse) and needs no registry beyond the
+base image (no `# syntax=` frontend), and the user, ports and filesystem expectations agree with the
+pods the chart and the operator create. test_built_images.py checks the built images themselves.
 """
 
 from __future__ import annotations
@@ -109,3 +110,26 @@ def test_exposed_ports_are_the_defaults_the_pods_use() -> None:
     assert exposed("Dockerfile.worker") == {WorkerSettings.model_fields["health_port"].default, HEALTH_PORT}
     values = yaml.safe_load((ROOT / "charts/streamqueue-operator/values.yaml").read_text())
     assert exposed("Dockerfile.operator") == {values["metrics"]["port"], values["liveness"]["port"]}
+
+
+@pytest.mark.parametrize("dockerfile", IMAGES)
+def test_builds_need_no_registry_but_the_base_image(dockerfile: str) -> None:
+    """A `# syntax=` line makes BuildKit pull its frontend from a registry; the base is a build arg."""
+    text = (ROOT / dockerfile).read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.MULTILINE | re.IGNORECASE)
+    froms = [args.split()[0] for op, args in instructions(dockerfile) if op == "FROM"]
+    assert froms == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    assert ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm") in instructions(dockerfile)
+
+
+@pytest.mark.parametrize("dockerfile", IMAGES)
+def test_can_install_from_the_wheelhouse_alone(dockerfile: str) -> None:
+    """WHEELS_ONLY=1 installs with --no-index from wheelhouse/, which is always in the context."""
+    steps = instructions(dockerfile)
+    assert ("COPY", "wheelhouse/ /src/wheelhouse/") in steps
+    assert ("ARG", "WHEELS_ONLY=0") in steps
+    (install,) = [args for op, args in steps if op == "RUN" and "pip install" in args]
+    assert '[ "$WHEELS_ONLY" = 1 ]' in install and "--no-index" in install
+    assert "--find-links /src/wheelhouse" in install
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "wheelhouse/*" in ignored and "!wheelhouse/README.md" in ignored
