@@ -1,14 +1,21 @@
-"""pytest fixtures for the local Kubernetes control plane (registered from tests/conftest.py).
+"""pytest fixtures for the local control plane and the real node (registered from tests/conftest.py).
 
 ``control_plane`` starts one real control plane per test session; ``kube_namespace`` gives each test
-a fresh namespace so tests never see each other's objects. Tests that use them need the pinned
-binaries: when they are missing the fixture fails with the command to build them, it never skips,
-so CI cannot pass without having run these tests. Tests that use ``control_plane`` (directly or
-through ``kube_namespace``) are marked ``kube`` automatically, so ``-m "not kube"`` deselects them.
+a fresh namespace so tests never see each other's objects. ``node_cluster`` starts a second control
+plane with a real node joined to it (containerd, kubelet, kube-scheduler, kube-proxy) that runs pods
+from the images built here. Tests that use them need the pinned binaries and the images: when they
+are missing the fixture fails with the command to build them, it never skips, so CI cannot pass
+without having run these tests. Tests that use ``control_plane`` (directly or through
+``kube_namespace``) are marked ``kube`` automatically, those that use ``node_cluster`` ``node``.
+
+Run as root, the whole session lives in network and mount namespaces of its own (``netns``): every
+server a test starts, and the node's bridge, pods and mounts, exist only there and vanish with the
+run. Without root the session stays where it is and only the node's tests fail (they need root).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -16,14 +23,27 @@ from collections.abc import Iterator
 import pytest
 
 from .controlplane import ControlPlane, ToolsMissingError
+from .images import ImagesMissingError, image_archives
+from .netns import NamespaceError, add_bridge, enter_private_namespaces, in_private_namespaces
+from .node import BRIDGE, NODE_IP, Node, NodeError
 
 _NAMESPACE_MAX = 63
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "node: needs the real node (root, `make tools`, `make images`)")
+    if os.geteuid() == 0 and not in_private_namespaces():
+        enter_private_namespaces()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "control_plane" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "control_plane" in fixtures:
             item.add_marker(pytest.mark.kube)
+        if "node_cluster" in fixtures:
+            item.add_marker(pytest.mark.kube)
+            item.add_marker(pytest.mark.node)
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +76,29 @@ def kube_namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) 
     control_plane.wait_for_default_serviceaccount(name)
     yield name
     control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A control plane with a real node joined to it, for the whole session; ``.plane`` is its control plane.
+
+    Separate from ``control_plane``: there a kube-scheduler would race the pod runner for its pods.
+    """
+    if not in_private_namespaces():
+        pytest.fail("the real node needs root: the session runs it in namespaces of its own", pytrace=False)
+    try:
+        images = image_archives()
+        add_bridge(BRIDGE, f"{NODE_IP}/24")
+        plane = ControlPlane(tmp_path_factory.mktemp("node-controlplane"), node_ip=NODE_IP).start()
+    except (ToolsMissingError, ImagesMissingError, NamespaceError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        node = Node(plane, tmp_path_factory.mktemp("node"), images.archives, images.sandbox)
+        try:
+            node.start()
+        except (ToolsMissingError, NodeError) as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield node
+        node.stop()
+    finally:
+        plane.stop()

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -21,10 +22,14 @@ from .ports import free_port
 class RedisServer:
     """One ``redis-server`` process; ``stop()``/``start()`` keep the port so clients can reconnect."""
 
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, password: str | None = None, also_bind: Sequence[str] = ()
+    ) -> None:
         self.port = port or free_port()
         self.password = password
         self.host = "127.0.0.1"
+        # Further addresses to listen on: a real node's pods reach Redis at the node IP.
+        self.also_bind = tuple(also_bind)
         self._dir = Path(tempfile.mkdtemp(prefix="sq-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -42,7 +47,7 @@ class RedisServer:
             raise RuntimeError("redis-server not found: run `make setup` (Debian package redis-server)")
         options = {
             "port": str(self.port),
-            "bind": self.host,
+            "bind": " ".join((self.host, *self.also_bind)),
             "save": "",  # no persistence: a stop is a real outage that loses data
             "appendonly": "no",
             "dir": str(self._dir),

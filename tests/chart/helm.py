@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import yaml
+from streamqueue_harness.controlplane import REPO_ROOT as ROOT
+from streamqueue_harness.helm import CHART, helm
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "streamqueue-operator"
-HELM = ROOT / ".tools" / "bin" / "helm"
+__all__ = ["CHART", "KUBE_VERSION", "ROOT", "by_kind", "helm", "render"]
+
 KUBE_VERSION = "1.35.4"
-
-
-def helm(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    if not HELM.exists():
-        raise RuntimeError("helm not found in .tools/bin: run `make tools`")
-    cmd = [str(HELM), *args]
-    if kubeconfig is not None:
-        cmd += ["--kubeconfig", str(kubeconfig)]
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=120)
 
 
 def render(*set_args: str, namespace: str = "streamqueue-system") -> list[dict[str, Any]]:

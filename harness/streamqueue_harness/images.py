@@ -1,0 +1,50 @@
+"""The container images a real node runs, as archives containerd can import (built by ``hack/images.sh``).
+
+No registry is reachable here, so the node gets the worker, operator and sandbox images from archives.
+``hack/images.sh export`` builds what is out of date (a warm run takes seconds) and names each archive's
+image as the kubelet will ask for it (``docker.io/streamqueue/worker:<version>``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "hack" / "images.sh"
+# Reused across runs: an export is rewritten only when its image changed.
+DEFAULT_DIR = REPO_ROOT / ".cluster" / "images"
+
+
+class ImagesMissingError(RuntimeError):
+    """The images could not be built or exported; the message has the script's explanation."""
+
+
+@dataclass(frozen=True)
+class Images:
+    worker: str
+    operator: str
+    sandbox: str
+    archives: tuple[Path, ...]
+
+
+def _script(*args: str, timeout: float) -> str:
+    try:
+        result = subprocess.run(
+            ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+        )
+    except subprocess.TimeoutExpired:
+        raise ImagesMissingError(f"hack/images.sh {' '.join(args)} took over {timeout:.0f}s") from None
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-10:])
+        raise ImagesMissingError(f"hack/images.sh {' '.join(args)} failed; run `make images`:\n{tail}")
+    return result.stdout
+
+
+def image_archives(directory: Path = DEFAULT_DIR, timeout: float = 1800.0) -> Images:
+    """Export (building first if needed) the three images into ``directory``."""
+    _script("export", str(directory), timeout=timeout)
+    worker, operator, sandbox = _script("names", timeout=60).split()
+    archives = tuple(directory / f"{name}.tar" for name in ("worker", "operator", "pause"))
+    return Images(worker=worker, operator=operator, sandbox=sandbox, archives=archives)

@@ -1,0 +1,209 @@
+"""A StreamQueue on the real node, driven as a user drives it: `helm install`, `kubectl apply`, XADD.
+
+Shared by the node's end-to-end test and the cold-start benchmark. The queue is the README's example
+(`examples/streamqueue.yaml`) pointed at a Redis the pods can reach, with its password in a Secret,
+and the HTTP handler calling ``ModelStandIn``: a stand-in for the model server an AI worker awaits,
+so messages take real time and a burst builds a backlog the operator must scale out for.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+
+import kubernetes.client
+import kubernetes.watch
+import redis
+import yaml
+
+from .controlplane import REPO_ROOT, ControlPlane
+from .helm import CHART, helm
+from .ports import free_port
+
+EXAMPLE = REPO_ROOT / "examples" / "streamqueue.yaml"
+RELEASE = "streamqueue"
+OPERATOR_NAMESPACE = "streamqueue-system"
+NAMESPACE = "default"
+QUEUE = "chat"
+DEPLOYMENT = f"{QUEUE}-worker"
+POD_SELECTOR = f"streamqueue.io/queue={QUEUE}"
+REDIS_SECRET = "redis-auth"
+STREAM = "user_messages_queue"
+REPLY_PREFIX = "ai_to_user:"
+
+
+def install_operator(plane: ControlPlane, timeout_s: int = 180) -> None:
+    """The README's install command, waiting until the operator's pod runs."""
+    helm(
+        "install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace",
+        "--wait", f"--timeout={timeout_s}s", kubeconfig=plane.kubeconfig, timeout=timeout_s + 60,
+    )  # fmt: skip
+
+
+def create_redis_secret(plane: ControlPlane, password: str) -> None:
+    plane.kubectl(
+        "create", "secret", "generic", REDIS_SECRET, "-n", NAMESPACE, f"--from-literal=password={password}"
+    )
+
+
+def example_queue(
+    redis_url: str, handler_url: str, worker: dict[str, Any], scaling: dict[str, Any]
+) -> dict[str, Any]:
+    """The example StreamQueue, pointed at ``redis_url`` (password from the Secret) and the stand-in."""
+    manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    spec = manifest["spec"]
+    spec["redis"] = {"url": redis_url, "passwordSecretRef": {"name": REDIS_SECRET}}
+    spec["worker"] = {
+        **spec["worker"],
+        "handler": "streamqueue.handlers.http:handle",
+        "handlerUrl": handler_url,
+        **worker,
+    }
+    spec["scaling"] = {**spec["scaling"], **scaling}
+    return manifest
+
+
+def apply(plane: ControlPlane, manifest: dict[str, Any]) -> None:
+    plane.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def get_queue_row(plane: ControlPlane) -> dict[str, str]:
+    """`kubectl get sq` as a user reads it: the printer columns by header."""
+    header, *rows = plane.kubectl("get", "sq", QUEUE, "-n", NAMESPACE).stdout.splitlines()
+    return dict(zip(header.split(), rows[0].split(), strict=False))
+
+
+# ---- the model server the HTTP handler calls ------------------------------------------------------------
+
+
+class ModelStandIn:
+    """Answers each POST after ``delay_s``, as a model server would: the reply names its user."""
+
+    def __init__(self, host: str, delay_s: float) -> None:
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(stand_in.delay_s)
+                reply = f"reply to {body['user_id']}: {body['message']}".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.delay_s = delay_s
+        self._server = ThreadingHTTPServer((host, free_port(host)), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://{host}:{self._server.server_address[1]}/"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="model-stand-in", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# ---- the worker pods, as the API shows them ---------------------------------------------------------------
+
+
+@dataclass
+class PodWatch:
+    """Follows the queue's worker pods: which exist and are Ready, the most Ready at once, how each ended."""
+
+    plane: ControlPlane
+    alive: set[str] = field(default_factory=set)
+    ready: set[str] = field(default_factory=set)
+    max_ready: int = 0
+    max_ready_at: float = 0.0  # time.monotonic() when max_ready was reached
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self.plane.api_client() as api:
+            core = kubernetes.client.CoreV1Api(api)
+            while not self._stop.is_set():
+                stream = kubernetes.watch.Watch().stream(
+                    core.list_namespaced_pod, NAMESPACE, label_selector=POD_SELECTOR, timeout_seconds=2
+                )
+                for event in stream:
+                    self._record(event["type"], event["object"])
+
+    def _record(self, kind: str, pod: kubernetes.client.V1Pod) -> None:
+        name = str(pod.metadata.name if pod.metadata else "")
+        conditions = (pod.status.conditions if pod.status else None) or []
+        is_ready = kind != "DELETED" and any(c.type == "Ready" and c.status == "True" for c in conditions)
+        with self._changed:
+            self.seen.add(name)
+            (self.alive.discard if kind == "DELETED" else self.alive.add)(name)
+            (self.ready.add if is_ready else self.ready.discard)(name)
+            if len(self.ready) > self.max_ready:
+                self.max_ready, self.max_ready_at = len(self.ready), time.monotonic()
+            for status in (pod.status.container_statuses if pod.status else None) or []:
+                ended = status.state.terminated if status.state else None
+                if ended is not None:
+                    self.exit_codes[name] = ended.exit_code
+            self._changed.notify_all()
+
+    def wait(self, what: str, condition: Any, timeout_s: float) -> None:
+        """Block until ``condition(self)`` holds, re-checked on every pod event."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: condition(self), timeout=timeout_s):
+                raise TimeoutError(f"{what} not reached in {timeout_s:.0f}s (ready: {sorted(self.ready)})")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+# ---- messages --------------------------------------------------------------------------------------------
+
+
+def send(client: redis.Redis, requests: Iterable[tuple[str, str, str]]) -> int:
+    """XADD (user, request_id, text) triples the article's way plus a request_id, pipelined."""
+    pipe = client.pipeline(transaction=False)
+    count = 0
+    for user, request_id, text in requests:
+        pipe.xadd(
+            STREAM, {"user_id": user, "message": text, "timestamp": time.time(), "request_id": request_id}
+        )
+        count += 1
+    pipe.execute()
+    return count
+
+
+_Entries = list[tuple[str, dict[str, str]]]
+
+
+def replies(client: redis.Redis, user: str) -> list[dict[str, str]]:
+    """Every entry of ``user``'s reply stream (``client`` decodes responses)."""
+    return [fields for _, fields in cast(_Entries, client.xrange(f"{REPLY_PREFIX}{user}"))]
+
+
+def await_reply(client: redis.Redis, user: str, request_id: str, timeout_s: float) -> float:
+    """Seconds until the reply to ``request_id`` is on ``user``'s stream (blocking reads, no polling)."""
+    began = time.monotonic()
+    last = "0"
+    while time.monotonic() - began < timeout_s:
+        streams = cast(list[tuple[str, _Entries]], client.xread({f"{REPLY_PREFIX}{user}": last}, block=500))
+        for _, entries in streams or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                if fields.get("request_id") == request_id:
+                    return time.monotonic() - began
+    raise TimeoutError(f"no reply to {request_id} for {user} in {timeout_s:.0f}s")

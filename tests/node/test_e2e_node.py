@@ -1,0 +1,125 @@
+"""The product as a user meets it on a real node: `helm install`, `kubectl apply`, a burst, scale out and in.
+
+Every pod runs from the images built here (`make images`) under containerd + runc, scheduled by
+kube-scheduler and run by a real kubelet: the operator under the chart's ServiceAccount and RBAC,
+reaching the API server through the `kubernetes` Service; the workers non-root, with a read-only root
+filesystem, readiness and liveness probes, and their Redis password from a Secret. Users write the
+article's wire format to Redis; the workers' HTTP handler calls a model stand-in that takes half a
+second per message, so the burst builds a backlog that needs many pods. Mid-burst a busy worker is
+deleted gracefully and another forcibly; at the end the queue scales back to zero through the
+kubelet's SIGTERM. Nothing may be lost, and every user must see exactly their own replies.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+import redis
+from streamqueue_harness import nodequeue as q
+from streamqueue_harness.node import NODE_IP, Node
+from streamqueue_harness.redis_server import RedisServer
+
+from tests.harness.eventually import eventually
+
+# Its first test also starts the node (images import, kubelet) and may build the images on a cold run.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+USERS = [f"user-{i:02d}" for i in range(20)]
+PER_USER = 40
+MODEL_DELAY_S = 0.5
+# A pod serves 4 messages at a time, so 800 messages need many pods; a pod dead mid-message hands its
+# entries to the others after 5 s; the queue may go back to zero 15 s after the backlog is gone.
+WORKER = {"concurrency": 4, "claimIdleMs": 5000, "shutdownGraceSeconds": 20}
+SCALING = {"scaleDownStabilizationSeconds": 5, "idleCooldownSeconds": 10}
+
+
+@pytest.fixture
+def pod_redis() -> Iterator[RedisServer]:
+    """A password-protected redis-server the pods reach at the node IP."""
+    with RedisServer(password=secrets.token_hex(16), also_bind=(NODE_IP,)) as server:
+        yield server
+
+
+@pytest.fixture
+def model() -> Iterator[q.ModelStandIn]:
+    stand_in = q.ModelStandIn(NODE_IP, MODEL_DELAY_S)
+    yield stand_in
+    stand_in.close()
+
+
+def _busy_ready_workers(client: redis.Redis, ready: set[str]) -> list[str]:
+    """Ready worker pods whose consumer holds pending entries: deleting one interrupts work."""
+    consumers = cast(list[dict[str, Any]], client.xinfo_consumers(q.STREAM, "ai_service_group"))
+    return [c["name"] for c in consumers if c["pending"] > 0 and c["name"] in ready]
+
+
+def _all_answered(client: redis.Redis, expected: dict[str, int]) -> bool:
+    return all(client.xlen(f"{q.REPLY_PREFIX}{user}") >= count for user, count in expected.items())
+
+
+def test_helm_install_burst_scales_out_and_back_to_zero_losing_nothing(
+    node_cluster: Node, pod_redis: RedisServer, model: q.ModelStandIn
+) -> None:
+    plane = node_cluster.plane
+    q.install_operator(plane)
+    q.create_redis_secret(plane, str(pod_redis.password))
+    q.apply(plane, q.example_queue(f"redis://{NODE_IP}:{pod_redis.port}/0", model.url, WORKER, SCALING))
+    pods = q.PodWatch(plane)
+    plane.kubectl("wait", "--for=create", f"deployment/{q.DEPLOYMENT}", "-n", q.NAMESPACE, "--timeout=60s")
+    client = pod_redis.client(decode_responses=True)
+
+    # The first message finds no worker at all: operator, scheduler, kubelet and container start.
+    q.send(client, [(USERS[0], "cold", "hello from zero")])
+    cold_start_s = q.await_reply(client, USERS[0], "cold", timeout_s=120)
+
+    burst_at = time.monotonic()
+    requests = [(user, f"{user}#{n}", f"message {n} from {user}") for n in range(PER_USER) for user in USERS]
+    q.send(client, requests)
+    pods.wait("three Ready workers", lambda w: len(w.ready) >= 3, timeout_s=180)
+    assert q.get_queue_row(plane)["READY"] == "True"
+
+    busy = eventually(lambda: _busy_ready_workers(client, pods.ready)[:2], "two busy workers", timeout=60)
+    assert len(busy) == 2, f"want two busy workers to delete, got {busy}"
+    plane.kubectl("delete", "pod", busy[0], "-n", q.NAMESPACE, "--wait=false")
+    plane.kubectl("delete", "pod", busy[1], "-n", q.NAMESPACE, "--grace-period=0", "--force")
+
+    expected = {user: PER_USER + (user == USERS[0]) for user in USERS}
+    eventually(lambda: _all_answered(client, expected), "every reply", timeout=300, interval=0.5)
+    drained_s = time.monotonic() - burst_at
+    scale_out_s = pods.max_ready_at - burst_at
+
+    request_ids = {request_id: user for user, request_id, _ in requests}
+    lost = foreign = duplicates = 0
+    for user in USERS:
+        replies = q.replies(client, user)
+        counts = Counter(r.get("request_id") for r in replies)
+        duplicates += sum(n - 1 for n in counts.values())
+        foreign += sum(
+            1
+            for r in replies
+            if r.get("request_id") not in (None, "cold") and request_ids.get(r["request_id"]) != user
+        )
+        foreign += sum(1 for r in replies if not r["response"].startswith(f"reply to {user}: "))
+        lost += sum(1 for rid, owner in request_ids.items() if owner == user and counts[rid] == 0)
+    assert (lost, foreign, duplicates) == (0, 0, 0)
+    assert client.xlen(f"{q.STREAM}:dead") == 0
+
+    pods.wait("scale back to zero", lambda w: not w.alive, timeout_s=240)
+    zero_s = time.monotonic() - burst_at
+    pods.stop()
+    graceful = {pod: code for pod, code in pods.exit_codes.items() if pod != busy[1]}
+    assert graceful and set(graceful.values()) == {0}, f"exit codes of SIGTERMed workers: {graceful}"
+    assert q.get_queue_row(plane)["REPLICAS"] == "0/0"
+
+    total = len(requests) + 1
+    print(
+        f"\ne2e-node passed: {total} messages, {len(USERS)} users, lost={lost}, duplicates={duplicates}, "
+        f"foreign={foreign}, first reply from zero {cold_start_s:.1f}s, peak {pods.max_ready} Ready workers "
+        f"{scale_out_s:.1f}s after the burst, drained in {drained_s:.1f}s, back to 0 at {zero_s:.1f}s, "
+        f"{len(graceful)} SIGTERMed workers exited 0"
+    )
