@@ -298,7 +298,9 @@ drop_replaced() {  # tag old-id
   if [ -n "$2" ] && [ "$2" != "$(image_id "$1")" ]; then "$ENGINE" rmi "$2" >/dev/null 2>&1 || true; fi
 }
 
-human() { numfmt --to=si --suffix=B "${1:-0}" 2>/dev/null || echo "$1"; }
+human() {  # bytes -> 185MB; buildah already reports "184 MB"
+  if [[ "${1:-}" =~ ^[0-9]+$ ]]; then numfmt --to=si --suffix=B "$1"; else echo "${1:-?}"; fi
+}
 
 # --- pause image ------------------------------------------------------------------------------------
 # containerd needs a sandbox image for every pod and cannot pull registry.k8s.io/pause here. The
