@@ -13,7 +13,7 @@
 #
 # Environment: IMAGE_REPO (streamqueue), VERSION (the VERSION file), ENGINE (docker|podman|buildah;
 # default: docker if its daemon answers, else podman, else buildah, installed from Debian if none),
-# PYTHON_IMAGE (the base; default: see choose_base), BASE (auto|local|pull), WHEELHOUSE (1: install
+# PYTHON_IMAGE (the base; default: see choose_base), BASE (auto|offline|local|pull), WHEELHOUSE (1: install
 # Python packages from a wheelhouse the host's pip fills, so builds need no network inside the
 # container; 0: pip inside the build uses the index), REBUILD (1: ignore the caches).
 #
@@ -180,8 +180,10 @@ build_base() {
 # The base the app images build FROM: PYTHON_IMAGE if set; else the Dockerfiles' default when it is
 # here or can be pulled (BASE=pull forces it); else the local Debian base (BASE=local forces it).
 # BASE=auto prefers a local base already built over a pull, so offline machines never try a registry
-# once `make base-image` has run.
+# once `make base-image` has run; BASE=offline never tries one (the default image if it is here,
+# else the local base).
 choose_base() {
+  case "$BASE" in auto|offline|local|pull) ;; *) die "BASE must be auto, offline, local or pull, not $BASE";; esac
   if [ -n "${PYTHON_IMAGE:-}" ]; then return; fi
   if [ "$BASE" != local ] && image_exists "$DEFAULT_PYTHON_IMAGE"; then
     PYTHON_IMAGE="$DEFAULT_PYTHON_IMAGE"; return
@@ -189,7 +191,7 @@ choose_base() {
   if [ "$BASE" = auto ] && image_exists "$LOCAL_BASE_IMAGE"; then
     build_base; PYTHON_IMAGE="$LOCAL_BASE_IMAGE"; return
   fi
-  if [ "$BASE" != local ]; then
+  if [ "$BASE" = auto ] || [ "$BASE" = pull ]; then
     log "pulling $DEFAULT_PYTHON_IMAGE"
     if timeout 300 "$ENGINE" pull "$DEFAULT_PYTHON_IMAGE" >&2; then
       PYTHON_IMAGE="$DEFAULT_PYTHON_IMAGE"; return

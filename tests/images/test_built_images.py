@@ -1,9 +1,10 @@
 """The built images, inspected with whichever container engine this machine has (docs/images.md).
 
 Skipped when there is no engine (docker with a daemon, podman or buildah). The images are built (or,
-when warm, found up to date in about a second) by `hack/images.sh`, with `BASE=local` unless the
-environment says otherwise: a test never tries to pull from a registry. Marked slow: a cold build
-takes a few minutes (mostly mmdebstrap for the base image).
+when warm, found up to date in about a second) by `hack/images.sh`, with `BASE=offline` unless the
+environment says otherwise (python:3.11-slim-bookworm if it is here, else the local Debian base): a
+test never tries to pull from a registry. Marked slow: a cold build takes a minute or two (half of
+it mmdebstrap for the base image).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def engine() -> str:
     if found is None:
         pytest.skip("no container engine (docker daemon, podman or buildah)")
     env = {**os.environ, "ENGINE": found, "IMAGE_REPO": REPO, "VERSION": VERSION}
-    env.setdefault("BASE", "local")
+    env.setdefault("BASE", "offline")
     build = subprocess.run(
         ["bash", "hack/images.sh", "build"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
     )
@@ -120,7 +121,7 @@ def test_entrypoint_starts_on_a_read_only_root_as_its_user(engine: str, name: st
 
 def test_export_writes_archives_named_as_the_kubelet_asks(engine: str, tmp_path: Path) -> None:
     env = {**os.environ, "ENGINE": engine, "IMAGE_REPO": REPO, "VERSION": VERSION}
-    env.setdefault("BASE", "local")
+    env.setdefault("BASE", "offline")
     subprocess.run(
         ["bash", "hack/images.sh", "export", str(tmp_path)], cwd=ROOT, env=env, check=True, timeout=600
     )
