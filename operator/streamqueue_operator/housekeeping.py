@@ -4,10 +4,15 @@ Both run as Lua scripts so the check and the write are atomic: XGROUP DELCONSUME
 consumer's pending entries, so it runs only if XPENDING for that consumer is empty at that very
 moment; XTRIM MINID is computed from every group's oldest pending entry and last-delivered ID in
 the same script that trims, so a group created or rewound concurrently cannot lose entries.
+
+The group may be shared with workers the operator does not run (the article's own loop, consumers
+named ``worker_1``). Only a consumer whose name could be a Pod's is a candidate for removal: any
+other name was chosen by another program, whose lifetime the operator cannot know.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -47,10 +52,21 @@ return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f-%.0f', best_ms,
 """
 
 
+# A Pod name is a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters.
+_POD_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_POD_NAME_MAX = 253
+
+
 @dataclass(frozen=True)
 class ConsumerCleanup:
     deleted: tuple[str, ...]
     kept_with_pending: tuple[str, ...]
+    not_pod_names: tuple[str, ...] = ()  # consumers of other programs, never touched
+
+
+def could_be_pod_name(name: str) -> bool:
+    """True if a Pod could be called ``name``; the worker's consumer name is its Pod's name."""
+    return len(name) <= _POD_NAME_MAX and _POD_NAME.fullmatch(name) is not None
 
 
 def _text(value: object) -> str:
@@ -63,18 +79,21 @@ async def remove_dead_consumers(
     """Delete consumers named after Pods that no longer exist, once nothing is pending for them.
 
     Consumers with pending entries are kept: the workers' XAUTOCLAIM moves those entries to a live
-    consumer after ``claimIdle``, and a later pass deletes the then-empty consumer.
+    consumer after ``claimIdle``, and a later pass deletes the then-empty consumer. Consumers whose
+    names no Pod can have belong to workers outside the Deployment and are left alone, busy or idle.
     """
-    deleted, kept = [], []
+    deleted, kept, foreign = [], [], []
     for info in await client.xinfo_consumers(stream, group):
         name = _text(info["name"])
         if name in live_pods:
             continue
-        if await client.eval(_DELETE_IF_IDLE, 1, stream, group, name) == -1:
+        if not could_be_pod_name(name):
+            foreign.append(name)
+        elif await client.eval(_DELETE_IF_IDLE, 1, stream, group, name) == -1:
             kept.append(name)
         else:
             deleted.append(name)
-    return ConsumerCleanup(tuple(deleted), tuple(kept))
+    return ConsumerCleanup(tuple(deleted), tuple(kept), tuple(foreign))
 
 
 async def trim_processed(client: redis.asyncio.Redis, stream: str) -> int:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import redis
 import redis.asyncio
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.housekeeping import remove_dead_consumers, trim_processed
+
+from tests.operator.conftest import wait_for
 
 STREAM, GROUP = "q", "g"
 
@@ -78,3 +82,43 @@ async def test_trim_without_groups_does_nothing(redis_server: RedisServer) -> No
         await trim_processed(redis.asyncio.Redis(host=redis_server.host, port=redis_server.port), STREAM) == 0
     )
     assert r.xlen(STREAM) == 1
+
+
+async def test_consumers_of_workers_outside_the_deployment_are_never_deleted(
+    redis_server: RedisServer,
+) -> None:
+    """A mixed fleet: the article's loop (consumers ``worker_1``, ``worker_2``: no Pod can be named so)
+    shares the group with pods. Busy or idle, the operator leaves them alone."""
+    r, client, _ = _setup(redis_server, n=3)
+    r.xreadgroup(GROUP, "worker_1", {STREAM: ">"}, count=1)  # in its handler: one entry pending
+    [[_, [(between, _)]]] = r.xreadgroup(GROUP, "worker_2", {STREAM: ">"}, count=1)
+    r.xack(STREAM, GROUP, between)  # answered; waits in XREADGROUP for the next one
+    [[_, [(done, _)]]] = r.xreadgroup(GROUP, "pod-gone", {STREAM: ">"}, count=1)
+    r.xack(STREAM, GROUP, done)
+
+    result = await remove_dead_consumers(client, STREAM, GROUP, live_pods=set())
+    assert result.deleted == ("pod-gone",) and result.kept_with_pending == ()
+    assert result.not_pod_names == ("worker_1", "worker_2")
+    assert sorted(_name(c) for c in r.xinfo_consumers(STREAM, GROUP)) == ["worker_1", "worker_2"]
+    assert r.xpending(STREAM, GROUP)["consumers"] == [{"name": b"worker_1", "pending": 1}]
+
+
+async def test_an_idle_consumer_deleted_while_it_blocks_still_gets_its_next_entry(
+    redis_server: RedisServer,
+) -> None:
+    """A foreign worker whose name could be a Pod's (``worker-1``) is deleted between messages. Redis
+    recreates it when its blocked XREADGROUP is served, so the entry is delivered and pending as usual."""
+    r, client, _ = _setup(redis_server, n=1)
+    [[_, [(first, _)]]] = r.xreadgroup(GROUP, "worker-1", {STREAM: ">"}, count=1)
+    r.xack(STREAM, GROUP, first)
+    worker = redis_server.client(single_connection_client=True, socket_timeout=15)
+    worker_id = worker.client_id()
+    with ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(worker.xreadgroup, GROUP, "worker-1", {STREAM: ">"}, count=1, block=10_000)
+        wait_for(lambda: "b" in r.client_list(client_id=[worker_id])[0]["flags"], 10, "the read to block")
+
+        assert (await remove_dead_consumers(client, STREAM, GROUP, live_pods=set())).deleted == ("worker-1",)
+        entry_id = r.xadd(STREAM, {"user_id": "u", "message": "next"})
+        [[_, [(got, _)]]] = blocked.result(timeout=10)
+    assert got == entry_id
+    assert r.xpending(STREAM, GROUP)["consumers"] == [{"name": b"worker-1", "pending": 1}]

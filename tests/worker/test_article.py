@@ -110,26 +110,25 @@ def _backlog(r: redis.Redis) -> tuple[int, int]:
     return group["pending"], group["lag"]
 
 
-class _ReplyReader:
-    """One of the article's user clients reading ``ai_to_user:<user_id>`` on its own connection and thread.
+class _ArticleLoop:
+    """One of the article's blocking loops (a user client's reader, a worker) on its own connection
+    and thread.
 
-    Replies are handed over through a queue; Redis errors are recorded (the article's loops log them
-    and carry on) so a test can assert there were none. ``stop`` wakes a blocked read with CLIENT
-    UNBLOCK instead of waiting out its BLOCK.
+    Redis errors are recorded (the article's loops log them and carry on) so a test can assert there
+    were none. ``stop`` wakes a blocked read with CLIENT UNBLOCK instead of waiting out its BLOCK.
     """
 
-    def __init__(self, server: RedisServer, user_id: str) -> None:
-        self.key = f"{ARTICLE_REPLY_PREFIX}{user_id}"
+    def __init__(self, server: RedisServer, name: str) -> None:
+        self.name = name
         # A socket timeout above BLOCK 5000: redis-py 8's default (5 s) would cut the read and reconnect.
         self.conn = server.client(decode_responses=True, single_connection_client=True, socket_timeout=15)
         self.admin = server.client(decode_responses=True)
         self.client_id = self.conn.client_id()
-        self.replies: queue.Queue[dict[str, str]] = queue.Queue()
         self.errors: list[str] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"reader-{user_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self) -> _ReplyReader:
+    def start(self) -> _ArticleLoop:
         self._thread.start()
         return self
 
@@ -144,6 +143,24 @@ class _ReplyReader:
     def _read_once(self) -> None:
         raise NotImplementedError
 
+    def stop(self) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + 10
+        while self._thread.is_alive():
+            assert time.monotonic() < deadline, f"{self.name} did not stop"
+            self.admin.client_unblock(self.client_id)
+            self._thread.join(0.05)
+        self.conn.close()
+
+
+class _ReplyReader(_ArticleLoop):
+    """One of the article's user clients reading ``ai_to_user:<user_id>``; replies arrive on a queue."""
+
+    def __init__(self, server: RedisServer, user_id: str) -> None:
+        super().__init__(server, f"reader-{user_id}")
+        self.key = f"{ARTICLE_REPLY_PREFIX}{user_id}"
+        self.replies: queue.Queue[dict[str, str]] = queue.Queue()
+
     def receive(self, n: int, within: float = 20) -> list[dict[str, str]]:
         """The next ``n`` replies, waiting at most ``within`` seconds in all."""
         deadline = time.monotonic() + within
@@ -156,15 +173,6 @@ class _ReplyReader:
                     f"{self.key}: {len(got)} of {n} replies within {within}s; errors: {self.errors[-3:]}"
                 ) from None
         return got
-
-    def stop(self) -> None:
-        self._stop.set()
-        deadline = time.monotonic() + 10
-        while self._thread.is_alive():
-            assert time.monotonic() < deadline, f"reader of {self.key} did not stop"
-            self.admin.client_unblock(self.client_id)
-            self._thread.join(0.05)
-        self.conn.close()
 
 
 class XreadReader(_ReplyReader):
@@ -248,3 +256,104 @@ def test_plain_and_group_readers_get_every_reply_across_expiry_and_a_worker_rest
         plain.stop()
         grouped.stop()
     assert plain.errors == [] and grouped.errors == []
+
+
+class ArticleWorker(_ArticleLoop):
+    """The article's worker loop, in our group: ``XREADGROUP GROUP ai_service_group worker_<n> COUNT 1
+    BLOCK 5000 STREAMS user_messages_queue >``, handle, XADD the reply, XACK. No reclaim, no renewal.
+
+    A message saying "slow" stands for a long model call: the handler holds it until ``release``.
+    """
+
+    def __init__(self, server: RedisServer, name: str) -> None:
+        super().__init__(server, name)
+        self.holding, self.release = threading.Event(), threading.Event()
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: another worker created it
+            self.conn.xgroup_create(ARTICLE_STREAM, ARTICLE_GROUP, id="0", mkstream=True)
+
+    def _read_once(self) -> None:
+        result = self.conn.xreadgroup(ARTICLE_GROUP, self.name, {ARTICLE_STREAM: ">"}, count=1, block=5000)
+        for _, entries in result or []:
+            for entry_id, fields in entries:
+                if fields["message"] == "slow":
+                    self.holding.set()
+                    self.release.wait(30)
+                reply = {"response": f"AI: {fields['message']}", "worker_id": self.name}
+                self.conn.xadd(f"{ARTICLE_REPLY_PREFIX}{fields['user_id']}", {**reply, "timestamp": "0"})
+                self.conn.xack(ARTICLE_STREAM, ARTICLE_GROUP, entry_id)
+
+    def stop(self) -> None:
+        self.release.set()
+        super().stop()
+
+
+def article_monitor(r: redis.Redis) -> dict[str, tuple[int, dict[str, int]]]:
+    """What the article's monitor shows: per group (XINFO GROUPS) its pending count and each
+    consumer's (XINFO CONSUMERS)."""
+    return {
+        g["name"]: (
+            g["pending"],
+            {c["name"]: c["pending"] for c in r.xinfo_consumers(ARTICLE_STREAM, g["name"])},
+        )
+        for g in r.xinfo_groups(ARTICLE_STREAM)
+    }
+
+
+def _responses(r: redis.Redis, user_id: str) -> list[tuple[str, str]]:
+    return [(f["response"], f["worker_id"]) for _, f in r.xrange(f"{ARTICLE_REPLY_PREFIX}{user_id}")]
+
+
+def _pending_scans(r: redis.Redis) -> int:
+    """XAUTOCLAIM calls so far: only our workers scan the pending list."""
+    return int(r.info("commandstats").get("cmdstat_xautoclaim", {}).get("calls", 0))
+
+
+def test_the_articles_worker_loop_shares_the_group_with_ours(
+    redis_server: RedisServer, worker_processes: WorkerProcesses
+) -> None:
+    r = redis_server.client(decode_responses=True)
+    article = ArticleWorker(redis_server, "worker_1").start()
+    try:
+        ArticleClient(r, "alice").send("slow")
+        assert article.holding.wait(10), "worker_1 never took alice's message"
+        worker_processes.start("sq-worker-0")  # default claim idle: 30 s
+        # Its pending-list scan at start-up sees worker_1's entry in flight, and must leave it there.
+        wait_for(lambda: _pending_scans(r) > 0, 15, "our worker's first pending-list scan")
+        bob = ArticleClient(r, "bob")
+        for i in range(20):
+            bob.send(f"b{i}")
+        wait_for(lambda: len(_responses(r, "bob")) == 20, 15, "bob's replies from our worker")
+        assert article_monitor(r) == {ARTICLE_GROUP: (1, {"worker_1": 1, "sq-worker-0": 0})}
+        article.release.set()
+        carol = ArticleClient(r, "carol")
+        for i in range(40):
+            carol.send(f"c{i}")
+        wait_for(lambda: _backlog(r) == (0, 0) and len(_responses(r, "carol")) >= 40, 15, "every reply")
+    finally:
+        article.stop()
+    assert _responses(r, "alice") == [("AI: slow", "worker_1")]  # answered once, by its owner
+    assert sorted(_responses(r, "bob")) == sorted((f"Echo: b{i}", "sq-worker-0") for i in range(20))
+    carols = [response.split(": ", 1)[1] for response, _ in _responses(r, "carol")]
+    assert sorted(carols) == sorted(f"c{i}" for i in range(40))  # each exactly once, by either worker
+    assert article_monitor(r) == {ARTICLE_GROUP: (0, {"worker_1": 0, "sq-worker-0": 0})}
+    assert article.errors == []
+
+
+def test_a_foreign_entry_held_past_claim_idle_is_answered_twice(
+    redis_server: RedisServer, worker_processes: WorkerProcesses
+) -> None:
+    """The documented limit of a mixed fleet: the article's loop cannot renew its claim, so an entry it
+    holds longer than CLAIM_IDLE_MS looks like a crashed consumer's, and ours answers it as well."""
+    r = redis_server.client(decode_responses=True)
+    article = ArticleWorker(redis_server, "worker_1").start()
+    try:
+        ArticleClient(r, "alice").send("slow")
+        assert article.holding.wait(10), "worker_1 never took alice's message"
+        worker_processes.start("sq-worker-0", claim_idle_ms="300")
+        wait_for(lambda: len(_responses(r, "alice")) == 1, 15, "our worker to reclaim and answer")
+        article.release.set()
+        wait_for(lambda: len(_responses(r, "alice")) == 2, 15, "worker_1's own answer")
+    finally:
+        article.stop()
+    assert _responses(r, "alice") == [("Echo: slow", "sq-worker-0"), ("AI: slow", "worker_1")]
+    assert _backlog(r) == (0, 0)
