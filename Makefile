@@ -7,7 +7,7 @@ VERSION := $(shell cat VERSION)
 IMAGE_REPO ?= streamqueue
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools test test-fast bench lint crds cluster cluster-down demo images base-image e2e-kind clean
+.PHONY: help setup tools test test-fast bench lint crds cluster cluster-down demo images base-image push-images e2e-kind clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -27,11 +27,12 @@ test-fast: ## unit tests only, no setup
 bench: setup ## benchmarks: worker throughput vs the article's loop, client latency, operator reaction
 	$(PY) -m bench
 
-lint: ## ruff, mypy and helm lint
+lint: ## ruff, mypy, helm lint and actionlint (.github/workflows)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	helm lint charts/streamqueue-operator
+	actionlint
 
 crds: ## regenerate crds/ and the chart's CRD from the pydantic models
 	$(PY) -m streamqueue_operator.crdgen --write
@@ -50,6 +51,9 @@ images: ## build the worker, operator and pause images (docker, podman or builda
 
 base-image: ## build the local Python base image from Debian packages (mmdebstrap)
 	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh base-image
+
+push-images: ## push the built worker and operator images to IMAGE_REPO's registry (log in first)
+	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh push
 
 e2e-kind: ## full-cluster test on kind (needs Docker): install chart, drive load, assert scaling
 	bash hack/e2e-kind.sh

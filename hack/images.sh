@@ -10,6 +10,8 @@
 #                                      docker archives named docker.io/<IMAGE_REPO>/<name>:<VERSION>,
 #                                      ready for `ctr -n k8s.io images import DIR/worker.tar`
 #   bash hack/images.sh names          print the three image references (as the kubelet names them)
+#   bash hack/images.sh push           push the built worker and operator images to the registry
+#                                      IMAGE_REPO names (log in with the engine first; docs/release.md)
 #
 # Environment: IMAGE_REPO (streamqueue), VERSION (the VERSION file), ENGINE (docker|podman|buildah;
 # default: docker if its daemon answers, else podman, else buildah, installed from Debian if none),
@@ -383,12 +385,34 @@ export_all() {
   log "import with: ctr -n k8s.io images import $dir/<name>.tar  (worker, operator, pause)"
 }
 
+# --- push -------------------------------------------------------------------------------------------
+# What `make images` built, to the registry IMAGE_REPO names: this machine's architecture only (the
+# release workflow publishes multi-arch images). The pause image stays here: clusters have their own.
+push_one() {  # image
+  local image="$1"
+  image_exists "$image" || die "$image is not built: run make images IMAGE_REPO=$IMAGE_REPO first"
+  log "pushing $image ($ENGINE)"
+  case "$ENGINE" in
+    docker) docker push "$image" >&2 ;;
+    # podman and buildah store `team/worker` as localhost/team/worker: name the destination.
+    *) "$ENGINE" push "$image" "docker://$(qualified "$image")" >&2 ;;
+  esac
+}
+
+push_all() {
+  pick_engine
+  push_one "$(worker_image)"
+  push_one "$(operator_image)"
+  log "pushed; install with --set image.repository=$IMAGE_REPO/operator --set workerImage.repository=$IMAGE_REPO/worker"
+}
+
 case "${1:-build}" in
   build) build_all ;;
   base-image) pick_engine; build_base ;;
   pause) pick_engine; build_pause ;;
   wheelhouse) build_wheelhouse ;;
   export) shift; export_all "$@" ;;
+  push) push_all ;;
   names) for i in "$(worker_image)" "$(operator_image)" "$(pause_image)"; do qualified "$i"; done ;;
-  *) die "unknown command $1 (build, base-image, pause, wheelhouse, export DIR, names)" ;;
+  *) die "unknown command $1 (build, base-image, pause, wheelhouse, export DIR, names, push)" ;;
 esac

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the pinned Kubernetes tool chain (etcd, kube-apiserver, kube-controller-manager, kubectl,
-# kube-scheduler, kubelet, kube-proxy, helm, kind) from the Go module proxy into a cache outside the
-# repository, keyed by version, and link it into .tools/bin. A warm cache makes this a no-op that
-# takes well under a second.
+# kube-scheduler, kubelet, kube-proxy, helm, kind, actionlint) from the Go module proxy into a cache
+# outside the repository, keyed by version, and link it into .tools/bin. A warm cache makes this a
+# no-op that takes well under a second.
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every staging module with a local
 # path. We build it from a throwaway consumer module that requires k8s.io/kubernetes and replaces each
@@ -13,6 +13,7 @@ KUBERNETES_VERSION="${KUBERNETES_VERSION:-v1.35.4}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${HELM_VERSION:-v3.20.2}"
 KIND_VERSION="${KIND_VERSION:-v0.30.0}"
+ACTIONLINT_VERSION="${ACTIONLINT_VERSION:-v1.7.12}"  # lints .github/workflows (make lint)
 GO_MIN_VERSION="1.25"
 # The control plane, plus what runs real pods beside it: kube-scheduler, kubelet, kube-proxy.
 KUBERNETES_COMMANDS="kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy"
@@ -173,6 +174,14 @@ build_kind() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+build_actionlint() {
+  local v="$ACTIONLINT_VERSION" out="$CACHE/actionlint-$ACTIONLINT_VERSION/bin"
+  log "actionlint $v: go install github.com/rhysd/actionlint/cmd/actionlint"
+  mkdir -p "$out.tmp"
+  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath -ldflags "-s -w" "github.com/rhysd/actionlint/cmd/actionlint@$v"
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
 ensure() {  # ensure NAME VERSION BINARIES...
   local name="$1" version="$2"; shift 2
   if built "$name" "$version" "$@"; then
@@ -188,14 +197,15 @@ ensure() {  # ensure NAME VERSION BINARIES...
 }
 
 main() {
-  local want="${*:-etcd kubernetes helm kind}"
+  local want="${*:-etcd kubernetes helm kind actionlint}"
   for t in $want; do
     case "$t" in
       etcd) ensure etcd "$ETCD_VERSION" etcd ;;
       kubernetes) ensure kubernetes "$KUBERNETES_VERSION" $KUBERNETES_COMMANDS ;;
       helm) ensure helm "$HELM_VERSION" helm ;;
       kind) ensure kind "$KIND_VERSION" kind ;;
-      *) echo "unknown tool: $t (want etcd, kubernetes, helm, kind)" >&2; exit 2 ;;
+      actionlint) ensure actionlint "$ACTIONLINT_VERSION" actionlint ;;
+      *) echo "unknown tool: $t (want etcd, kubernetes, helm, kind, actionlint)" >&2; exit 2 ;;
     esac
   done
   log "tools ready in $BIN"
