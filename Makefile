@@ -5,26 +5,29 @@ PY    := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 VERSION := $(shell cat VERSION)
 IMAGE_REPO ?= streamqueue
+# Where the images' Python base comes from: offline = made here from Debian packages (mmdebstrap),
+# no registry ever asked; auto = python:3.11-slim-bookworm when it is present or can be pulled.
+IMAGE_BASE ?= offline
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools test test-fast bench lint crds cluster cluster-down demo images base-image push-images e2e-kind clean
+.PHONY: help setup tools test test-fast bench lint crds cluster node cluster-down demo images base-image push-images e2e-node e2e-kind clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: ## install redis-server, the Python venv and the pinned Kubernetes tools
+setup: ## install Debian packages (redis-server, containerd, runc, CNI plugins), the venv, the pinned tools
 	bash hack/setup.sh
 
-tools: ## build (or reuse) etcd, kube-apiserver, kube-controller-manager, kubectl, helm, kind
+tools: ## build (or reuse) etcd, the Kubernetes control plane and node binaries, kubectl, helm, kind
 	bash hack/tools.sh
 
-test: setup ## set up and run every test (unit, Redis and control-plane integration)
+test: setup images ## set up and run every test (unit, Redis, control plane, the real node end to end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: ## unit tests only, no setup
 	$(PY) -m pytest -m "not kube and not slow" $(PYTEST_ARGS)
 
-bench: setup ## benchmarks: worker throughput vs the article's loop, client latency, operator reaction
+bench: setup images ## benchmarks: worker throughput vs the article's loop, client latency, operator reaction, node cold start
 	$(PY) -m bench
 
 lint: ## ruff, mypy, helm lint and actionlint (.github/workflows)
@@ -40,20 +43,26 @@ crds: ## regenerate crds/ and the chart's CRD from the pydantic models
 cluster: setup ## start the local control plane in the background (.cluster/kubeconfig)
 	$(PY) -m streamqueue_harness.controlplane up --dir .cluster
 
-cluster-down: ## stop the local control plane
-	$(PY) -m streamqueue_harness.controlplane down --dir .cluster
+node: setup images ## control plane + a real node (containerd, kubelet) in a namespace of its own, in the background
+	$(PY) -m streamqueue_harness.node up --dir .cluster
+
+cluster-down: ## stop what `make cluster` or `make node` started; leaves no process, mount or namespace
+	$(PY) -m streamqueue_harness.node down --dir .cluster
 
 demo: setup ## local demo: Redis + control plane + operator + workers, scale out and back in
 	$(PY) -m streamqueue_harness.demo $(DEMO_ARGS)
 
 images: ## build the worker, operator and pause images (docker, podman or buildah; no registry needed)
-	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh build
+	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) BASE=$(IMAGE_BASE) bash hack/images.sh build
 
 base-image: ## build the local Python base image from Debian packages (mmdebstrap)
 	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh base-image
 
 push-images: ## push the built worker and operator images to IMAGE_REPO's registry (log in first)
 	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh push
+
+e2e-node: setup images ## helm install, a burst from 20 users, scale out and back to 0 on the real node
+	$(PY) -m pytest tests/node -s $(PYTEST_ARGS)
 
 e2e-kind: ## full-cluster test on kind (needs Docker): install chart, drive load, assert scaling
 	bash hack/e2e-kind.sh

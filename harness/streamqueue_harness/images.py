@@ -2,11 +2,13 @@
 
 No registry is reachable here, so the node gets the worker, operator and sandbox images from archives.
 ``hack/images.sh export`` builds what is out of date (a warm run takes seconds) and names each archive's
-image as the kubelet will ask for it (``docker.io/streamqueue/worker:<version>``).
+image as the kubelet will ask for it (``docker.io/streamqueue/worker:<version>``). A cold build needs
+Debian's mirror, which a private network namespace cannot reach: ``make images`` runs before the tests.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +32,17 @@ class Images:
 
 
 def _script(*args: str, timeout: float) -> str:
+    # The names the chart defaults to; BASE=offline: the base image is made from Debian packages and no
+    # registry is ever asked for one, not even by a lookup that would fail.
+    env = {**os.environ, "IMAGE_REPO": "streamqueue", "BASE": "offline"}
     try:
         result = subprocess.run(
-            ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+            ["bash", str(SCRIPT), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO_ROOT,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         raise ImagesMissingError(f"hack/images.sh {' '.join(args)} took over {timeout:.0f}s") from None

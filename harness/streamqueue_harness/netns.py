@@ -79,3 +79,7 @@ def add_bridge(name: str, address: str) -> None:
     _run("ip", "link", "add", name, "type", "bridge")
     _run("ip", "addr", "add", address, "dev", name)
     _run("ip", "link", "set", name, "up")
+
+
+def delete_link(name: str) -> None:
+    _run("ip", "link", "del", name)

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,9 @@ from .components import Components, StartupError, recorded_state, running_compon
 from .controlplane import STATE_FILE as CONTROL_PLANE_STATE
 from .controlplane import ControlPlane, ToolsMissingError, check_tools, default_bin_dir
 from .controlplane import shutdown_phases as control_plane_phases
+from .images import ImagesMissingError, image_archives
 from .kubeconfig import write_kubeconfig
-from .netns import NamespaceError, add_bridge, enter_private_namespaces, in_private_namespaces
+from .netns import NamespaceError, add_bridge, delete_link, enter_private_namespaces, in_private_namespaces
 from .pki import signed_certificate
 from .ports import free_port
 
@@ -308,6 +309,24 @@ class Node:
         return ready and not (node.spec and node.spec.taints)
 
 
+@contextlib.contextmanager
+def running_node(workdir: Path, timeout: float = 180.0) -> Iterator[Node]:
+    """The images exported, the bridge, a control plane with the node IP and the node; all stopped after.
+
+    The caller runs in the run's private namespaces (``netns.enter_private_namespaces``).
+    """
+    images = image_archives()
+    add_bridge(BRIDGE, f"{NODE_IP}/24")
+    try:
+        with (
+            ControlPlane(workdir / "controlplane", node_ip=NODE_IP) as plane,
+            Node(plane, workdir / "node", images.archives, images.sandbox) as node,
+        ):
+            yield node
+    finally:
+        delete_link(BRIDGE)
+
+
 # ---- configuration files ------------------------------------------------------------------------------
 
 
@@ -473,17 +492,27 @@ def _node_pid(workdir: Path) -> int:
     return int(processes[0]["pid"])
 
 
-def _up(workdir: Path, images: list[Path], sandbox_image: str, timeout: float) -> int:
+def _up(workdir: Path, timeout: float) -> int:
     if running_components(workdir, STATE_FILE):
         print(f"node already running: python -m streamqueue_harness.node exec --dir {workdir} -- bash")
         return 0
     try:
         check_tools(default_bin_dir())
+        images = image_archives(workdir / "images")
         enter_private_namespaces()
         add_bridge(BRIDGE, f"{NODE_IP}/24")
         plane = ControlPlane(workdir, detach=True, node_ip=NODE_IP).start(timeout=timeout)
-        node = Node(plane, workdir / "node", images, sandbox_image, detach=True).start(timeout=timeout)
-    except (ToolsMissingError, NodeError, NamespaceError, StartupError, TimeoutError) as exc:
+        node = Node(plane, workdir / "node", images.archives, images.sandbox, detach=True).start(
+            timeout=timeout
+        )
+    except (
+        ToolsMissingError,
+        ImagesMissingError,
+        NodeError,
+        NamespaceError,
+        StartupError,
+        TimeoutError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:  # on any failure, nothing half-started stays behind
@@ -527,13 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m streamqueue_harness.node",
         description="Start, use or stop the local control plane with a real node (containerd, kubelet, "
         "kube-scheduler, kube-proxy) in a network namespace of its own. Needs root, `make tools` and "
-        "the images (`make images`).",
+        "Debian's containerd, runc and CNI plugins (`make setup`); builds the images if needed.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start control plane and node in the background")
     up.add_argument("--dir", type=Path, required=True, help="work directory (state, certificates, logs)")
-    up.add_argument("--image", type=Path, action="append", default=[], help="image archive to import")
-    up.add_argument("--sandbox-image", required=True, help="the pause image's reference (among the archives)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     down = commands.add_parser("down", help="stop what `up --dir DIR` started and clean the host")
     down.add_argument("--dir", type=Path, required=True)
@@ -544,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     workdir = args.dir.resolve()
     if args.command == "up":
-        return _up(workdir, args.image, args.sandbox_image, args.timeout)
+        return _up(workdir, args.timeout)
     if args.command == "down":
         return _down(workdir)
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

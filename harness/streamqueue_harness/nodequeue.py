@@ -127,6 +127,7 @@ class PodWatch:
     max_ready_at: float = 0.0  # time.monotonic() when max_ready was reached
     exit_codes: dict[str, int] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
+    error: Exception | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
@@ -135,14 +136,19 @@ class PodWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        with self.plane.api_client() as api:
-            core = kubernetes.client.CoreV1Api(api)
-            while not self._stop.is_set():
-                stream = kubernetes.watch.Watch().stream(
-                    core.list_namespaced_pod, NAMESPACE, label_selector=POD_SELECTOR, timeout_seconds=2
-                )
-                for event in stream:
-                    self._record(event["type"], event["object"])
+        try:
+            with self.plane.api_client() as api:
+                core = kubernetes.client.CoreV1Api(api)
+                while not self._stop.is_set():
+                    stream = kubernetes.watch.Watch().stream(
+                        core.list_namespaced_pod, NAMESPACE, label_selector=POD_SELECTOR, timeout_seconds=2
+                    )
+                    for event in stream:
+                        self._record(event["type"], event["object"])
+        except Exception as exc:  # surfaced by wait(): a dead watch must not look like a slow cluster
+            with self._changed:
+                self.error = exc
+                self._changed.notify_all()
 
     def _record(self, kind: str, pod: kubernetes.client.V1Pod) -> None:
         name = str(pod.metadata.name if pod.metadata else "")
@@ -163,8 +169,10 @@ class PodWatch:
     def wait(self, what: str, condition: Any, timeout_s: float) -> None:
         """Block until ``condition(self)`` holds, re-checked on every pod event."""
         with self._changed:
-            if not self._changed.wait_for(lambda: condition(self), timeout=timeout_s):
+            if not self._changed.wait_for(lambda: self.error or condition(self), timeout=timeout_s):
                 raise TimeoutError(f"{what} not reached in {timeout_s:.0f}s (ready: {sorted(self.ready)})")
+            if self.error is not None:
+                raise RuntimeError(f"the pod watch failed while waiting for {what}") from self.error
 
     def stop(self) -> None:
         self._stop.set()

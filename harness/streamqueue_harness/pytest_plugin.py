@@ -23,9 +23,9 @@ from collections.abc import Iterator
 import pytest
 
 from .controlplane import ControlPlane, ToolsMissingError
-from .images import ImagesMissingError, image_archives
-from .netns import NamespaceError, add_bridge, enter_private_namespaces, in_private_namespaces
-from .node import BRIDGE, NODE_IP, Node, NodeError
+from .images import ImagesMissingError
+from .netns import enter_private_namespaces, in_private_namespaces
+from .node import Node, NodeError, running_node
 
 _NAMESPACE_MAX = 63
 
@@ -87,18 +87,7 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     if not in_private_namespaces():
         pytest.fail("the real node needs root: the session runs it in namespaces of its own", pytrace=False)
     try:
-        images = image_archives()
-        add_bridge(BRIDGE, f"{NODE_IP}/24")
-        plane = ControlPlane(tmp_path_factory.mktemp("node-controlplane"), node_ip=NODE_IP).start()
-    except (ToolsMissingError, ImagesMissingError, NamespaceError) as exc:
+        with running_node(tmp_path_factory.mktemp("node")) as node:
+            yield node
+    except (ToolsMissingError, ImagesMissingError, NodeError) as exc:
         pytest.fail(str(exc), pytrace=False)
-    try:
-        node = Node(plane, tmp_path_factory.mktemp("node"), images.archives, images.sandbox)
-        try:
-            node.start()
-        except (ToolsMissingError, NodeError) as exc:
-            pytest.fail(str(exc), pytrace=False)
-        yield node
-        node.stop()
-    finally:
-        plane.stop()
