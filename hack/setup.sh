@@ -18,13 +18,14 @@ command -v runc >/dev/null 2>&1 || missing+=(runc)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packages start system-wide instances; tests start their own (free ports, own state dirs).
-  for service in redis-server containerd; do
+  for service in redis-server containerd prometheus; do
     ($SUDO systemctl disable --now "$service" >/dev/null 2>&1 || $SUDO service "$service" stop >/dev/null 2>&1) || true
   done
 fi
