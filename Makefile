@@ -62,7 +62,9 @@ push-images: ## push the built worker and operator images to IMAGE_REPO's regist
 	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh push
 
 e2e-node: setup images ## helm install, a burst from 20 users, scale out and back to 0 on the real node
+	rm -f .cluster/e2e-node.txt
 	$(PY) -m pytest tests/node -s $(PYTEST_ARGS)
+	@cat .cluster/e2e-node.txt
 
 e2e-kind: ## full-cluster test on kind (needs Docker): install chart, drive load, assert scaling
 	bash hack/e2e-kind.sh

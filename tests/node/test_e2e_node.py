@@ -21,6 +21,7 @@ from typing import Any, cast
 import pytest
 import redis
 from streamqueue_harness import nodequeue as q
+from streamqueue_harness.controlplane import REPO_ROOT
 from streamqueue_harness.node import NODE_IP, Node
 from streamqueue_harness.redis_server import RedisServer
 
@@ -36,6 +37,7 @@ MODEL_DELAY_S = 0.5
 # entries to the others after 5 s; the queue may go back to zero 15 s after the backlog is gone.
 WORKER = {"concurrency": 4, "claimIdleMs": 5000, "shutdownGraceSeconds": 20}
 SCALING = {"scaleDownStabilizationSeconds": 5, "idleCooldownSeconds": 10}
+REPORT = REPO_ROOT / ".cluster" / "e2e-node.txt"
 
 
 @pytest.fixture
@@ -117,9 +119,12 @@ def test_helm_install_burst_scales_out_and_back_to_zero_losing_nothing(
     assert q.get_queue_row(plane)["REPLICAS"] == "0/0"
 
     total = len(requests) + 1
-    print(
-        f"\ne2e-node passed: {total} messages, {len(USERS)} users, lost={lost}, duplicates={duplicates}, "
+    summary = (
+        f"e2e-node passed: {total} messages, {len(USERS)} users, lost={lost}, duplicates={duplicates}, "
         f"foreign={foreign}, first reply from zero {cold_start_s:.1f}s, peak {pods.max_ready} Ready workers "
         f"{scale_out_s:.1f}s after the burst, drained in {drained_s:.1f}s, back to 0 at {zero_s:.1f}s, "
         f"{len(graceful)} SIGTERMed workers exited 0"
     )
+    print(f"\n{summary}")
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(summary + "\n")  # `make e2e-node` prints it as its last line
