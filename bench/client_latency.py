@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from streamqueue import Client, wire
-from streamqueue.connection import RedisConnectionSettings, connect
+from streamqueue.connection import RedisConnection, connect
 from streamqueue_harness.redis_server import RedisServer
 
 from bench.common import print_table
@@ -89,7 +89,7 @@ async def wait_answering(url: str, stream: str) -> None:
 
 
 async def measure_floor(url: str, rate: float, count: int) -> PacedRun:
-    redis = connect(RedisConnectionSettings(redis_url=url))
+    redis = connect(RedisConnection(url=url))
     # Open-loop load may briefly have many PINGs in flight; the pool must not be the bottleneck.
     redis.connection_pool.max_connections = 10_000
     try:

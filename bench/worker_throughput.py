@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from streamqueue import wire
-from streamqueue.connection import RedisConnectionSettings, connect
+from streamqueue.connection import RedisConnection, connect
 from streamqueue.handlers import Message
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
@@ -116,7 +116,7 @@ async def _prepare(redis: aioredis.Redis, stream: str, group: str, messages: int
 
 
 async def run_baseline(url: str, case: Case, stream: str) -> Throughput:
-    redis = connect(RedisConnectionSettings(redis_url=url))
+    redis = connect(RedisConnection(url=url))
     try:
         await _prepare(redis, stream, "article", case.baseline_messages)
         clock = _Clock()
@@ -140,7 +140,7 @@ def worker_settings(url: str, stream: str, batch_size: int, concurrency: int) ->
 
 
 async def run_worker(url: str, case: Case, stream: str, batch_size: int, concurrency: int) -> Throughput:
-    redis = connect(RedisConnectionSettings(redis_url=url))
+    redis = connect(RedisConnection(url=url))
     try:
         await _prepare(redis, stream, "streamqueue", case.worker_messages)
         worker = Worker(worker_settings(url, stream, batch_size, concurrency), handler=case.handler)

@@ -1,8 +1,9 @@
-"""Generate the README's StreamQueue reference table from the CRD in ``crds/``.
+"""Generate the reference tables in the docs: StreamQueue fields from the CRD, worker settings.
 
-The CRD is itself generated from the operator's pydantic models, so the reference users read comes
-from the same single source as the schema the API server enforces. ``--check`` (run by the tests)
-fails when the README is out of date; ``--write`` rewrites the section between the markers.
+The CRD in ``crds/`` is itself generated from the operator's pydantic models, whose worker tuning
+fields are derived from the worker's ``WorkerSettings``; the settings table comes from that class
+directly. So every table users read has the same single source as the code. ``--check`` (run by the
+tests) fails when a section is out of date; ``--write`` rewrites each section between its markers.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic_core import PydanticUndefined
+from streamqueue.settings import WorkerSettings, env_name
+from streamqueue_operator.models import WORKER_TUNING
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "streamqueues.streamqueue.io.yaml"
-README = ROOT / "README.md"
-BEGIN = "<!-- BEGIN GENERATED REFERENCE (python hack/reference.py --write) -->"
-END = "<!-- END GENERATED REFERENCE -->"
+BEGIN = "<!-- BEGIN GENERATED {} (python hack/reference.py --write) -->"
+END = "<!-- END GENERATED {} -->"
 
 
 def _validation(schema: dict[str, Any]) -> str:
@@ -46,21 +49,34 @@ def _type(schema: dict[str, Any]) -> str:
     return str(schema.get("type", "object"))
 
 
+def _shown(value: Any) -> str:
+    """A default as users write it: ``true``, ``30``, ``{a: 1}``; empty when there is none."""
+    if value is None or value == {} or value is PydanticUndefined:  # unset, or computed at start-up
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+    return f"`{text}`"
+
+
+def _default(path: str, schema: dict[str, Any]) -> str:
+    """The CRD default, or for an unset worker tuning field the worker's own default."""
+    setting = WORKER_TUNING.get(path.removeprefix("worker.")) if path.startswith("worker.") else None
+    if setting is None:
+        return _shown(schema.get("default"))
+    shown = _shown(WorkerSettings.model_fields[setting].default)
+    return f"worker's {shown}" if shown else ""
+
+
 def _rows(schema: dict[str, Any], path: str) -> Iterator[tuple[str, str, str, str, str]]:
     for name, sub in schema.get("properties", {}).items():
         here = f"{path}.{name}" if path else name
-        default = sub.get("default")
-        shown = (
-            ""
-            if default is None or default == {}
-            else f"`{yaml.safe_dump(default, default_flow_style=True).strip()}`"
-        )
-        if shown.endswith("\n...`"):
-            shown = shown[:-5] + "`"
         description = " ".join(str(sub.get("description", "")).split())
-        yield here, _type(sub), shown, _validation(sub), description
+        yield here, _type(sub), _default(here, sub), _validation(sub), description
         if sub.get("type") == "object" and "properties" in sub:
             yield from _rows(sub, here)
+        if isinstance(sub.get("items"), dict) and "properties" in sub["items"]:
+            yield from _rows(sub["items"], f"{here}[]")
 
 
 def _rules(schema: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
@@ -70,44 +86,63 @@ def _rules(schema: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
         yield from _rules(sub, f"{path}.{name}" if path else name)
 
 
-def render() -> str:
+def spec_section() -> list[str]:
+    """The StreamQueue fields and the API server's cross-field rules, from the CRD."""
     crd = yaml.safe_load(CRD.read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    lines = [
-        BEGIN,
-        "",
-        "| field | type | default | validation | description |",
-        "|---|---|---|---|---|",
-    ]
+    lines = ["| field | type | default | validation | description |", "|---|---|---|---|---|"]
     for field, typ, default, validation, description in _rows(spec, ""):
         lines.append(f"| `spec.{field}` | {typ} | {default} | {validation} | {description} |")
     lines += ["", "Cross-field rules (checked by the API server on `kubectl apply`):", ""]
     for where, message in _rules(spec, ""):
         lines.append(f"- `spec.{where}`: {message.strip(chr(39))}")
-    lines += ["", END]
-    return "\n".join(lines)
+    return lines
 
 
-def splice(readme: str, section: str) -> str:
-    start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    return readme[:start] + section + readme[end:]
+def settings_section() -> list[str]:
+    """The worker's environment variables (flags: the same name in kebab case), from WorkerSettings."""
+    lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for name, info in WorkerSettings.model_fields.items():
+        default = _shown(info.default) or "—"
+        lines.append(f"| `{env_name(name)}` | {default} | {info.description} |")
+    return lines
+
+
+# (file, marker name, section): every generated section of the docs.
+SECTIONS = (
+    ("README.md", "REFERENCE", spec_section),
+    ("docs/operator.md", "REFERENCE", spec_section),
+    ("docs/worker.md", "SETTINGS", settings_section),
+)
+
+
+def render(name: str, lines: list[str]) -> str:
+    return "\n".join([BEGIN.format(name), "", *lines, "", END.format(name)])
+
+
+def splice(text: str, name: str, section: str) -> str:
+    start, end = text.index(BEGIN.format(name)), text.index(END.format(name)) + len(END.format(name))
+    return text[:start] + section + text[end:]
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true", help="rewrite the README section")
-    mode.add_argument("--check", action="store_true", help="fail if the README section is stale")
+    mode.add_argument("--write", action="store_true", help="rewrite the generated sections")
+    mode.add_argument("--check", action="store_true", help="fail if a generated section is stale")
     args = parser.parse_args(argv)
-    readme = README.read_text()
-    updated = splice(readme, render())
-    if args.write:
-        README.write_text(updated)
-        return 0
-    if updated != readme:
-        print("README.md's StreamQueue reference is stale: run `python hack/reference.py --write`")
-        return 1
-    return 0
+    stale = []
+    for file, name, section in SECTIONS:
+        path = ROOT / file
+        text = path.read_text()
+        updated = splice(text, name, render(name, section()))
+        if args.write:
+            path.write_text(updated)
+        elif updated != text:
+            stale.append(file)
+    for file in stale:
+        print(f"{file}: a generated reference section is stale: run `python hack/reference.py --write`")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -8,41 +8,25 @@ worker's ``WorkerSettings`` reads; the password only ever as a ``secretKeyRef``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from streamqueue.settings import (
+    DEFAULT_HEALTH_PORT,
+    DEFAULT_SHUTDOWN_GRACE_SECONDS,
+    TUNING_FIELDS,
+    env_name,
+)
 
 from . import __version__
 from .models import GROUP, KIND, QUEUE_LABEL, VERSION, StreamQueueSpec, WorkerSpec
 
-ENV_PREFIX = "STREAMQUEUE_"
-HEALTH_PORT = 8080
 DEFAULT_WORKER_IMAGE = f"streamqueue/worker:{__version__}"
-DEFAULT_SHUTDOWN_GRACE_SECONDS = 30
 GRACE_MARGIN_SECONDS = 15
 CA_DIR = "/etc/streamqueue/redis-ca"
 CONTAINER = "worker"
 MANAGED_BY = "streamqueue-operator"
 DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
-
-# WorkerSpec field -> worker setting (env var without the prefix). Booleans are rendered "true"/"false".
-TUNING_ENV = {
-    "handler": "HANDLER",
-    "handler_url": "HANDLER_URL",
-    "handler_timeout_seconds": "HANDLER_TIMEOUT_SECONDS",
-    "handler_retries": "HANDLER_RETRIES",
-    "batch_size": "BATCH_SIZE",
-    "concurrency": "CONCURRENCY",
-    "block_ms": "BLOCK_MS",
-    "claim_idle_ms": "CLAIM_IDLE_MS",
-    "max_deliveries": "MAX_DELIVERIES",
-    "dead_letter_stream": "DEAD_LETTER_STREAM",
-    "error_replies": "ERROR_REPLIES",
-    "stream_replies": "STREAM_REPLIES",
-    "reply_max_len": "REPLY_MAXLEN",
-    "reply_ttl_seconds": "REPLY_TTL_SECONDS",
-    "max_message_bytes": "MAX_MESSAGE_BYTES",
-    "shutdown_grace_seconds": "SHUTDOWN_GRACE_SECONDS",
-    "log_level": "LOG_LEVEL",
-}
 
 
 def deployment_name(queue: str) -> str:
@@ -53,9 +37,10 @@ def selector_labels(queue: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "streamqueue-worker", QUEUE_LABEL: queue}
 
 
-def _env(name: str, value: Any) -> dict[str, Any]:
+def _env(field: str, value: Any) -> dict[str, Any]:
+    """The variable that sets WorkerSettings.<field>; booleans as "true"/"false"."""
     text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    return {"name": ENV_PREFIX + name, "value": text}
+    return {"name": env_name(field), "value": text}
 
 
 def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
@@ -65,37 +50,30 @@ def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
     must stay the pod name for dead-consumer cleanup to be correct.
     """
     redis = spec.redis
+    consumer = env_name("consumer")
     env = [
-        _env("REDIS_URL", redis.url),
-        _env("STREAM", spec.stream),
-        _env("GROUP", spec.group),
-        _env("REPLY_PREFIX", spec.reply_prefix),
-        {"name": ENV_PREFIX + "CONSUMER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        _env("HEALTH_PORT", HEALTH_PORT),
+        _env("redis_url", redis.url),
+        _env("stream", spec.stream),
+        _env("group", spec.group),
+        _env("reply_prefix", spec.reply_prefix),
+        {"name": consumer, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        _env("health_port", DEFAULT_HEALTH_PORT),
     ]
     if redis.username:
-        env.append(_env("REDIS_USERNAME", redis.username))
+        env.append(_env("redis_username", redis.username))
     if redis.password_secret_ref:
         ref = redis.password_secret_ref
-        env.append(
-            {
-                "name": ENV_PREFIX + "REDIS_PASSWORD",
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
-        )
+        secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+        env.append({"name": env_name("redis_password"), "valueFrom": secret})
     if redis.tls_on:
-        env.append(_env("REDIS_TLS", True))
+        env.append(_env("redis_tls", True))
     if redis.tls.ca_secret_ref:
-        env.append(_env("REDIS_TLS_CA_FILE", f"{CA_DIR}/{redis.tls.ca_secret_ref.key}"))
-    for field, name in TUNING_ENV.items():
-        value = getattr(spec.worker, field)
-        if value is not None:
-            env.append(_env(name, value))
+        env.append(_env("redis_tls_ca_file", f"{CA_DIR}/{redis.tls.ca_secret_ref.key}"))
+    tuning = {field: getattr(spec.worker, field) for field in TUNING_FIELDS}
+    env += [_env(field, value) for field, value in tuning.items() if value is not None]
     extra = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.worker.env or []]
-    overridden = {e["name"] for e in extra} - {ENV_PREFIX + "CONSUMER"}
-    return [e for e in env if e["name"] not in overridden] + [
-        e for e in extra if e["name"] != ENV_PREFIX + "CONSUMER"
-    ]
+    overridden = {e["name"] for e in extra} - {consumer}
+    return [e for e in env if e["name"] not in overridden] + [e for e in extra if e["name"] != consumer]
 
 
 def termination_grace(worker: WorkerSpec) -> int:
@@ -103,7 +81,7 @@ def termination_grace(worker: WorkerSpec) -> int:
     if worker.termination_grace_period_seconds is not None:
         return worker.termination_grace_period_seconds
     shutdown = worker.shutdown_grace_seconds
-    return (DEFAULT_SHUTDOWN_GRACE_SECONDS if shutdown is None else shutdown) + GRACE_MARGIN_SECONDS
+    return math.ceil(DEFAULT_SHUTDOWN_GRACE_SECONDS if shutdown is None else shutdown) + GRACE_MARGIN_SECONDS
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -121,7 +99,7 @@ def _container(spec: StreamQueueSpec, default_image: str) -> dict[str, Any]:
         "name": CONTAINER,
         "image": worker.image or default_image,
         "env": worker_env(spec),
-        "ports": [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "health", "containerPort": DEFAULT_HEALTH_PORT, "protocol": "TCP"}],
         "livenessProbe": _probe("/healthz", 10, 6),
         "readinessProbe": _probe("/readyz", 5, 2),
         "resources": worker.resources if worker.resources is not None else DEFAULT_RESOURCES,

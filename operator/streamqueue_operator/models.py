@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
 from streamqueue import wire
+from streamqueue.settings import TUNING_FIELDS, WorkerSettings
 
 GROUP = "streamqueue.io"
 VERSION = "v1alpha1"
@@ -118,7 +119,30 @@ class LocalObjectReference(_Model):
     name: Annotated[str, Field(min_length=1, max_length=253)]
 
 
-class WorkerSpec(_Model):
+# StreamQueue names that predate the derivation and differ from to_camel(field); kept so existing
+# objects stay valid (the env variable is still the field's: STREAMQUEUE_REPLY_MAXLEN).
+_SPEC_NAMES = {"reply_maxlen": "replyMaxLen"}
+
+
+def _optional_copy(name: str) -> Any:
+    """``WorkerSettings.<name>`` as an optional spec field: same type, bounds and description.
+
+    Unset (None) means "the worker's own default", so the operator renders no variable for it.
+    """
+    info = WorkerSettings.model_fields[name]
+    assert info.annotation is not None
+    alias = _SPEC_NAMES.get(name, to_camel(name))
+    field = Field(default=None, alias=alias, description=info.description)
+    return (Annotated[(info.annotation | None, *info.metadata, field)], None)
+
+
+_WorkerTuning: type[_Model] = create_model(
+    "_WorkerTuning", __base__=_Model, **{name: _optional_copy(name) for name in TUNING_FIELDS}
+)
+WORKER_TUNING = {_SPEC_NAMES.get(name, to_camel(name)): name for name in TUNING_FIELDS}
+
+
+class WorkerSpec(_WorkerTuning):  # type: ignore[misc, valid-type]
     """The worker Deployment. Unset tuning fields fall back to the worker's own defaults."""
 
     model_config = ConfigDict(
@@ -146,52 +170,10 @@ class WorkerSpec(_Model):
         Field(max_length=1024, description="Worker image; the operator's default worker image when unset."),
     ] = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    handler: Annotated[
-        str | None,
-        Field(max_length=512, description="Python handler as module:function (STREAMQUEUE_HANDLER)."),
-    ] = None
-    handler_url: Annotated[
-        str | None, Field(max_length=2048, description="HTTP endpoint the worker posts each message to.")
-    ] = None
-    handler_timeout_seconds: Annotated[
-        float | None, Field(gt=0, le=3600, description="HTTP handler timeout per attempt.")
-    ] = None
-    handler_retries: Annotated[int | None, Field(ge=0, le=20, description="HTTP handler retries.")] = None
-    batch_size: Annotated[int | None, Field(ge=1, le=1000, description="Entries per XREADGROUP.")] = None
-    concurrency: Annotated[int | None, Field(ge=1, le=10000, description="Messages in flight per pod.")] = (
-        None
-    )
-    block_ms: Annotated[int | None, Field(ge=1, le=60000, description="XREADGROUP BLOCK in ms.")] = None
-    claim_idle_ms: Annotated[
-        int | None,
-        Field(ge=100, le=86_400_000, description="Idle time before a pending entry is reclaimed."),
-    ] = None
-    max_deliveries: Annotated[
-        int | None, Field(ge=1, le=1000, description="Deliveries before an entry is dead-lettered.")
-    ] = None
-    dead_letter_stream: Annotated[str | None, Field(min_length=1, max_length=256)] = None
-    error_replies: Annotated[
-        bool | None, Field(description="Send the user an error reply on dead-letter.")
-    ] = None
-    stream_replies: Annotated[
-        bool | None, Field(description="Write reply chunks before the final reply.")
-    ] = None
-    reply_max_len: Annotated[
-        int | None, Field(ge=1, le=10_000_000, description="MAXLEN ~ of reply streams.")
-    ] = None
-    reply_ttl_seconds: Annotated[
-        int | None, Field(ge=1, le=31_536_000, description="Idle TTL of reply streams.")
-    ] = None
-    max_message_bytes: Annotated[int | None, Field(ge=1, le=536_870_912)] = None
-    shutdown_grace_seconds: Annotated[
-        int | None,
-        Field(ge=0, le=3600, description="Time a worker gets to finish in-flight work on SIGTERM."),
-    ] = None
     termination_grace_period_seconds: Annotated[
         int | None,
         Field(ge=1, le=3700, description="Pod grace period; defaults to shutdownGraceSeconds + 15 (or 45)."),
     ] = None
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
     env: Annotated[
         list[EnvVar] | None,
         Field(max_length=256, description="Extra environment variables (Kubernetes EnvVar)."),

@@ -6,13 +6,11 @@ Observation within seconds (and replicas are held) instead of stalling the queue
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis.asyncio
 from pydantic import SecretStr
-from streamqueue.connection import RedisConnectionSettings
+from streamqueue.connection import RedisConnection
 from streamqueue.connection import connect as shared_connect
 
 from .act import Cluster
@@ -37,23 +35,17 @@ async def resolve(cluster: Cluster, namespace: str, spec: RedisSpec) -> Credenti
     return Credentials(password, ca)
 
 
-def connect(spec: RedisSpec, credentials: Credentials, ca_dir: Path) -> redis.asyncio.Redis:
+def connect(spec: RedisSpec, credentials: Credentials) -> redis.asyncio.Redis:
     """A client through the shared ``streamqueue.connection`` rules, with the operator's short timeout.
 
-    The CA bundle is written under ``ca_dir`` (the operator's writable /tmp) because the shared
-    connection settings take a CA file, as the worker does with its mounted Secret.
+    The CA bundle goes to redis-py as data, so the operator writes no file.
     """
-    ca_file = None
-    if credentials.ca_pem:
-        ca_dir.mkdir(parents=True, exist_ok=True)
-        ca_file = ca_dir / f"ca-{hashlib.sha256(credentials.ca_pem.encode()).hexdigest()[:16]}.pem"
-        ca_file.write_text(credentials.ca_pem)
-    settings = RedisConnectionSettings(
-        redis_url=spec.url,
-        redis_username=spec.username,
-        redis_password=SecretStr(credentials.password) if credentials.password is not None else None,
-        redis_tls=spec.tls_on,
-        redis_tls_ca_file=ca_file,
-        redis_socket_timeout=SOCKET_TIMEOUT_SECONDS,
+    connection = RedisConnection(
+        url=spec.url,
+        username=spec.username,
+        password=SecretStr(credentials.password) if credentials.password is not None else None,
+        tls=spec.tls_on,
+        tls_ca_data=credentials.ca_pem,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS,
     )
-    return shared_connect(settings)
+    return shared_connect(connection)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -28,7 +26,6 @@ from .models import RedisSpec, StreamQueueSpec, parse_spec
 from .observe import Observation, observe
 
 RECONNECT_INTERVAL_SECONDS = 5.0
-CA_DIR = Path(tempfile.gettempdir()) / "streamqueue-operator"
 PATCH_TRUST_SECONDS = 5.0
 
 
@@ -95,7 +92,7 @@ class QueueScaler:
             self._client_error = str(exc)
             return None
         self._client_error = None
-        self._client = (spec, redis_access.connect(spec, credentials, CA_DIR))
+        self._client = (spec, redis_access.connect(spec, credentials))
         return self._client[1]
 
     async def _observe(self, spec: StreamQueueSpec) -> Observation:

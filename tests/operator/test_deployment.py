@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamqueue.settings import WorkerSettings
-from streamqueue_operator.deployment import ENV_PREFIX, TUNING_ENV, render, termination_grace
+from streamqueue.settings import ENV_PREFIX, TUNING_FIELDS, WorkerSettings
+from streamqueue_operator.deployment import render, termination_grace
 from streamqueue_operator.models import StreamQueueSpec, parse_spec
 
 OWNER = {"metadata": {"name": "chat", "namespace": "team", "uid": "1234"}}
@@ -63,8 +63,8 @@ def test_every_env_var_the_operator_sets_is_a_worker_setting() -> None:
     fields = set(WorkerSettings.model_fields)
     ours = {name.removeprefix(ENV_PREFIX).lower() for name in env if name.startswith(ENV_PREFIX)}
     assert ours - fields == set()
-    assert {n.lower() for n in TUNING_ENV.values()} <= fields
-    assert len(ours) >= len(TUNING_ENV) + 8  # every tuning knob of the full spec was rendered
+    assert set(TUNING_FIELDS) <= ours  # every tuning knob of the full spec was rendered
+    assert len(ours) >= len(TUNING_FIELDS) + 8
 
 
 def test_password_only_by_secret_reference_and_consumer_is_the_pod_name() -> None:
@@ -134,3 +134,12 @@ def test_no_replicas_and_owned_by_the_streamqueue() -> None:
 def test_termination_grace_outlasts_the_worker_default() -> None:
     default_grace = WorkerSettings.model_fields["shutdown_grace_seconds"].default
     assert termination_grace(StreamQueueSpec().worker) > default_grace
+    fractional = parse_spec({"worker": {"shutdownGraceSeconds": 2.5}}).worker
+    assert termination_grace(fractional) == 18  # rounded up, then the margin
+
+
+def test_existing_spec_names_keep_their_env_names() -> None:
+    """replyMaxLen predates the derived names; it still sets STREAMQUEUE_REPLY_MAXLEN."""
+    env = _env(render(OWNER, parse_spec({"worker": {"replyMaxLen": 7, "shutdownGraceSeconds": 20}}), "i"))
+    assert env["STREAMQUEUE_REPLY_MAXLEN"]["value"] == "7"
+    assert float(env["STREAMQUEUE_SHUTDOWN_GRACE_SECONDS"]["value"]) == 20

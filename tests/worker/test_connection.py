@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.exceptions import AuthenticationError, ResponseError
-from streamqueue.connection import RedisConnectionSettings, connect, redact_url, socket_timeout_for
+from streamqueue.connection import RedisConnection, connect, redact_url, socket_timeout_for
 from streamqueue_harness.redis_server import RedisServer
 
 
 @given(socket_timeout=st.floats(min_value=0.1, max_value=120), block_ms=st.integers(1, 600_000))
 def test_socket_timeout_outlasts_the_longest_block(socket_timeout: float, block_ms: int) -> None:
-    s = RedisConnectionSettings(redis_socket_timeout=socket_timeout)
+    s = RedisConnection(socket_timeout=socket_timeout)
     assert socket_timeout_for(s, None) == socket_timeout
     assert socket_timeout_for(s, block_ms) >= socket_timeout
     assert socket_timeout_for(s, block_ms) >= block_ms / 1000 + 1  # the server's empty reply wins
@@ -39,11 +39,7 @@ async def test_acl_user_with_password_file(redis_server, tmp_path) -> None:
     admin = redis_server.client()
     admin.acl_setuser("worker", enabled=True, passwords=["+w-pass"], keys=["*"], commands=["+@all"])
     (tmp_path / "pw").write_text("w-pass\n")
-    r = connect(
-        RedisConnectionSettings(
-            redis_url=redis_server.url, redis_username="worker", redis_password_file=tmp_path / "pw"
-        )
-    )
+    r = connect(RedisConnection(url=redis_server.url, username="worker", password_file=tmp_path / "pw"))
     try:
         assert await r.acl_whoami() == "worker"
     finally:
@@ -52,9 +48,7 @@ async def test_acl_user_with_password_file(redis_server, tmp_path) -> None:
 
 async def test_wrong_password_fails_with_an_auth_error(redis_server) -> None:
     redis_server.client().acl_setuser("worker", enabled=True, passwords=["+right"], commands=["+@all"])
-    r = connect(
-        RedisConnectionSettings(redis_url=redis_server.url, redis_username="worker", redis_password="no")
-    )
+    r = connect(RedisConnection(url=redis_server.url, username="worker", password="no"))
     try:
         with pytest.raises((AuthenticationError, ResponseError)):
             await r.ping()
@@ -63,14 +57,14 @@ async def test_wrong_password_fails_with_an_auth_error(redis_server) -> None:
 
 
 def test_unreadable_password_file_names_the_file(tmp_path) -> None:
-    s = RedisConnectionSettings(redis_password_file=tmp_path / "missing")
+    s = RedisConnection(password_file=tmp_path / "missing")
     with pytest.raises(ValueError, match="missing"):
         connect(s)
 
 
 @pytest.mark.slow
 async def test_a_block_longer_than_the_default_socket_timeout_is_not_cut(redis_server) -> None:
-    r = connect(RedisConnectionSettings(redis_url=redis_server.url, redis_socket_timeout=1), block_ms=2500)
+    r = connect(RedisConnection(url=redis_server.url, socket_timeout=1), block_ms=2500)
     try:
         started = time.monotonic()
         assert await r.xread({"empty": "$"}, block=2500) == []
@@ -82,7 +76,7 @@ async def test_a_block_longer_than_the_default_socket_timeout_is_not_cut(redis_s
 async def test_commands_retry_through_a_short_outage(tmp_path) -> None:
     server = RedisServer().start()
     try:
-        r = connect(RedisConnectionSettings(redis_url=server.url))
+        r = connect(RedisConnection(url=server.url))
         await r.set("k", "1")
         server.stop()
         server.start()
@@ -97,11 +91,7 @@ async def test_a_rotated_password_file_is_used_by_new_connections(redis_server, 
     admin.acl_setuser("worker", enabled=True, passwords=["+old"], keys=["*"], commands=["+@all"])
     secret = tmp_path / "pw"
     secret.write_text("old\n")
-    r = connect(
-        RedisConnectionSettings(
-            redis_url=redis_server.url, redis_username="worker", redis_password_file=secret
-        )
-    )
+    r = connect(RedisConnection(url=redis_server.url, username="worker", password_file=secret))
     try:
         assert await r.acl_whoami() == "worker"
         admin.acl_setuser("worker", enabled=True, reset_passwords=True, passwords=["+new"])  # rotate...

@@ -9,7 +9,7 @@ import sys
 import pytest
 import redis
 from streamqueue import wire
-from streamqueue.connection import RedisConnectionSettings, connect
+from streamqueue.connection import RedisConnection, connect
 from streamqueue.monitor import count_streams, main
 
 
@@ -128,7 +128,7 @@ async def test_reply_stream_count_is_bounded(redis_server) -> None:
     for i in range(5000):
         pipe.xadd(f"{wire.DEFAULT_REPLY_PREFIX}u{i}", {wire.RESPONSE: "x"})
     pipe.execute()
-    client = connect(RedisConnectionSettings(redis_url=redis_server.url))
+    client = connect(RedisConnection(url=redis_server.url))
     try:
         assert await count_streams(client, wire.DEFAULT_REPLY_PREFIX, scan_limit=100_000) == (5000, True)
         count, complete = await count_streams(client, wire.DEFAULT_REPLY_PREFIX, scan_limit=1000)

@@ -74,7 +74,7 @@ def test_every_operator_env_var_is_read(monkeypatch) -> None:
 def test_password_comes_from_env_and_is_hidden(monkeypatch) -> None:
     monkeypatch.setenv("STREAMQUEUE_REDIS_PASSWORD", "hunter2")
     s = WorkerSettings()
-    assert s.password() == "hunter2"
+    assert s.redis_connection().password_text() == "hunter2"
     assert "hunter2" not in repr(s) and "hunter2" not in str(s)
 
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from streamqueue import wire
-from streamqueue.connection import RedisConnectionSettings, connect
+from streamqueue.connection import RedisConnection, connect
 from streamqueue.settings import WorkerSettings
 from streamqueue_harness.pki import certificate_authority, signed_certificate
 from streamqueue_harness.ports import free_port
@@ -88,13 +88,20 @@ async def test_worker_answers_over_tls(tls_redis: TlsRedis, how: str) -> None:
 async def test_an_untrusted_server_certificate_is_refused(tls_redis: TlsRedis, tmp_path) -> None:
     (tmp_path / "other").mkdir()
     other_ca = certificate_authority(tmp_path / "other", "someone-else")
-    r = connect(
-        RedisConnectionSettings(
-            redis_url=f"rediss://127.0.0.1:{tls_redis.port}/0", redis_tls_ca_file=other_ca.cert
-        )
-    )
+    r = connect(RedisConnection(url=f"rediss://127.0.0.1:{tls_redis.port}/0", tls_ca_file=other_ca.cert))
     try:
         with pytest.raises(RedisConnectionError, match=r"(?i)certificate verify failed"):
             await r.ping()
+    finally:
+        await r.aclose()
+
+
+async def test_a_ca_given_as_data_verifies_the_server(tls_redis: TlsRedis) -> None:
+    """The operator passes the CA bundle it read from a Secret as data: no file is written."""
+    r = connect(
+        RedisConnection(url=f"rediss://127.0.0.1:{tls_redis.port}/0", tls_ca_data=tls_redis.ca.read_text())
+    )
+    try:
+        assert await r.ping()
     finally:
         await r.aclose()

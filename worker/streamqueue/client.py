@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from . import wire
-from .connection import RedisConnectionSettings, connect
+from .connection import RedisConnection, connect
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class Client:
 
     def __init__(
         self,
-        connection: RedisConnectionSettings | str = "redis://localhost:6379/0",
+        connection: RedisConnection | str = "redis://localhost:6379/0",
         *,
         stream: str = wire.DEFAULT_STREAM,
         reply_prefix: str = wire.DEFAULT_REPLY_PREFIX,
@@ -223,15 +223,14 @@ class Client:
         ``max_message_bytes`` rejects oversized messages before sending (the worker would
         dead-letter them). ``max_readers`` bounds the users with requests in flight at once (each has a
         blocking reader on its own connection); beyond it readers wait for a free connection."""
-        settings = (
-            RedisConnectionSettings(redis_url=connection) if isinstance(connection, str) else connection
-        )
+        if isinstance(connection, str):  # a URL alone; nothing is read from the environment
+            connection = RedisConnection(url=connection)
         self.stream = stream
         self.reply_prefix = reply_prefix
         self.stream_maxlen = stream_maxlen
         self.max_message_bytes = max_message_bytes if max_message_bytes is not None else sys.maxsize
         self.block_ms = block_ms
-        self.redis: aioredis.Redis = connect(settings, block_ms=block_ms)
+        self.redis: aioredis.Redis = connect(connection, block_ms=block_ms)
         self.redis.connection_pool.max_connections = max_readers + _COMMAND_CONNECTIONS
         self.commands = asyncio.Semaphore(_COMMAND_CONNECTIONS)
         self._readers: dict[str, _UserReader] = {}

@@ -1,4 +1,4 @@
-"""How every streamqueue component reaches Redis: ACL user, password (env or file), TLS, timeouts.
+"""How every streamqueue component reaches Redis: ACL user, password (value or file), TLS, timeouts.
 
 One place decides the connection so the worker, the client and the monitor agree on two things that
 are easy to get wrong: the socket timeout must outlast the longest blocking read (redis-py 8 cuts any
@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -35,30 +35,25 @@ RETRY_BACKOFF_CAP_S = 2.0
 _SCHEMES = ("redis", "rediss")
 
 
-class RedisConnectionSettings(BaseSettings):
-    """Where Redis is and how to authenticate; every field also reads ``STREAMQUEUE_<FIELD>``."""
+class RedisConnection(BaseModel):
+    """Where Redis is and how to authenticate: a plain value, it never reads the environment.
 
-    model_config = SettingsConfigDict(env_prefix="STREAMQUEUE_", extra="ignore")
+    ``Client("redis://...")`` and the operator build one from what they are given; only the worker's
+    and the monitor's settings (``RedisSettings``) read ``STREAMQUEUE_REDIS_*`` and turn it into one.
+    """
 
-    redis_url: str = Field(
-        default="redis://localhost:6379/0",
-        description="redis://host:port/db, or rediss://... for TLS (a password in the URL is never logged)",
-    )
-    redis_username: str | None = Field(default=None, description="ACL user name")
-    redis_password: SecretStr | None = Field(default=None, description="password (prefer the _file form)")
-    redis_password_file: Path | None = Field(
-        default=None,
-        description="file holding the password (e.g. a mounted Secret); trailing newline ignored",
-    )
-    redis_tls: bool = Field(default=False, description="use TLS even if the URL says redis://")
-    redis_tls_ca_file: Path | None = Field(default=None, description="CA bundle to verify the server with")
-    redis_socket_timeout: float = Field(
-        default=10.0,
-        gt=0,
-        description="seconds to wait for a reply; raised automatically above any blocking read",
-    )
+    model_config = ConfigDict(frozen=True)
 
-    @field_validator("redis_url")
+    url: str = "redis://localhost:6379/0"
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_ca_data: str | None = Field(default=None, repr=False)  # PEM, e.g. read from a Secret
+    socket_timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
         scheme = urlsplit(url).scheme
@@ -67,36 +62,91 @@ class RedisConnectionSettings(BaseSettings):
         return url
 
     @model_validator(mode="after")
-    def _one_password_source(self) -> RedisConnectionSettings:
-        if self.redis_password is not None and self.redis_password_file is not None:
+    def _one_source_each(self) -> RedisConnection:
+        if self.password is not None and self.password_file is not None:
             raise ValueError("set redis_password or redis_password_file, not both")
+        if self.tls_ca_file is not None and self.tls_ca_data is not None:
+            raise ValueError("set the CA bundle as a file or as data, not both")
         return self
 
     @property
     def uses_tls(self) -> bool:
-        return self.redis_tls or urlsplit(self.redis_url).scheme == "rediss"
+        return self.tls or urlsplit(self.url).scheme == "rediss"
 
-    def password(self) -> str | None:
-        """The password from the setting or its file, read at connect time so a rotated Secret counts."""
-        if self.redis_password is not None:
-            return self.redis_password.get_secret_value()
-        if self.redis_password_file is not None:
+    def password_text(self) -> str | None:
+        """The password from the value or its file, read at connect time so a rotated Secret counts."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
             try:
-                return self.redis_password_file.read_text().rstrip("\r\n")
+                return self.password_file.read_text().rstrip("\r\n")
             except OSError as exc:
-                raise ValueError(
-                    f"cannot read redis_password_file {self.redis_password_file}: {exc}"
-                ) from exc
+                raise ValueError(f"cannot read redis_password_file {self.password_file}: {exc}") from exc
         return None
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         """Show the URL redacted: a password embedded in it must not leak through ``repr``/``str``."""
         for name, value in super().__repr_args__():
-            yield name, (redact_url(value) if name == "redis_url" else value)
+            yield name, (redact_url(value) if name == "url" else value)
+
+    def safe_url(self) -> str:
+        """The URL with any password replaced by ``***``: the only form of it that may be logged."""
+        return redact_url(self.url)
+
+
+class RedisSettings(BaseSettings):
+    """The ``STREAMQUEUE_REDIS_*`` variables and ``--redis-*`` flags of the worker and the monitor."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMQUEUE_", extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://localhost:6379/0",
+        description="redis://host:port/db, or rediss://... for TLS. A password in the URL is never logged.",
+    )
+    redis_username: str | None = Field(default=None, description="ACL user.")
+    redis_password: SecretStr | None = Field(
+        default=None, description="Password (in a pod: from a Secret via valueFrom)."
+    )
+    redis_password_file: Path | None = Field(
+        default=None,
+        description="File holding the password (a mounted Secret; re-read on every new connection). "
+        "Not together with the above.",
+    )
+    redis_tls: bool = Field(default=False, description="TLS even with a redis:// URL.")
+    redis_tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signed the server's certificate (default: system CAs)."
+    )
+    redis_socket_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds to wait for a reply; always raised above BLOCK_MS + 5 s.",
+    )
+
+    @model_validator(mode="after")
+    def _valid_connection(self) -> RedisSettings:
+        self.redis_connection()  # a bad URL or two password sources fail at start-up, by setting name
+        return self
 
     def safe_url(self) -> str:
         """The URL with any password replaced by ``***``: the only form of it that may be logged."""
         return redact_url(self.redis_url)
+
+    def redis_connection(self) -> RedisConnection:
+        """The connection these settings describe."""
+        return RedisConnection(
+            url=self.redis_url,
+            username=self.redis_username,
+            password=self.redis_password,
+            password_file=self.redis_password_file,
+            tls=self.redis_tls,
+            tls_ca_file=self.redis_tls_ca_file,
+            socket_timeout=self.redis_socket_timeout,
+        )
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Show the URL redacted: a password embedded in it must not leak through ``repr``/``str``."""
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name == "redis_url" else value)
 
 
 class PasswordFileCredentials(CredentialProvider):
@@ -126,49 +176,57 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def socket_timeout_for(settings: RedisConnectionSettings, block_ms: int | None) -> float:
+def socket_timeout_for(connection: RedisConnection, block_ms: int | None) -> float:
     """A socket timeout that never cuts a ``BLOCK block_ms`` read short."""
     if block_ms is None:
-        return settings.redis_socket_timeout
-    return max(settings.redis_socket_timeout, block_ms / 1000 + BLOCK_TIMEOUT_MARGIN_S)
+        return connection.socket_timeout
+    return max(connection.socket_timeout, block_ms / 1000 + BLOCK_TIMEOUT_MARGIN_S)
 
 
-def connect(settings: RedisConnectionSettings, *, block_ms: int | None = None) -> aioredis.Redis:
-    """An asyncio Redis client (lazy: no I/O until the first command) for ``settings``.
+def _auth_and_tls(connection: RedisConnection) -> dict[str, object]:
+    """redis-py's credential and CA arguments for ``connection``."""
+    kwargs: dict[str, object] = {}
+    if connection.password_file is not None:
+        connection.password_text()  # unreadable file: fail now, with the file's name
+        kwargs["credential_provider"] = PasswordFileCredentials(connection.username, connection.password_file)
+    else:
+        if connection.username is not None:
+            kwargs["username"] = connection.username
+        if connection.password is not None:
+            kwargs["password"] = connection.password.get_secret_value()
+    if connection.uses_tls and connection.tls_ca_file is not None:
+        kwargs["ssl_ca_certs"] = str(connection.tls_ca_file)
+    if connection.uses_tls and connection.tls_ca_data is not None:
+        kwargs["ssl_ca_data"] = connection.tls_ca_data
+    return kwargs
+
+
+def connect(connection: RedisConnection, *, block_ms: int | None = None) -> aioredis.Redis:
+    """An asyncio Redis client (lazy: no I/O until the first command) for ``connection``.
 
     Replies are decoded as UTF-8 text. ``block_ms`` is the longest BLOCK the caller will issue.
     Connection errors are retried with jittered exponential backoff before they surface.
     """
-    url = settings.redis_url
-    if settings.redis_tls and url.startswith("redis://"):
+    url = connection.url
+    if connection.tls and url.startswith("redis://"):
         url = "rediss://" + url.removeprefix("redis://")
-    kwargs: dict[str, object] = {}
-    if settings.redis_password_file is not None:
-        settings.password()  # unreadable file: fail now, with the file's name
-        kwargs["credential_provider"] = PasswordFileCredentials(
-            settings.redis_username, settings.redis_password_file
-        )
-    else:
-        if settings.redis_username is not None:
-            kwargs["username"] = settings.redis_username
-        if settings.redis_password is not None:
-            kwargs["password"] = settings.redis_password.get_secret_value()
-    if settings.uses_tls and settings.redis_tls_ca_file is not None:
-        kwargs["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
-    timeout = socket_timeout_for(settings, block_ms)
+    timeout = socket_timeout_for(connection, block_ms)
     log.debug(
-        "redis client for %s (tls=%s, socket timeout %.1fs)", settings.safe_url(), settings.uses_tls, timeout
+        "redis client for %s (tls=%s, socket timeout %.1fs)",
+        connection.safe_url(),
+        connection.uses_tls,
+        timeout,
     )
     return aioredis.Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, settings.redis_socket_timeout),
+        socket_connect_timeout=min(timeout, connection.socket_timeout),
         health_check_interval=30,
         retry=Retry(
             ExponentialWithJitterBackoff(base=RETRY_BACKOFF_BASE_S, cap=RETRY_BACKOFF_CAP_S),
             COMMAND_RETRIES,
             (RedisConnectionError, RedisTimeoutError),
         ),
-        **kwargs,  # type: ignore[arg-type]
+        **_auth_and_tls(connection),  # type: ignore[arg-type]
     )

@@ -20,13 +20,13 @@ from pydantic_settings import CliApp, NoDecode, SettingsConfigDict
 from redis.exceptions import RedisError, ResponseError
 
 from . import wire
-from .connection import RedisConnectionSettings, connect
+from .connection import RedisSettings, connect
 
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 _SCAN_BATCH = 1000
 
 
-class MonitorSettings(RedisConnectionSettings):
+class MonitorSettings(RedisSettings):
     """What to watch; every flag also reads ``STREAMQUEUE_<NAME>`` like the worker's settings."""
 
     model_config = SettingsConfigDict(
@@ -271,7 +271,7 @@ def _optional_int(value: object) -> int | None:
 
 
 async def _run(settings: MonitorSettings) -> int:
-    redis = connect(settings)
+    redis = connect(settings.redis_connection())
     source = settings.safe_url()
     try:
         if settings.once:

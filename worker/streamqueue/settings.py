@@ -1,7 +1,10 @@
 """The worker's settings: one field per ``STREAMQUEUE_*`` environment variable and ``--flag``.
 
-The operator renders exactly these variable names into the worker pod, so a field rename here is a
-breaking change for every deployed StreamQueue. Defaults are the article's names (see ``wire``).
+This class is the worker contract's one declaration. The operator derives from it the StreamQueue's
+``spec.worker`` tuning fields (``TUNING_FIELDS``: name, type, bounds, description), the variables it
+renders into the pod (``env_name``) and the defaults it needs (health port, shutdown grace); the docs'
+settings table is generated from it too. A field rename here is therefore a breaking change for
+every deployed StreamQueue. Defaults are the article's names (see ``wire``).
 """
 
 from __future__ import annotations
@@ -14,11 +17,39 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from . import wire
-from .connection import RedisConnectionSettings
+from .connection import RedisSettings
 
 ECHO_HANDLER = "streamqueue.handlers.echo:handle"
 HTTP_HANDLER = "streamqueue.handlers.http:handle"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+ENV_PREFIX = "STREAMQUEUE_"
+
+# The settings a StreamQueue's spec.worker may set. The rest are the operator's to decide (connection,
+# queue names, consumer = pod name, health port) or make no sense in a pod (health_host).
+TUNING_FIELDS = (
+    "handler",
+    "handler_url",
+    "handler_timeout_seconds",
+    "handler_retries",
+    "batch_size",
+    "concurrency",
+    "block_ms",
+    "claim_idle_ms",
+    "max_deliveries",
+    "dead_letter_stream",
+    "error_replies",
+    "stream_replies",
+    "reply_maxlen",
+    "reply_ttl_seconds",
+    "max_message_bytes",
+    "shutdown_grace_seconds",
+    "log_level",
+)
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``: what the operator writes into the pod."""
+    return ENV_PREFIX + field.upper()
 
 
 def default_consumer() -> str:
@@ -26,71 +57,95 @@ def default_consumer() -> str:
     return os.environ.get("POD_NAME") or socket.gethostname()
 
 
-class WorkerSettings(RedisConnectionSettings):
+class WorkerSettings(RedisSettings):
     """Everything a worker process needs; read from flags, then ``STREAMQUEUE_*``, then defaults."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STREAMQUEUE_",
+        env_prefix=ENV_PREFIX,
         extra="ignore",
         cli_prog_name="streamqueue-worker",
         cli_kebab_case=True,
         cli_implicit_flags=True,
     )
 
-    stream: str = Field(default=wire.DEFAULT_STREAM, min_length=1, description="input stream")
-    group: str = Field(default=wire.DEFAULT_GROUP, min_length=1, description="consumer group")
+    stream: str = Field(default=wire.DEFAULT_STREAM, min_length=1, description="Input stream.")
+    group: str = Field(
+        default=wire.DEFAULT_GROUP,
+        min_length=1,
+        description="Consumer group (created at id 0 with MKSTREAM if missing).",
+    )
     consumer: str = Field(
         default_factory=default_consumer,
         min_length=1,
-        description="consumer name (default: POD_NAME, hostname)",
+        description="Consumer name (default: $POD_NAME, else the host name); the operator matches pods.",
     )
     reply_prefix: str = Field(
-        default=wire.DEFAULT_REPLY_PREFIX, min_length=1, description="reply stream is <prefix><user_id>"
+        default=wire.DEFAULT_REPLY_PREFIX, min_length=1, description="Replies go to <prefix><user_id>."
     )
     handler: str = Field(
         default=ECHO_HANDLER,
-        description="module:function (default: echo, or the HTTP handler if only handler-url is set)",
+        max_length=512,
+        description="Python handler as module:function; the HTTP handler if only handler_url is set.",
     )
-    handler_url: str | None = Field(default=None, description="URL the HTTP handler POSTs each message to")
-    handler_timeout_seconds: float = Field(default=30.0, gt=0, description="HTTP handler timeout per attempt")
-    handler_retries: int = Field(default=2, ge=0, le=20, description="HTTP handler retries after a failure")
-    batch_size: int = Field(default=50, ge=1, le=1000, description="entries per XREADGROUP")
-    concurrency: int = Field(default=100, ge=1, le=10_000, description="messages in flight per process")
-    block_ms: int = Field(default=2000, ge=1, le=60_000, description="XREADGROUP BLOCK in milliseconds")
+    handler_url: str | None = Field(
+        default=None, max_length=2048, description="Where the HTTP handler POSTs each message."
+    )
+    handler_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="HTTP handler timeout per attempt."
+    )
+    handler_retries: int = Field(
+        default=2,
+        ge=0,
+        le=20,
+        description="HTTP handler retries (timeouts, connection errors, 429, 5xx).",
+    )
+    batch_size: int = Field(default=50, ge=1, le=1000, description="Entries per XREADGROUP / XAUTOCLAIM.")
+    concurrency: int = Field(default=100, ge=1, le=10_000, description="Messages in flight per process.")
+    block_ms: int = Field(default=2000, ge=1, le=60_000, description="XREADGROUP BLOCK in milliseconds.")
     claim_idle_ms: int = Field(
         default=30_000,
         ge=100,
         le=86_400_000,
-        description="reclaim pending entries idle this long (XAUTOCLAIM)",
+        description="Pending entries idle this long are reclaimed (XAUTOCLAIM).",
     )
     max_deliveries: int = Field(
-        default=5, ge=1, le=1000, description="deliveries before an entry is dead-lettered"
+        default=5, ge=1, le=1000, description="Handler attempts before an entry is dead-lettered."
     )
     dead_letter_stream: str | None = Field(
-        default=None, min_length=1, description="dead-letter stream (default <stream>:dead)"
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Where invalid and poison entries go (default: <stream>:dead).",
     )
     error_replies: bool = Field(
-        default=True, description="send the user an error reply when their message is dead-lettered"
+        default=True,
+        description="Tell the user (on their reply stream) when their message was dead-lettered.",
     )
     stream_replies: bool = Field(
         default=True,
-        description="write chunk entries as an async-iterator handler yields them (off: final reply only)",
+        description="Write chunk entries as an async-iterator handler yields them; false: final reply only.",
     )
-    reply_maxlen: int = Field(default=1000, ge=1, le=10_000_000, description="MAXLEN ~ of each reply stream")
+    reply_maxlen: int = Field(default=1000, ge=1, le=10_000_000, description="MAXLEN ~ of each reply stream.")
     reply_ttl_seconds: int = Field(
-        default=3600, ge=1, le=31_536_000, description="reply streams expire after this long unwritten"
+        default=3600,
+        ge=1,
+        le=31_536_000,
+        description="A reply stream expires this long after its last reply, unless a group reads it.",
     )
     max_message_bytes: int = Field(
-        default=1_048_576, ge=1, le=536_870_912, description="larger messages are dead-lettered"
+        default=1_048_576,
+        ge=1,
+        le=536_870_912,
+        description="Larger messages (UTF-8 bytes) are dead-lettered.",
     )
     shutdown_grace_seconds: float = Field(
-        default=30.0, ge=0, le=3600, description="time to finish in-flight work after SIGTERM"
+        default=30.0, ge=0, le=3600, description="Time in-flight work gets after SIGTERM."
     )
     health_port: int = Field(
-        default=8080, ge=0, le=65_535, description="port of /healthz, /readyz, /metrics (0 = off)"
+        default=8080, ge=0, le=65_535, description="Port of /healthz, /readyz, /metrics; 0 turns it off."
     )
-    health_host: str = Field(default="0.0.0.0", description="address the health port binds")
-    log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    health_host: str = Field(default="0.0.0.0", description="Address the health port binds.")
+    log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -120,3 +175,8 @@ class WorkerSettings(RedisConnectionSettings):
     def renew_interval_s(self) -> float:
         """How often long-running entries refresh their claim: well inside the claim idle time."""
         return self.claim_idle_ms / 3000
+
+
+# The defaults the operator must know to render a pod (port to probe, grace to outlast).
+DEFAULT_HEALTH_PORT: int = WorkerSettings.model_fields["health_port"].default
+DEFAULT_SHUTDOWN_GRACE_SECONDS: float = WorkerSettings.model_fields["shutdown_grace_seconds"].default

@@ -75,7 +75,7 @@ class Worker:
     async def run(self) -> None:
         s = self.settings
         handler = self._given_handler or load_handler(s.handler, s)
-        redis = connect(s, block_ms=s.block_ms)
+        redis = connect(s.redis_connection(), block_ms=s.block_ms)
         log.info(
             "worker %s starting on %s stream=%s group=%s handler=%s concurrency=%d batch=%d",
             s.consumer, s.safe_url(), s.stream, s.group, s.handler if self._given_handler is None
