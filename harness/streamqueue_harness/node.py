@@ -197,7 +197,7 @@ class Node:
         kubelet_dir = self.workdir / "kubelet"
         kubelet_dir.mkdir(parents=True, exist_ok=True)
         config = kubelet_dir / "config.yaml"
-        config.write_text(yaml.safe_dump(self._kubelet_config(kubelet_dir)))
+        config.write_text(yaml.safe_dump(self._kubelet_config()))
         self._components.launch(
             self.bin_dir / "kubelet",
             [
@@ -238,7 +238,7 @@ class Node:
             client_key=cert.key,
         )
 
-    def _kubelet_config(self, kubelet_dir: Path) -> dict[str, Any]:
+    def _kubelet_config(self) -> dict[str, Any]:
         return {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
