@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from streamqueue import wire
@@ -32,3 +33,25 @@ def test_missing_fields_have_their_own_reasons() -> None:
     assert wire.validate_request({wire.MESSAGE: "x"}, 10).reason == wire.REASON_MISSING_USER_ID
     assert wire.validate_request({wire.USER_ID: "u"}, 10).reason == wire.REASON_MISSING_MESSAGE
     assert wire.validate_request({wire.USER_ID: "u", wire.MESSAGE: ""}, 10) is None
+
+
+# Test vectors for producers in other languages (CRC-32/IEEE of the UTF-8 user id).
+@pytest.mark.parametrize(
+    ("user_id", "partitions", "expected"),
+    [("alice", 4, 3), ("alice", 16, 7), ("bob", 4, 0), ("user-00", 16, 11), ("Ünïcode", 16, 12), ("x", 1, 0)],
+)
+def test_partition_of_is_crc32_of_the_utf8_user_id(user_id: str, partitions: int, expected: int) -> None:
+    assert wire.partition_of(user_id, partitions) == expected
+
+
+@given(st.text(min_size=1, max_size=40), st.integers(min_value=1, max_value=64))
+def test_every_user_has_exactly_one_partition_in_range(user_id: str, partitions: int) -> None:
+    assert 0 <= wire.partition_of(user_id, partitions) < partitions
+
+
+def test_partition_keys_keep_one_partition_unchanged_and_hash_tag_the_rest() -> None:
+    assert wire.partition_streams("user_messages_queue", 1) == ["user_messages_queue"]
+    assert wire.partition_streams("q", 3) == ["q:{0}", "q:{1}", "q:{2}"]
+    assert wire.dead_letter_stream(wire.partition_stream("q", 2, 3)) == "q:{2}:dead"
+    with pytest.raises(ValueError, match="at least 1"):
+        wire.partition_of("alice", 0)

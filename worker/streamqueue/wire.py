@@ -7,7 +7,10 @@ Defaults are the article's names, so clients written for it keep working unchang
 from __future__ import annotations
 
 import re
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_STREAM = "user_messages_queue"
 DEFAULT_GROUP = "ai_service_group"
@@ -54,6 +57,31 @@ def reply_stream(prefix: str, user_id: str) -> str:
     return f"{prefix}{user_id}"
 
 
+def partition_of(user_id: str, partitions: int) -> int:
+    """The partition a user's messages go to: CRC-32 of the UTF-8 ``user_id``, modulo ``partitions``.
+
+    CRC-32 is the IEEE polynomial of zlib, Java's ``java.util.zip.CRC32``, Go's ``hash/crc32``
+    (``ChecksumIEEE``) and Node's ``zlib.crc32``, so producers in any language route the same way:
+    ``crc32("alice") = 663665735``, partition 3 of 4.
+    """
+    if partitions < 1:
+        raise ValueError(f"partitions must be at least 1, not {partitions}")
+    return zlib.crc32(user_id.encode("utf-8")) % partitions
+
+
+def partition_stream(stream: str, partition: int, partitions: int) -> str:
+    """The key of one partition: ``<stream>:{<partition>}``, or ``stream`` itself when there is one.
+
+    The braces are a Redis Cluster hash tag, so the partitions spread over the cluster's slots, and
+    everything keyed after a partition (its dead-letter stream) lives in the same slot.
+    """
+    return stream if partitions == 1 else f"{stream}:{{{partition}}}"
+
+
+def partition_streams(stream: str, partitions: int) -> list[str]:
+    return [partition_stream(stream, p, partitions) for p in range(partitions)]
+
+
 def dead_letter_stream(stream: str) -> str:
     """Default dead-letter stream for an input stream."""
     return f"{stream}{DEAD_LETTER_SUFFIX}"
@@ -96,3 +124,36 @@ def validate_request(fields: dict[str, str], max_message_bytes: int) -> Rejectio
     if size > max_message_bytes:
         return Rejection(REASON_MESSAGE_TOO_LARGE, f"message is {size} bytes, limit {max_message_bytes}")
     return None
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One consumer group as ``XINFO GROUPS`` reports it: the one parser of that reply.
+
+    Replies are decoded text (``connection.connect`` decodes). ``lag`` and ``entries_read`` are None
+    when Redis cannot tell (after XDEL, XTRIM or SETID): unknown, never zero.
+    """
+
+    name: str
+    consumers: int
+    pending: int
+    last_delivered_id: str
+    entries_read: int | None
+    lag: int | None
+
+    @classmethod
+    def from_reply(cls, info: Mapping[str, Any]) -> GroupInfo:
+        lag, entries_read = info.get("lag"), info.get("entries-read")
+        return cls(
+            name=str(info["name"]),
+            consumers=int(info["consumers"]),
+            pending=int(info["pending"]),
+            last_delivered_id=str(info["last-delivered-id"]),
+            entries_read=None if entries_read is None else int(entries_read),
+            lag=None if lag is None else int(lag),
+        )
+
+    @property
+    def drained(self) -> bool:
+        """Everything delivered and acknowledged."""
+        return self.pending == 0 and self.lag == 0
