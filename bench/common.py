@@ -34,9 +34,8 @@ async def wait_drained(redis: aioredis.Redis, stream: str, group: str, poll_s: f
     Both contenders are timed by this same poll, so its granularity is the same small error for each.
     """
     while True:
-        groups = await redis.xinfo_groups(stream)
-        info = next(g for g in groups if g["name"] == group)
-        if info["pending"] == 0 and info["lag"] == 0:
+        groups = [wire.GroupInfo.from_reply(g) for g in await redis.xinfo_groups(stream)]
+        if next(g for g in groups if g.name == group).drained:
             return time.perf_counter()
         await asyncio.sleep(poll_s)
 

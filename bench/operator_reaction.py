@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,8 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import watch
 from streamqueue_harness.controlplane import ControlPlane
+from streamqueue_harness.operatorproc import OperatorProcess, install_crd
 from streamqueue_harness.redis_server import RedisServer
-from streamqueue_operator import crdgen
 from streamqueue_operator.models import GROUP, VERSION
 
 from bench.common import print_table
@@ -46,8 +44,7 @@ class Environment:
     plane: ControlPlane
     redis: RedisServer
     api: k8s.ApiClient
-    operator: subprocess.Popen[bytes]
-    log: Path = field(default_factory=Path)
+    operator: OperatorProcess
 
 
 @contextlib.contextmanager
@@ -55,22 +52,13 @@ def environment(*operator_args: str) -> Iterator[Environment]:
     """Control plane + redis-server + CRD + namespace + the operator watching it (all torn down after)."""
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-"))
     with ControlPlane(workdir / "cluster") as plane, RedisServer() as redis_server:
-        plane.kubectl("apply", "--server-side", "-f", "-", input=crdgen.render())
-        crd = f"crd/{crdgen.CRD_FILE.removesuffix('.yaml')}"
-        plane.kubectl("wait", "--for=condition=Established", crd, "--timeout=60s")
+        install_crd(plane)
         plane.kubectl("create", "namespace", NAMESPACE)
         plane.wait_for_default_serviceaccount(NAMESPACE)
-        log = workdir / "operator.log"
-        env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "PYTHONWARNINGS": "ignore"}
-        cmd = [sys.executable, "-m", "streamqueue_operator", f"--namespace={NAMESPACE}", "--metrics-port=0",
-               "--liveness-port=0", "--log-level=warning", *operator_args]  # fmt: skip
-        with log.open("wb") as out, plane.api_client() as api:
-            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-            try:
-                yield Environment(plane, redis_server, api, proc, log)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+        args = ("--log-level=warning", *operator_args)
+        operator = OperatorProcess(plane.kubeconfig, f"--namespace={NAMESPACE}", workdir, *args)
+        with plane.api_client() as api, operator:
+            yield Environment(plane, redis_server, api, operator)
 
 
 def apply_queue(env: Environment, name: str, stream: str, **scaling: Any) -> None:

@@ -1,7 +1,7 @@
 """``make demo``: watch a StreamQueue scale out on a burst of messages and back in, on this machine.
 
 Everything is real except the kubelet: a redis-server, the local control plane (etcd,
-kube-apiserver, kube-controller-manager), the CRD from ``crds/``, the operator as a subprocess, and
+kube-apiserver, kube-controller-manager), the CRD generated from the models, the operator as a subprocess, and
 one local worker process per worker Pod (``WorkerPodRunner``). Several users send bursts through
 ``streamqueue.Client``; the table shows backlog, desired and current replicas and the replies each
 user received, until the queue is back at zero replicas. ``--short`` is the unattended run the tests
@@ -14,11 +14,9 @@ import argparse
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from kubernetes import config as k8s_config
 from streamqueue import Client
 
 from .controlplane import ControlPlane
+from .operatorproc import OperatorProcess, install_crd
 from .podrunner import WorkerPodRunner
 from .redis_server import RedisServer
 
@@ -108,31 +107,6 @@ def queue_manifest(redis_url: str, cfg: DemoConfig) -> dict[str, Any]:
     )
     manifest["metadata"]["namespace"] = NAMESPACE
     return manifest
-
-
-@contextlib.contextmanager
-def operator_process(kubeconfig: Path, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """The operator as a subprocess watching the demo namespace; its log goes to a file."""
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamqueue_operator",
-        f"--namespace={NAMESPACE}",
-        "--metrics-port=0",
-        "--liveness-port=0",
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 class KubeView:
@@ -304,13 +278,10 @@ def run(cfg: DemoConfig) -> int:
         step("starting the local control plane (etcd, kube-apiserver, kube-controller-manager)")
         plane = stack.enter_context(ControlPlane(cfg.workdir / "cluster"))
         step("installing the StreamQueue CRD and the demo namespace")
-        plane.kubectl("apply", "-f", str(ROOT / "crds"))
-        plane.kubectl(
-            "wait", "--for=condition=Established", "crd/streamqueues.streamqueue.io", "--timeout=30s"
-        )
+        install_crd(plane)
         plane.kubectl("create", "namespace", NAMESPACE)
-        step(f"starting the operator (log: {cfg.workdir / 'operator.log'})")
-        stack.enter_context(operator_process(plane.kubeconfig, cfg.workdir / "operator.log"))
+        step(f"starting the operator (log: {cfg.workdir / 'operator-1.log'})")
+        stack.enter_context(OperatorProcess(plane.kubeconfig, f"--namespace={NAMESPACE}", cfg.workdir))
         step("starting the worker-pod runner (one local worker process per worker Pod)")
         runner = stack.enter_context(WorkerPodRunner(plane.kubeconfig, NAMESPACE, f"{GROUP}/queue={QUEUE}"))
         step("applying examples/streamqueue.yaml (minReplicas 0, maxReplicas 6)")

@@ -41,6 +41,7 @@ import kubernetes.config
 import urllib3
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
+from redis.backoff import ExponentialBackoff
 
 from .podenv import EnvResolutionError, Sources, container_env
 from .ports import free_port
@@ -54,6 +55,7 @@ DEFAULT_GRACE_SECONDS = 30
 WATCH_SECONDS = 5
 PROBE_INTERVAL = 0.2
 RESTART_BACKOFF_MAX = 10.0
+_RESTART_BACKOFF = ExponentialBackoff(cap=RESTART_BACKOFF_MAX, base=1.0)  # 1, 2, 4, 8, 10, ... seconds
 ENV_RETRY_SECONDS = 2.0
 LOOPBACK = "127.0.0.1"
 
@@ -431,7 +433,7 @@ class _PodProcess(threading.Thread):
             self.runner.forget(self)
 
     def _supervise(self) -> None:
-        backoff = 1.0
+        crashes = 0  # since the last time the process became ready: the kubelet's CrashLoopBackOff
         while not self._terminating.is_set():
             port = free_port()
             try:
@@ -444,11 +446,13 @@ class _PodProcess(threading.Thread):
             self._report(running=True, ready=False)
             if self._await_ready(self.readiness.url(port)):
                 self._report(running=True, ready=True)
-                backoff = 1.0
+                crashes = 0
                 self._probe_until_exit(port)
             if self._terminating.is_set():
                 return
             self.restarts += 1
+            backoff = _RESTART_BACKOFF.compute(crashes)
+            crashes += 1
             log.warning(
                 "worker-pod runner: %s exited with %s; restarting in %.0fs",
                 self.name,
@@ -457,7 +461,6 @@ class _PodProcess(threading.Thread):
             )
             self._report(waiting=("CrashLoopBackOff", f"exited with {self._popen.returncode}"))
             self._terminating.wait(backoff)
-            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
     def _launch(self, env: dict[str, str]) -> None:
         log_path = self.runner.log_dir / f"{self.name}.log"

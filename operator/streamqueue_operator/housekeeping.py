@@ -69,10 +69,6 @@ def could_be_pod_name(name: str) -> bool:
     return len(name) <= _POD_NAME_MAX and _POD_NAME.fullmatch(name) is not None
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 async def remove_dead_consumers(
     client: redis.asyncio.Redis, stream: str, group: str, live_pods: Collection[str]
 ) -> ConsumerCleanup:
@@ -84,7 +80,7 @@ async def remove_dead_consumers(
     """
     deleted, kept, foreign = [], [], []
     for info in await client.xinfo_consumers(stream, group):
-        name = _text(info["name"])
+        name = str(info["name"])
         if name in live_pods:
             continue
         if not could_be_pod_name(name):

@@ -8,24 +8,12 @@ never mistaken for an idle one (KEDA's lag mode treats nil as inactive).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
 import redis.asyncio
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    """One consumer group as XINFO GROUPS reports it (all groups are needed for safe trimming)."""
-
-    name: str
-    consumers: int
-    pending: int
-    last_delivered_id: str
-    entries_read: int | None
-    lag: int | None
+from streamqueue.wire import GroupInfo
 
 
 @dataclass(frozen=True)
@@ -43,7 +31,6 @@ class Observation:
     pending: int = 0
     entries_read: int | None = None
     consumers: int = 0
-    groups: tuple[GroupInfo, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -53,28 +40,6 @@ class Observation:
     def backlog(self) -> int:
         """Work not yet done: undelivered (lag) plus delivered but unacknowledged (pending)."""
         return self.lag + self.pending
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _normalize(info: Mapping[Any, Any]) -> dict[str, Any]:
-    return {_text(k): v for k, v in info.items()}
-
-
-def _group(raw: Mapping[Any, Any]) -> GroupInfo:
-    info = _normalize(raw)
-    lag = info.get("lag")
-    entries_read = info.get("entries-read")
-    return GroupInfo(
-        name=_text(info["name"]),
-        consumers=int(info["consumers"]),
-        pending=int(info["pending"]),
-        last_delivered_id=_text(info["last-delivered-id"]),
-        entries_read=None if entries_read is None else int(entries_read),
-        lag=None if lag is None else int(lag),
-    )
 
 
 def parse_id(entry_id: str) -> tuple[int, int]:
@@ -103,15 +68,14 @@ def from_replies(at: float, group_name: str, groups_reply: Any, stream_reply: An
             return Observation(at=at, group_missing=True)
         if isinstance(reply, Exception):
             return Observation(at=at, error=f"{type(reply).__name__}: {reply}")
-    stream = _normalize(stream_reply)
-    groups = tuple(_group(g) for g in groups_reply)
+    stream = stream_reply
     base = Observation(
         at=at,
         stream_length=int(stream["length"]),
         entries_added=int(stream.get("entries-added") or stream["length"]),
-        last_generated_id=_text(stream["last-generated-id"]),
-        groups=groups,
+        last_generated_id=str(stream["last-generated-id"]),
     )
+    groups = (GroupInfo.from_reply(g) for g in groups_reply)
     mine = next((g for g in groups if g.name == group_name), None)
     if mine is None:
         return replace(base, group_missing=True)

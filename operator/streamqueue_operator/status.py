@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import ValidationError
 
 from .decide import Decision
+from .models import Condition, StreamQueueStatus
 from .observe import Observation
 
 READY = "Ready"
@@ -43,19 +46,27 @@ class Snapshot:
 
 
 def _condition(
-    kind: str, ok: bool, reason: str, message: str, generation: int, previous: list[dict[str, Any]]
-) -> dict[str, Any]:
-    status = "True" if ok else "False"
-    old = next((c for c in previous if c.get("type") == kind), None)
-    since = now_iso() if old is None or old.get("status") != status else old["lastTransitionTime"]
-    return {
-        "type": kind,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-        "observedGeneration": generation,
-    }
+    kind: str, ok: bool, reason: str, message: str, generation: int, previous: list[Condition]
+) -> Condition:
+    status: Literal["True", "False"] = "True" if ok else "False"
+    old = next((c for c in previous if c.type == kind), None)
+    since = now_iso() if old is None or old.status != status else old.last_transition_time
+    return Condition(
+        type=kind,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+
+
+def _parse(previous: dict[str, Any]) -> StreamQueueStatus:
+    """The last written status; one edited into something invalid by hand counts as none."""
+    try:
+        return StreamQueueStatus.model_validate(previous)
+    except ValidationError:
+        return StreamQueueStatus()
 
 
 def _ready(s: Snapshot) -> tuple[bool, str, str]:
@@ -73,18 +84,34 @@ def _ready(s: Snapshot) -> tuple[bool, str, str]:
     return True, "Serving", f"{s.ready} of {s.current} worker(s) ready"
 
 
+def _lag_condition(o: Observation, gen: int, prev: list[Condition]) -> Condition:
+    message = (
+        "Redis reported lag as nil (after XDEL, XTRIM or SETID): lag is an upper-bound estimate"
+        if o.lag_estimated
+        else "lag reported by Redis"
+    )
+    return _condition(
+        LAG_ESTIMATED, o.lag_estimated, "NilLag" if o.lag_estimated else "Exact", message, gen, prev
+    )
+
+
 def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
-    """The full status for this poll; condition transition times carry over from ``previous``."""
+    """The full status for this poll; condition transition times carry over from ``previous``.
+
+    Built as the CRD's own ``StreamQueueStatus`` model, so what is written is what the schema says.
+    """
     o, d, gen = s.observation, s.decision, s.generation
-    prev = previous.get("conditions") or []
+    last = _parse(previous)
+    prev = last.conditions or []
     ready_ok, ready_reason, ready_message = _ready(s)
+    redis_message = o.error or "XINFO succeeded"
     conditions = [
         _condition(READY, ready_ok, ready_reason, ready_message, gen, prev),
         _condition(
             REDIS_REACHABLE,
             o.error is None,
             "Reachable" if o.error is None else "ConnectionFailed",
-            o.error or "XINFO succeeded",
+            redis_message,
             gen,
             prev,
         ),
@@ -97,41 +124,32 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
             prev,
         ),
     ]
-    status: dict[str, Any] = {
-        "observedGeneration": gen,
-        "deployment": s.deployment,
-        "desiredReplicas": d.desired,
-        "currentReplicas": s.current,
-        "replicas": f"{s.current}/{d.desired}",
-        "lastScaleTime": s.last_scale_time,
-        "lastScaleReason": s.last_scale_reason,
-    }
     if o.ok:
-        conditions.append(
-            _condition(
-                LAG_ESTIMATED,
-                o.lag_estimated,
-                "NilLag" if o.lag_estimated else "Exact",
-                "Redis reported lag as nil (after XDEL, XTRIM or SETID): lag is an upper-bound estimate"
-                if o.lag_estimated
-                else "lag reported by Redis",
-                gen,
-                prev,
-            )
-        )
-        status.update(
+        conditions.append(_lag_condition(o, gen, prev))
+        counters = StreamQueueStatus(
             backlog=o.backlog,
             lag=o.lag,
-            lagEstimated=o.lag_estimated,
+            lag_estimated=o.lag_estimated,
             pending=o.pending,
-            streamLength=o.stream_length,
+            stream_length=o.stream_length,
             consumers=o.consumers,
         )
-    else:
-        conditions += [c for c in prev if c.get("type") == LAG_ESTIMATED]
-        status.update({k: previous.get(k) for k in (*_VOLATILE, "lagEstimated") if k in previous})
-    status["conditions"] = conditions
-    return {k: v for k, v in status.items() if v is not None}
+    else:  # nothing new was observed: keep the last counters and lag condition
+        conditions += [c for c in prev if c.type == LAG_ESTIMATED]
+        counters = last
+    status = counters.model_copy(
+        update={
+            "observed_generation": gen,
+            "conditions": conditions,
+            "deployment": s.deployment,
+            "desired_replicas": d.desired,
+            "current_replicas": s.current,
+            "replicas": f"{s.current}/{d.desired}",
+            "last_scale_time": s.last_scale_time,
+            "last_scale_reason": s.last_scale_reason,
+        }
+    )
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _essence(status: dict[str, Any]) -> dict[str, Any]:

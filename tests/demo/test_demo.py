@@ -25,7 +25,7 @@ def test_demo_scales_out_and_back_in(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     output = result.stdout + result.stderr
-    operator_log = tmp_path / "operator.log"
+    operator_log = tmp_path / "operator-1.log"
     if result.returncode != 0 and operator_log.exists():
         output += "\n--- operator log (tail) ---\n" + "\n".join(operator_log.read_text().splitlines()[-40:])
     assert result.returncode == 0, output

@@ -6,19 +6,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 import redis.asyncio
+from streamqueue.connection import RedisConnection, connect
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.housekeeping import remove_dead_consumers, trim_processed
 
-from tests.operator.conftest import wait_for
+from tests.harness.eventually import eventually
 
 STREAM, GROUP = "q", "g"
+
+
+def _client(server: RedisServer) -> redis.asyncio.Redis:
+    """The client the operator uses: decoded replies."""
+    return connect(RedisConnection(url=server.url))
 
 
 def _setup(server: RedisServer, n: int = 10) -> tuple[redis.Redis, redis.asyncio.Redis, list[bytes]]:
     r = server.client()
     r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     ids = [r.xadd(STREAM, {"user_id": "u", "message": str(i)}) for i in range(n)]
-    return r, redis.asyncio.Redis(host=server.host, port=server.port), ids
+    return r, _client(server), ids
 
 
 async def test_dead_consumer_with_pending_is_kept_until_its_entries_are_claimed(
@@ -78,9 +84,7 @@ async def test_trim_after_everything_is_acknowledged_empties_the_stream(redis_se
 async def test_trim_without_groups_does_nothing(redis_server: RedisServer) -> None:
     r = redis_server.client()
     r.xadd(STREAM, {"m": "1"})
-    assert (
-        await trim_processed(redis.asyncio.Redis(host=redis_server.host, port=redis_server.port), STREAM) == 0
-    )
+    assert await trim_processed(_client(redis_server), STREAM) == 0
     assert r.xlen(STREAM) == 1
 
 
@@ -115,7 +119,9 @@ async def test_an_idle_consumer_deleted_while_it_blocks_still_gets_its_next_entr
     worker_id = worker.client_id()
     with ThreadPoolExecutor(1) as pool:
         blocked = pool.submit(worker.xreadgroup, GROUP, "worker-1", {STREAM: ">"}, count=1, block=10_000)
-        wait_for(lambda: "b" in r.client_list(client_id=[worker_id])[0]["flags"], 10, "the read to block")
+        eventually(
+            lambda: "b" in r.client_list(client_id=[worker_id])[0]["flags"], "the read to block", timeout=10
+        )
 
         assert (await remove_dead_consumers(client, STREAM, GROUP, live_pods=set())).deleted == ("worker-1",)
         entry_id = r.xadd(STREAM, {"user_id": "u", "message": "next"})

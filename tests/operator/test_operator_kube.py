@@ -27,7 +27,7 @@ from streamqueue_operator.deployment import DEFAULT_WORKER_IMAGE
 from streamqueue_operator.models import GROUP, PLURAL, VERSION
 
 from tests.chart.helm import CHART, KUBE_VERSION, helm
-from tests.operator.conftest import wait_for
+from tests.harness.eventually import eventually
 
 pytestmark = pytest.mark.kube
 
@@ -137,23 +137,23 @@ def test_deployment_owned_and_columns_shown(
     push(r, 7)
     sq.apply("chat", minReplicas=1, maxReplicas=3)
     owner_uid = sq.get("chat")["metadata"]["uid"]
-    wait_for(lambda: sq.replicas("chat") is not None, 30, "the worker Deployment")
+    eventually(lambda: sq.replicas("chat") is not None, "the worker Deployment", timeout=30)
     deployment = k8s.AppsV1Api(sq.api).read_namespaced_deployment("chat-worker", sq.namespace)
     assert deployment.metadata and deployment.metadata.owner_references
     (ref,) = deployment.metadata.owner_references
     assert (ref.kind, ref.name, ref.uid, ref.controller) == ("StreamQueue", "chat", owner_uid, True)
-    wait_for(lambda: sq.replicas("chat") == 2, 15, "scale to ceil(7/5) = 2")
-    wait_for(lambda: sq.get("chat").get("status", {}).get("backlog") == 7, 15, "status")
+    eventually(lambda: sq.replicas("chat") == 2, "scale to ceil(7/5) = 2", timeout=15)
+    eventually(lambda: sq.get("chat").get("status", {}).get("backlog") == 7, "status", timeout=15)
 
     out = sq.plane.kubectl("get", "streamqueues", "-n", sq.namespace).stdout.splitlines()
     assert out[0].split() == ["NAME", "STREAM", "BACKLOG", "PENDING", "REPLICAS", "READY", "AGE"]
     assert out[1].split()[:5] == ["chat", STREAM, "7", "0", "2/2"]
     short = sq.plane.kubectl("get", "sq", "-n", sq.namespace, "-o", "name").stdout.strip()
     assert short == "streamqueue.streamqueue.io/chat"
-    wait_for(
+    eventually(
         lambda: any("1 -> 2 replicas (Backlog)" in m for _, m in sq.scale_events("chat")),
-        15,
         "the ScaledUp Event",
+        timeout=15,
     )
 
 
@@ -171,27 +171,35 @@ def test_scales_out_drains_scales_in_to_zero_and_wakes(
         scaleDownStabilizationSeconds=3,
         idleCooldownSeconds=3,
     )
-    wait_for(lambda: sq.replicas("work") == 0, 30, "an idle queue at zero")
+    eventually(lambda: sq.replicas("work") == 0, "an idle queue at zero", timeout=30)
 
     push(r, 200)
-    wait_for(lambda: sq.replicas("work") == 4, 10, "scale out to maxReplicas")
+    eventually(lambda: sq.replicas("work") == 4, "scale out to maxReplicas", timeout=10)
     runner = WorkerPodRunner(sq.plane.kubeconfig, sq.namespace, "streamqueue.io/queue=work")
     runner.start()
     try:
-        wait_for(lambda: r.xinfo_groups(STREAM)[0]["lag"] == 0 and r.xpending(STREAM, CGROUP)["pending"] == 0,
-                 60, "the workers to drain the backlog")  # fmt: skip
-        wait_for(lambda: sq.replicas("work") == 0, 30, "scale in to zero after the cooldown")
-        wait_for(  # Events are posted asynchronously
+        eventually(
+            lambda: r.xinfo_groups(STREAM)[0]["lag"] == 0 and r.xpending(STREAM, CGROUP)["pending"] == 0,
+            "the workers to drain the backlog",
+            timeout=60,
+        )
+        eventually(lambda: sq.replicas("work") == 0, "scale in to zero after the cooldown", timeout=30)
+        eventually(
             lambda: any(reason == "ScaledDown" and "(Idle)" in m for reason, m in sq.scale_events("work")),
-            15,
             "a ScaledDown (Idle) Event",
+            timeout=15,
         )
 
-        wait_for(lambda: not runner.running(), 60, "the scaled-in workers to exit")  # else one reads it
+        eventually(
+            lambda: not runner.running(), "the scaled-in workers to exit", timeout=60
+        )  # else one reads it
         push(r, 1)
-        wait_for(lambda: sq.replicas("work") == 1, 10, "wake from zero on one message")
-        wait_for(lambda: r.xpending(STREAM, CGROUP)["pending"] == 0 and r.xinfo_groups(STREAM)[0]["lag"] == 0,
-                 60, "the woken worker to process it")  # fmt: skip
+        eventually(lambda: sq.replicas("work") == 1, "wake from zero on one message", timeout=10)
+        eventually(
+            lambda: r.xpending(STREAM, CGROUP)["pending"] == 0 and r.xinfo_groups(STREAM)[0]["lag"] == 0,
+            "the woken worker to process it",
+            timeout=60,
+        )
     finally:
         runner.stop()
     replies = sum(r.xlen(f"ai_to_user:user{i}") for i in range(5))
@@ -216,12 +224,16 @@ def test_trimming_removes_only_what_every_group_has_processed(
     runner.start()
     try:
         workers = lambda: next(g for g in r.xinfo_groups(STREAM) if g["name"] == CGROUP.encode())  # noqa: E731
-        wait_for(lambda: workers()["lag"] == workers()["pending"] == 0, 60, "the workers to process all 100")
-        wait_for(lambda: r.xlen(STREAM) == 80, 20, "a trim up to audit's oldest pending entry")
+        eventually(
+            lambda: workers()["lag"] == workers()["pending"] == 0,
+            "the workers to process all 100",
+            timeout=60,
+        )
+        eventually(lambda: r.xlen(STREAM) == 80, "a trim up to audit's oldest pending entry", timeout=20)
         assert r.xrange(STREAM, count=1)[0][0] == ids[20]
 
         r.xack(STREAM, "audit", *ids[20:30])
-        wait_for(lambda: r.xlen(STREAM) == 70, 20, "a trim up to audit's first undelivered entry")
+        eventually(lambda: r.xlen(STREAM) == 70, "a trim up to audit's first undelivered entry", timeout=20)
         assert r.xrange(STREAM, count=1)[0][0] == ids[30]
         assert len(r.xreadgroup("audit", "auditor", {STREAM: ">"}, count=100)[0][1]) == 70
     finally:
@@ -243,23 +255,29 @@ def test_redis_outage_holds_replicas_and_recovers(
         scaleDownStabilizationSeconds=1,
         idleCooldownSeconds=1,
     )
-    wait_for(lambda: sq.replicas("q") == 2, 30, "2 replicas for a backlog of 10")
+    eventually(lambda: sq.replicas("q") == 2, "2 replicas for a backlog of 10", timeout=30)
 
     redis_server.stop()
-    wait_for(lambda: sq.condition("q", "RedisReachable").get("status") == "False", 15,
-             "RedisReachable=False")  # fmt: skip
+    eventually(
+        lambda: sq.condition("q", "RedisReachable").get("status") == "False",
+        "RedisReachable=False",
+        timeout=15,
+    )
     ready = sq.condition("q", "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "RedisUnavailable")
     assert set(steady(lambda: sq.replicas("q"), 4)) == {2}  # well past window + cooldown
 
     redis_server.start()  # no persistence: the stream and group are gone, as after a real data loss
-    wait_for(lambda: sq.condition("q", "RedisReachable").get("status") == "True", 15,
-             "RedisReachable=True again")  # fmt: skip
+    eventually(
+        lambda: sq.condition("q", "RedisReachable").get("status") == "True",
+        "RedisReachable=True again",
+        timeout=15,
+    )
     assert sq.condition("q", "Ready")["reason"] == "GroupMissing"
     assert sq.replicas("q") == 2  # a missing group holds as well
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 20)
-    wait_for(lambda: sq.replicas("q") == 4, 15, "scaling resumes after recovery")
+    eventually(lambda: sq.replicas("q") == 4, "scaling resumes after recovery", timeout=15)
 
 
 def test_operator_restart_causes_no_scaling(
@@ -275,18 +293,18 @@ def test_operator_restart_causes_no_scaling(
         maxReplicas=10,
         scaleDownStabilizationSeconds=60,
     )
-    wait_for(lambda: sq.replicas("q") == 4, 30, "4 replicas for a backlog of 20")
+    eventually(lambda: sq.replicas("q") == 4, "4 replicas for a backlog of 20", timeout=30)
     entries = r.xreadgroup(CGROUP, "manual", {STREAM: ">"}, count=100)[0][1]
     r.xack(STREAM, CGROUP, *[e[0] for e in entries])  # drained: a fresh operator would scale to 1 at once
-    events_before = wait_for(  # kopf posts Events asynchronously: wait for the scale-up's
+    events_before = eventually(
         lambda: (e := sq.scale_events("q")) and any("-> 4 replicas" in m for _, m in e) and e,
-        15,
         "the scale-up Event",
+        timeout=15,
     )
 
     operator.stop()
     start_operator()
-    wait_for(lambda: sq.get("q")["status"].get("backlog") == 0, 20, "the new operator's poll")
+    eventually(lambda: sq.get("q")["status"].get("backlog") == 0, "the new operator's poll", timeout=20)
     assert set(steady(lambda: sq.replicas("q"), 5)) == {4}
     assert sq.scale_events("q") == events_before
 
@@ -306,14 +324,16 @@ def test_dead_consumers_removed_only_after_their_pending_entries_move(
     def consumers() -> set[str]:
         return {c["name"] for c in r.xinfo_consumers(STREAM, CGROUP)}
 
-    wait_for(lambda: consumers() == {"work-gone-a"}, 30, "the idle dead consumer to be deleted")
+    eventually(lambda: consumers() == {"work-gone-a"}, "the idle dead consumer to be deleted", timeout=30)
     assert r.xpending(STREAM, CGROUP)["pending"] == 3
     assert all(c == {"work-gone-a"} for c in steady(consumers, 6, interval=0.5))
     assert r.xpending(STREAM, CGROUP)["pending"] == 3  # the pass after still kept it: entries pending
 
     claimed = r.xautoclaim(STREAM, CGROUP, "work-rescuer", min_idle_time=0, start_id="0-0", count=10)[1]
     r.xack(STREAM, CGROUP, *[e[0] for e in claimed])
-    wait_for(lambda: "work-gone-a" not in consumers(), 30, "the drained dead consumer to be deleted")
+    eventually(
+        lambda: "work-gone-a" not in consumers(), "the drained dead consumer to be deleted", timeout=30
+    )
     assert r.xinfo_groups(STREAM)[0]["pending"] == 0 and r.xlen(STREAM) == 6
 
 
@@ -339,10 +359,12 @@ def test_does_its_whole_job_as_the_charts_service_account(
         r.xack(STREAM, CGROUP, entry[0])  # an idle dead consumer for housekeeping (needs pods: list)
         push(r, 12)
         sq.apply("rbac", minReplicas=1, maxReplicas=5)
-        wait_for(lambda: sq.replicas("rbac") == 3, 30, "create + scale as the service account")
-        wait_for(lambda: sq.get("rbac").get("status", {}).get("backlog") == 12, 15, "status")
-        wait_for(lambda: sq.scale_events("rbac"), 15, "an Event")
-        wait_for(lambda: not r.xinfo_consumers(STREAM, CGROUP), 20, "housekeeping as the service account")
+        eventually(lambda: sq.replicas("rbac") == 3, "create + scale as the service account", timeout=30)
+        eventually(lambda: sq.get("rbac").get("status", {}).get("backlog") == 12, "status", timeout=15)
+        eventually(lambda: sq.scale_events("rbac"), "an Event", timeout=15)
+        eventually(
+            lambda: not r.xinfo_consumers(STREAM, CGROUP), "housekeeping as the service account", timeout=20
+        )
         assert "403" not in operator.logs() and "Forbidden" not in operator.logs(), operator.logs()[-3000:]
     finally:
         sq.plane.kubectl("delete", "-n", sq.namespace, "--ignore-not-found", "-f", "-", input=manifests)
@@ -360,7 +382,9 @@ def test_all_namespaces_mode_with_metrics_and_liveness(
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 11)
     sq.apply("wide", minReplicas=1, maxReplicas=5)
-    wait_for(lambda: sq.replicas("wide") == 3, 30, "the cluster-wide operator to scale to ceil(11/5) = 3")
+    eventually(
+        lambda: sq.replicas("wide") == 3, "the cluster-wide operator to scale to ceil(11/5) = 3", timeout=30
+    )
 
     labels = f'name="wide",namespace="{sq.namespace}"'
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
@@ -407,25 +431,37 @@ def test_api_partition_holds_reports_and_recovers(
         r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
         push(r, 3)
         sq.apply("cut", minReplicas=1, maxReplicas=5)
-        wait_for(lambda: sq.replicas("cut") == 1 and sq.get("cut").get("status", {}).get("backlog") == 3,
-                 30, "1 replica and a status for a backlog of 3")  # fmt: skip
+        eventually(
+            lambda: sq.replicas("cut") == 1 and sq.get("cut").get("status", {}).get("backlog") == 3,
+            "1 replica and a status for a backlog of 3",
+            timeout=30,
+        )
         labels = {"namespace": sq.namespace, "name": "cut"}
         up = {**labels, "direction": "up"}
 
         proxy.partition()
         push(r, 22)  # backlog 25: 5 replicas at the default 5 per replica
-        wait_for(lambda: metric(port, "streamqueue_backlog", labels) == 25, 15,
-                 "the backlog in the metrics while the API server is unreachable")  # fmt: skip
-        wait_for(lambda: metric(port, "streamqueue_api_errors_total", {**labels, "operation": "scale"}), 60,
-                 "a scale request that timed out, counted")  # fmt: skip
+        eventually(
+            lambda: metric(port, "streamqueue_backlog", labels) == 25,
+            "the backlog in the metrics while the API server is unreachable",
+            timeout=15,
+        )
+        eventually(
+            lambda: metric(port, "streamqueue_api_errors_total", {**labels, "operation": "scale"}),
+            "a scale request that timed out, counted",
+            timeout=60,
+        )
         assert sq.replicas("cut") == 1
         assert sq.get("cut")["status"]["backlog"] == 3
 
         proxy.heal()
-        wait_for(lambda: sq.replicas("cut") == 5, 60, "the scale-up once the API server is reachable")
-        scaled_up = wait_for(lambda: metric(port, "streamqueue_scale_events_total", up),
-                             10, "the scale-up counted")  # fmt: skip
-        wait_for(lambda: sq.get("cut")["status"]["backlog"] == 25, 60, "the status to catch up")
+        eventually(
+            lambda: sq.replicas("cut") == 5, "the scale-up once the API server is reachable", timeout=60
+        )
+        scaled_up = eventually(
+            lambda: metric(port, "streamqueue_scale_events_total", up), "the scale-up counted", timeout=10
+        )
+        eventually(lambda: sq.get("cut")["status"]["backlog"] == 25, "the status to catch up", timeout=60)
         samples = steady(lambda: metric(port, "streamqueue_scale_events_total", up), 8)
         assert set(samples) == {scaled_up}  # the patch was not re-sent while the watch was behind
         assert sq.replicas("cut") == 5
@@ -439,7 +475,7 @@ def test_spec_changes_update_the_template_but_never_the_replicas(
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 20)
     sq.apply("q", minReplicas=1, maxReplicas=10)
-    wait_for(lambda: sq.replicas("q") == 4, 30, "4 replicas for a backlog of 20")
+    eventually(lambda: sq.replicas("q") == 4, "4 replicas for a backlog of 20", timeout=30)
     apps = k8s.AppsV1Api(sq.api)
 
     def pod_spec() -> Any:
@@ -447,17 +483,19 @@ def test_spec_changes_update_the_template_but_never_the_replicas(
 
     patch = {"spec": {"worker": {"nodeSelector": {"pool": "ai"}, "concurrency": 7}}}
     sq.plane.kubectl("patch", "streamqueue", "q", "-n", sq.namespace, "--type=merge", "-p", json.dumps(patch))
-    wait_for(lambda: pod_spec().node_selector == {"pool": "ai"}, 15, "the new nodeSelector")
+    eventually(lambda: pod_spec().node_selector == {"pool": "ai"}, "the new nodeSelector", timeout=15)
     env = {e.name: e.value for e in pod_spec().containers[0].env}
     assert env["STREAMQUEUE_CONCURRENCY"] == "7"
     assert sq.replicas("q") == 4
 
     remove = [{"op": "remove", "path": "/spec/worker/nodeSelector"}]
     sq.plane.kubectl("patch", "streamqueue", "q", "-n", sq.namespace, "--type=json", "-p", json.dumps(remove))
-    wait_for(lambda: pod_spec().node_selector is None, 15, "the nodeSelector to be removed")
+    eventually(lambda: pod_spec().node_selector is None, "the nodeSelector to be removed", timeout=15)
     assert sq.replicas("q") == 4
     generation = sq.get("q")["metadata"]["generation"]
-    wait_for(lambda: sq.get("q")["status"]["observedGeneration"] == generation, 15, "observedGeneration")
+    eventually(
+        lambda: sq.get("q")["status"]["observedGeneration"] == generation, "observedGeneration", timeout=15
+    )
 
 
 def test_adopts_an_existing_deployment_without_touching_its_replicas(
@@ -481,7 +519,7 @@ def test_adopts_an_existing_deployment_without_touching_its_replicas(
         d = k8s.AppsV1Api(sq.api).read_namespaced_deployment("old-worker", sq.namespace)
         return d.metadata.owner_references and d
 
-    deployment = wait_for(adopted, 30, "the owner reference")
+    deployment = eventually(adopted, "the owner reference", timeout=30)
     assert deployment.metadata.uid == uid and deployment.spec.replicas == 3
     assert deployment.spec.template.spec.containers[0].image == DEFAULT_WORKER_IMAGE
     assert sq.scale_events("old") == []

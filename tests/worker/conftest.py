@@ -20,6 +20,8 @@ from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
 from streamqueue_harness.processes import spawn
 
+from tests.harness.eventually import eventually_async
+
 STREAM = wire.DEFAULT_STREAM
 GROUP = wire.DEFAULT_GROUP
 
@@ -58,22 +60,6 @@ def group_settled(r: redis.Redis) -> bool:
     except redis.ResponseError:
         return False
     return group["pending"] == 0 and group["lag"] == 0
-
-
-def wait_for(predicate: Callable[[], bool], within: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.02)
-
-
-async def async_wait_for(predicate: Callable[[], bool], within: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def has_group(r: redis.Redis) -> bool:
@@ -117,7 +103,7 @@ class RunningWorkers:
     async def start(self, settings: WorkerSettings, handler: Any = None) -> Worker:
         worker = Worker(settings, handler=handler)
         self.running.append((worker, asyncio.create_task(worker.run())))
-        await async_wait_for(lambda: has_group(self._r), what="the consumer group")
+        await eventually_async(lambda: has_group(self._r), "the consumer group", timeout=15)
         return worker
 
     async def stop(self, worker: Worker, within: float = 20) -> None:

@@ -22,7 +22,8 @@ import pytest
 import redis
 from streamqueue_harness.redis_server import RedisServer
 
-from tests.worker.conftest import WorkerProcesses, wait_for
+from tests.harness.eventually import eventually
+from tests.worker.conftest import WorkerProcesses
 
 ARTICLE_STREAM = "user_messages_queue"
 ARTICLE_GROUP = "ai_service_group"
@@ -184,7 +185,7 @@ class XreadReader(_ReplyReader):
         super().start()
         # ``$`` means "after whatever is there when the read arrives": only once the read blocks on
         # the server may a reply be written, or the reader would rightly never see it.
-        wait_for(lambda: _blocked(self.admin, self.client_id), 10, f"{self.key}'s reader to block")
+        eventually(lambda: _blocked(self.admin, self.client_id), f"{self.key}'s reader to block", timeout=10)
         return self
 
     def _read_once(self) -> None:
@@ -243,7 +244,7 @@ def test_plain_and_group_readers_get_every_reply_across_expiry_and_a_worker_rest
         _round([grouped, plain], "first")  # bob's last reply is written before alice's
         assert r.ttl(grouped.key) == -1
         # Idle past the TTL: alice's stream, read plainly, goes (one-time users leave no key behind)...
-        wait_for(lambda: not r.exists(plain.key), 15, "alice's idle reply stream to expire")
+        eventually(lambda: not r.exists(plain.key), "alice's idle reply stream to expire", timeout=15)
         # ...bob's, read through a group, stays with its group although it has been idle even longer.
         assert r.ttl(grouped.key) == -1
         assert [g["name"] for g in r.xinfo_groups(grouped.key)] == ["wsgroup_bob"]
@@ -318,17 +319,19 @@ def test_the_articles_worker_loop_shares_the_group_with_ours(
         assert article.holding.wait(10), "worker_1 never took alice's message"
         worker_processes.start("sq-worker-0")  # default claim idle: 30 s
         # Its pending-list scan at start-up sees worker_1's entry in flight, and must leave it there.
-        wait_for(lambda: _pending_scans(r) > 0, 15, "our worker's first pending-list scan")
+        eventually(lambda: _pending_scans(r) > 0, "our worker's first pending-list scan", timeout=15)
         bob = ArticleClient(r, "bob")
         for i in range(20):
             bob.send(f"b{i}")
-        wait_for(lambda: len(_responses(r, "bob")) == 20, 15, "bob's replies from our worker")
+        eventually(lambda: len(_responses(r, "bob")) == 20, "bob's replies from our worker", timeout=15)
         assert article_monitor(r) == {ARTICLE_GROUP: (1, {"worker_1": 1, "sq-worker-0": 0})}
         article.release.set()
         carol = ArticleClient(r, "carol")
         for i in range(40):
             carol.send(f"c{i}")
-        wait_for(lambda: _backlog(r) == (0, 0) and len(_responses(r, "carol")) >= 40, 15, "every reply")
+        eventually(
+            lambda: _backlog(r) == (0, 0) and len(_responses(r, "carol")) >= 40, "every reply", timeout=15
+        )
     finally:
         article.stop()
     assert _responses(r, "alice") == [("AI: slow", "worker_1")]  # answered once, by its owner
@@ -350,9 +353,9 @@ def test_a_foreign_entry_held_past_claim_idle_is_answered_twice(
         ArticleClient(r, "alice").send("slow")
         assert article.holding.wait(10), "worker_1 never took alice's message"
         worker_processes.start("sq-worker-0", claim_idle_ms="300")
-        wait_for(lambda: len(_responses(r, "alice")) == 1, 15, "our worker to reclaim and answer")
+        eventually(lambda: len(_responses(r, "alice")) == 1, "our worker to reclaim and answer", timeout=15)
         article.release.set()
-        wait_for(lambda: len(_responses(r, "alice")) == 2, 15, "worker_1's own answer")
+        eventually(lambda: len(_responses(r, "alice")) == 2, "worker_1's own answer", timeout=15)
     finally:
         article.stop()
     assert _responses(r, "alice") == [("Echo: slow", "sq-worker-0"), ("AI: slow", "worker_1")]

@@ -16,6 +16,8 @@ import redis.asyncio as aioredis
 from streamqueue import Client, wire
 from streamqueue.client import Reply, ReplyError
 
+from tests.harness.eventually import eventually_async
+
 Fields = dict[str, str]
 Script = Callable[[Fields], list[Fields]]
 
@@ -43,8 +45,7 @@ async def _replier(url: str, script: Script, *, batch: int = 1, shuffle: bool = 
 async def _listening(client: Client, user_id: str) -> None:
     """Wait until the user's reader has taken its position: replies from then on are delivered."""
     await asyncio.sleep(0)  # one step of the subscriber's task creates the reader
-    reader = client._readers[wire.reply_stream(client.reply_prefix, user_id)]
-    await asyncio.wait_for(reader.ready.wait(), timeout=10)
+    assert await asyncio.wait_for(client.listening(user_id), timeout=10)
 
 
 def echo(fields: Fields) -> list[Fields]:
@@ -98,7 +99,7 @@ async def test_concurrent_requests_for_one_user_each_get_their_own_reply(client:
     messages = [f"m{i}" for i in range(200)]
     replies = await asyncio.gather(*(client.request("alice", m, timeout=10) for m in messages))
     assert [r.response for r in replies] == [f"Echo: {m}" for m in messages]
-    assert len(client._readers) <= 1  # one reader for the user's stream, not one per request
+    assert client.reader_count <= 1  # one reader for the user's stream, not one per request
 
 
 async def test_an_old_reply_with_the_same_request_id_is_not_taken_for_the_new_one(
@@ -121,11 +122,9 @@ async def test_error_reply_raises_reply_error(client: Client, replier) -> None:
 async def test_timeout_leaves_no_waiter_and_the_reader_retires(client: Client) -> None:
     with pytest.raises(TimeoutError):
         await client.request("alice", "nobody answers", timeout=0.3)
-    reader = client._readers.get(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "alice"))
-    if reader is not None:
-        assert not reader.waiters
-        await asyncio.wait_for(reader.task, timeout=5)  # retires after one empty BLOCK (200 ms)
-    assert not client._readers
+    assert not client.awaited_requests("alice")
+    # the reader retires after one empty BLOCK (200 ms)
+    await eventually_async(lambda: client.reader_count == 0, "the idle reader to retire", timeout=5)
 
 
 async def test_a_late_reply_after_a_timeout_goes_only_to_subscribers(client: Client, redis_server) -> None:
@@ -206,8 +205,10 @@ async def test_oversized_message_is_refused_before_sending(redis_server) -> None
 
 async def test_close_fails_pending_requests(redis_server) -> None:
     client = Client(redis_server.url)
-    pending = asyncio.create_task(client.request("alice", "never answered", timeout=30))
-    await asyncio.sleep(0.2)
+    pending = asyncio.create_task(client.request("alice", "never answered", request_id="n1", timeout=30))
+    await eventually_async(
+        lambda: "n1" in client.awaited_requests("alice"), "the request in flight", timeout=5
+    )
     await client.close()
     with pytest.raises(RuntimeError, match="closed"):
         await asyncio.wait_for(pending, timeout=5)
@@ -215,10 +216,10 @@ async def test_close_fails_pending_requests(redis_server) -> None:
 
 async def test_cancelling_a_request_removes_its_waiter(client: Client) -> None:
     task = asyncio.create_task(client.request("alice", "cancel me", request_id="c1", timeout=30))
-    await asyncio.sleep(0.2)
-    reader = client._readers[wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "alice")]
-    assert "c1" in reader.waiters
+    await eventually_async(
+        lambda: "c1" in client.awaited_requests("alice"), "the request in flight", timeout=5
+    )
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert "c1" not in reader.waiters
+    assert "c1" not in client.awaited_requests("alice")

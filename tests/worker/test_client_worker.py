@@ -6,10 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import redis
 from redis.exceptions import ResponseError
 from streamqueue import Client, wire
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
+
+from tests.harness.eventually import eventually_async
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -17,20 +20,19 @@ StartWorker = Callable[..., Awaitable[Worker]]
 async def _listening(client: Client, user_id: str) -> None:
     """Wait until the user's reader has taken its position: replies from then on are delivered."""
     await asyncio.sleep(0)  # one step of the subscriber's task creates the reader
-    reader = client._readers[wire.reply_stream(client.reply_prefix, user_id)]
-    await asyncio.wait_for(reader.ready.wait(), timeout=10)
+    assert await asyncio.wait_for(client.listening(user_id), timeout=10)
 
 
-async def _wait_for_group(client: Client, group: str) -> None:
+async def _wait_for_group(raw: redis.Redis, stream: str, group: str) -> None:
     """Requests sent before the worker's group exists could be skipped by a group made at ``$``."""
-    async with asyncio.timeout(30):
-        while True:
-            try:
-                if any(g["name"] == group for g in await client.redis.xinfo_groups(client.stream)):
-                    return
-            except ResponseError:  # the stream does not exist yet
-                pass
-            await asyncio.sleep(0.02)
+
+    def exists() -> bool:
+        try:
+            return any(g["name"] == group.encode() for g in raw.xinfo_groups(stream))
+        except ResponseError:  # the stream does not exist yet
+            return False
+
+    await eventually_async(exists, f"the group {group}", timeout=30)
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ async def start_worker(redis_server, client: Client) -> AsyncIterator[StartWorke
         settings = WorkerSettings(redis_url=redis_server.url, block_ms=100, health_port=0, **overrides)
         worker = Worker(settings, handler=handler)
         running.append((worker, asyncio.create_task(worker.run())))
-        await _wait_for_group(client, settings.group)
+        await _wait_for_group(redis_server.client(), settings.stream, settings.group)
         return worker
 
     yield start

@@ -14,7 +14,8 @@ from streamqueue.handlers.http import HttpHandler, HttpHandlerError
 from streamqueue.settings import WorkerSettings
 from streamqueue_harness.ports import free_port
 
-from tests.worker.conftest import async_wait_for, group_settled, replies, send
+from tests.harness.eventually import eventually_async
+from tests.worker.conftest import group_settled, replies, send
 
 MSG = Message(id="1-0", stream="s", user_id="alice", message="hi", request_id="r1", deliveries=2)
 
@@ -147,6 +148,6 @@ async def test_worker_with_handler_url_answers_from_the_service(raw, settings, w
 
     await workers.start(settings(handler_url=await service(respond)))
     send(raw, "judy", "what time is it", request_id="j1")
-    await async_wait_for(lambda: group_settled(raw), what="the HTTP-backed reply")
+    await eventually_async(lambda: group_settled(raw), "the HTTP-backed reply", timeout=15)
     [reply] = replies(raw, "judy")
     assert (reply[wire.RESPONSE], reply[wire.REQUEST_ID]) == ("judy asked what time is it", "j1")

@@ -6,7 +6,8 @@ import aiohttp
 from streamqueue.health import start_health_server
 from streamqueue_harness.ports import free_port
 
-from tests.worker.conftest import async_wait_for, group_settled, send
+from tests.harness.eventually import eventually_async
+from tests.worker.conftest import group_settled, send
 
 
 async def test_probes_follow_the_worker_and_metrics_count_its_work(raw, settings, workers) -> None:
@@ -18,7 +19,7 @@ async def test_probes_follow_the_worker_and_metrics_count_its_work(raw, settings
         for i in range(3):
             send(raw, "kate", f"m{i}")
         send(raw, "kate", "much too long for the limit")
-        await async_wait_for(lambda: group_settled(raw), what="all handled")
+        await eventually_async(lambda: group_settled(raw), "all handled", timeout=15)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/healthz") as r:
                 assert r.status == 200

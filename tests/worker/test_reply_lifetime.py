@@ -13,7 +13,8 @@ import redis
 from streamqueue import wire
 from streamqueue.handlers import Message
 
-from tests.worker.conftest import RunningWorkers, acl_user, async_wait_for, group_settled, replies, send
+from tests.harness.eventually import eventually_async
+from tests.worker.conftest import RunningWorkers, acl_user, group_settled, replies, send
 
 TTL = 60
 
@@ -25,7 +26,7 @@ def _key(user_id: str) -> str:
 async def _answered(raw: redis.Redis, *users_and_ids: tuple[str, str]) -> None:
     for user_id, request_id in users_and_ids:
         send(raw, user_id, "hi", request_id=request_id)
-    await async_wait_for(lambda: group_settled(raw), what="the replies committed")
+    await eventually_async(lambda: group_settled(raw), "the replies committed", timeout=15)
 
 
 @pytest.mark.parametrize("commit", ["script", "pipeline"])
@@ -57,7 +58,11 @@ async def test_chunks_of_a_failed_stream_read_through_a_group_do_not_expire(
     await _answered(raw, ("sam", "s0"))
     raw.xgroup_create(_key("sam"), "wsgroup_sam", id="0")
     send(raw, "sam", "tell me", request_id="s1")
-    await async_wait_for(lambda: worker.metrics.failed._value.get() == 1, what="the failed handler")
+    await eventually_async(
+        lambda: worker.metrics.registry.get_sample_value("streamqueue_handler_failures_total") == 1,
+        "the failed handler",
+        timeout=15,
+    )
     assert [(f.get(wire.CHUNK), f[wire.REQUEST_ID]) for f in replies(raw, "sam")] == [
         ("partial ", "s0"), (None, "s0"), ("partial ", "s1"),
     ]  # fmt: skip
@@ -73,4 +78,6 @@ async def test_an_acl_without_persist_still_commits_and_says_why(
     await _answered(raw, ("tess", "t1"))  # settled: the XACK ran although PERSIST was refused
     assert [r[wire.REQUEST_ID] for r in replies(raw, "tess")] == ["t0", "t1"]
     refused = f"PERSIST {_key('tess')} (read through a consumer group)"
-    await async_wait_for(lambda: refused in caplog.text, what="the refusal logged (after the script returns)")
+    await eventually_async(
+        lambda: refused in caplog.text, "the refusal logged (after the script returns)", timeout=15
+    )

@@ -17,7 +17,8 @@ from streamqueue_harness.pki import certificate_authority, signed_certificate
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.processes import spawn, stop_groups
 
-from tests.worker.conftest import RunningWorkers, async_wait_for, group_settled, replies, send
+from tests.harness.eventually import eventually_async
+from tests.worker.conftest import RunningWorkers, group_settled, replies, send
 
 
 class TlsRedis:
@@ -77,7 +78,7 @@ async def test_worker_answers_over_tls(tls_redis: TlsRedis, how: str) -> None:
     await workers.start(settings)
     try:
         send(raw, "nina", "secure hello", request_id="n1")
-        await async_wait_for(lambda: group_settled(raw), what="the reply over TLS")
+        await eventually_async(lambda: group_settled(raw), "the reply over TLS", timeout=15)
         [reply] = replies(raw, "nina")
         assert reply[wire.RESPONSE] == "Echo: secure hello"
     finally:

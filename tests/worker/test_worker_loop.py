@@ -13,12 +13,12 @@ import pytest
 from streamqueue import wire
 from streamqueue.handlers import Message
 
+from tests.harness.eventually import eventually_async
 from tests.worker.conftest import (
     GROUP,
     STREAM,
     acl_user,
     answered_request_ids,
-    async_wait_for,
     group_settled,
     replies,
     send,
@@ -33,7 +33,7 @@ async def test_many_users_each_receive_exactly_their_own_replies(raw, settings, 
     for i in range(10):
         for user in users:
             send(raw, user, f"{user} says {i}", request_id=f"{user}-{i}")
-    await async_wait_for(lambda: group_settled(raw), what="all requests answered")
+    await eventually_async(lambda: group_settled(raw), "all requests answered", timeout=15)
     for user in users:
         got = replies(raw, user)
         assert sorted(f[wire.REQUEST_ID] for f in got) == sorted(f"{user}-{i}" for i in range(10))
@@ -46,7 +46,7 @@ async def test_reply_streams_are_trimmed_and_expire(raw, settings, workers) -> N
     await workers.start(settings(reply_maxlen=10, reply_ttl_seconds=5))
     for i in range(500):
         send(raw, "chatty", f"m{i}")
-    await async_wait_for(lambda: group_settled(raw), what="all requests answered")
+    await eventually_async(lambda: group_settled(raw), "all requests answered", timeout=15)
     key = wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "chatty")
     assert raw.xlen(key) < 500  # MAXLEN ~ trims in whole macro nodes, never below 10
     assert raw.xlen(key) >= 10
@@ -68,8 +68,10 @@ async def test_poison_message_is_dead_lettered_after_max_deliveries_while_others
     poison_id = send(raw, "victim", "poison", request_id="p")
     for i in range(30):
         send(raw, "bystander", f"m{i}", request_id=f"b{i}")
-    await async_wait_for(lambda: raw.xlen(DEAD) == 1, what="the poison message in the dead-letter stream")
-    await async_wait_for(lambda: group_settled(raw), what="nothing left pending")
+    await eventually_async(
+        lambda: raw.xlen(DEAD) == 1, "the poison message in the dead-letter stream", timeout=15
+    )
+    await eventually_async(lambda: group_settled(raw), "nothing left pending", timeout=15)
 
     [(_, dead)] = raw.xrange(DEAD)
     assert dead[wire.DL_REASON] == wire.REASON_MAX_DELIVERIES
@@ -102,8 +104,8 @@ async def test_invalid_messages_are_dead_lettered_with_reason_and_never_reach_th
     send(raw, "big", "x" * 101, request_id="too-big")
     raw.xadd(STREAM, {wire.USER_ID: "nomessage"})
     send(raw, "good", "valid")
-    await async_wait_for(lambda: raw.xlen(DEAD) == 7, what="seven dead letters")
-    await async_wait_for(lambda: group_settled(raw), what="every entry acknowledged")
+    await eventually_async(lambda: raw.xlen(DEAD) == 7, "seven dead letters", timeout=15)
+    await eventually_async(lambda: group_settled(raw), "every entry acknowledged", timeout=15)
 
     reasons = [f[wire.DL_REASON] for _, f in raw.xrange(DEAD)]
     assert reasons == [
@@ -127,7 +129,7 @@ async def test_invalid_messages_are_dead_lettered_with_reason_and_never_reach_th
 async def test_error_replies_can_be_switched_off(raw, settings, workers) -> None:
     await workers.start(settings(max_message_bytes=10, error_replies=False))
     send(raw, "bob", "far too long for the limit")
-    await async_wait_for(lambda: raw.xlen(DEAD) == 1 and group_settled(raw), what="the dead letter")
+    await eventually_async(lambda: raw.xlen(DEAD) == 1 and group_settled(raw), "the dead letter", timeout=15)
     assert replies(raw, "bob") == []
 
 
@@ -143,10 +145,10 @@ async def test_entries_of_a_dead_consumer_are_reclaimed(raw, settings, workers) 
         return "recovered"
 
     worker = await workers.start(settings(claim_idle_ms=200, batch_size=5), handler)
-    await async_wait_for(lambda: group_settled(raw), what="the orphaned entries answered")
+    await eventually_async(lambda: group_settled(raw), "the orphaned entries answered", timeout=15)
     assert sorted(answered_request_ids(raw, ["orphan"])) == sorted(f"r{i}" for i in range(12))
     assert deliveries == [2] * 12
-    assert worker.metrics.reclaimed._value.get() == 12
+    assert worker.metrics.registry.get_sample_value("streamqueue_messages_reclaimed_total") == 12
 
 
 async def test_deleted_pending_entries_are_cleaned_up(raw, settings, workers) -> None:
@@ -155,7 +157,7 @@ async def test_deleted_pending_entries_are_cleaned_up(raw, settings, workers) ->
     raw.xreadgroup(GROUP, "crashed-pod", {STREAM: ">"}, count=3)
     raw.xdel(STREAM, ids[0], ids[1])
     await workers.start(settings(claim_idle_ms=200))
-    await async_wait_for(lambda: group_settled(raw), what="the pending list emptied")
+    await eventually_async(lambda: group_settled(raw), "the pending list emptied", timeout=15)
     assert [r[wire.RESPONSE] for r in replies(raw, "gone")] == ["Echo: m2"]
 
 
@@ -171,7 +173,7 @@ async def test_a_long_handler_keeps_its_claim(raw, settings, workers) -> None:
     await workers.start(settings(consumer="b", claim_idle_ms=300), slow)
     send(raw, "patient", "slow-1", request_id="s1")
     send(raw, "patient", "slow-2", request_id="s2")
-    await async_wait_for(lambda: group_settled(raw), what="the slow requests answered")
+    await eventually_async(lambda: group_settled(raw), "the slow requests answered", timeout=15)
     assert calls == {"slow-1": 1, "slow-2": 1}
     assert sorted(answered_request_ids(raw, ["patient"])) == ["s1", "s2"]
 
@@ -182,7 +184,7 @@ async def test_dict_replies_carry_extra_fields(raw, settings, workers) -> None:
 
     await workers.start(settings(), handler)
     send(raw, "carol", "hi", request_id="c1")
-    await async_wait_for(lambda: group_settled(raw), what="the reply")
+    await eventually_async(lambda: group_settled(raw), "the reply", timeout=15)
     [reply] = replies(raw, "carol")
     assert (reply[wire.RESPONSE], reply["tokens"], reply[wire.REQUEST_ID]) == ("HI", "3", "c1")
 
@@ -194,14 +196,14 @@ async def test_chunks_are_written_only_when_streaming_is_on(raw, settings, worke
 
     worker = await workers.start(settings(stream_replies=False), words)
     send(raw, "dave", "a b c")
-    await async_wait_for(lambda: group_settled(raw), what="the reply")
+    await eventually_async(lambda: group_settled(raw), "the reply", timeout=15)
     assert replies(raw, "dave") == [
         {wire.RESPONSE: "abc", wire.WORKER_ID: "w1", wire.TIMESTAMP: replies(raw, "dave")[0][wire.TIMESTAMP]}
     ]
     await workers.stop(worker)
     await workers.start(settings(stream_replies=True), words)
     send(raw, "erin", "a b c")
-    await async_wait_for(lambda: group_settled(raw), what="the streamed reply")
+    await eventually_async(lambda: group_settled(raw), "the streamed reply", timeout=15)
     got = replies(raw, "erin")
     assert [(f.get(wire.CHUNK), f.get(wire.SEQ)) for f in got[:-1]] == [("a", "0"), ("b", "1"), ("c", "2")]
     assert got[-1][wire.RESPONSE] == "abc"
@@ -210,16 +212,16 @@ async def test_chunks_are_written_only_when_streaming_is_on(raw, settings, worke
 async def test_worker_recovers_after_a_redis_restart(raw, redis_server, settings, workers) -> None:
     worker = await workers.start(settings())
     send(raw, "alice", "before", request_id="1")
-    await async_wait_for(lambda: group_settled(raw), what="the first reply")
+    await eventually_async(lambda: group_settled(raw), "the first reply", timeout=15)
     redis_server.stop()  # without persistence: the stream and the group are gone, as after a failover
-    await async_wait_for(lambda: not worker.ready, what="the worker to notice the outage")
+    await eventually_async(lambda: not worker.ready, "the worker to notice the outage", timeout=15)
     redis_server.start()
     fresh = redis_server.client(decode_responses=True)
-    await async_wait_for(lambda: worker.ready, within=15, what="the worker ready again")
+    await eventually_async(lambda: worker.ready, "the worker ready again", timeout=15)
     send(fresh, "alice", "after", request_id="2")
-    await async_wait_for(lambda: group_settled(fresh), what="the reply after the restart")
+    await eventually_async(lambda: group_settled(fresh), "the reply after the restart", timeout=15)
     assert answered_request_ids(fresh, ["alice"]) == ["2"]
-    assert worker.metrics.redis_errors._value.get() > 0
+    assert worker.metrics.registry.get_sample_value("streamqueue_redis_errors_total") > 0
 
 
 async def test_stop_finishes_in_flight_work(raw, settings, workers) -> None:
@@ -253,13 +255,15 @@ async def test_work_unfinished_at_the_grace_deadline_is_handed_back(raw, setting
     )
     for i in range(5):
         send(raw, "gina", f"m{i}", request_id=str(i))
-    await async_wait_for(lambda: raw.xpending(STREAM, GROUP)["pending"] == 5, what="five entries in flight")
+    await eventually_async(
+        lambda: raw.xpending(STREAM, GROUP)["pending"] == 5, "five entries in flight", timeout=15
+    )
     await workers.stop(worker, within=10)
     pending = raw.xpending_range(STREAM, GROUP, min="-", max="+", count=10)
     assert len(pending) == 5
     assert all(p["time_since_delivered"] >= 5000 for p in pending)  # marked idle: reclaimable now
     await workers.start(settings(consumer="taker", claim_idle_ms=5000))
-    await async_wait_for(lambda: group_settled(raw), within=15, what="another worker to take over")
+    await eventually_async(lambda: group_settled(raw), "another worker to take over", timeout=15)
     assert sorted(answered_request_ids(raw, ["gina"])) == [str(i) for i in range(5)]
 
 
@@ -279,7 +283,7 @@ async def test_in_flight_never_exceeds_concurrency(raw, settings, workers, concu
     await workers.start(settings(concurrency=concurrency, batch_size=5), handler)
     for i in range(40):
         send(raw, "henry", f"m{i}")
-    await async_wait_for(lambda: group_settled(raw), what="all answered")
+    await eventually_async(lambda: group_settled(raw), "all answered", timeout=15)
     assert peak == concurrency
 
 
@@ -287,7 +291,7 @@ async def test_replies_flow_for_an_acl_user_that_may_not_run_scripts(raw, settin
     await workers.start(settings(**acl_user(raw, "noscript", "-@scripting")))
     for i in range(5):
         send(raw, "lena", f"m{i}", request_id=str(i))
-    await async_wait_for(lambda: group_settled(raw), what="replies committed with pipelines")
+    await eventually_async(lambda: group_settled(raw), "replies committed with pipelines", timeout=15)
     assert sorted(answered_request_ids(raw, ["lena"])) == [str(i) for i in range(5)]
     assert "committing with pipelines instead" in caplog.text
 
@@ -297,7 +301,7 @@ async def test_a_reply_key_of_another_type_does_not_block_the_batch(raw, setting
     await workers.start(settings())
     send(raw, "clash", "lost reply")
     send(raw, "mike", "fine", request_id="m1")
-    await async_wait_for(lambda: group_settled(raw), what="the batch acknowledged")
+    await eventually_async(lambda: group_settled(raw), "the batch acknowledged", timeout=15)
     assert answered_request_ids(raw, ["mike"]) == ["m1"]
     assert raw.get(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "clash")) == "not a stream"
 
@@ -310,7 +314,11 @@ async def test_chunks_of_a_failed_stream_still_expire(raw, settings, workers) ->
 
     worker = await workers.start(settings(stream_replies=True, reply_ttl_seconds=60), breaks_halfway)
     send(raw, "olga", "tell me")
-    await async_wait_for(lambda: worker.metrics.failed._value.get() == 1, what="the failed handler")
+    await eventually_async(
+        lambda: worker.metrics.registry.get_sample_value("streamqueue_handler_failures_total") == 1,
+        "the failed handler",
+        timeout=15,
+    )
     assert [f[wire.CHUNK] for f in replies(raw, "olga")] == ["partial ", "answer"]
     assert 0 < raw.ttl(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, "olga")) <= 60
 
@@ -334,7 +342,7 @@ async def test_a_reply_finished_during_an_outage_is_written_once_redis_is_back(
     await asyncio.sleep(0.3)
     redis_server.start()
     fresh = redis_server.client(decode_responses=True)
-    await async_wait_for(lambda: replies(fresh, "paul"), what="the reply after the outage")
+    await eventually_async(lambda: replies(fresh, "paul"), "the reply after the outage", timeout=15)
     assert [(r[wire.RESPONSE], r[wire.REQUEST_ID]) for r in replies(fresh, "paul")] == [
         ("worth the wait", "p1")
     ]
@@ -350,6 +358,6 @@ async def test_more_finished_entries_than_one_commit_takes(raw, settings, worker
     for i in range(1200):
         pipe.xadd(STREAM, {wire.USER_ID: f"u{i % 7}", wire.MESSAGE: f"m{i}", wire.REQUEST_ID: str(i)})
     pipe.execute()
-    await async_wait_for(lambda: group_settled(raw), what="all 1200 answered")
+    await eventually_async(lambda: group_settled(raw), "all 1200 answered", timeout=15)
     answered = answered_request_ids(raw, [f"u{u}" for u in range(7)])
     assert sorted(answered, key=int) == [str(i) for i in range(1200)]

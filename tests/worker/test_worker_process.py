@@ -13,6 +13,7 @@ import sys
 import pytest
 from streamqueue_harness.redis_server import RedisServer
 
+from tests.harness.eventually import eventually
 from tests.worker.conftest import (
     GROUP,
     STREAM,
@@ -21,7 +22,6 @@ from tests.worker.conftest import (
     group_settled,
     has_group,
     send,
-    wait_for,
 )
 
 SLOW_HANDLER = {"handler": "streamqueue_harness.demo_handler:handle", "demo_delay_ms": "300"}
@@ -46,16 +46,16 @@ def test_sigkill_mid_batch_loses_nothing(raw, worker_processes) -> None:
     victim = worker_processes.start(
         "victim", concurrency="20", batch_size="20", claim_idle_ms="500", **SLOW_HANDLER
     )
-    wait_for(lambda: has_group(raw), what="the group")
+    eventually(lambda: has_group(raw), "the group", timeout=15)
     expected = _send_requests(raw, 100)
-    wait_for(lambda: len(answered_request_ids(raw, USERS)) >= 10, what="some replies")
-    wait_for(lambda: _pending_of(raw, "victim") > 0, what="a batch in flight")
+    eventually(lambda: len(answered_request_ids(raw, USERS)) >= 10, "some replies", timeout=15)
+    eventually(lambda: _pending_of(raw, "victim") > 0, "a batch in flight", timeout=15)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=10) == -signal.SIGKILL
     assert _pending_of(raw, "victim") > 0  # the killed batch is stranded until reclaimed
 
     worker_processes.start("rescuer", concurrency="50", batch_size="50", claim_idle_ms="500", **SLOW_HANDLER)
-    wait_for(lambda: group_settled(raw), within=20, what="every request answered after the kill")
+    eventually(lambda: group_settled(raw), "every request answered after the kill", timeout=20)
     answered = answered_request_ids(raw, USERS)
     assert set(answered) == set(expected)  # at least once: all answered (a few may be answered twice)
     assert _pending_of(raw, "victim") == 0
@@ -65,9 +65,9 @@ def test_sigkill_mid_batch_loses_nothing(raw, worker_processes) -> None:
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_work_and_exits_zero(raw, worker_processes) -> None:
     leaving = worker_processes.start("leaving", concurrency="30", batch_size="30", **SLOW_HANDLER)
-    wait_for(lambda: has_group(raw), what="the group")
+    eventually(lambda: has_group(raw), "the group", timeout=15)
     expected = _send_requests(raw, 120)
-    wait_for(lambda: _pending_of(raw, "leaving") > 0, what="a batch in flight")
+    eventually(lambda: _pending_of(raw, "leaving") > 0, "a batch in flight", timeout=15)
     leaving.send_signal(signal.SIGTERM)
     assert leaving.wait(timeout=20) == 0
     assert _pending_of(raw, "leaving") == 0  # everything it read was answered and acknowledged
@@ -75,7 +75,7 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(raw, worker_processes) -> 
     assert len(drained) == len(set(drained))
 
     worker_processes.start("staying", concurrency="50", batch_size="50", **SLOW_HANDLER)
-    wait_for(lambda: group_settled(raw), within=20, what="the rest answered")
+    eventually(lambda: group_settled(raw), "the rest answered", timeout=20)
     answered = answered_request_ids(raw, USERS)
     assert sorted(answered) == sorted(expected)  # nothing lost, nothing answered twice
     assert "draining" in worker_processes.log_of("leaving")
@@ -136,9 +136,9 @@ def test_authenticated_worker_never_logs_the_password(tmp_path, source: str) -> 
         proc = procs.start("auth", **{k.lower(): v for k, v in env.items()})
         try:
             r = server.client(decode_responses=True)
-            wait_for(lambda: has_group(r), what="the group (the worker authenticated)")
+            eventually(lambda: has_group(r), "the group (the worker authenticated)", timeout=15)
             send(r, "ivy", "hello", request_id="1")
-            wait_for(lambda: group_settled(r), what="the reply")
+            eventually(lambda: group_settled(r), "the reply", timeout=15)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
         finally:

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from . import wire
-from .connection import RedisConnection, connect
+from .connection import Backoff, RedisConnection, connect
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class _UserReader:
             self._cursor = str(last[0][0])
 
     async def _read_until_idle(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(cap=_RECONNECT_BACKOFF_MAX_S)
         while True:
             try:
                 result = await self._client.redis.xread(
@@ -161,11 +161,11 @@ class _UserReader:
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 if self.idle():
                     return
-                log.warning("reply reader for %s lost Redis (%s); retrying in %.2fs", self.key, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _RECONNECT_BACKOFF_MAX_S)
+                delay = backoff.next_delay()
+                log.warning("reply reader for %s lost Redis (%s); retrying in %.2fs", self.key, exc, delay)
+                await asyncio.sleep(delay)
                 continue
-            backoff = 0.05
+            backoff.reset()
             entries = _stream_entries(result)
             for entry_id, fields in entries:
                 self._cursor = entry_id
@@ -242,6 +242,25 @@ class Client:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    @property
+    def reader_count(self) -> int:
+        """Users whose reply stream is being read now (each holds one connection while it lasts)."""
+        return len(self._readers)
+
+    def awaited_requests(self, user_id: str) -> set[str]:
+        """The request ids ``request`` calls are waiting on for ``user_id``."""
+        reader = self._readers.get(wire.reply_stream(self.reply_prefix, user_id))
+        return set(reader.waiters) if reader is not None else set()
+
+    async def listening(self, user_id: str) -> bool:
+        """Wait until ``user_id``'s reply stream is read from a known position: every reply written
+        from then on is delivered. False when nobody waits for that user or the reader failed."""
+        reader = self._readers.get(wire.reply_stream(self.reply_prefix, user_id))
+        if reader is None:
+            return False
+        await reader.ready.wait()
+        return reader.error is None
 
     async def close(self) -> None:
         """Stop the reply readers (pending requests fail with ``RuntimeError``) and disconnect."""

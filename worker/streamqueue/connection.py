@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
 from redis.credentials import CredentialProvider
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -147,6 +147,26 @@ class RedisSettings(BaseSettings):
         """Show the URL redacted: a password embedded in it must not leak through ``repr``/``str``."""
         for name, value in super().__repr_args__():
             yield name, (redact_url(value) if name == "redis_url" else value)
+
+
+class Backoff:
+    """Successive delays of redis-py's ``EqualJitterBackoff`` for our own retry loops.
+
+    Delays double from ``base`` to ``cap``, each drawn from its upper half: the jitter keeps a fleet
+    from reconnecting in step, the floor keeps a retry from coming at once. ``reset`` after a success.
+    """
+
+    def __init__(self, base: float = RETRY_BACKOFF_BASE_S, cap: float = RETRY_BACKOFF_CAP_S) -> None:
+        self._curve = EqualJitterBackoff(cap=cap, base=base)
+        self._failures = 0
+
+    def next_delay(self) -> float:
+        delay = self._curve.compute(self._failures)
+        self._failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self._failures = 0
 
 
 class PasswordFileCredentials(CredentialProvider):

@@ -72,13 +72,8 @@ class ConsumerView:
 
 
 @dataclass(frozen=True)
-class GroupView:
-    name: str
-    pending: int
-    lag: int | None  # None: Redis cannot tell (after XDEL/XTRIM/SETID) — unknown, not zero
-    entries_read: int | None
-    last_delivered_id: str
-    consumers: list[ConsumerView]
+class GroupView(wire.GroupInfo):
+    members: list[ConsumerView]
 
     @property
     def backlog(self) -> str:
@@ -125,7 +120,7 @@ async def _observe_stream(redis: aioredis.Redis, name: str, dead_letter: str) ->
     pipe.xlen(dead_letter)
     info, groups, dead_length = await pipe.execute(raise_on_error=False)
     if isinstance(info, ResponseError) and "no such key" in str(info).lower():  # not used yet
-        return StreamView(name, False, 0, 0, "-", dead_letter, _int(dead_length), [])
+        return StreamView(name, False, 0, 0, "-", dead_letter, int(dead_length), [])
     for result in (info, groups, dead_length):
         if isinstance(result, Exception):
             raise result
@@ -156,14 +151,7 @@ async def _observe_consumers(
 
 
 def _group_view(info: dict[str, object], consumers: list[ConsumerView]) -> GroupView:
-    return GroupView(
-        name=str(info["name"]),
-        pending=_int(info["pending"]),
-        lag=_optional_int(info.get("lag")),
-        entries_read=_optional_int(info.get("entries-read")),
-        last_delivered_id=str(info["last-delivered-id"]),
-        consumers=consumers,
-    )
+    return GroupView(**vars(wire.GroupInfo.from_reply(info)), members=consumers)
 
 
 async def count_streams(redis: aioredis.Redis, prefix: str, scan_limit: int) -> tuple[int, bool]:
@@ -227,7 +215,7 @@ def _render_stream(stream: StreamView) -> list[str]:
             [
                 [
                     group.name,
-                    len(group.consumers),
+                    group.consumers,
                     group.pending,
                     _or_unknown(group.lag),
                     group.backlog,
@@ -237,10 +225,10 @@ def _render_stream(stream: StreamView) -> list[str]:
             ],
             indent="  ",
         )
-        if group.consumers:
+        if group.members:
             lines += _table(
                 ["CONSUMER", "PENDING", "IDLE", "INACTIVE"],
-                [[c.name, c.pending, _seconds(c.idle_ms), _seconds(c.inactive_ms)] for c in group.consumers],
+                [[c.name, c.pending, _seconds(c.idle_ms), _seconds(c.inactive_ms)] for c in group.members],
                 indent="    ",
             )
     return [*lines, ""]
@@ -260,14 +248,6 @@ def _seconds(ms: int | None) -> str:
 
 def _or_unknown(value: int | None) -> str:
     return "unknown" if value is None else str(value)
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) else 0
-
-
-def _optional_int(value: object) -> int | None:
-    return value if isinstance(value, int) else None
 
 
 async def _run(settings: MonitorSettings) -> int:

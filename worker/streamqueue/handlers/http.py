@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from redis.backoff import ExponentialBackoff
 
 from . import HandlerFactory, Message
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 5.0
+_BACKOFF = ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)  # redis-py's, no jitter
 
 
 class HttpHandlerError(RuntimeError):
@@ -46,7 +48,7 @@ class HttpHandler:
             except _Retryable as exc:
                 if attempt == self.retries:
                     raise HttpHandlerError(f"{self.url}: {exc} (after {attempt + 1} attempts)") from exc
-                delay = min(BACKOFF_BASE_S * 2**attempt, BACKOFF_CAP_S)
+                delay = _BACKOFF.compute(attempt)
                 log.warning("POST %s failed (%s); retry %d in %.1fs", self.url, exc, attempt + 1, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")

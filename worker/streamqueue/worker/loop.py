@@ -27,11 +27,10 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import wire
-from ..connection import connect
+from ..connection import Backoff, connect
 from ..handlers import Handler, Message, close_handler, load_handler
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
-from .backoff import Backoff
 from .consumers import ConsumerPool
 from .outbox import Outbox, OutboxAbandoned, StreamWrite, redis_fields
 from .reclaim import Delivery, PendingOwnership

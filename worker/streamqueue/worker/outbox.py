@@ -33,8 +33,8 @@ from redis.exceptions import NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
+from ..connection import Backoff
 from ..metrics import WorkerMetrics
-from .backoff import Backoff
 
 log = logging.getLogger(__name__)
 # Entries per commit: a script blocks Redis while it runs, so one call stays within a few milliseconds.
