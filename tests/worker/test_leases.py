@@ -1,0 +1,77 @@
+"""Partition leases and their rendezvous assignment: pure properties, then the lease keys on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
+from streamqueue import wire
+from streamqueue.worker.leases import Leases, assignment, lease_key, owner
+
+PARTITIONS = wire.partition_streams("q", 16)
+workers = st.sets(st.from_regex(r"w-[a-z0-9]{1,8}", fullmatch=True), min_size=1, max_size=12)
+
+
+@given(workers)
+def test_every_partition_has_exactly_one_owner_among_the_live_workers(live: set[str]) -> None:
+    held = [assignment(PARTITIONS, live, w) for w in sorted(live)]
+    assert sorted(p for h in held for p in h) == sorted(PARTITIONS)
+
+
+@given(workers, st.from_regex(r"n-[a-z0-9]{1,8}", fullmatch=True))
+def test_a_joining_worker_takes_partitions_only_for_itself(live: set[str], newcomer: str) -> None:
+    """Scale-out moves no partition between the workers already there: minimal rebalancing."""
+    for p in PARTITIONS:
+        before, after = owner(p, live), owner(p, live | {newcomer})
+        assert after in (before, newcomer)
+
+
+def test_the_assignment_is_the_same_whoever_computes_it() -> None:
+    live = {"w-a", "w-b", "w-c"}
+    assert assignment(PARTITIONS, live, "w-a") == assignment(PARTITIONS, ["w-c", "w-b", "w-a"], "w-a")
+    assert owner("q:{0}", []) is None
+
+
+@pytest.fixture
+async def client(redis_server) -> AsyncIterator[aioredis.Redis]:
+    connection = aioredis.Redis(port=redis_server.port)
+    yield connection
+    await connection.aclose()
+
+
+async def test_a_lease_is_held_by_one_worker_renewed_only_by_it_and_released_only_by_it(client) -> None:
+    a = Leases(client, "q", PARTITIONS, "w-a", ttl_ms=5000)
+    b = Leases(client, "q", PARTITIONS, "w-b", ttl_ms=5000)
+    p = PARTITIONS[0]
+    assert await a.acquire(p)
+    assert not await b.acquire(p)
+    assert not await b.renew(p)
+    await b.release(p)
+    assert await client.get(lease_key(p)) == b"w-a"
+    assert await a.renew(p)
+    await a.release(p)
+    assert await b.acquire(p)
+
+
+async def test_an_expired_lease_can_be_taken_and_its_old_holder_cannot_renew_it(client) -> None:
+    a = Leases(client, "q", PARTITIONS, "w-a", ttl_ms=50)
+    b = Leases(client, "q", PARTITIONS, "w-b", ttl_ms=5000)
+    assert await a.acquire(PARTITIONS[1])
+    await asyncio.sleep(0.1)  # the TTL itself is what is tested: a holder that paused this long
+    assert await b.acquire(PARTITIONS[1])
+    assert not await a.renew(PARTITIONS[1])
+
+
+async def test_the_registry_lists_live_workers_and_forgets_those_that_stop_heartbeating(client) -> None:
+    a = Leases(client, "q", PARTITIONS, "w-a", ttl_ms=60_000)
+    gone = Leases(client, "q", PARTITIONS, "w-gone", ttl_ms=50)
+    await gone.heartbeat()
+    assert sorted(await a.heartbeat()) == ["w-a", "w-gone"]
+    await asyncio.sleep(0.1)
+    assert await a.heartbeat() == ["w-a"]
+    await a.leave()
+    assert await client.zcard("q:workers") == 0

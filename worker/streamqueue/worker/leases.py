@@ -1,0 +1,86 @@
+"""Per-user order across workers: each partition is consumed by one worker at a time, under a lease.
+
+Every worker heartbeats into a registry (a sorted set scored by expiry) and computes the same target
+assignment from it: rendezvous hashing of partitions over the live workers, so a worker that joins or
+leaves moves only the partitions it wins or held. A worker takes a partition only when its lease key
+is free (``SET NX PX``), renews it well inside its TTL, and releases it (after its in-flight work has
+committed) when the assignment moves it elsewhere or it stops. A worker that dies simply stops
+renewing; its leases expire and the partitions' new owners take them. The lease key lives in the
+partition's hash slot (``<partition>:lease``), the registry in its own.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Both scripts act only on a lease this worker holds: after a pause longer than the TTL another
+# worker may own it, and must not lose it to a late renewal or release.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def lease_key(partition_stream: str) -> str:
+    return f"{partition_stream}:lease"
+
+
+def registry_key(stream: str) -> str:
+    return f"{stream}:workers"
+
+
+def owner(partition: str, workers: Iterable[str]) -> str | None:
+    """The worker that should consume ``partition``: highest rendezvous score (CRC-32, ties by name)."""
+    best: tuple[int, str] | None = None
+    for worker in workers:
+        score = (zlib.crc32(f"{worker}\0{partition}".encode()), worker)
+        if best is None or score > best:
+            best = score
+    return None if best is None else best[1]
+
+
+def assignment(partitions: Sequence[str], workers: Iterable[str], me: str) -> set[str]:
+    """The partitions ``me`` should hold when ``workers`` (including ``me``) are alive."""
+    everyone = set(workers) | {me}
+    return {p for p in partitions if owner(p, everyone) == me}
+
+
+@dataclass
+class Leases:
+    """One worker's view of the registry and its leases on ``partitions`` (keys of partition streams)."""
+
+    redis: Any  # redis.asyncio.Redis or RedisCluster
+    stream: str
+    partitions: Sequence[str]
+    me: str
+    ttl_ms: int
+
+    async def heartbeat(self) -> list[str]:
+        """Say this worker is alive for one TTL; return the live workers (expired ones are dropped)."""
+        now = int(time.time() * 1000)
+        key = registry_key(self.stream)
+        await self.redis.zadd(key, {self.me: now + self.ttl_ms})
+        await self.redis.zremrangebyscore(key, "-inf", now)
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in await self.redis.zrange(key, 0, -1)]
+
+    async def acquire(self, partition: str) -> bool:
+        return bool(await self.redis.set(lease_key(partition), self.me, nx=True, px=self.ttl_ms))
+
+    async def renew(self, partition: str) -> bool:
+        """False when the lease is no longer this worker's (expired, or taken after a long pause)."""
+        return bool(await self.redis.eval(_RENEW, 1, lease_key(partition), self.me, self.ttl_ms))
+
+    async def release(self, partition: str) -> None:
+        await self.redis.eval(_RELEASE, 1, lease_key(partition), self.me)
+
+    async def leave(self) -> None:
+        """Drop out of the registry at once, so the others rebalance without waiting for the TTL."""
+        await self.redis.zrem(registry_key(self.stream), self.me)
