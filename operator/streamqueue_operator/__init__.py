@@ -1,3 +1,5 @@
 """streamqueue operator: scales Redis Streams worker Deployments on consumer-group backlog."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("streamqueue-operator")  # the package's own version (pyproject.toml, = VERSION)

@@ -1,9 +1,10 @@
-"""Generate the StreamQueue CustomResourceDefinition from the pydantic models (``make crds``).
+"""Generate the StreamQueue CRD from the pydantic models, and the chart's RBAC rules (``make crds``).
 
 Kubernetes accepts only *structural* OpenAPI schemas: no ``$ref``, no ``anyOf`` with null, no
 ``additionalProperties: true``. This module rewrites pydantic's JSON Schema into that form, so the
-models stay the one place where a field, its default or its range is declared. ``--check`` exits
-non-zero when a generated copy (``crds/``, the chart's ``crds/``) no longer matches the models.
+models stay the one place where a field, its default or its range is declared. The chart's RBAC
+rules are written from ``permissions.RULES`` the same way. ``--check`` exits non-zero when a
+generated copy (``crds/``, the chart's ``crds/``, the chart's rules) no longer matches its source.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 
 import yaml
 
-from . import models
+from . import models, permissions
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = f"{models.PLURAL}.{models.GROUP}.yaml"
 OUTPUTS = (ROOT / "crds" / CRD_FILE, ROOT / "charts" / "streamqueue-operator" / "crds" / CRD_FILE)
 HEADER = "# Generated from operator/streamqueue_operator/models.py by `make crds`. Do not edit.\n"
+RULES_OUTPUT = ROOT / "charts" / "streamqueue-operator" / "templates" / "_rules.tpl"
 
 _DROP = {"title", "$defs"}
 _EXCLUSIVE = {"exclusiveMinimum": "minimum", "exclusiveMaximum": "maximum"}
@@ -144,8 +146,23 @@ def render() -> str:
     return HEADER + yaml.dump(build_crd(), Dumper=_NoAliasDumper, sort_keys=False, width=110)
 
 
+def render_rules() -> str:
+    """The chart's ``streamqueue.rules`` template: the Role/ClusterRole rules, from permissions.py."""
+    rules = yaml.dump(
+        permissions.role_rules(), Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None
+    )
+    source = "operator/streamqueue_operator/permissions.py"
+    header = f"{{{{- /* Generated from {source} by `make crds`. Do not edit. */ -}}}}"
+    return f'{header}\n{{{{- define "streamqueue.rules" -}}}}\n{rules}{{{{- end }}}}\n'
+
+
+def generated(crd_text: str) -> dict[Path, str]:
+    """Every generated file and its expected content."""
+    return {**dict.fromkeys(OUTPUTS, crd_text), RULES_OUTPUT: render_rules()}
+
+
 def stale_outputs(text: str) -> list[Path]:
-    return [path for path in OUTPUTS if not path.exists() or path.read_text() != text]
+    return [path for path, want in generated(text).items() if not path.exists() or path.read_text() != want]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = render()
     if args.write:
-        for path in OUTPUTS:
+        for path, content in generated(text).items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            path.write_text(content)
             print(f"wrote {path}")
         return 0
     if args.check:

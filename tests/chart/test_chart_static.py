@@ -6,6 +6,7 @@ import tomllib
 
 import pytest
 import streamqueue
+import streamqueue_operator
 import yaml
 
 from tests.chart.helm import CHART, ROOT, by_kind, helm, render
@@ -29,7 +30,7 @@ def test_versions_come_from_one_place() -> None:
     for package in ("worker", "operator", "harness"):
         project = tomllib.loads((ROOT / package / "pyproject.toml").read_text())["project"]
         assert project["version"] == version, package
-    assert streamqueue.__version__ == version
+    assert streamqueue.__version__ == streamqueue_operator.__version__ == version  # from the metadata
 
 
 def test_operator_pod_is_locked_down() -> None:

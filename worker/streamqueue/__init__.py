@@ -1,7 +1,9 @@
 """streamqueue: Redis Streams work queues — worker runtime, client and monitor."""
 
+from importlib.metadata import version
+
 from .client import Client
 
-__version__ = "0.1.0"
+__version__ = version("streamqueue")  # the package's own version (pyproject.toml, = VERSION)
 
 __all__ = ["Client", "__version__"]

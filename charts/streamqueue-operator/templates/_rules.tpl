@@ -1,0 +1,21 @@
+{{- /* Generated from operator/streamqueue_operator/permissions.py by `make crds`. Do not edit. */ -}}
+{{- define "streamqueue.rules" -}}
+- apiGroups: [streamqueue.io]
+  resources: [streamqueues]
+  verbs: [list, watch, patch]
+- apiGroups: [streamqueue.io]
+  resources: [streamqueues/status]
+  verbs: [patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: ['']
+  resources: [pods]
+  verbs: [list]
+- apiGroups: ['']
+  resources: [secrets]
+  verbs: [get]
+- apiGroups: ['']
+  resources: [events]
+  verbs: [create]
+{{- end }}
