@@ -458,8 +458,9 @@ def plot_demo(out: Path, workdir: Path) -> int:
     from .podrunner import WorkerPodRunner
     from .redis_server import RedisServer
 
+    # The full demo's load (three bursts of 600, 8 s apart; 15 s stabilization): about a minute.
     cfg = demo.DemoConfig.from_args(
-        argparse.Namespace(short=True, users=5, bursts=2, burst_size=300, workdir=workdir)
+        argparse.Namespace(short=False, users=5, bursts=3, burst_size=600, workdir=workdir)
     )
     workdir.mkdir(parents=True, exist_ok=True)
     selector = f"{demo.GROUP}/queue={demo.QUEUE}"
