@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         "plot", help="run the short demo under Prometheus and draw the dashboard's main panels"
     )
     plot.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "dashboard.png")
-    plot.add_argument("--workdir", type=Path, default=ROOT / ".demo-prometheus")
+    plot.add_argument("--workdir", type=Path, default=ROOT / ".demo" / "prometheus-plot")
     args = parser.parse_args(argv)
     return plot_demo(args.out, args.workdir)
 
