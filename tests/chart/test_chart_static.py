@@ -84,6 +84,8 @@ def test_watch_namespaces_gives_roles_in_those_namespaces_only() -> None:
 def test_service_monitor_is_optional(enabled: bool) -> None:
     manifests = render(f"metrics.serviceMonitor.enabled={str(enabled).lower()}")
     assert bool(by_kind(manifests, "ServiceMonitor")) is enabled
+    for monitor in by_kind(manifests, "ServiceMonitor"):  # the queue's own namespace/name labels stay
+        assert all(endpoint["honorLabels"] is True for endpoint in monitor["spec"]["endpoints"])
 
 
 def test_chart_rbac_is_exactly_the_operators_permission_list() -> None:
