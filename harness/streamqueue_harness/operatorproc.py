@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from streamqueue_operator import crdgen, models
 
+from .processes import spawn, stop_groups
+
 
 def install_crd(plane: Any) -> dict[str, Any]:
     """Apply the CRD generated from the models (server-side) and wait until it is established."""
@@ -48,21 +50,14 @@ class OperatorProcess:
         ports = ["--metrics-port=0", "--liveness-port=0"]  # callers that want one pass it in ``extra``
         cmd = [sys.executable, "-m", "streamqueue_operator", self.scope, *ports, *self.extra]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONWARNINGS": "ignore"}
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = spawn(cmd, log=self.log_path, env=env)
         return self
 
     def stop(self) -> None:
         """SIGTERM (kopf finishes its handlers), SIGKILL if it does not exit within 20 s."""
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            stop_groups([(self.proc.pid, self.proc)], grace=20)
+            self.proc = None
 
     def logs(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.log_dir.glob("operator-*.log")))

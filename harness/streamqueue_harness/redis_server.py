@@ -17,6 +17,7 @@ from pathlib import Path
 import redis
 
 from .ports import free_port
+from .processes import spawn, stop_groups
 
 
 class RedisServer:
@@ -57,7 +58,7 @@ class RedisServer:
         args = [binary, *(arg for name, value in options.items() for arg in (f"--{name}", value))]
         if self.password:
             args += ["--requirepass", self.password]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = spawn(args, log=self._dir / "redis-server.log")
         self._wait_ready(timeout)
         return self
 
@@ -75,15 +76,9 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL); data is lost, as in a real outage without persistence."""
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
+        if self._proc is not None:
+            stop_groups([(self._proc.pid, self._proc)], grace=5)
+            self._proc = None
 
     def close(self) -> None:
         self.stop()

@@ -38,7 +38,13 @@ def _rule(rule: str, message: str, *, field_path: str | None = None) -> Any:
 class _Model(BaseModel):
     """camelCase on the wire (Kubernetes convention), snake_case in Python."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+        use_attribute_docstrings=True,  # a field's docstring is its CRD description
+    )
 
 
 class SecretKeyRef(_Model):
@@ -211,32 +217,23 @@ class ScalingSpec(_Model):
         }
     )
 
-    min_replicas: Annotated[int, Field(ge=0, le=1000, description="0 allows scale to zero.")] = 1
-    max_replicas: Annotated[int, Field(ge=1, le=1000)] = 10
-    target_backlog_per_replica: Annotated[
-        int, Field(ge=1, le=1_000_000, description="Backlog (lag + pending) one replica should carry.")
-    ] = 5
-    target_drain_seconds: Annotated[
-        int, Field(ge=1, le=86_400, description="Size for draining the backlog within this many seconds.")
-    ] = 30
-    poll_interval_seconds: Annotated[
-        float, Field(ge=0.2, le=300, description="How often Redis is observed.")
-    ] = 1.0
-    scale_down_stabilization_seconds: Annotated[
-        int, Field(ge=0, le=3600, description="Scale down only to the highest recommendation of this window.")
-    ] = 60
-    idle_cooldown_seconds: Annotated[
-        int, Field(ge=0, le=86_400, description="With minReplicas 0: idle time before scaling to zero.")
-    ] = 120
-    activation_backlog: Annotated[
-        int, Field(ge=0, le=1_000_000, description="From zero, wake once the backlog exceeds this.")
-    ] = 0
-    fallback_replicas: Annotated[
-        int | None,
-        Field(
-            ge=0, le=1000, description="Replicas while Redis is unreachable; unset holds the current count."
-        ),
-    ] = None
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    """0 allows scale to zero."""
+    max_replicas: int = Field(default=10, ge=1, le=1000)
+    target_backlog_per_replica: int = Field(default=5, ge=1, le=1_000_000)
+    """Backlog (lag + pending) one replica should carry."""
+    target_drain_seconds: int = Field(default=30, ge=1, le=86_400)
+    """Size for draining the backlog within this many seconds."""
+    poll_interval_seconds: float = Field(default=1.0, ge=0.2, le=300)
+    """How often Redis is observed."""
+    scale_down_stabilization_seconds: int = Field(default=60, ge=0, le=3600)
+    """Scale down only to the highest recommendation of this window."""
+    idle_cooldown_seconds: int = Field(default=120, ge=0, le=86_400)
+    """With minReplicas 0: idle time before scaling to zero."""
+    activation_backlog: int = Field(default=0, ge=0, le=1_000_000)
+    """From zero, wake once the backlog exceeds this."""
+    fallback_replicas: int | None = Field(default=None, ge=0, le=1000)
+    """Replicas while Redis is unreachable; unset holds the current count."""
 
 
 class HousekeepingSpec(_Model):

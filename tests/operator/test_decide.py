@@ -174,6 +174,17 @@ def histories(draw: st.DrawFn) -> tuple[ScalingSpec, list[Observation]]:
     return p, out
 
 
+Scenario = tuple[ScalingSpec, list[Observation], int]
+PROPERTY = settings(max_examples=300, deadline=None)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    """A policy, a history, and a starting replica count inside the policy's bounds."""
+    p, observations = draw(histories())
+    return p, observations, min(max(draw(st.integers(0, 40)), p.min_replicas), p.max_replicas)
+
+
 def run(p: ScalingSpec, observations: list[Observation], current: int) -> list[tuple[Observation, int, int]]:
     """Feed a history through decide, applying each decision; returns (obs, before, after)."""
     state, steps = ScalerState.seeded(0.0, current), []
@@ -184,22 +195,18 @@ def run(p: ScalingSpec, observations: list[Observation], current: int) -> list[t
     return steps
 
 
-@settings(max_examples=300, deadline=None)
-@given(histories(), st.integers(0, 40))
-def test_never_outside_min_max(history: tuple[ScalingSpec, list[Observation]], start: int) -> None:
-    p, observations = history
-    start = min(max(start, p.min_replicas), p.max_replicas)
+@PROPERTY
+@given(scenarios())
+def test_never_outside_min_max(scenario: Scenario) -> None:
+    p, observations, start = scenario
     for _, _, after in run(p, observations, start):
         assert p.min_replicas <= after <= p.max_replicas
 
 
-@settings(max_examples=300, deadline=None)
-@given(histories(), st.integers(0, 40))
-def test_never_scales_to_zero_while_backlog_waits(
-    history: tuple[ScalingSpec, list[Observation]], start: int
-) -> None:
-    p, observations = history
-    start = min(max(start, p.min_replicas), p.max_replicas)
+@PROPERTY
+@given(scenarios())
+def test_never_scales_to_zero_while_backlog_waits(scenario: Scenario) -> None:
+    p, observations, start = scenario
     for o, before, after in run(p, observations, start):
         if o.ok and o.backlog > 0 and before > 0:
             assert after >= 1
@@ -207,26 +214,22 @@ def test_never_scales_to_zero_while_backlog_waits(
             assert after >= 1
 
 
-@settings(max_examples=300, deadline=None)
-@given(histories(), st.integers(0, 40))
-def test_errors_never_scale_down(history: tuple[ScalingSpec, list[Observation]], start: int) -> None:
-    p, observations = history
-    start = min(max(start, p.min_replicas), p.max_replicas)
+@PROPERTY
+@given(scenarios())
+def test_errors_never_scale_down(scenario: Scenario) -> None:
+    p, observations, start = scenario
     for o, before, after in run(p, observations, start):
         if not o.ok:
             assert after >= before
 
 
-@settings(max_examples=300, deadline=None)
-@given(histories(), st.integers(0, 40))
-def test_no_scale_down_inside_stabilization_window(
-    history: tuple[ScalingSpec, list[Observation]], start: int
-) -> None:
+@PROPERTY
+@given(scenarios())
+def test_no_scale_down_inside_stabilization_window(scenario: Scenario) -> None:
     """A scale-down never goes below what any poll inside the window called for: the backlog target of
     an observed poll, the count held through an error, the count found at start. Going to zero after
     the idle cooldown is allowed once nothing in the window needed more than one replica."""
-    p, observations = history
-    start = min(max(start, p.min_replicas), p.max_replicas)
+    p, observations, start = scenario
     needs: list[tuple[float, int]] = [(0.0, start)]
     for o, before, after in run(p, observations, start):
         if o.ok:
@@ -243,7 +246,7 @@ def test_no_scale_down_inside_stabilization_window(
             assert after >= floor or (after == 0 and floor <= 1), (floor, before, after)
 
 
-@settings(max_examples=300, deadline=None)
+@PROPERTY
 @given(histories(), st.integers(0, 40), st.integers(0, 5000), st.integers(0, 5000))
 def test_monotone_in_backlog(
     history: tuple[ScalingSpec, list[Observation]], current: int, lag_a: int, lag_b: int

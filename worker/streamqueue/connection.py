@@ -133,15 +133,8 @@ class RedisSettings(BaseSettings):
 
     def redis_connection(self) -> RedisConnection:
         """The connection these settings describe."""
-        return RedisConnection(
-            url=self.redis_url,
-            username=self.redis_username,
-            password=self.redis_password,
-            password_file=self.redis_password_file,
-            tls=self.redis_tls,
-            tls_ca_file=self.redis_tls_ca_file,
-            socket_timeout=self.redis_socket_timeout,
-        )
+        fields = RedisSettings.model_fields  # redis_<name> is RedisConnection's <name>
+        return RedisConnection(**{name.removeprefix("redis_"): getattr(self, name) for name in fields})
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         """Show the URL redacted: a password embedded in it must not leak through ``repr``/``str``."""

@@ -66,86 +66,55 @@ class WorkerSettings(RedisSettings):
         cli_prog_name="streamqueue-worker",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        use_attribute_docstrings=True,  # each field's docstring is its description (--help, CRD, docs)
     )
 
-    stream: str = Field(default=wire.DEFAULT_STREAM, min_length=1, description="Input stream.")
-    group: str = Field(
-        default=wire.DEFAULT_GROUP,
-        min_length=1,
-        description="Consumer group (created at id 0 with MKSTREAM if missing).",
-    )
-    consumer: str = Field(
-        default_factory=default_consumer,
-        min_length=1,
-        description="Consumer name (default: $POD_NAME, else the host name); the operator matches pods.",
-    )
-    reply_prefix: str = Field(
-        default=wire.DEFAULT_REPLY_PREFIX, min_length=1, description="Replies go to <prefix><user_id>."
-    )
-    handler: str = Field(
-        default=ECHO_HANDLER,
-        max_length=512,
-        description="Python handler as module:function; the HTTP handler if only handler_url is set.",
-    )
-    handler_url: str | None = Field(
-        default=None, max_length=2048, description="Where the HTTP handler POSTs each message."
-    )
-    handler_timeout_seconds: float = Field(
-        default=30.0, gt=0, le=3600, description="HTTP handler timeout per attempt."
-    )
-    handler_retries: int = Field(
-        default=2,
-        ge=0,
-        le=20,
-        description="HTTP handler retries (timeouts, connection errors, 429, 5xx).",
-    )
-    batch_size: int = Field(default=50, ge=1, le=1000, description="Entries per XREADGROUP / XAUTOCLAIM.")
-    concurrency: int = Field(default=100, ge=1, le=10_000, description="Messages in flight per process.")
-    block_ms: int = Field(default=2000, ge=1, le=60_000, description="XREADGROUP BLOCK in milliseconds.")
-    claim_idle_ms: int = Field(
-        default=30_000,
-        ge=100,
-        le=86_400_000,
-        description="Pending entries idle this long are reclaimed (XAUTOCLAIM).",
-    )
-    max_deliveries: int = Field(
-        default=5, ge=1, le=1000, description="Handler attempts before an entry is dead-lettered."
-    )
-    dead_letter_stream: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=256,
-        description="Where invalid and poison entries go (default: <stream>:dead).",
-    )
-    error_replies: bool = Field(
-        default=True,
-        description="Tell the user (on their reply stream) when their message was dead-lettered.",
-    )
-    stream_replies: bool = Field(
-        default=True,
-        description="Write chunk entries as an async-iterator handler yields them; false: final reply only.",
-    )
-    reply_maxlen: int = Field(default=1000, ge=1, le=10_000_000, description="MAXLEN ~ of each reply stream.")
-    reply_ttl_seconds: int = Field(
-        default=3600,
-        ge=1,
-        le=31_536_000,
-        description="A reply stream expires this long after its last reply, unless a group reads it.",
-    )
-    max_message_bytes: int = Field(
-        default=1_048_576,
-        ge=1,
-        le=536_870_912,
-        description="Larger messages (UTF-8 bytes) are dead-lettered.",
-    )
-    shutdown_grace_seconds: float = Field(
-        default=30.0, ge=0, le=3600, description="Time in-flight work gets after SIGTERM."
-    )
-    health_port: int = Field(
-        default=8080, ge=0, le=65_535, description="Port of /healthz, /readyz, /metrics; 0 turns it off."
-    )
-    health_host: str = Field(default="0.0.0.0", description="Address the health port binds.")
-    log_level: LogLevel = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    stream: str = Field(default=wire.DEFAULT_STREAM, min_length=1)
+    """Input stream."""
+    group: str = Field(default=wire.DEFAULT_GROUP, min_length=1)
+    """Consumer group (created at id 0 with MKSTREAM if missing)."""
+    consumer: str = Field(default_factory=default_consumer, min_length=1)
+    """Consumer name (default: $POD_NAME, else the host name); the operator matches pods."""
+    reply_prefix: str = Field(default=wire.DEFAULT_REPLY_PREFIX, min_length=1)
+    """Replies go to <prefix><user_id>."""
+    handler: str = Field(default=ECHO_HANDLER, max_length=512)
+    """Python handler as module:function; the HTTP handler if only handler_url is set."""
+    handler_url: str | None = Field(default=None, max_length=2048)
+    """Where the HTTP handler POSTs each message."""
+    handler_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """HTTP handler timeout per attempt."""
+    handler_retries: int = Field(default=2, ge=0, le=20)
+    """HTTP handler retries (timeouts, connection errors, 429, 5xx)."""
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    """Entries per XREADGROUP / XAUTOCLAIM."""
+    concurrency: int = Field(default=100, ge=1, le=10_000)
+    """Messages in flight per process."""
+    block_ms: int = Field(default=2000, ge=1, le=60_000)
+    """XREADGROUP BLOCK in milliseconds."""
+    claim_idle_ms: int = Field(default=30_000, ge=100, le=86_400_000)
+    """Pending entries idle this long are reclaimed (XAUTOCLAIM)."""
+    max_deliveries: int = Field(default=5, ge=1, le=1000)
+    """Handler attempts before an entry is dead-lettered."""
+    dead_letter_stream: str | None = Field(default=None, min_length=1, max_length=256)
+    """Where invalid and poison entries go (default: <stream>:dead)."""
+    error_replies: bool = Field(default=True)
+    """Tell the user (on their reply stream) when their message was dead-lettered."""
+    stream_replies: bool = Field(default=True)
+    """Write chunk entries as an async-iterator handler yields them; false: final reply only."""
+    reply_maxlen: int = Field(default=1000, ge=1, le=10_000_000)
+    """MAXLEN ~ of each reply stream."""
+    reply_ttl_seconds: int = Field(default=3600, ge=1, le=31_536_000)
+    """A reply stream expires this long after its last reply, unless a group reads it."""
+    max_message_bytes: int = Field(default=1_048_576, ge=1, le=536_870_912)
+    """Larger messages (UTF-8 bytes) are dead-lettered."""
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """Time in-flight work gets after SIGTERM."""
+    health_port: int = Field(default=8080, ge=0, le=65_535)
+    """Port of /healthz, /readyz, /metrics; 0 turns it off."""
+    health_host: str = Field(default="0.0.0.0")
+    """Address the health port binds."""
+    log_level: LogLevel = Field(default="INFO")
+    """DEBUG, INFO, WARNING or ERROR."""
 
     @field_validator("log_level", mode="before")
     @classmethod
