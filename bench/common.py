@@ -35,7 +35,8 @@ async def wait_drained(redis: aioredis.Redis, stream: str, group: str, poll_s: f
     """
     while True:
         groups = [wire.GroupInfo.from_reply(g) for g in await redis.xinfo_groups(stream)]
-        if next(g for g in groups if g.name == group).drained:
+        info = next(g for g in groups if g.name == group)
+        if info.pending == 0 and info.lag == 0:
             return time.perf_counter()
         await asyncio.sleep(poll_s)
 

@@ -11,12 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from streamqueue.settings import (
-    DEFAULT_HEALTH_PORT,
-    DEFAULT_SHUTDOWN_GRACE_SECONDS,
-    TUNING_FIELDS,
-    env_name,
-)
+from streamqueue.settings import DEFAULT_HEALTH_PORT, DEFAULT_SHUTDOWN_GRACE_SECONDS, TUNING_FIELDS, env_name
 
 from . import __version__
 from .models import GROUP, KIND, QUEUE_LABEL, VERSION, StreamQueueSpec, WorkerSpec

@@ -50,26 +50,26 @@ class _Model(BaseModel):
 class SecretKeyRef(_Model):
     """A key in a Secret in the StreamQueue's namespace."""
 
-    name: Annotated[str, Field(min_length=1, max_length=253, description="Secret name.")]
-    key: Annotated[str, Field(min_length=1, max_length=253, description="Key inside the Secret.")] = (
-        "password"
-    )
+    name: str = Field(min_length=1, max_length=253)
+    """Secret name."""
+    key: str = Field(default="password", min_length=1, max_length=253)
+    """Key inside the Secret."""
 
 
 class CASecretKeyRef(SecretKeyRef):
     """A Secret key holding a PEM CA bundle."""
 
-    key: Annotated[str, Field(min_length=1, max_length=253, description="Key inside the Secret.")] = "ca.crt"
+    key: str = Field(default="ca.crt", min_length=1, max_length=253)
+    """Key inside the Secret."""
 
 
 class TLSSpec(_Model):
     """TLS to Redis. A ``rediss://`` URL turns TLS on as well."""
 
-    enabled: Annotated[bool, Field(description="Connect with TLS (implied by a rediss:// URL).")] = False
-    ca_secret_ref: Annotated[
-        CASecretKeyRef | None,
-        Field(description="Secret key holding the PEM CA bundle that signs the Redis server certificate."),
-    ] = None
+    enabled: bool = False
+    """Connect with TLS (implied by a rediss:// URL)."""
+    ca_secret_ref: CASecretKeyRef | None = None
+    """Secret key holding the PEM CA bundle that signs the Redis server certificate."""
 
 
 class RedisSpec(_Model):
@@ -94,18 +94,12 @@ class RedisSpec(_Model):
         }
     )
 
-    url: Annotated[
-        str,
-        Field(
-            max_length=2048,
-            pattern=r"^rediss?://",
-            description="redis://host:port/db or rediss://host:port/db (TLS). The path selects the database.",
-        ),
-    ] = "redis://redis:6379/0"
-    username: Annotated[str | None, Field(max_length=256, description="ACL user name.")] = None
-    password_secret_ref: Annotated[
-        SecretKeyRef | None, Field(description="Secret key holding the Redis password (ACL or requirepass).")
-    ] = None
+    url: str = Field(default="redis://redis:6379/0", max_length=2048, pattern=r"^rediss?://")
+    """redis://host:port/db or rediss://host:port/db (TLS). The path selects the database."""
+    username: str | None = Field(default=None, max_length=256)
+    """ACL user name."""
+    password_secret_ref: SecretKeyRef | None = None
+    """Secret key holding the Redis password (ACL or requirepass)."""
     tls: Annotated[TLSSpec, Field(json_schema_extra={"default": {}})] = TLSSpec()
 
     @property
@@ -171,19 +165,13 @@ class WorkerSpec(_WorkerTuning):  # type: ignore[misc, valid-type]
         }
     )
 
-    image: Annotated[
-        str | None,
-        Field(max_length=1024, description="Worker image; the operator's default worker image when unset."),
-    ] = None
+    image: str | None = Field(default=None, max_length=1024)
+    """Worker image; the operator's default worker image when unset."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    termination_grace_period_seconds: Annotated[
-        int | None,
-        Field(ge=1, le=3700, description="Pod grace period; defaults to shutdownGraceSeconds + 15 (or 45)."),
-    ] = None
-    env: Annotated[
-        list[EnvVar] | None,
-        Field(max_length=256, description="Extra environment variables (Kubernetes EnvVar)."),
-    ] = None
+    termination_grace_period_seconds: int | None = Field(default=None, ge=1, le=3700)
+    """Pod grace period; defaults to shutdownGraceSeconds + 15 (or 45)."""
+    env: list[EnvVar] | None = Field(default=None, max_length=256)
+    """Extra environment variables (Kubernetes EnvVar)."""
     resources: Annotated[dict[str, Any] | None, Field(json_schema_extra=_PRESERVE)] = None
     node_selector: dict[str, str] | None = None
     tolerations: Annotated[list[dict[str, Any]] | None, Field(json_schema_extra={"items": _PRESERVE})] = None
@@ -237,26 +225,21 @@ class ScalingSpec(_Model):
 
 
 class HousekeepingSpec(_Model):
-    dead_consumer_cleanup: Annotated[
-        bool, Field(description="Delete consumers whose Pod is gone once their pending list is empty.")
-    ] = True
-    trim_stream: Annotated[
-        bool,
-        Field(description="XTRIM MINID the input stream below the oldest entry any group still needs."),
-    ] = False
-    interval_seconds: Annotated[int, Field(ge=5, le=3600)] = 30
-
-
-_NAME = Field(min_length=1, max_length=256)
+    dead_consumer_cleanup: bool = True
+    """Delete consumers whose Pod is gone once their pending list is empty."""
+    trim_stream: bool = False
+    """XTRIM MINID the input stream below the oldest entry any group still needs."""
+    interval_seconds: int = Field(default=30, ge=5, le=3600)
 
 
 class StreamQueueSpec(_Model):
     redis: Annotated[RedisSpec, Field(json_schema_extra={"default": {}})] = RedisSpec()
-    stream: Annotated[str, _NAME, Field(description="Input stream.")] = wire.DEFAULT_STREAM
-    group: Annotated[str, _NAME, Field(description="Consumer group of the workers.")] = wire.DEFAULT_GROUP
-    reply_prefix: Annotated[
-        str, Field(min_length=1, max_length=256, description="Reply stream is <replyPrefix><user_id>.")
-    ] = wire.DEFAULT_REPLY_PREFIX
+    stream: str = Field(default=wire.DEFAULT_STREAM, min_length=1, max_length=256)
+    """Input stream."""
+    group: str = Field(default=wire.DEFAULT_GROUP, min_length=1, max_length=256)
+    """Consumer group of the workers."""
+    reply_prefix: str = Field(default=wire.DEFAULT_REPLY_PREFIX, min_length=1, max_length=256)
+    """Reply stream is <replyPrefix><user_id>."""
     worker: Annotated[WorkerSpec, Field(json_schema_extra={"default": {}})] = WorkerSpec()
     scaling: Annotated[ScalingSpec, Field(json_schema_extra={"default": {}})] = ScalingSpec()
     housekeeping: Annotated[HousekeepingSpec, Field(json_schema_extra={"default": {}})] = HousekeepingSpec()
@@ -277,17 +260,17 @@ class StreamQueueStatus(_Model):
     observed_generation: int | None = None
     conditions: list[Condition] | None = None
     deployment: str | None = None
-    backlog: Annotated[int | None, Field(description="lag + pending.")] = None
+    backlog: int | None = Field(default=None, description="lag + pending.")
     lag: int | None = None
-    lag_estimated: Annotated[
-        bool | None, Field(description="Redis reported lag as nil; lag is an estimate.")
-    ] = None
+    lag_estimated: bool | None = Field(
+        default=None, description="Redis reported lag as nil; lag is an estimate."
+    )
     pending: int | None = None
     stream_length: int | None = None
     consumers: int | None = None
     desired_replicas: int | None = None
     current_replicas: int | None = None
-    replicas: Annotated[str | None, Field(description="current/desired, for kubectl get.")] = None
+    replicas: str | None = Field(default=None, description="current/desired, for kubectl get.")
     last_scale_time: str | None = None
     last_scale_reason: str | None = None
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
 from .decide import Decision
 from .models import Condition, StreamQueueStatus
 from .observe import Observation
@@ -61,14 +59,6 @@ def _condition(
     )
 
 
-def _parse(previous: dict[str, Any]) -> StreamQueueStatus:
-    """The last written status; one edited into something invalid by hand counts as none."""
-    try:
-        return StreamQueueStatus.model_validate(previous)
-    except ValidationError:
-        return StreamQueueStatus()
-
-
 def _ready(s: Snapshot) -> tuple[bool, str, str]:
     o = s.observation
     if s.deployment_error:
@@ -101,7 +91,7 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
     Built as the CRD's own ``StreamQueueStatus`` model, so what is written is what the schema says.
     """
     o, d, gen = s.observation, s.decision, s.generation
-    last = _parse(previous)
+    last = StreamQueueStatus.model_validate(previous)  # the API server checked it against the schema
     prev = last.conditions or []
     ready_ok, ready_reason, ready_message = _ready(s)
     redis_message = o.error or "XINFO succeeded"

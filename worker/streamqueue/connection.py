@@ -97,30 +97,24 @@ class RedisConnection(BaseModel):
 class RedisSettings(BaseSettings):
     """The ``STREAMQUEUE_REDIS_*`` variables and ``--redis-*`` flags of the worker and the monitor."""
 
-    model_config = SettingsConfigDict(env_prefix="STREAMQUEUE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMQUEUE_", extra="ignore", use_attribute_docstrings=True
+    )
 
-    redis_url: str = Field(
-        default="redis://localhost:6379/0",
-        description="redis://host:port/db, or rediss://... for TLS. A password in the URL is never logged.",
-    )
-    redis_username: str | None = Field(default=None, description="ACL user.")
-    redis_password: SecretStr | None = Field(
-        default=None, description="Password (in a pod: from a Secret via valueFrom)."
-    )
-    redis_password_file: Path | None = Field(
-        default=None,
-        description="File holding the password (a mounted Secret; re-read on every new connection). "
-        "Not together with the above.",
-    )
-    redis_tls: bool = Field(default=False, description="TLS even with a redis:// URL.")
-    redis_tls_ca_file: Path | None = Field(
-        default=None, description="CA bundle that signed the server's certificate (default: system CAs)."
-    )
-    redis_socket_timeout: float = Field(
-        default=10.0,
-        gt=0,
-        description="Seconds to wait for a reply; always raised above BLOCK_MS + 5 s.",
-    )
+    redis_url: str = Field(default="redis://localhost:6379/0", repr=False)  # may hold a password
+    """redis://host:port/db, or rediss://... for TLS. A password in the URL is never logged."""
+    redis_username: str | None = None
+    """ACL user."""
+    redis_password: SecretStr | None = None
+    """Password (in a pod: from a Secret via valueFrom)."""
+    redis_password_file: Path | None = None
+    """File holding the password (a mounted Secret, re-read on every new connection); not with the above."""
+    redis_tls: bool = False
+    """TLS even with a redis:// URL."""
+    redis_tls_ca_file: Path | None = None
+    """CA bundle that signed the server's certificate (default: system CAs)."""
+    redis_socket_timeout: float = Field(default=10.0, gt=0)
+    """Seconds to wait for a reply; always raised above BLOCK_MS + 5 s."""
 
     @model_validator(mode="after")
     def _valid_connection(self) -> RedisSettings:
@@ -135,11 +129,6 @@ class RedisSettings(BaseSettings):
         """The connection these settings describe."""
         fields = RedisSettings.model_fields  # redis_<name> is RedisConnection's <name>
         return RedisConnection(**{name.removeprefix("redis_"): getattr(self, name) for name in fields})
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        """Show the URL redacted: a password embedded in it must not leak through ``repr``/``str``."""
-        for name, value in super().__repr_args__():
-            yield name, (redact_url(value) if name == "redis_url" else value)
 
 
 class Backoff:

@@ -24,28 +24,6 @@ HTTP_HANDLER = "streamqueue.handlers.http:handle"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 ENV_PREFIX = "STREAMQUEUE_"
 
-# The settings a StreamQueue's spec.worker may set. The rest are the operator's to decide (connection,
-# queue names, consumer = pod name, health port) or make no sense in a pod (health_host).
-TUNING_FIELDS = (
-    "handler",
-    "handler_url",
-    "handler_timeout_seconds",
-    "handler_retries",
-    "batch_size",
-    "concurrency",
-    "block_ms",
-    "claim_idle_ms",
-    "max_deliveries",
-    "dead_letter_stream",
-    "error_replies",
-    "stream_replies",
-    "reply_maxlen",
-    "reply_ttl_seconds",
-    "max_message_bytes",
-    "shutdown_grace_seconds",
-    "log_level",
-)
-
 
 def env_name(field: str) -> str:
     """The environment variable that sets ``field``: what the operator writes into the pod."""
@@ -149,3 +127,11 @@ class WorkerSettings(RedisSettings):
 # The defaults the operator must know to render a pod (port to probe, grace to outlast).
 DEFAULT_HEALTH_PORT: int = WorkerSettings.model_fields["health_port"].default
 DEFAULT_SHUTDOWN_GRACE_SECONDS: float = WorkerSettings.model_fields["shutdown_grace_seconds"].default
+
+# The settings a StreamQueue's spec.worker may set: all but the connection and those the operator
+# decides itself (queue names, consumer = pod name, the health port it probes) or that make no sense
+# in a pod (health_host). A new worker setting is a new StreamQueue field without further code.
+_OPERATORS = {"stream", "group", "consumer", "reply_prefix", "health_port", "health_host"}
+TUNING_FIELDS = tuple(
+    f for f in WorkerSettings.model_fields if f not in {*RedisSettings.model_fields, *_OPERATORS}
+)

@@ -152,8 +152,3 @@ class GroupInfo:
             entries_read=None if entries_read is None else int(entries_read),
             lag=None if lag is None else int(lag),
         )
-
-    @property
-    def drained(self) -> bool:
-        """Everything delivered and acknowledged."""
-        return self.pending == 0 and self.lag == 0
