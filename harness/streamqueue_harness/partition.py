@@ -77,7 +77,8 @@ class PartitionProxy:
         for writer in self._writers:
             writer.close()  # every pump sees end of file and returns
         connections = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        await asyncio.wait(connections, timeout=5)
+        if connections:  # all may have ended already; asyncio.wait refuses an empty set
+            await asyncio.wait(connections, timeout=5)
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self._writers.add(client_writer)
