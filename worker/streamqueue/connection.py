@@ -33,6 +33,8 @@ COMMAND_RETRIES = 3
 RETRY_BACKOFF_BASE_S = 0.05
 RETRY_BACKOFF_CAP_S = 2.0
 _SCHEMES = ("redis", "rediss")
+# What ``connect`` returns: the same commands, one server or a cluster of them.
+RedisClient = aioredis.Redis | aioredis.RedisCluster
 
 
 class RedisConnection(BaseModel):
@@ -52,6 +54,7 @@ class RedisConnection(BaseModel):
     tls_ca_file: Path | None = None
     tls_ca_data: str | None = Field(default=None, repr=False)  # PEM, e.g. read from a Secret
     socket_timeout: float = Field(default=10.0, gt=0)
+    cluster: bool = False
 
     @field_validator("url")
     @classmethod
@@ -115,6 +118,8 @@ class RedisSettings(BaseSettings):
     """CA bundle that signed the server's certificate (default: system CAs)."""
     redis_socket_timeout: float = Field(default=10.0, gt=0)
     """Seconds to wait for a reply; always raised above BLOCK_MS + 5 s."""
+    redis_cluster: bool = False
+    """The URL names one node of a Redis Cluster; the client discovers the others and follows MOVED/ASK."""
 
     @model_validator(mode="after")
     def _valid_connection(self) -> RedisSettings:
@@ -203,32 +208,54 @@ def _auth_and_tls(connection: RedisConnection) -> dict[str, object]:
     return kwargs
 
 
+def connect_any(connection: RedisConnection, *, block_ms: int | None = None) -> RedisClient:
+    """``connect``, or a cluster client when ``connection.cluster`` is set.
+
+    For a cluster, redis-py follows MOVED/ASK redirections and refreshes its slot map after a
+    failover; a command whose keys span slots is refused, so callers keep each call to one slot.
+    """
+    if connection.cluster:
+        return aioredis.RedisCluster.from_url(_url(connection), **_common(connection, block_ms))
+    return connect(connection, block_ms=block_ms)
+
+
 def connect(connection: RedisConnection, *, block_ms: int | None = None) -> aioredis.Redis:
-    """An asyncio Redis client (lazy: no I/O until the first command) for ``connection``.
+    """An asyncio Redis client (lazy: no I/O until the first command) for one server.
 
     Replies are decoded as UTF-8 text. ``block_ms`` is the longest BLOCK the caller will issue.
     Connection errors are retried with jittered exponential backoff before they surface.
     """
-    url = connection.url
-    if connection.tls and url.startswith("redis://"):
-        url = "rediss://" + url.removeprefix("redis://")
-    timeout = socket_timeout_for(connection, block_ms)
-    log.debug(
-        "redis client for %s (tls=%s, socket timeout %.1fs)",
-        connection.safe_url(),
-        connection.uses_tls,
-        timeout,
-    )
+    if connection.cluster:
+        raise ValueError("a Redis Cluster needs connect_any()")
     return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, connection.socket_timeout),
+        _url(connection),
+        **_common(connection, block_ms),
         health_check_interval=30,
         retry=Retry(
             ExponentialWithJitterBackoff(base=RETRY_BACKOFF_BASE_S, cap=RETRY_BACKOFF_CAP_S),
             COMMAND_RETRIES,
             (RedisConnectionError, RedisTimeoutError),
         ),
-        **_auth_and_tls(connection),  # type: ignore[arg-type]
     )
+
+
+def _url(connection: RedisConnection) -> str:
+    url = connection.url
+    if connection.tls and url.startswith("redis://"):
+        url = "rediss://" + url.removeprefix("redis://")
+    return url
+
+
+def _common(connection: RedisConnection, block_ms: int | None) -> dict[str, Any]:
+    """Client arguments shared by a single-server and a cluster client."""
+    timeout = socket_timeout_for(connection, block_ms)
+    log.debug(
+        "redis client for %s (tls=%s, cluster=%s, socket timeout %.1fs)",
+        connection.safe_url(), connection.uses_tls, connection.cluster, timeout,
+    )  # fmt: skip
+    return {
+        "decode_responses": True,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": min(timeout, connection.socket_timeout),
+        **_auth_and_tls(connection),
+    }

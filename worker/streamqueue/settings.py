@@ -22,6 +22,7 @@ from .connection import RedisSettings
 ECHO_HANDLER = "streamqueue.handlers.echo:handle"
 HTTP_HANDLER = "streamqueue.handlers.http:handle"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+Ordering = Literal["none", "perUser"]
 ENV_PREFIX = "STREAMQUEUE_"
 
 
@@ -55,6 +56,12 @@ class WorkerSettings(RedisSettings):
     """Consumer name (default: $POD_NAME, else the host name); the operator matches pods."""
     reply_prefix: str = Field(default=wire.DEFAULT_REPLY_PREFIX, min_length=1)
     """Replies go to <prefix><user_id>."""
+    partitions: int = Field(default=1, ge=1, le=1024)
+    """Partition streams <stream>:{0}..{N-1}; user U's go to CRC-32(U) mod N (1: the stream itself)."""
+    ordering: Ordering = Field(default="none")
+    """perUser: one worker at a time per partition (a lease); a user's messages run one by one, in order."""
+    lease_ttl_ms: int = Field(default=5000, ge=500, le=600_000)
+    """perUser: a partition's lease lapses this long after its worker stops renewing it."""
     handler: str = Field(default=ECHO_HANDLER, max_length=512)
     """Python handler as module:function; the HTTP handler if only handler_url is set."""
     handler_url: str | None = Field(default=None, max_length=2048)
@@ -114,9 +121,13 @@ class WorkerSettings(RedisSettings):
             )
         return self
 
-    def dead_letter(self) -> str:
-        """The dead-letter stream actually used."""
-        return self.dead_letter_stream or wire.dead_letter_stream(self.stream)
+    def dead_letter(self, partition: str | None = None) -> str:
+        """The dead-letter stream actually used (by default one per partition, in its hash slot)."""
+        return self.dead_letter_stream or wire.dead_letter_stream(partition or self.stream)
+
+    @property
+    def partition_streams(self) -> list[str]:
+        return wire.partition_streams(self.stream, self.partitions)
 
     @property
     def renew_interval_s(self) -> float:
@@ -129,9 +140,13 @@ DEFAULT_HEALTH_PORT: int = WorkerSettings.model_fields["health_port"].default
 DEFAULT_SHUTDOWN_GRACE_SECONDS: float = WorkerSettings.model_fields["shutdown_grace_seconds"].default
 
 # The settings a StreamQueue's spec.worker may set: all but the connection and those the operator
-# decides itself (queue names, consumer = pod name, the health port it probes) or that make no sense
-# in a pod (health_host). A new worker setting is a new StreamQueue field without further code.
-_OPERATORS = {"stream", "group", "consumer", "reply_prefix", "health_port", "health_host"}
+# decides itself (queue names and partitions, consumer = pod name, the health port it probes) or
+# that make no sense in a pod (health_host). A new worker setting is a new StreamQueue field without
+# further code.
+_OPERATORS = {
+    *("stream", "group", "consumer", "reply_prefix", "partitions", "ordering"),  # the queue's shape
+    *("health_port", "health_host"),
+}
 TUNING_FIELDS = tuple(
     f for f in WorkerSettings.model_fields if f not in {*RedisSettings.model_fields, *_OPERATORS}
 )

@@ -10,6 +10,12 @@ unacknowledged, and the client encodes one command instead of hundreds (redis-py
 per command than Redis does). If the ACL user may not run scripts (NOPERM), the same commands go as a
 pipeline instead.
 
+On a Redis Cluster one script may touch one hash slot only, and a user's reply stream lives in
+another slot than the partition: the commit is two steps there. The replies (and their lifetime
+steps) are written first, pipelined to their nodes; only once every node has confirmed them is the
+batch acknowledged. A crash or failover between the steps leaves the entries pending, so they are
+answered again (a duplicate reply with the same ``request_id``), never lost.
+
 The lifetime step decides whether a reply stream may expire. A stream read with plain XREAD is only
 ever read from a position its reader keeps, so it can expire after an idle TTL and be recreated by the
 next reply. A stream read through a consumer group (the article's user client creates one) must not:
@@ -33,7 +39,7 @@ from redis.exceptions import NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
-from ..connection import Backoff
+from ..connection import Backoff, RedisClient
 from ..metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -66,7 +72,7 @@ class _Finished:
 class Outbox:
     """Commits finished entries in batches: their writes, then their XACK."""
 
-    def __init__(self, redis: aioredis.Redis, stream: str, group: str, metrics: WorkerMetrics) -> None:
+    def __init__(self, redis: RedisClient, stream: str, group: str, metrics: WorkerMetrics) -> None:
         self._redis = redis
         self._stream = stream
         self._group = group
@@ -75,7 +81,8 @@ class Outbox:
         self._wake = asyncio.Event()
         self._abandon = asyncio.Event()
         self._script = redis.register_script(_COMMIT_LUA)
-        self._use_script = True
+        self._two_step = isinstance(redis, aioredis.RedisCluster)
+        self._use_script = not self._two_step
 
     def submit(self, entry_id: str, writes: list[StreamWrite], on_done: Done) -> None:
         """Queue ``writes`` and the XACK of ``entry_id``; ``on_done`` reports the outcome.
@@ -169,14 +176,18 @@ class Outbox:
                 pipe.persist(key)
             else:
                 pipe.expire(key, ttl_s)
-        if ack_ids:
+        if ack_ids and not self._two_step:
             pipe.xack(self._stream, self._group, *ack_ids)
         results = await pipe.execute(raise_on_error=False)
-        # Connection trouble surfaces as an exception above; a per-command error (a reply key that is
-        # not a stream) cannot be retried away, so it is logged and the rest of the batch stands.
+        # A per-command error (a reply key that is not a stream) cannot be retried away, so it is
+        # logged and the rest of the batch stands; a node that could not be reached fails the batch.
         for result in results:
+            if isinstance(result, RedisConnectionError | RedisTimeoutError):
+                raise result
             if isinstance(result, Exception):
                 log.error("Redis rejected a reply or dead-letter write: %s", result)
+        if ack_ids and self._two_step:
+            await self._redis.xack(self._stream, self._group, *ack_ids)
 
     async def _read_through_groups(self, keys: list[str]) -> set[str]:
         """The keys that are streams with at least one consumer group (pipeline fallback only).

@@ -14,7 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
+from ..connection import RedisClient
 
 log = logging.getLogger(__name__)
 # XPENDING/XCLAIM argument lists are split so one call never carries an unbounded id list.
@@ -35,7 +35,7 @@ class Delivery:
 class PendingOwnership:
     """XAUTOCLAIM with a kept cursor, claim renewal and release for one consumer."""
 
-    def __init__(self, redis: aioredis.Redis, stream: str, group: str, consumer: str, claim_idle_ms: int):
+    def __init__(self, redis: RedisClient, stream: str, group: str, consumer: str, claim_idle_ms: int):
         self._redis = redis
         self._stream = stream
         self._group = group
@@ -43,15 +43,24 @@ class PendingOwnership:
         self._claim_idle_ms = claim_idle_ms
         self._cursor = "0-0"
 
-    async def claim(self, count: int, mine: Collection[str]) -> tuple[list[Delivery], bool]:
+    async def claim(
+        self, count: int, mine: Collection[str], min_idle_ms: int | None = None
+    ) -> tuple[list[Delivery], bool]:
         """One XAUTOCLAIM step of at most ``count`` entries; True once the scan has wrapped around.
 
+        ``min_idle_ms`` overrides the claim idle time (0 takes everything pending: a partition whose
+        lease this worker just took has no other live consumer).
         Entries deleted from the stream while pending are dropped from the pending list (and
         acknowledged, for servers that report them without removing them). Entries in ``mine`` are
         already being handled here and are not started twice.
         """
         cursor, entries, *rest = await self._redis.xautoclaim(
-            self._stream, self._group, self._consumer, self._claim_idle_ms, start_id=self._cursor, count=count
+            self._stream,
+            self._group,
+            self._consumer,
+            self._claim_idle_ms if min_idle_ms is None else min_idle_ms,
+            start_id=self._cursor,
+            count=count,
         )
         self._cursor = cursor
         deleted = list(rest[0]) if rest else []
