@@ -175,6 +175,19 @@ class Cluster:
         pods = await _call(self.core.list_namespaced_pod, namespace, label_selector=label_selector)
         return {p.metadata.name for p in pods.items if p.metadata and p.metadata.name}
 
+    async def pod_annotation(self, namespace: str, label_selector: str, key: str) -> dict[str, str | None]:
+        """Pod name -> its annotation ``key``, for the selected pods that are not being deleted."""
+        pods = await _call(self.core.list_namespaced_pod, namespace, label_selector=label_selector)
+        return {
+            p.metadata.name: (p.metadata.annotations or {}).get(key)
+            for p in pods.items
+            if p.metadata and p.metadata.name and not p.metadata.deletion_timestamp
+        }
+
+    async def annotate_pod(self, namespace: str, pod: str, key: str, value: str) -> None:
+        body = {"metadata": {"annotations": {key: value}}}
+        await _call(self.core.patch_namespaced_pod, pod, namespace, body)
+
 
 async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
     """One API request in a worker thread, with the operator's deadline."""

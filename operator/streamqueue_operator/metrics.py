@@ -30,6 +30,11 @@ STATUS_WRITES = Counter("streamqueue_status_writes", "Status patches sent to the
 CONSUMERS_DELETED = Counter(
     "streamqueue_dead_consumers_deleted", "Consumers removed after their Pod was gone.", _LABELS
 )
+DELETION_COST_WRITES = Counter(
+    "streamqueue_pod_deletion_cost_writes",
+    "Pod-deletion-cost annotations written before scale-downs (only pods whose cost changed).",
+    _LABELS,
+)
 ENTRIES_TRIMMED = Counter("streamqueue_entries_trimmed", "Entries removed by safe trimming.", _LABELS)
 
 _GAUGES = (BACKLOG, PENDING, LAG, LAG_ESTIMATED, DESIRED, CURRENT)

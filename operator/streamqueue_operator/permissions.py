@@ -23,7 +23,13 @@ RULES: list[tuple[str, str, tuple[str, ...], str]] = [
         ("get", "list", "watch", "create", "patch"),
         "worker Deployments: create, adopt, scale",
     ),
-    ("", "pods", ("list",), "dead-consumer cleanup compares consumers with the queue's Pods"),
+    (
+        "",
+        "pods",
+        ("list", "patch"),
+        "dead-consumer cleanup compares consumers with the queue's Pods; "
+        "pod-deletion-cost before a scale-down",
+    ),
     ("", "secrets", ("get",), "Redis password and CA bundle named by the StreamQueue"),
     ("", "events", ("create",), "Events for scaling and Deployment changes"),
 ]

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from . import housekeeping, metrics, redis_access, status
+from . import deletion_cost, housekeeping, metrics, redis_access, status
 from .act import API_ERRORS, Cluster
 from .decide import Decision, ScalerState, decide
 from .deployment import deployment_name, selector_labels
@@ -163,6 +163,8 @@ class QueueScaler:
         if self._state is None:
             self._state = ScalerState.seeded(now, current)
         decision, self._state = decide(spec.scaling, self._state, obs, current, replicas.ready)
+        if 0 < decision.desired < current and obs.ok:
+            await self._rank_pods_for_removal(spec)
         if decision.desired != current:
             current = await self._scale(current, replicas.desired, decision, now, on_scale)
         metrics.record_replicas(self.namespace, self.name, decision, current)
@@ -170,6 +172,37 @@ class QueueScaler:
         if obs.ok:
             await self._housekeeping(spec, now)
         return spec.scaling.poll_interval_seconds
+
+    def _selector(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
+
+    async def _rank_pods_for_removal(self, spec: StreamQueueSpec) -> None:
+        """Just before a scale-down, let the ReplicaSet controller remove idle pods first: each pod's
+        ``pod-deletion-cost`` from its consumer's pending count and idle time. Only pods whose cost
+        changed are patched; a failure here costs the ordering, never the scale-down."""
+        if self._client is None:
+            return
+        try:
+            reply = await self._client[1].xinfo_consumers(spec.stream, spec.group)
+            pods = await self.cluster.pod_annotation(
+                self.namespace, self._selector(), deletion_cost.ANNOTATION
+            )
+            changed = deletion_cost.changes(pods, deletion_cost.loads_from_reply(reply))
+            await asyncio.gather(
+                *(
+                    self.cluster.annotate_pod(self.namespace, pod, deletion_cost.ANNOTATION, value)
+                    for pod, value in changed.items()
+                )
+            )
+        except (redis.RedisError, OSError) as exc:
+            self.log.warning("pod deletion costs not set: %s", exc)
+            return
+        except API_ERRORS as exc:
+            self._api_error("deletion_cost", exc)
+            return
+        metrics.DELETION_COST_WRITES.labels(self.namespace, self.name).inc(len(changed))
+        if changed:
+            self.log.info("pod-deletion-cost before scale-down: %s", changed)
 
     async def _scale(
         self, current: int, watched: int, decision: Decision, now: float, on_scale: ScaleCallback
@@ -235,8 +268,7 @@ class QueueScaler:
         client = self._client[1]
         try:
             if rules.dead_consumer_cleanup:
-                selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
-                pods = await self.cluster.pod_names(self.namespace, selector)
+                pods = await self.cluster.pod_names(self.namespace, self._selector())
                 result = await housekeeping.remove_dead_consumers(client, spec.stream, spec.group, pods)
                 metrics.CONSUMERS_DELETED.labels(self.namespace, self.name).inc(len(result.deleted))
                 if result.deleted:

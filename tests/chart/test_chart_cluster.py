@@ -93,6 +93,7 @@ def test_chart_service_account_is_refused_what_the_chart_does_not_grant(
         ("get", "secrets"),
         ("create", "events"),
         ("list", "pods"),
+        ("patch", "pods"),
     ]
     for verb_resource in granted:
         assert _can_i(sa, control_plane, *verb_resource, *ns), verb_resource

@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from streamqueue_harness.operatorproc import OperatorProcess, install_crd
+from streamqueue_harness.redis_server import RedisServer
+
+from tests.operator.queues import Queues
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +48,8 @@ def start_operator(
     yield start
     for op in started:
         op.stop()
+
+
+@pytest.fixture
+def sq(control_plane: Any, kube_namespace: str, api: k8s.ApiClient, redis_server: RedisServer) -> Queues:
+    return Queues(control_plane, kube_namespace, api, redis_server.url)

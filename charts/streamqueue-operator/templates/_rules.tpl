@@ -11,7 +11,7 @@
   verbs: [get, list, watch, create, patch]
 - apiGroups: ['']
   resources: [pods]
-  verbs: [list]
+  verbs: [list, patch]
 - apiGroups: ['']
   resources: [secrets]
   verbs: [get]

@@ -1,0 +1,34 @@
+"""pod-deletion-cost from XINFO CONSUMERS: pending entries dominate, recent activity breaks ties."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from streamqueue_operator.deletion_cost import ConsumerLoad, changes, cost, loads_from_reply
+
+
+def test_pending_dominates_and_recent_activity_breaks_ties() -> None:
+    idle = ConsumerLoad(pending=0, idle_ms=600_000)
+    busy_recently = ConsumerLoad(pending=0, idle_ms=200)
+    holding = ConsumerLoad(pending=1, idle_ms=900_000)
+    assert cost(None) == 0  # a pod that never read: nothing to lose
+    assert cost(idle) < cost(busy_recently) < cost(holding)
+    assert cost(ConsumerLoad(pending=10**9, idle_ms=0)) < 2**31  # the API requires an int32
+
+
+def test_only_changed_pods_are_written() -> None:
+    loads = loads_from_reply(
+        [
+            {"name": "w-a", "pending": 3, "idle": 0, "inactive": 0},
+            {b"name": b"w-b", b"pending": 0, b"idle": 5_000_000},
+        ]
+    )
+    current = {"w-a": str(cost(loads["w-a"])), "w-b": None, "w-c": "7"}
+    assert changes(current, loads) == {"w-b": "0", "w-c": "0"}
+
+
+@given(st.integers(0, 10**7), st.integers(0, 10**7), st.integers(0, 10**9), st.integers(0, 10**9))
+def test_more_pending_never_costs_less(p1: int, p2: int, idle1: int, idle2: int) -> None:
+    low, high = sorted((p1, p2))
+    if low < high:
+        assert cost(ConsumerLoad(low, idle1)) <= cost(ConsumerLoad(high, idle2))
