@@ -49,4 +49,5 @@ fi
 if [ "${SKIP_TOOLS:-0}" != 1 ]; then
   bash hack/tools.sh
 fi
+bash hack/llama.sh  # the model handler's real test server, cached outside the repository (SKIP_LLAMA=1 skips)
 log "ready"

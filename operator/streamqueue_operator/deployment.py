@@ -64,6 +64,10 @@ def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
         env.append(_env("redis_tls", True))
     if redis.tls.ca_secret_ref:
         env.append(_env("redis_tls_ca_file", f"{CA_DIR}/{redis.tls.ca_secret_ref.key}"))
+    if spec.worker.openai_api_key_secret_ref:
+        ref = spec.worker.openai_api_key_secret_ref
+        secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+        env.append({"name": env_name("openai_api_key"), "valueFrom": secret})
     tuning = {field: getattr(spec.worker, field) for field in TUNING_FIELDS}
     env += [_env(field, value) for field, value in tuning.items() if value is not None]
     extra = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.worker.env or []]

@@ -63,6 +63,13 @@ class CASecretKeyRef(SecretKeyRef):
     """Key inside the Secret."""
 
 
+class APIKeySecretRef(SecretKeyRef):
+    """A Secret key holding the model API's key."""
+
+    key: str = Field(default="api-key", min_length=1, max_length=253)
+    """Key inside the Secret."""
+
+
 class TLSSpec(_Model):
     """TLS to Redis. A ``rediss://`` URL turns TLS on as well."""
 
@@ -161,6 +168,13 @@ class WorkerSpec(_WorkerTuning):  # type: ignore[misc, valid-type]
                     "use redis.passwordSecretRef",
                     field_path=".env",
                 ),
+                _rule(
+                    "!has(self.env) || "
+                    "self.env.all(e, e.name != 'STREAMQUEUE_OPENAI_API_KEY' || has(e.valueFrom))",
+                    "worker.env must not set STREAMQUEUE_OPENAI_API_KEY as a literal value: "
+                    "use worker.openaiApiKeySecretRef",
+                    field_path=".env",
+                ),
             ]
         }
     )
@@ -170,6 +184,8 @@ class WorkerSpec(_WorkerTuning):  # type: ignore[misc, valid-type]
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     termination_grace_period_seconds: int | None = Field(default=None, ge=1, le=3700)
     """Pod grace period; defaults to shutdownGraceSeconds + 15 (or 45)."""
+    openai_api_key_secret_ref: APIKeySecretRef | None = None
+    """Secret key holding the model handler's API key (STREAMQUEUE_OPENAI_API_KEY, via secretKeyRef)."""
     env: list[EnvVar] | None = Field(default=None, max_length=256)
     """Extra environment variables (Kubernetes EnvVar)."""
     resources: Annotated[dict[str, Any] | None, Field(json_schema_extra=_PRESERVE)] = None

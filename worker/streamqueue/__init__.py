@@ -2,8 +2,8 @@
 
 from importlib.metadata import version
 
-from .client import Client
+from .client import Chunk, Client
 
 __version__ = version("streamqueue")  # the package's own version (pyproject.toml, = VERSION)
 
-__all__ = ["Client", "__version__"]
+__all__ = ["Chunk", "Client", "__version__"]

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,6 +36,8 @@ DEFAULT_BLOCK_MS = 2000
 # once; each active user's reader holds one more connection while it blocks.
 _COMMAND_CONNECTIONS = 32
 _RECONNECT_BACKOFF_MAX_S = 2.0
+# Entries per XRANGE when a resuming reader catches up with what it missed.
+_CATCH_UP_PAGE = 500
 
 
 class ReplyError(Exception):
@@ -86,18 +88,41 @@ class Reply:
         )
 
 
-class ChunkOrder:
+class Chunk(str):
+    """A streamed reply chunk (a ``str``) that knows the reply-stream entry it came from.
+
+    ``entry_id`` is what a reconnecting reader passes as ``after`` to resume right behind this chunk.
+    """
+
+    entry_id: str
+
+    def __new__(cls, text: str, entry_id: str) -> Chunk:
+        chunk = super().__new__(cls, text)
+        chunk.entry_id = entry_id
+        return chunk
+
+
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair: ``"1700000000000-3"`` -> ``(1700000000000, 3)``."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+S = TypeVar("S", bound=str)
+
+
+class ChunkOrder(Generic[S]):
     """Puts streamed chunks back in sequence order and drops repeats.
 
     Entries of one stream arrive in the order they were written, but a request redelivered after a
     worker crash streams again from sequence 0, and nothing forbids a handler's writes from racing.
     """
 
-    def __init__(self) -> None:
-        self.next_seq = 0
-        self._early: dict[int, str] = {}
+    def __init__(self, next_seq: int = 0) -> None:
+        self.next_seq = next_seq
+        self._early: dict[int, S] = {}
 
-    def add(self, seq: int | None, chunk: str) -> list[str]:
+    def add(self, seq: int | None, chunk: S) -> list[S]:
         """Record one chunk (no ``seq``: the next one) and return the chunks now ready, in order."""
         seq = self.next_seq if seq is None else seq
         if seq >= self.next_seq:
@@ -315,47 +340,115 @@ class Client:
         *,
         timeout: float = 30.0,  # noqa: ASYNC109 -- a per-request deadline is the API callers expect
         request_id: str | None = None,
-    ) -> AsyncIterator[str]:
+        after: str | None = None,
+    ) -> AsyncIterator[Chunk]:
         """Send a request and yield its reply chunks in order, ending with the final reply.
 
-        ``timeout`` bounds the wait for each next chunk, not the whole answer. A handler that does not
-        stream yields its whole response as one chunk. Chunks repeated by a redelivered request are
-        skipped by sequence number.
+        Each chunk is a ``Chunk``: a ``str`` with the ``entry_id`` it was read from. ``timeout`` bounds
+        the wait for each next chunk, not the whole answer. A handler that does not stream yields its
+        whole response as one chunk. Chunks repeated by a redelivered request are skipped by sequence
+        number.
+
+        Resume: with ``after`` (the ``entry_id`` of the last chunk seen, or ``"0-0"`` for "from the
+        start"), the request, sent earlier with this ``request_id``, is NOT sent again (``message`` is
+        ignored); the chunks that follow ``after`` are yielded, each exactly once and in order, whether
+        they were written while nobody listened or are still to come. Nothing is yielded when
+        ``after`` is the final entry. Chunks trimmed from the reply stream (``reply_maxlen``) or expired
+        with it (``reply_ttl_seconds``) cannot be resumed.
         """
+        if after is not None and request_id is None:
+            raise ValueError("resuming (after=...) needs the request_id of the request being resumed")
         request_id = request_id or uuid.uuid4().hex
         reader, waiter = self._expect(user_id, request_id, chunks=True)
         try:
+            # Resuming behind an entry that is gone (trimmed), the next sequence number is unknown:
+            # the first chunk that comes sets it.
+            order: ChunkOrder[Chunk] | None = ChunkOrder() if after in (None, "0", "0-0") else None
+            backlog: list[Reply] = []
             async with asyncio.timeout(timeout):
-                await self._send_when_ready(reader, user_id, message, request_id)
-            order = ChunkOrder()
+                if after is None:
+                    await self._send_when_ready(reader, user_id, message, request_id)
+                else:
+                    await self._ready(reader)
+                    last, backlog = await self._since(reader.key, after)
+                    backlog = [r for r in backlog if r.request_id == request_id]
+                    if last is not None and last.request_id == request_id:
+                        if not last.is_chunk:
+                            return  # the final entry was seen already
+                        order = ChunkOrder((last.seq or 0) + 1)
+            seen = backlog[-1].entry_id if backlog else after
+            pending = iter(backlog)
             while True:
-                async with asyncio.timeout(timeout):
-                    reply = _final(await waiter.queue.get())
+                caught_up = next(pending, None)
+                if caught_up is not None:
+                    reply = _final(caught_up)
+                else:
+                    async with asyncio.timeout(timeout):
+                        reply = _final(await waiter.queue.get())
+                    if seen is not None and entry_key(reply.entry_id) <= entry_key(seen):
+                        continue  # already read by the catch-up above
                 if not reply.is_chunk:
-                    if order.next_seq == 0:
-                        yield reply.response or ""
+                    if order is not None and order.next_seq == 0:
+                        yield Chunk(reply.response or "", reply.entry_id)
                     return
-                for chunk in order.add(reply.seq, reply.chunk or ""):
+                if order is None:
+                    order = ChunkOrder(reply.seq or 0)
+                for chunk in order.add(reply.seq, Chunk(reply.chunk or "", reply.entry_id)):
                     yield chunk
         finally:
             reader.waiters.pop(request_id, None)
 
-    async def responses(self, user_id: str) -> AsyncIterator[Reply]:
+    async def responses(self, user_id: str, *, after: str | None = None) -> AsyncIterator[Reply]:
         """Yield every entry (chunks, final and error replies) that arrives on the user's reply stream
-        from about now on, whoever sent the request; runs until the caller stops iterating."""
+        from about now on, whoever sent the request; runs until the caller stops iterating.
+
+        Resume: with ``after`` (the ``entry_id`` of the last entry seen, ``"0-0"`` for the whole stream),
+        yield every entry after it first (those written while the caller was away), then the new ones,
+        each exactly once and in order.
+        """
         self._check(user_id, "")
         reader = self._reader_for(user_id)
         queue: asyncio.Queue[Reply | BaseException] = asyncio.Queue()
-        reader.subscribers.add(queue)
+        reader.subscribers.add(queue)  # before the catch-up read: nothing falls between the two
         try:
-            await reader.ready.wait()
+            await self._ready(reader)
+            seen = after
+            if after is not None:
+                _, backlog = await self._since(reader.key, after)
+                for reply in backlog:
+                    yield reply
+                    seen = reply.entry_id
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if seen is not None and entry_key(item.entry_id) <= entry_key(seen):
+                    continue
                 yield item
         finally:
             reader.subscribers.discard(queue)
+
+    async def _ready(self, reader: _UserReader) -> None:
+        await reader.ready.wait()
+        if reader.error is not None:
+            raise reader.error
+
+    async def _since(self, key: str, after: str) -> tuple[Reply | None, list[Reply]]:
+        """The entry ``after`` itself (None if gone or ``0-0``) and every entry after it, oldest first."""
+        entry_key(after)  # a malformed id fails here, not as a Redis error
+        async with self.commands:
+            own: Any = await self.redis.xrange(key, min=after, max=after, count=1)
+        replies: list[Reply] = []
+        cursor = "(" + after
+        while True:
+            async with self.commands:
+                page: Any = await self.redis.xrange(key, min=cursor, max="+", count=_CATCH_UP_PAGE)
+            replies += [Reply(entry_id, fields or {}) for entry_id, fields in page]
+            if len(page) < _CATCH_UP_PAGE:
+                break
+            cursor = "(" + str(page[-1][0])
+        first = Reply(str(own[0][0]), own[0][1] or {}) if own else None
+        return first, replies
 
     def _expect(self, user_id: str, request_id: str, *, chunks: bool) -> tuple[_UserReader, _Waiter]:
         """Register the waiter synchronously, before any await, so the reader cannot retire meanwhile."""

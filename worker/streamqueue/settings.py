@@ -13,7 +13,7 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from . import wire
@@ -100,6 +100,25 @@ class WorkerSettings(RedisSettings):
     """Address the health port binds."""
     log_level: LogLevel = Field(default="INFO")
     """DEBUG, INFO, WARNING or ERROR."""
+    # The model handler (streamqueue.handlers.openai:handle): an OpenAI-compatible chat server.
+    openai_base_url: str | None = Field(default=None, max_length=2048)
+    """Model handler: the API's base URL, e.g. http://vllm:8000/v1 (POSTs <url>/chat/completions)."""
+    openai_model: str | None = Field(default=None, max_length=256)
+    """Model handler: the model name sent with each request."""
+    openai_api_key: SecretStr | None = Field(default=None, exclude=True)
+    """Model handler: the API key (Bearer token); on Kubernetes from worker.openaiApiKeySecretRef."""
+    openai_system_prompt: str | None = Field(default=None, max_length=65_536)
+    """Model handler: the system message sent first in every conversation."""
+    openai_max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Model handler: max_tokens of each completion (unset: the server's default)."""
+    openai_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    """Model handler: the longest wait for the connection, the first token, and between tokens."""
+    openai_retries: int = Field(default=3, ge=0, le=20)
+    """Model handler: retries on 429 (after Retry-After), 5xx, timeouts and connection errors."""
+    openai_memory_turns: int = Field(default=0, ge=0, le=1000)
+    """Model handler: exchanges remembered per user and sent as history; 0 keeps no memory."""
+    openai_memory_ttl_seconds: int = Field(default=86_400, ge=1, le=31_536_000)
+    """Model handler: a user's memory expires this long after their last exchange."""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -147,6 +166,8 @@ _OPERATORS = {
     *("stream", "group", "consumer", "reply_prefix", "partitions", "ordering"),  # the queue's shape
     *("health_port", "health_host"),
 }
+# Secrets reach the pod only as secretKeyRef variables, each from its own spec field.
+_SECRETS = {"openai_api_key"}
 TUNING_FIELDS = tuple(
-    f for f in WorkerSettings.model_fields if f not in {*RedisSettings.model_fields, *_OPERATORS}
+    f for f in WorkerSettings.model_fields if f not in {*RedisSettings.model_fields, *_OPERATORS, *_SECRETS}
 )

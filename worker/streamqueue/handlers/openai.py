@@ -1,0 +1,306 @@
+"""The model handler: stream a chat completion from an OpenAI-compatible server into the reply stream.
+
+``STREAMQUEUE_HANDLER=streamqueue.handlers.openai:handle`` with ``STREAMQUEUE_OPENAI_BASE_URL`` (vLLM,
+llama.cpp's server, Ollama, TGI and hosted APIs all serve ``POST <base>/chat/completions``). Each
+message becomes ``[system prompt, remembered exchanges..., the message]``; the reply is requested with
+``stream: true`` and every ``choices[0].delta.content`` of the server-sent events is yielded as one
+chunk, so the worker writes it to the user's reply stream at once (the final entry carries the whole
+text, as for every streaming handler).
+
+Errors, mapped onto the worker's retry and dead-letter rules:
+
+- 429: wait ``Retry-After`` (seconds or an HTTP date; capped at ``RETRY_AFTER_CAP_S``), or back off when
+  the header is missing, then retry;
+- 5xx, timeouts (connection, first token, between tokens) and connection errors: retry with backoff
+  (``redis.backoff.ExponentialBackoff``, as the HTTP handler);
+- 400 "context length exceeded" (``ModelContextTooLong``) and every other 4xx (``ModelRequestError``):
+  no retry in process, a clear reason; the entry stays pending, is redelivered, and is dead-lettered
+  with that reason once it has failed ``max_deliveries`` times.
+
+Retries happen only before the first chunk was written: once the user has seen part of a reply a new
+attempt would produce a different text, so a failure mid-stream fails the delivery
+(``ModelStreamBroken``) and the worker's redelivery starts the reply over from chunk 0.
+
+Memory (``openai_memory_turns`` > 0): the last N exchanges of each user are kept in the list
+``<stream>:memory:<user_id>`` (one JSON ``{"user", "assistant"}`` item per exchange, trimmed to N, expiring
+``openai_memory_ttl_seconds`` after the last exchange) and sent before the new message. An exchange is
+stored when its reply is complete, before the worker commits the reply; a delivery that fails after
+that (rare: the commit itself failed) may store an exchange twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from redis.backoff import ExponentialBackoff
+
+from . import HandlerFactory, Message
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from ..settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+BACKOFF_BASE_S = 0.2
+BACKOFF_CAP_S = 10.0
+RETRY_AFTER_CAP_S = 120.0
+_BACKOFF = ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
+# How servers say "the prompt does not fit": OpenAI and llama-cpp-python's code, vLLM's and others' text.
+_CONTEXT_MARKERS = ("context_length_exceeded", "maximum context length", "context length", "exceed_context")
+
+
+class ModelError(RuntimeError):
+    """The model API failed this request; the message says why."""
+
+
+class ModelRequestError(ModelError):
+    """The API refused the request (4xx other than 429): retrying the same request cannot help."""
+
+
+class ModelContextTooLong(ModelRequestError):
+    """The prompt (system prompt + memory + message) plus max_tokens exceeds the model's context."""
+
+
+class ModelStreamBroken(ModelError):
+    """The reply stream broke after chunks were written; the delivery fails and starts over."""
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class OpenAIHandler:
+    """Streams chat completions over one shared connection pool; ``aclose`` releases it."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        system_prompt: str | None = None,
+        max_tokens: int | None = None,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        memory: Memory | None = None,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.retries = retries
+        self.memory = memory
+        # No total: a long answer may stream for minutes; each wait (connect, next bytes) is bounded.
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
+        self.headers = {"Accept": "text/event-stream"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, msg: Message) -> AsyncIterator[str]:
+        history = await self.memory.load(msg.user_id) if self.memory is not None else []
+        body = self.request_body(msg.message, history)
+        parts: list[str] = []
+        for attempt in range(self.retries + 1):
+            try:
+                async for chunk in self._stream(body, started=bool(parts)):
+                    parts.append(chunk)
+                    yield chunk
+                break
+            except _Retryable as exc:
+                if parts:
+                    raise ModelStreamBroken(
+                        f"{self.url}: {exc} after {len(parts)} chunks; the reply starts over on redelivery"
+                    ) from exc
+                if attempt == self.retries:
+                    raise ModelError(f"{self.url}: {exc} (after {attempt + 1} attempts)") from exc
+                delay = exc.retry_after if exc.retry_after is not None else _BACKOFF.compute(attempt)
+                log.warning("model API: %s; retry %d in %.1fs", exc, attempt + 1, delay)
+                await asyncio.sleep(delay)
+        if self.memory is not None:
+            await self.memory.remember(msg.user_id, msg.message, "".join(parts))
+
+    def request_body(self, message: str, history: list[dict[str, str]]) -> dict[str, Any]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for exchange in history:
+            messages.append({"role": "user", "content": exchange["user"]})
+            messages.append({"role": "assistant", "content": exchange["assistant"]})
+        messages.append({"role": "user", "content": message})
+        body: dict[str, Any] = {"messages": messages, "stream": True}
+        if self.model:
+            body["model"] = self.model
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        return body
+
+    async def _stream(self, body: dict[str, Any], *, started: bool) -> AsyncIterator[str]:
+        """One attempt: yield the content deltas; raise ``_Retryable`` or a ``ModelRequestError``."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers)
+        try:
+            async with self._session.post(self.url, json=body) as response:
+                if response.status >= 400:
+                    raise _status_error(response.status, await response.text(), response.headers)
+                done = False
+                async for raw in response.content:
+                    event = _sse_data(raw)
+                    if event is None:
+                        continue
+                    if event == "[DONE]":
+                        done = True
+                        break
+                    content = _delta_content(event)
+                    if content:
+                        yield content
+                if not done:
+                    raise _Retryable("the event stream ended without data: [DONE]")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc or 'timed out'}") from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self.memory is not None:
+            await self.memory.aclose()
+
+
+class Memory:
+    """The last ``turns`` exchanges per user, in a Redis list with an idle TTL."""
+
+    def __init__(self, redis: aioredis.Redis, key_prefix: str, turns: int, ttl_s: int) -> None:
+        self.redis = redis
+        self.key_prefix = key_prefix
+        self.turns = turns
+        self.ttl_s = ttl_s
+
+    def key(self, user_id: str) -> str:
+        return f"{self.key_prefix}{user_id}"
+
+    async def load(self, user_id: str) -> list[dict[str, str]]:
+        items = await self.redis.lrange(self.key(user_id), -self.turns, -1)
+        exchanges = []
+        for item in items:
+            try:
+                exchange = json.loads(item)
+            except ValueError:
+                continue  # written by someone else: ignore rather than fail every request of this user
+            if isinstance(exchange, dict) and {"user", "assistant"} <= exchange.keys():
+                exchanges.append(exchange)
+        return exchanges
+
+    async def remember(self, user_id: str, message: str, reply: str) -> None:
+        key = self.key(user_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps({"user": message, "assistant": reply}))
+            pipe.ltrim(key, -self.turns, -1)
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+def _status_error(status: int, text: str, headers: Any) -> Exception:
+    detail = _error_message(text)
+    if status == 429:
+        return _Retryable(f"HTTP 429: {detail}", _retry_after(headers.get("Retry-After")))
+    if status >= 500:
+        return _Retryable(f"HTTP {status}: {detail}")
+    lowered = text.lower()
+    if status in (400, 413) and any(marker in lowered for marker in _CONTEXT_MARKERS):
+        return ModelContextTooLong(f"context length exceeded (HTTP {status}): {detail}")
+    return ModelRequestError(f"model API refused the request (HTTP {status}): {detail}")
+
+
+def _error_message(text: str) -> str:
+    """The API's own words: ``error.message`` of an OpenAI error body, else the body's start."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:300]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])[:500]
+    if isinstance(error, str):
+        return error[:500]
+    return text[:300]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date; None when missing or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def _sse_data(raw: bytes) -> str | None:
+    """The payload of a ``data:`` line; None for blank lines, comments and other SSE fields."""
+    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    if not line.startswith("data:"):
+        return None
+    return line[5:].removeprefix(" ")
+
+
+def _delta_content(event: str) -> str | None:
+    try:
+        data = json.loads(event)
+    except ValueError as exc:
+        raise _Retryable(f"unreadable event {event[:100]!r}") from exc
+    if not isinstance(data, dict):
+        return None
+    if "error" in data:  # some servers report a failure mid-stream as an event
+        raise _Retryable(f"error event: {_error_message(event)}")
+    choices = data.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
+        return None  # e.g. the usage-only event of stream_options.include_usage
+    delta = choices[0].get("delta") or {}
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else None
+
+
+def _build(settings: WorkerSettings) -> OpenAIHandler:
+    if not settings.openai_base_url:
+        raise ValueError("the model handler needs STREAMQUEUE_OPENAI_BASE_URL (--openai-base-url)")
+    memory = None
+    if settings.openai_memory_turns > 0:
+        from ..connection import connect
+
+        memory = Memory(
+            connect(settings.redis_connection()),
+            f"{settings.stream}:memory:",
+            settings.openai_memory_turns,
+            settings.openai_memory_ttl_seconds,
+        )
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    return OpenAIHandler(
+        settings.openai_base_url,
+        model=settings.openai_model,
+        api_key=key,
+        system_prompt=settings.openai_system_prompt,
+        max_tokens=settings.openai_max_tokens,
+        timeout_s=settings.openai_timeout_seconds,
+        retries=settings.openai_retries,
+        memory=memory,
+    )
+
+
+handle = HandlerFactory(_build)
