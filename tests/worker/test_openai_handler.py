@@ -93,7 +93,9 @@ async def handlers() -> AsyncIterator[Callable[..., OpenAIHandler]]:
 
 
 async def test_real_llama_server_streams_chunks_through_a_worker(llama, settings, workers, raw) -> None:
-    s = settings(handler=MODEL_HANDLER, openai_base_url=llama.base_url, openai_model="tiny", openai_max_tokens=8)
+    s = settings(
+        handler=MODEL_HANDLER, openai_base_url=llama.base_url, openai_model="tiny", openai_max_tokens=8
+    )
     await workers.start(s)
     async with Client(s.redis_url) as client:
         chunks = [c async for c in client.request_stream("alice", "hello model", request_id="q1", timeout=60)]
@@ -115,9 +117,11 @@ async def test_real_llama_server_context_too_long(llama, handlers) -> None:
     """
     too_long = "hello world " * 400
     body = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": too_long}]}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{llama.base_url}/chat/completions", json=body) as response:
-            status, text = response.status, await response.text()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{llama.base_url}/chat/completions", json=body) as response,
+    ):
+        status, text = response.status, await response.text()
     assert status == 400
     mapped = _status_error(status, text, {})
     assert isinstance(mapped, ModelContextTooLong)
@@ -156,7 +160,13 @@ async def test_429_waits_retry_after_then_streams(stub, handlers) -> None:
         seen.append((time.monotonic(), request.headers.get("Authorization")))
         if len(seen) == 1:
             return web.json_response(
-                {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}},
+                {
+                    "error": {
+                        "message": "Rate limit reached",
+                        "type": "requests",
+                        "code": "rate_limit_exceeded",
+                    }
+                },
                 status=429,
                 headers={"Retry-After": "1"},
             )
@@ -205,8 +215,14 @@ async def test_5xx_gives_up_after_the_retries(stub, handlers) -> None:
     [
         (
             400,
-            {"error": {"message": "This model's maximum context length is 8192 tokens.", "type":
-                       "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}},
+            {
+                "error": {
+                    "message": "This model's maximum context length is 8192 tokens.",
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": "context_length_exceeded",
+                }
+            },
             ModelContextTooLong,
             "context length exceeded",
         ),
@@ -279,7 +295,12 @@ async def test_request_body_carries_system_prompt_memory_and_limits(stub, handle
 async def test_context_too_long_is_dead_lettered_with_the_reason(stub, settings, workers, raw) -> None:
     async def respond(request: web.Request) -> web.StreamResponse:
         return web.json_response(
-            {"error": {"message": "maximum context length is 4096 tokens", "code": "context_length_exceeded"}},
+            {
+                "error": {
+                    "message": "maximum context length is 4096 tokens",
+                    "code": "context_length_exceeded",
+                }
+            },
             status=400,
         )
 
@@ -320,7 +341,9 @@ def test_model_handler_settings_and_secret() -> None:
 def test_tiny_model_generator_is_a_plain_script() -> None:
     """tinymodel.py runs under the llama venv's Python: it must not import the harness or the worker."""
     source = (Path(__file__).parents[2] / "harness/streamqueue_harness/tinymodel.py").read_text()
-    assert "streamqueue" not in "".join(line for line in source.splitlines() if line.startswith(("import", "from")))
+    assert "streamqueue" not in "".join(
+        line for line in source.splitlines() if line.startswith(("import", "from"))
+    )
 
 
 _ = redis  # the ``raw`` fixture's type
