@@ -5,7 +5,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["worker_throughput", "client_latency", "operator_reaction", "operator_cost", "node_coldstart"]
+BENCHMARKS = [
+    "worker_throughput",
+    "client_latency",
+    "model_stream",
+    "operator_reaction",
+    "operator_cost",
+    "node_coldstart",
+]
 
 
 def main(argv: list[str]) -> int:

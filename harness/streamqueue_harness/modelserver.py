@@ -62,6 +62,7 @@ class ModelServer:
         self.python = python
         self.n_ctx = n_ctx
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="sq-llama-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port = 0
         self.model = self.dir / "tiny.gguf"
         self._proc: subprocess.Popen[bytes] | None = None
