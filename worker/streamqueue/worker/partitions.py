@@ -1,4 +1,4 @@
-"""Which partitions this worker consumes, with one ``Run`` each sharing the worker's in-flight limit.
+"""Which partitions this worker consumes, with one ``Run`` each and a share of the in-flight limit.
 
 Without order, every worker consumes every partition: one blocking read per partition (on a cluster
 a read cannot span slots), the most throughput, no order. With per-user order a partition must have
@@ -16,13 +16,15 @@ import asyncio
 import contextlib
 import logging
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException as RedisClusterError
+
 from ..connection import Backoff, RedisClient
 from ..handlers import Handler
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
 from .leases import Leases, assignment
 from .run import REDIS_DOWN, Run, cancel
-from .slots import Slots
 
 log = logging.getLogger("streamqueue.worker")
 
@@ -37,7 +39,6 @@ class Partitions:
         self.redis = redis
         self.handler = handler
         self.metrics = metrics
-        self.slots = Slots(settings.concurrency)
         self.runs: dict[str, tuple[Run, asyncio.Task[None]]] = {}
         self.redis_ok = False  # order mode: the last heartbeat answered
         self._leases: Leases | None = None
@@ -55,6 +56,7 @@ class Partitions:
         return bool(self.runs) and runs_ready
 
     async def until_stopped(self, stop: asyncio.Event) -> None:
+        await self._cluster_ready(stop)
         keeper = asyncio.create_task(
             self._keep_leases() if self.s.ordering == "perUser" else self._consume_all(),
             name="streamqueue-partitions",
@@ -69,16 +71,27 @@ class Partitions:
         if failure is not None:
             raise RuntimeError("worker partitions failed") from failure
 
-    def _start_run(self, partition: str, *, takeover: bool = False) -> None:
+    async def _cluster_ready(self, stop: asyncio.Event) -> None:
+        """A cluster client learns the slot map once, before the runs use it: redis-py's asyncio
+        cluster client breaks when many tasks send their first commands while it initializes."""
+        if not isinstance(self.redis, aioredis.RedisCluster):
+            return
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                await self.redis.initialize()
+                return
+            except (*REDIS_DOWN, RedisClusterError) as exc:
+                delay = backoff.next_delay()
+                log.warning("Redis Cluster unreachable (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    def _start_run(self, partition: str, share: int, *, takeover: bool = False) -> None:
+        """``share``: how many partitions this worker consumes now; each gets that part of its concurrency."""
         run = Run(
-            self.s,
-            self.redis,
-            self.handler,
-            self.metrics,
-            stream=partition,
-            slots=self.slots,
-            takeover=takeover,
-        )
+            self.s, self.redis, self.handler, self.metrics,
+            stream=partition, concurrency=max(1, self.s.concurrency // share), takeover=takeover,
+        )  # fmt: skip
         task = asyncio.create_task(run.until_stopped(asyncio.Event()), name=f"streamqueue-run {partition}")
         self.runs[partition] = (run, task)
 
@@ -98,7 +111,7 @@ class Partitions:
 
     async def _consume_all(self) -> None:
         for partition in self.s.partition_streams:
-            self._start_run(partition)
+            self._start_run(partition, share=self.s.partitions)
         await asyncio.wait([task for _, task in self.runs.values()], return_when=asyncio.FIRST_COMPLETED)
         self._check_runs()
 
@@ -120,7 +133,7 @@ class Partitions:
                     if await leases.acquire(partition):
                         log.info("took the lease of %s", partition)
                         self._held.add(partition)
-                        self._start_run(partition, takeover=True)
+                        self._start_run(partition, share=len(target), takeover=True)
             except REDIS_DOWN as exc:
                 self.redis_ok = False
                 delay = backoff.next_delay()

@@ -4,8 +4,9 @@ Four tasks share the worker's Redis client (each blocking read holds its own poo
 the reader (XREADGROUP ``>`` in batches sized to the free in-flight slots), the reclaimer
 (XAUTOCLAIM of entries idle past the claim time), the renewer (keeps long handlers' entries from
 looking idle) and the outbox flusher (reply XADDs, their streams' lifetime and the XACK). Entries run
-concurrently on a ``ConsumerPool`` (no task per entry); the in-flight limit (``Slots``) is the
-worker's, shared by the runs of all its partitions. With per-user order a ``UserOrder`` gate holds a
+concurrently on a ``ConsumerPool`` (no task per entry); the in-flight limit (``Slots``) is this
+partition's share of the worker's (a shared pool would let a partition blocked on an empty read hold
+slots that a busy one needs). With per-user order a ``UserOrder`` gate holds a
 user's next entry until the previous one is committed, and a failed entry is retried in place.
 Setting the run's stop event starts the drain: reading stops, in-flight entries get the grace
 period, whatever is still unfinished is handed back to the group, and ``until_stopped`` returns.
@@ -62,7 +63,7 @@ class Run:
         metrics: WorkerMetrics,
         *,
         stream: str,
-        slots: Slots,
+        concurrency: int,
         takeover: bool = False,
     ) -> None:
         """``takeover``: this worker just got the partition's lease, so everything pending in it
@@ -82,7 +83,7 @@ class Run:
         self.idle.set()
         self.last_errors: OrderedDict[str, str] = OrderedDict()
         self.dead_letter_stream = s.dead_letter(stream)
-        self.slots = slots
+        self.slots = Slots(concurrency)
         self.order = UserOrder() if s.ordering == "perUser" else None
         self.consumers: ConsumerPool[Delivery] = ConsumerPool(self._entry, "streamqueue-consumer")
         self.outbox = Outbox(redis, stream, s.group, metrics)
@@ -105,7 +106,7 @@ class Run:
         await self._drain()
         await self._hand_back()
         await cancel(renewer, flusher)
-        self._forget_remaining()
+        self._cancel_retries()
         if crashed is not None and not crashed.cancelled() and crashed.exception() is not None:
             raise RuntimeError(f"worker task {crashed.get_name()} failed") from crashed.exception()
 
@@ -280,8 +281,6 @@ class Run:
         In order mode, a user whose entry was given up (at a stop) keeps the rest of their entries
         pending too: the partition's next holder must handle them after that one, not before.
         """
-        if entry.entry_id not in self.inflight:  # already accounted for (the run has ended)
-            return
         self._release([entry])
         if self.order is not None:
             if committed:
@@ -298,15 +297,11 @@ class Run:
         if not self.inflight:
             self.idle.set()
 
-    def _forget_remaining(self) -> None:
-        """At the end of the run: slots of entries whose outcome never came back are the worker's
-        again (the slots are shared with its other partitions); the entries stay pending."""
+    def _cancel_retries(self) -> None:
+        """At the end of the run: failed entries due for another try stay pending instead."""
         for handle in self._retries.values():
             handle.cancel()
         self._retries.clear()
-        self.slots.give(len(self.inflight))
-        self.inflight.clear()
-        self.idle.set()
 
     async def _process(self, entry_id: str, fields: dict[str, str], deliveries: int) -> _Commit | None:
         """What to commit for this entry (writes, then a step to run once committed), or None."""
