@@ -15,15 +15,26 @@ Rules, in order:
 - Scale up at once; scale down only to the highest recommendation of the stabilization window.
 - With minReplicas 0 keep one replica until the queue has been idle for ``idleCooldownSeconds``
   (and the window has nothing above one), then go to zero.
+- Cold start: pods scheduled but not Ready are capacity already being added. While some are
+  (``ready < current``) and the last scale-up is younger than ``coldStartSeconds``, a further
+  scale-up is held: the backlog that builds up while they start is what they were added for.
+- Pause (annotations, KEDA's semantics): ``paused`` holds the current count, ``paused-replicas``
+  sets that count and holds it, an invalid value holds and says why. The history keeps advancing,
+  so resuming decides from fresh rates and the usual stabilization window.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
-from .models import ScalingSpec
+from .models import GROUP, ScalingSpec
 from .observe import Observation
+
+PAUSED = f"{GROUP}/paused"
+PAUSED_REPLICAS = f"{GROUP}/paused-replicas"
+MAX_PAUSED_REPLICAS = 1000  # maxReplicas' own upper bound
 
 RATE_WINDOW_SECONDS = 15.0
 MIN_RATE_SPAN_SECONDS = 2.0
@@ -42,12 +53,21 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """What the pause annotations ask: hold (``replicas`` None), hold at ``replicas``, or ``invalid``."""
+
+    replicas: int | None = None
+    invalid: str | None = None
+
+
+@dataclass(frozen=True)
 class ScalerState:
     """Observation history the decision needs; carried from one poll to the next."""
 
     samples: tuple[Sample, ...] = ()
     recommendations: tuple[tuple[float, int], ...] = ()
     last_active_at: float | None = None
+    scaled_up_at: float | None = None
 
     @classmethod
     def seeded(cls, now: float, current: int) -> ScalerState:
@@ -130,11 +150,17 @@ def _describe(obs: Observation, backlog_target: int, drain_target: int | None, r
 
 
 def decide(
-    policy: ScalingSpec, state: ScalerState, obs: Observation, current: int, ready: int
+    policy: ScalingSpec,
+    state: ScalerState,
+    obs: Observation,
+    current: int,
+    ready: int,
+    pause: Pause | None = None,
 ) -> tuple[Decision, ScalerState]:
     """The replica count for this poll (at ``obs.at``) and the state for the next poll.
 
-    ``current`` is the Deployment's replica count, ``ready`` its ready replicas (for service rates).
+    ``current`` is the Deployment's replica count, ``ready`` its ready replicas (service rates are
+    per ready replica; ``current - ready`` pods are starting), ``pause`` what the annotations ask.
     """
     now = obs.at
     window_start = now - policy.scale_down_stabilization_seconds
@@ -143,7 +169,10 @@ def decide(
         # Rates spanning an outage (or a Redis restart that lost the stream) mean nothing: drop them.
         decision = _decide_without_data(policy, obs, current)
         held = (*(r for r in state.recommendations if r[0] > window_start), (now, decision.desired))
-        return decision, ScalerState(recommendations=held, last_active_at=state.last_active_at)
+        next_state = ScalerState(
+            recommendations=held, last_active_at=state.last_active_at, scaled_up_at=state.scaled_up_at
+        )
+        return _paused(decision, pause, current), _scaled_up(next_state, decision, current, pause, now)
 
     samples = (*(s for s in state.samples if s.at > now - RATE_WINDOW_SECONDS), _sample(obs, ready))
     rates = measure_rates(samples)
@@ -170,7 +199,12 @@ def decide(
 
     recommendation = _clamp(raw, policy)
     recommendations = (*(r for r in state.recommendations if r[0] > window_start), (now, recommendation))
-    next_state = ScalerState(samples=samples, recommendations=recommendations, last_active_at=last_active)
+    next_state = ScalerState(
+        samples=samples,
+        recommendations=recommendations,
+        last_active_at=last_active,
+        scaled_up_at=state.scaled_up_at,
+    )
 
     if recommendation >= current:
         desired = recommendation
@@ -188,7 +222,70 @@ def decide(
     if _clamp(desired, policy) != desired or (desired == recommendation != raw and reason != "Idle"):
         desired = _clamp(desired, policy)
         detail += f"; clamped to [{policy.min_replicas}, {policy.max_replicas}]"
-    return Decision(desired, reason, detail, backlog_target, drain_target, rates), next_state
+    decision = Decision(desired, reason, detail, backlog_target, drain_target, rates)
+    decision = _cold_start_hold(policy, state, decision, current, ready, now)
+    return _paused(decision, pause, current), _scaled_up(next_state, decision, current, pause, now)
+
+
+def _cold_start_hold(
+    policy: ScalingSpec, state: ScalerState, decision: Decision, current: int, ready: int, now: float
+) -> Decision:
+    """Hold a further scale-up while the pods of the last one are still starting (bounded in time)."""
+    starting = current - ready
+    if decision.desired <= current or starting <= 0 or state.scaled_up_at is None:
+        return decision
+    since = now - state.scaled_up_at
+    if since >= policy.cold_start_seconds:
+        return decision
+    held = max(current, policy.min_replicas)
+    message = (
+        f"{decision.message}; {starting} of {current} pod(s) not Ready yet (scaled up {since:.0f}s ago): "
+        f"holding {held} instead of {decision.desired} until they are Ready "
+        f"or coldStartSeconds {policy.cold_start_seconds} has passed"
+    )
+    return replace(decision, desired=held, reason="ColdStart", message=message)
+
+
+def _paused(decision: Decision, pause: Pause | None, current: int) -> Decision:
+    if pause is None:
+        return decision
+    if pause.invalid is not None:
+        message = f"{pause.invalid}: holding {current} replica(s) until it is fixed or removed"
+        return replace(decision, desired=current, reason="PauseInvalid", message=message)
+    if pause.replicas is None:
+        message = f"paused by annotation {PAUSED}: holding {current} replica(s) (would be {decision.desired})"
+        return replace(decision, desired=current, reason="Paused", message=message)
+    message = (
+        f"paused by annotation {PAUSED_REPLICAS}: {pause.replicas} replica(s) (would be {decision.desired})"
+    )
+    return replace(decision, desired=pause.replicas, reason="Paused", message=message)
+
+
+def _scaled_up(
+    state: ScalerState, decision: Decision, current: int, pause: Pause | None, now: float
+) -> ScalerState:
+    """Remember when the scaler itself last raised the count (a pause's count is the user's)."""
+    if pause is None and decision.desired > current:
+        return replace(state, scaled_up_at=now)
+    return state
+
+
+def parse_pause(annotations: Mapping[str, str] | None) -> Pause | None:
+    """The pause annotations, as KEDA reads its own: ``paused-replicas`` wins over ``paused``."""
+    annotations = annotations or {}
+    replicas, paused = annotations.get(PAUSED_REPLICAS), annotations.get(PAUSED)
+    if replicas is not None:
+        value = replicas.strip()
+        if not value.isdigit() or int(value) > MAX_PAUSED_REPLICAS:
+            return Pause(
+                invalid=f"{PAUSED_REPLICAS}: {replicas!r} is not an integer in 0..{MAX_PAUSED_REPLICAS}"
+            )
+        return Pause(replicas=int(value))
+    if paused is None or paused.strip().lower() == "false":
+        return None
+    if paused.strip().lower() == "true":
+        return Pause()
+    return Pause(invalid=f'{PAUSED}: {paused!r} is neither "true" nor "false"')
 
 
 def _sample(obs: Observation, ready: int) -> Sample:

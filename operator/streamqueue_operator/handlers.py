@@ -138,6 +138,9 @@ async def scale_queue(
         message = f"{before} -> {after} replicas ({decision.reason}): {decision.message}"
         kopf.event(body, type="Normal", reason=reason, message=message[:1000])
 
+    def on_event(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message[:1000])
+
     missing_since: float | None = None
     try:
         while True:
@@ -148,7 +151,7 @@ async def scale_queue(
                     logger.warning("Deployment %s is missing: recreating it", scaler.deployment)
                     missing_since = time.monotonic()
                     await _ensure_deployment(body, memo)
-                interval = await scaler.poll(body, replicas, on_scale)
+                interval = await scaler.poll(body, replicas, on_scale, on_event)
             except asyncio.CancelledError:
                 raise
             except Exception:

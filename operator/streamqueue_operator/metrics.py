@@ -17,6 +17,9 @@ LAG_ESTIMATED = Gauge(
 )
 DESIRED = Gauge("streamqueue_desired_replicas", "Replicas the scaler decided on.", _LABELS)
 CURRENT = Gauge("streamqueue_current_replicas", "Replicas of the worker Deployment.", _LABELS)
+READY = Gauge("streamqueue_ready_replicas", "Ready replicas of the worker Deployment.", _LABELS)
+MAX = Gauge("streamqueue_max_replicas", "The queue's scaling.maxReplicas.", _LABELS)
+PAUSED = Gauge("streamqueue_paused", "1 while the pause annotations hold the replica count.", _LABELS)
 SCALE_EVENTS = Counter(
     "streamqueue_scale_events", "Replica changes made by the scaler.", (*_LABELS, "direction", "reason")
 )
@@ -37,7 +40,7 @@ DELETION_COST_WRITES = Counter(
 )
 ENTRIES_TRIMMED = Counter("streamqueue_entries_trimmed", "Entries removed by safe trimming.", _LABELS)
 
-_GAUGES = (BACKLOG, PENDING, LAG, LAG_ESTIMATED, DESIRED, CURRENT)
+_GAUGES = (BACKLOG, PENDING, LAG, LAG_ESTIMATED, DESIRED, CURRENT, READY, MAX, PAUSED)
 
 
 def record_observation(namespace: str, name: str, obs: Observation) -> None:
@@ -52,9 +55,14 @@ def record_observation(namespace: str, name: str, obs: Observation) -> None:
         LAG_ESTIMATED.labels(*labels).set(int(obs.lag_estimated))
 
 
-def record_replicas(namespace: str, name: str, decision: Decision, current: int) -> None:
+def record_replicas(
+    namespace: str, name: str, decision: Decision, current: int, ready: int, max_replicas: int
+) -> None:
     DESIRED.labels(namespace, name).set(decision.desired)
     CURRENT.labels(namespace, name).set(current)
+    READY.labels(namespace, name).set(ready)
+    MAX.labels(namespace, name).set(max_replicas)
+    PAUSED.labels(namespace, name).set(int(decision.reason in ("Paused", "PauseInvalid")))
 
 
 def record_scale(namespace: str, name: str, before: int, after: int, reason: str) -> None:

@@ -108,6 +108,8 @@ class RedisSpec(_Model):
     password_secret_ref: SecretKeyRef | None = None
     """Secret key holding the Redis password (ACL or requirepass)."""
     tls: Annotated[TLSSpec, Field(json_schema_extra={"default": {}})] = TLSSpec()
+    cluster: bool = False
+    """The URL names one node of a Redis Cluster (partitions spread over its slots)."""
 
     @property
     def tls_on(self) -> bool:
@@ -129,6 +131,13 @@ class LocalObjectReference(_Model):
 # StreamQueue names that predate the derivation and differ from to_camel(field); kept so existing
 # objects stay valid (the env variable is still the field's: STREAMQUEUE_REPLY_MAXLEN).
 _SPEC_NAMES = {"reply_maxlen": "replyMaxLen"}
+
+
+def _copy(name: str) -> Any:
+    """``WorkerSettings.<name>`` as a spec field with the worker's default, type, bounds and description."""
+    info = WorkerSettings.model_fields[name]
+    assert info.annotation is not None
+    return (Annotated[(info.annotation, *info.metadata, Field(description=info.description))], info.default)
 
 
 def _optional_copy(name: str) -> Any:
@@ -238,6 +247,8 @@ class ScalingSpec(_Model):
     """From zero, wake once the backlog exceeds this."""
     fallback_replicas: int | None = Field(default=None, ge=0, le=1000)
     """Replicas while Redis is unreachable; unset holds the current count."""
+    cold_start_seconds: int = Field(default=60, ge=0, le=3600)
+    """Longest a further scale-up waits for the pods of the last one to become Ready; 0: no wait."""
 
 
 class HousekeepingSpec(_Model):
@@ -248,7 +259,29 @@ class HousekeepingSpec(_Model):
     interval_seconds: int = Field(default=30, ge=5, le=3600)
 
 
-class StreamQueueSpec(_Model):
+# The queue's shape, declared once by the worker: the operator renders them into the pods and observes
+# every partition.
+_QueueShape: type[_Model] = create_model(
+    "_QueueShape", __base__=_Model, **{name: _copy(name) for name in ("partitions", "ordering")}
+)
+
+
+class StreamQueueSpec(_QueueShape):  # type: ignore[misc, valid-type]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _rule(
+                    "!has(self.ordering) || self.ordering != 'perUser' || !has(self.scaling) || "
+                    "!has(self.scaling.maxReplicas) || self.scaling.maxReplicas <= "
+                    "(has(self.partitions) ? self.partitions : 1)",
+                    "with ordering: perUser each partition has one worker at a time: "
+                    "scaling.maxReplicas must be at most partitions (more pods would stand idle)",
+                    field_path=".scaling.maxReplicas",
+                ),
+            ]
+        }
+    )
+
     redis: Annotated[RedisSpec, Field(json_schema_extra={"default": {}})] = RedisSpec()
     stream: str = Field(default=wire.DEFAULT_STREAM, min_length=1, max_length=256)
     """Input stream."""
@@ -287,6 +320,10 @@ class StreamQueueStatus(_Model):
     desired_replicas: int | None = None
     current_replicas: int | None = None
     replicas: str | None = Field(default=None, description="current/desired, for kubectl get.")
+    ready_replicas: int | None = None
+    paused: bool | None = Field(
+        default=None, description="The pause annotations hold the replica count (see the Paused condition)."
+    )
     last_scale_time: str | None = None
     last_scale_reason: str | None = None
 

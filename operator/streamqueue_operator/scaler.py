@@ -17,10 +17,12 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from streamqueue import wire
+from streamqueue.connection import RedisClient
 
 from . import deletion_cost, housekeeping, metrics, redis_access, status
 from .act import API_ERRORS, Cluster
-from .decide import Decision, ScalerState, decide
+from .decide import Decision, ScalerState, decide, parse_pause
 from .deployment import deployment_name, selector_labels
 from .models import RedisSpec, StreamQueueSpec, parse_spec
 from .observe import Observation, observe
@@ -38,6 +40,17 @@ class Replicas:
 
 
 ScaleCallback = Callable[[int, int, Decision], None]
+# (type, reason, message) of an Event on the StreamQueue
+EventCallback = Callable[[str, str, str], None]
+
+HOLD_EVENT_REPEAT_SECONDS = 300.0
+# A hold's Event reason, and whether it is a Warning.
+HOLD_EVENTS = {
+    "Stabilized": ("ScaleDownDelayed", False),
+    "ColdStart": ("ColdStartHold", False),
+    "Paused": ("Paused", False),
+    "PauseInvalid": ("InvalidPauseAnnotation", True),
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,7 @@ class QueueScaler:
         self.deployment_error: str | None = None
         self.log = logging.getLogger(f"streamqueue.scaler.{namespace}.{name}")
         self._spec: tuple[int, StreamQueueSpec] | None = None
-        self._client: tuple[RedisSpec, redis.asyncio.Redis] | None = None
+        self._client: tuple[RedisSpec, RedisClient] | None = None
         self._client_error: str | None = None
         self._last_connect = -RECONNECT_INTERVAL_SECONDS
         self._state: ScalerState | None = None
@@ -65,6 +78,8 @@ class QueueScaler:
         self._last_housekeeping = time.monotonic()
         self._last_scale: tuple[str | None, str | None] = (None, None)
         self._status_write: asyncio.Task[None] | None = None
+        self._hold: str | None = None
+        self._hold_announced: dict[str, float] = {}
 
     def spec(self, body: Mapping[str, Any]) -> StreamQueueSpec:
         generation = body["metadata"].get("generation", 0)
@@ -78,7 +93,7 @@ class QueueScaler:
         await self._drop_client()
         metrics.forget(self.namespace, self.name)
 
-    async def _redis(self, spec: RedisSpec) -> redis.asyncio.Redis | None:
+    async def _redis(self, spec: RedisSpec) -> RedisClient | None:
         if self._client is not None and self._client[0] == spec:
             return self._client[1]
         now = time.monotonic()
@@ -100,7 +115,7 @@ class QueueScaler:
         at = time.monotonic()
         if client is None:
             return Observation(at=at, error=self._client_error or "waiting to reconnect")
-        obs = await observe(client, spec.stream, spec.group, at)
+        obs = await observe(client, wire.partition_streams(spec.stream, spec.partitions), spec.group, at)
         if obs.error and "auth" in obs.error.lower():
             await self._drop_client()  # re-read the Secret on the next attempt: the password may have rotated
         return obs
@@ -147,7 +162,11 @@ class QueueScaler:
         self._last_scale = (previous_status.get("lastScaleTime"), previous_status.get("lastScaleReason"))
 
     async def poll(
-        self, body: Mapping[str, Any], replicas: Replicas | None, on_scale: ScaleCallback
+        self,
+        body: Mapping[str, Any],
+        replicas: Replicas | None,
+        on_scale: ScaleCallback,
+        on_event: EventCallback | None = None,
     ) -> float:
         """One step; returns the poll interval to sleep before the next."""
         spec = self.spec(body)
@@ -162,16 +181,51 @@ class QueueScaler:
         current = await self._current(replicas, now)
         if self._state is None:
             self._state = ScalerState.seeded(now, current)
-        decision, self._state = decide(spec.scaling, self._state, obs, current, replicas.ready)
+        pause = parse_pause(body["metadata"].get("annotations"))
+        decision, self._state = decide(spec.scaling, self._state, obs, current, replicas.ready, pause)
+        self._announce_hold(decision, current, now, on_event)
         if 0 < decision.desired < current and obs.ok:
             await self._rank_pods_for_removal(spec)
         if decision.desired != current:
             current = await self._scale(current, replicas.desired, decision, now, on_scale)
-        metrics.record_replicas(self.namespace, self.name, decision, current)
+        metrics.record_replicas(
+            self.namespace, self.name, decision, current, replicas.ready, spec.scaling.max_replicas
+        )
         await self._write_status(body, obs, decision, current, replicas.ready)
         if obs.ok:
             await self._housekeeping(spec, now)
         return spec.scaling.poll_interval_seconds
+
+    def _announce_hold(
+        self, decision: Decision, current: int, now: float, on_event: EventCallback | None
+    ) -> None:
+        """An Event when a hold starts (a pause, a cold start, a scale-down waiting for its window) and
+        when a pause ends: on change only, and the same hold at most every few minutes, so a flapping
+        decision cannot flood the Events."""
+        hold = decision.reason if decision.reason in HOLD_EVENTS and decision.desired == current else None
+        if decision.reason in ("Paused", "PauseInvalid"):
+            hold = decision.reason  # paused-replicas: its scale is a ScaledUp/Down Event, the pause its own
+        previous, self._hold = self._hold, hold
+        if hold == previous or on_event is None:
+            return
+        if previous in ("Paused", "PauseInvalid") and hold not in ("Paused", "PauseInvalid"):
+            on_event(
+                "Normal",
+                "Resumed",
+                f"pause annotations removed: scaling follows the queue again ({current} replica(s))",
+            )
+        if hold is None:
+            return
+        last = self._hold_announced.get(hold)
+        if (
+            hold not in ("Paused", "PauseInvalid")
+            and last is not None
+            and now - last < HOLD_EVENT_REPEAT_SECONDS
+        ):
+            return
+        self._hold_announced[hold] = now
+        reason, warning = HOLD_EVENTS[hold]
+        on_event("Warning" if warning else "Normal", reason, decision.message)
 
     def _selector(self) -> str:
         return ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
@@ -266,16 +320,19 @@ class QueueScaler:
             return
         self._last_housekeeping = now
         client = self._client[1]
+        streams = wire.partition_streams(spec.stream, spec.partitions)  # each its own group, slot
         try:
             if rules.dead_consumer_cleanup:
                 pods = await self.cluster.pod_names(self.namespace, self._selector())
-                result = await housekeeping.remove_dead_consumers(client, spec.stream, spec.group, pods)
-                metrics.CONSUMERS_DELETED.labels(self.namespace, self.name).inc(len(result.deleted))
-                if result.deleted:
-                    self.log.info("deleted dead consumers %s", ", ".join(result.deleted))
+                for stream in streams:
+                    result = await housekeeping.remove_dead_consumers(client, stream, spec.group, pods)
+                    metrics.CONSUMERS_DELETED.labels(self.namespace, self.name).inc(len(result.deleted))
+                    if result.deleted:
+                        self.log.info("deleted dead consumers %s of %s", ", ".join(result.deleted), stream)
             if rules.trim_stream:
-                trimmed = await housekeeping.trim_processed(client, spec.stream)
-                metrics.ENTRIES_TRIMMED.labels(self.namespace, self.name).inc(trimmed)
+                for stream in streams:
+                    trimmed = await housekeeping.trim_processed(client, stream)
+                    metrics.ENTRIES_TRIMMED.labels(self.namespace, self.name).inc(trimmed)
         except (redis.RedisError, OSError) as exc:
             self.log.warning("housekeeping skipped: %s", exc)
         except API_ERRORS as exc:

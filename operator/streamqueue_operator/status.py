@@ -20,6 +20,10 @@ READY = "Ready"
 REDIS_REACHABLE = "RedisReachable"
 SCALING = "Scaling"
 LAG_ESTIMATED = "LagEstimated"
+PAUSED = "Paused"
+
+# Decisions that hold the count against what the backlog alone asks for: their message says why.
+HOLDS = ("Stabilized", "ColdStart", "Paused", "PauseInvalid")
 
 _VOLATILE = ("backlog", "lag", "pending", "streamLength", "consumers")
 
@@ -85,6 +89,14 @@ def _lag_condition(o: Observation, gen: int, prev: list[Condition]) -> Condition
     )
 
 
+def _paused_condition(d: Decision, gen: int, prev: list[Condition]) -> Condition:
+    if d.reason == "PauseInvalid":
+        return _condition(PAUSED, True, "InvalidAnnotation", d.message, gen, prev)
+    if d.reason == "Paused":
+        return _condition(PAUSED, True, "Paused", d.message, gen, prev)
+    return _condition(PAUSED, False, "NotPaused", "no pause annotation: replicas follow the queue", gen, prev)
+
+
 def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
     """The full status for this poll; condition transition times carry over from ``previous``.
 
@@ -109,10 +121,12 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
             SCALING,
             s.ready != d.desired,
             d.reason,
-            f"desired {d.desired}, current {s.current}, ready {s.ready}",
+            f"desired {d.desired}, current {s.current}, ready {s.ready}"
+            + (f": {d.message}" if d.reason in HOLDS else ""),
             gen,
             prev,
         ),
+        _paused_condition(d, gen, prev),
     ]
     if o.ok:
         conditions.append(_lag_condition(o, gen, prev))
@@ -135,6 +149,8 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
             "desired_replicas": d.desired,
             "current_replicas": s.current,
             "replicas": f"{s.current}/{d.desired}",
+            "ready_replicas": s.ready,
+            "paused": d.reason in ("Paused", "PauseInvalid"),
             "last_scale_time": s.last_scale_time,
             "last_scale_reason": s.last_scale_reason,
         }

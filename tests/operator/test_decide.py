@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streamqueue_operator.decide import Rates, Sample, ScalerState, decide, measure_rates
+from streamqueue_operator.decide import (
+    Pause,
+    Rates,
+    Sample,
+    ScalerState,
+    decide,
+    measure_rates,
+    parse_pause,
+)
 from streamqueue_operator.models import ScalingSpec
 from streamqueue_operator.observe import Observation
 
@@ -125,10 +133,70 @@ def test_no_service_rate_when_workers_were_not_saturated() -> None:
     assert measure_rates(samples) == Rates(arrival=1.0, service_per_replica=None)
 
 
+def test_cold_start_holds_further_scale_up_until_pods_are_ready() -> None:
+    p = policy(max_replicas=50, cold_start_seconds=60)
+    d, state = decide(p, ScalerState.seeded(0, 1), obs(1, lag=20), current=1, ready=1)
+    assert d.desired == 4 and d.reason == "Backlog"
+    # backlog keeps growing while the 3 new pods start: they were added for it
+    for t, lag in ((2, 30), (10, 60), (20, 90)):
+        d, state = decide(p, state, obs(t, lag=lag), current=4, ready=1)
+        assert d.desired == 4 and d.reason == "ColdStart", t
+        assert "3 of 4 pod(s) not Ready yet" in d.message
+    d, state = decide(p, state, obs(21, lag=90), current=4, ready=4)  # ready: the policy applies again
+    assert d.desired == 18 and d.reason == "Backlog"
+
+
+def test_cold_start_hold_is_bounded_in_time_and_never_from_zero() -> None:
+    p = policy(max_replicas=50, cold_start_seconds=30)
+    _, state = decide(p, ScalerState.seeded(0, 1), obs(1, lag=20), current=1, ready=1)
+    d, _ = decide(p, state, obs(30, lag=60), current=4, ready=1)
+    assert d.reason == "ColdStart"
+    d, _ = decide(p, state, obs(31, lag=60), current=4, ready=3)  # a pod stuck starting: 30 s is enough
+    assert d.desired == 12 and d.reason == "Backlog"
+    d, _ = decide(p, ScalerState(), obs(1, lag=20), current=0, ready=0)
+    assert d.desired == 4 and d.reason == "Activation"
+    off = policy(max_replicas=50, cold_start_seconds=0)
+    _, state = decide(off, ScalerState.seeded(0, 1), obs(1, lag=20), current=1, ready=1)
+    assert decide(off, state, obs(2, lag=60), current=4, ready=1)[0].desired == 12
+
+
+def test_drain_target_uses_ready_pods_service_rate() -> None:
+    """4 pods, 2 of them Ready and serving 10/s: 5/s per replica, not 2.5/s."""
+    samples = (Sample(0, 0, 0, 0, 100, 2), Sample(10, 0, 100, 0, 100, 2))
+    assert measure_rates(samples) == Rates(arrival=0.0, service_per_replica=5.0)
+
+
+def test_pause_annotations_follow_kedas_semantics() -> None:
+    assert parse_pause(None) is None and parse_pause({"streamqueue.io/paused": "false"}) is None
+    assert parse_pause({"streamqueue.io/paused": "true"}) == Pause()
+    both = {"streamqueue.io/paused": "true", "streamqueue.io/paused-replicas": "3"}
+    assert parse_pause(both) == Pause(replicas=3)  # paused-replicas wins, as in KEDA
+    for bad in ("-1", "two", "1.5", ""):
+        pause = parse_pause({"streamqueue.io/paused-replicas": bad})
+        assert pause is not None and pause.invalid and "paused-replicas" in pause.invalid, bad
+    pause = parse_pause({"streamqueue.io/paused": "yes"})
+    assert pause is not None and pause.invalid
+
+
+def test_pause_holds_sets_or_refuses_and_history_keeps_advancing() -> None:
+    p = policy(max_replicas=50)
+    state = ScalerState.seeded(0, 2)
+    d, state = decide(p, state, obs(1, lag=100), current=2, ready=2, pause=Pause())
+    assert (d.desired, d.reason) == (2, "Paused") and "would be 20" in d.message
+    d, state = decide(p, state, obs(2, lag=100), current=2, ready=2, pause=Pause(replicas=0))
+    assert (d.desired, d.reason) == (0, "Paused")
+    d, state = decide(p, state, obs(3, lag=100), current=0, ready=0, pause=Pause(invalid="bad"))
+    assert (d.desired, d.reason) == (0, "PauseInvalid") and "bad" in d.message
+    d, _ = decide(p, state, obs(4, lag=100), current=0, ready=0)  # removed: resumes at once
+    assert d.desired == 20
+    d, _ = decide(p, state, Observation(at=4, error="down"), current=2, ready=2, pause=Pause(replicas=5))
+    assert d.desired == 5  # a pause is the user's word, Redis or not
+
+
 # --- properties ---------------------------------------------------------------------------------
 
 policies = st.builds(
-    lambda lo, span, target, stab, idle, act, drain: ScalingSpec(
+    lambda lo, span, target, stab, idle, act, drain, cold: ScalingSpec(
         min_replicas=lo,
         max_replicas=max(1, lo + span),
         target_backlog_per_replica=target,
@@ -136,6 +204,7 @@ policies = st.builds(
         idle_cooldown_seconds=idle,
         activation_backlog=act,
         target_drain_seconds=drain,
+        cold_start_seconds=cold,
     ),
     st.integers(0, 5),
     st.integers(0, 30),
@@ -144,6 +213,7 @@ policies = st.builds(
     st.integers(0, 300),
     st.integers(0, 20),
     st.integers(1, 120),
+    st.integers(0, 120),
 )
 
 
@@ -244,6 +314,25 @@ def test_no_scale_down_inside_stabilization_window(scenario: Scenario) -> None:
         if after < before:
             floor = max(n for t, n in needs if t > o.at - p.scale_down_stabilization_seconds or t == o.at)
             assert after >= floor or (after == 0 and floor <= 1), (floor, before, after)
+
+
+@PROPERTY
+@given(scenarios(), st.lists(st.integers(0, 40), min_size=25, max_size=25))
+def test_no_scale_up_while_pods_start(scenario: Scenario, starting: list[int]) -> None:
+    """With pods not Ready, a scale-up that follows the scaler's own earlier one within coldStartSeconds
+    never happens; every other property still holds (never outside [min, max])."""
+    p, observations, current = scenario
+    state, scaled_up_at = ScalerState.seeded(0.0, current), None
+    for o, n in zip(observations, starting, strict=False):
+        ready = max(0, current - n)
+        d, state = decide(p, state, o, current=current, ready=ready)
+        assert p.min_replicas <= d.desired <= p.max_replicas
+        in_cold_start = scaled_up_at is not None and o.at - scaled_up_at < p.cold_start_seconds
+        if ready < current and in_cold_start and current >= p.min_replicas:
+            assert d.desired <= current, (o, current, ready, d)
+        if d.desired > current:
+            scaled_up_at = o.at
+        current = d.desired
 
 
 @PROPERTY

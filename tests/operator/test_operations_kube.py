@@ -8,6 +8,7 @@ Deployment and ReplicaSet controllers pick the pods a scale-down removes.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +77,103 @@ def test_scale_down_removes_idle_pods_first(
         )
         assert set(remaining) == newest, (remaining, newest)
         assert all(int(a[ANNOTATION]) >= 3000 for a in remaining.values()), remaining
+    (delayed,) = events(sq, "busy", "ScaleDownDelayed")  # the 2 s window's hold, said once
+    assert "stabilization window" in delayed.message
+
+
+def events(sq: Queues, name: str, reason: str) -> list[Any]:
+    found = k8s.CoreV1Api(sq.api).list_namespaced_event(
+        sq.namespace, field_selector=f"involvedObject.kind=StreamQueue,involvedObject.name={name}"
+    )
+    return [e for e in found.items if e.reason == reason]
+
+
+def annotate(sq: Queues, name: str, *pairs: str) -> None:
+    sq.plane.kubectl("annotate", "--overwrite", "streamqueue", name, "-n", sq.namespace, *pairs)
+
+
+def test_pause_holds_sets_refuses_and_resumes(
+    sq: Queues, redis_server: RedisServer, start_operator: Any
+) -> None:
+    start_operator()
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 10)
+    # no worker runs here, so no pod is ever Ready: coldStartSeconds 0 keeps the cold-start hold out of it
+    sq.apply("held", minReplicas=1, maxReplicas=5, scaleDownStabilizationSeconds=0, coldStartSeconds=0)
+    eventually(lambda: sq.replicas("held") == 2, "2 replicas for a backlog of 10", timeout=30)
+
+    annotate(sq, "held", "streamqueue.io/paused=true")
+    eventually(lambda: sq.condition("held", "Paused").get("status") == "True", "Paused=True", timeout=15)
+    push(r, 15)  # backlog 25: 5 replicas, were it not paused
+    eventually(
+        lambda: sq.get("held")["status"].get("backlog") == 25, "the paused queue's backlog", timeout=15
+    )
+    assert sq.replicas("held") == 2 and sq.get("held")["status"]["paused"] is True
+    assert "would be 5" in sq.condition("held", "Paused")["message"]
+
+    annotate(sq, "held", "streamqueue.io/paused-replicas=4")
+    eventually(lambda: sq.replicas("held") == 4, "paused-replicas sets 4", timeout=15)
+    annotate(sq, "held", "streamqueue.io/paused-replicas=-1")
+    invalid = eventually(
+        lambda: (c := sq.condition("held", "Paused")).get("reason") == "InvalidAnnotation" and c,
+        "the invalid value reported",
+        timeout=15,
+    )
+    assert "'-1'" in invalid["message"] and "holding 4" in invalid["message"]
+    warning = eventually(lambda: events(sq, "held", "InvalidPauseAnnotation"), "a Warning Event", timeout=15)
+    assert warning[0].type == "Warning" and sq.replicas("held") == 4
+
+    sq.plane.kubectl(
+        "annotate",
+        "streamqueue",
+        "held",
+        "-n",
+        sq.namespace,
+        "streamqueue.io/paused-",
+        "streamqueue.io/paused-replicas-",
+    )
+    eventually(lambda: sq.replicas("held") == 5, "scaling resumes: 5 for a backlog of 25", timeout=15)
+    eventually(lambda: events(sq, "held", "Resumed"), "a Resumed Event", timeout=15)
+    assert sq.condition("held", "Paused")["status"] == "False"
+    assert len(events(sq, "held", "Paused")) == 1  # on change only, not per poll
+
+
+def test_cold_start_does_not_overshoot(
+    sq: Queues, redis_server: RedisServer, start_operator: Any, tmp_path: Path
+) -> None:
+    """Workers take 10-20 s to become Ready (a model loading). A backlog that grows while they start
+    does not raise replicas beyond the count asked for, until they are Ready; then the policy applies."""
+    start_operator()
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    sq.apply("cold", minReplicas=1, maxReplicas=20, coldStartSeconds=60, scaleDownStabilizationSeconds=600)
+    slow = ["bash", "-c", 'sleep $((10 + RANDOM % 11)); exec "$0" "$@"', *STANDIN]
+    apps = k8s.AppsV1Api(sq.api)
+    with WorkerPodRunner(
+        sq.plane.kubeconfig,
+        sq.namespace,
+        "streamqueue.io/queue=cold",
+        command=slow,
+        env_overrides={"STANDIN_DIR": str(tmp_path / "standin")},
+    ):
+        eventually(lambda: sq.replicas("cold") == 1, "the worker Deployment", timeout=30)
+        eventually(
+            lambda: apps.read_namespaced_deployment("cold-worker", sq.namespace).status.ready_replicas == 1,
+            "the first worker Ready",
+            timeout=60,
+        )
+        push(r, 20)
+        eventually(lambda: sq.replicas("cold") == 4, "4 replicas for a backlog of 20", timeout=15)
+        push(r, 40)  # backlog 60 while 3 pods start: 12 replicas once they are Ready
+        seen, reasons = [], set()
+        while (d := apps.read_namespaced_deployment("cold-worker", sq.namespace)).status.ready_replicas != 4:
+            seen.append(d.spec.replicas)
+            reasons.add(sq.condition("cold", "Scaling").get("reason"))
+            assert len(seen) < 400, "the 3 pods never became Ready"
+            time.sleep(0.1)
+        assert max(seen) == 4, seen  # no overshoot while they started
+        assert "ColdStart" in reasons, reasons  # kubectl describe said why
+        eventually(lambda: sq.replicas("cold") == 12, "the policy once they are Ready", timeout=15)
+    (hold,) = events(sq, "cold", "ColdStartHold")  # one Event for the whole hold, not one per poll
+    assert "not Ready yet" in hold.message

@@ -182,6 +182,7 @@ def test_redis_outage_holds_replicas_and_recovers(
         maxReplicas=5,
         scaleDownStabilizationSeconds=1,
         idleCooldownSeconds=1,
+        coldStartSeconds=0,  # no worker runs, so no pod is ever Ready: no cold-start hold here
     )
     eventually(lambda: sq.replicas("q") == 2, "2 replicas for a backlog of 10", timeout=30)
 

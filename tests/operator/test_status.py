@@ -33,7 +33,9 @@ def test_serving_queue_status_and_columns() -> None:
         "RedisReachable": ("True", "Reachable"),
         "Scaling": ("False", "Backlog"),
         "LagEstimated": ("False", "Exact"),
+        "Paused": ("False", "NotPaused"),
     }
+    assert s["readyReplicas"] == 2 and s["paused"] is False
     assert all(c["observedGeneration"] == 3 and c["lastTransitionTime"] for c in s["conditions"])
 
 
@@ -73,3 +75,17 @@ def test_deployment_error_and_scaled_to_zero() -> None:
     assert conditions(s)["Ready"] == ("False", "DeploymentError")
     zero = build(snap(ok(lag=0, pending=0), desired=0, current=0, ready=0), {})
     assert conditions(zero)["Ready"] == ("True", "ScaledToZero") and zero["replicas"] == "0/0"
+
+
+def test_holds_say_why_in_the_scaling_condition_and_pause_in_its_own() -> None:
+    def with_decision(decision: Decision) -> dict:
+        base = snap(ok())
+        return build(Snapshot(**{**base.__dict__, "decision": decision}), {})
+
+    held = with_decision(Decision(4, "ColdStart", "3 of 4 pod(s) not Ready yet"))
+    scaling = next(c for c in held["conditions"] if c["type"] == "Scaling")
+    assert scaling["reason"] == "ColdStart" and "3 of 4 pod(s) not Ready yet" in scaling["message"]
+    paused = with_decision(Decision(2, "Paused", "paused by annotation streamqueue.io/paused"))
+    assert conditions(paused)["Paused"] == ("True", "Paused") and paused["paused"] is True
+    invalid = with_decision(Decision(2, "PauseInvalid", "streamqueue.io/paused-replicas: '-1'"))
+    assert conditions(invalid)["Paused"] == ("True", "InvalidAnnotation")

@@ -1,0 +1,36 @@
+"""Hold Events (stabilization, cold start, pause): on change only, never one per poll."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamqueue_operator.decide import Decision
+from streamqueue_operator.scaler import QueueScaler, Settings
+
+
+def test_holds_are_announced_on_change_only() -> None:
+    scaler = QueueScaler(Any, Settings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
+    sent: list[tuple[str, str]] = []
+
+    def poll(reason: str, desired: int, current: int, at: float) -> None:
+        scaler._announce_hold(
+            Decision(desired, reason, "why"), current, at, lambda t, r, m: sent.append((t, r))
+        )
+
+    for t in range(5):
+        poll("Stabilized", 4, 4, t)  # waiting for the window, poll after poll
+    poll("Backlog", 5, 4, 5)
+    poll("Stabilized", 5, 5, 6)  # flapping back within a few minutes: not again
+    for t in range(7, 10):
+        poll("ColdStart", 5, 5, t)
+    for t in range(10, 13):
+        poll("Paused", 5, 5, t)
+    poll("PauseInvalid", 5, 5, 13)
+    poll("Backlog", 5, 5, 14)
+    assert sent == [
+        ("Normal", "ScaleDownDelayed"),
+        ("Normal", "ColdStartHold"),
+        ("Normal", "Paused"),
+        ("Warning", "InvalidPauseAnnotation"),
+        ("Normal", "Resumed"),
+    ]
