@@ -159,7 +159,7 @@ def test_dashboard_names_only_exported_metrics_and_covers_the_panels() -> None:
     assert used <= exported_sample_names(), used - exported_sample_names()
     assert {
         "streamqueue_backlog", "streamqueue_lag", "streamqueue_pending", "streamqueue_desired_replicas",
-        "streamqueue_current_replicas", "streamqueue_messages_processed_total",
+        "streamqueue_ready_replicas", "streamqueue_messages_processed_total",
         "streamqueue_handler_duration_seconds_bucket", "streamqueue_messages_dead_lettered_total",
         "streamqueue_redis_errors_total", "streamqueue_api_errors_total", "streamqueue_scale_events_total",
     } <= used  # fmt: skip
