@@ -64,6 +64,14 @@ def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
         env.append(_env("redis_tls", True))
     if redis.tls.ca_secret_ref:
         env.append(_env("redis_tls_ca_file", f"{CA_DIR}/{redis.tls.ca_secret_ref.key}"))
+    if redis.cluster:
+        env.append(_env("redis_cluster", True))
+    # The queue's shape, when it is not the worker's default (both come from WorkerSettings).
+    env += [
+        _env(name, getattr(spec, name))
+        for name in ("partitions", "ordering")
+        if name in spec.model_fields_set
+    ]
     if spec.worker.openai_api_key_secret_ref:
         ref = spec.worker.openai_api_key_secret_ref
         secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}

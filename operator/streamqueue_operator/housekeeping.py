@@ -16,7 +16,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-import redis.asyncio
+from streamqueue.connection import RedisClient
 
 # Returns -1 (and deletes nothing) while the consumer still owns pending entries.
 _DELETE_IF_IDLE = """
@@ -70,7 +70,7 @@ def could_be_pod_name(name: str) -> bool:
 
 
 async def remove_dead_consumers(
-    client: redis.asyncio.Redis, stream: str, group: str, live_pods: Collection[str]
+    client: RedisClient, stream: str, group: str, live_pods: Collection[str]
 ) -> ConsumerCleanup:
     """Delete consumers named after Pods that no longer exist, once nothing is pending for them.
 
@@ -92,6 +92,6 @@ async def remove_dead_consumers(
     return ConsumerCleanup(tuple(deleted), tuple(kept), tuple(foreign))
 
 
-async def trim_processed(client: redis.asyncio.Redis, stream: str) -> int:
+async def trim_processed(client: RedisClient, stream: str) -> int:
     """XTRIM MINID below the oldest entry any group still needs; returns the number of entries removed."""
     return int(await client.eval(_TRIM_PROCESSED, 1, stream))

@@ -1,4 +1,8 @@
-"""Observe a queue: one pipelined round trip of XINFO GROUPS + XINFO STREAM.
+"""Observe a queue: XINFO GROUPS + XINFO STREAM of every partition, pipelined in one round trip.
+
+A partitioned queue is summed into one ``Observation`` (its backlog is the sum; each partition's is
+kept for status and metrics). On a Redis Cluster redis-py sends the pipeline as one batch per node,
+so a poll costs one round trip per node however many partitions there are.
 
 The result is a plain value (``Observation``) so the decision can stay a pure function. Redis
 reports a group's lag as nil when it cannot count it (after XDEL, XTRIM or XGROUP SETID); then the
@@ -8,7 +12,8 @@ never mistaken for an idle one (KEDA's lag mode treats nil as inactive).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -31,6 +36,8 @@ class Observation:
     pending: int = 0
     entries_read: int | None = None
     consumers: int = 0
+    # Backlog per partition stream (only for a partitioned queue).
+    partitions: tuple[tuple[str, int], ...] = field(default=())
 
     @property
     def ok(self) -> bool:
@@ -93,13 +100,39 @@ def from_replies(at: float, group_name: str, groups_reply: Any, stream_reply: An
     )
 
 
-async def observe(client: redis.asyncio.Redis, stream: str, group: str, at: float) -> Observation:
-    """Read the queue's state in one round trip; connection failures become an error Observation."""
+async def observe(client: Any, streams: Sequence[str], group: str, at: float) -> Observation:
+    """Read every partition in one pipeline; connection failures become an error Observation."""
     try:
         async with client.pipeline(transaction=False) as pipe:
-            pipe.xinfo_groups(stream)
-            pipe.xinfo_stream(stream)
-            groups_reply, stream_reply = await pipe.execute(raise_on_error=False)
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+                pipe.xinfo_stream(stream)
+            replies = await pipe.execute(raise_on_error=False)
     except (redis.RedisError, OSError) as exc:
         return Observation(at=at, error=f"{type(exc).__name__}: {exc}")
-    return from_replies(at, group, groups_reply, stream_reply)
+    parts = [from_replies(at, group, replies[2 * i], replies[2 * i + 1]) for i in range(len(streams))]
+    return parts[0] if len(parts) == 1 else combine(at, streams, parts)
+
+
+def combine(at: float, streams: Sequence[str], parts: Sequence[Observation]) -> Observation:
+    """One queue from its partitions. A partition whose group is missing counts its whole stream as
+    undelivered (its workers have not started yet); the queue's group is missing only if every one is."""
+    failed = next((p for p in parts if p.error is not None), None)
+    if failed is not None:
+        return failed
+    if all(p.group_missing for p in parts):
+        return Observation(at=at, group_missing=True, stream_length=sum(p.stream_length for p in parts))
+    lags = [p.stream_length if p.group_missing else p.lag for p in parts]
+    reads = [p.entries_read for p in parts if not p.group_missing]
+    return Observation(
+        at=at,
+        stream_length=sum(p.stream_length for p in parts),
+        entries_added=sum(p.entries_added for p in parts),
+        last_generated_id=max((p.last_generated_id for p in parts), key=parse_id),
+        lag=sum(lags),
+        lag_estimated=any(p.lag_estimated or p.group_missing for p in parts),
+        pending=sum(p.pending for p in parts),
+        entries_read=None if any(r is None for r in reads) else sum(r for r in reads if r is not None),
+        consumers=max(p.consumers for p in parts),  # each worker consumes every partition it holds
+        partitions=tuple((s, lag + p.pending) for s, lag, p in zip(streams, lags, parts, strict=True)),
+    )

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio
 from pydantic import SecretStr
-from streamqueue.connection import RedisConnection
-from streamqueue.connection import connect as shared_connect
+from streamqueue.connection import RedisClient, RedisConnection, connect_any
 
 from .act import Cluster
 from .models import RedisSpec
@@ -35,7 +33,7 @@ async def resolve(cluster: Cluster, namespace: str, spec: RedisSpec) -> Credenti
     return Credentials(password, ca)
 
 
-def connect(spec: RedisSpec, credentials: Credentials) -> redis.asyncio.Redis:
+def connect(spec: RedisSpec, credentials: Credentials) -> RedisClient:
     """A client through the shared ``streamqueue.connection`` rules, with the operator's short timeout.
 
     The CA bundle goes to redis-py as data, so the operator writes no file.
@@ -47,5 +45,6 @@ def connect(spec: RedisSpec, credentials: Credentials) -> redis.asyncio.Redis:
         tls=spec.tls_on,
         tls_ca_data=credentials.ca_pem,
         socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        cluster=spec.cluster,
     )
-    return shared_connect(connection)
+    return connect_any(connection)

@@ -19,7 +19,11 @@ def _full_spec() -> StreamQueueSpec:
                 "username": "sq",
                 "passwordSecretRef": {"name": "redis-auth"},
                 "tls": {"enabled": True, "caSecretRef": {"name": "redis-ca"}},
+                "cluster": True,
             },
+            "partitions": 8,
+            "ordering": "perUser",
+            "scaling": {"maxReplicas": 8},
             "worker": {
                 "handler": "pkg.mod:fn",
                 "handlerUrl": "http://ai/x",
@@ -46,6 +50,7 @@ def _full_spec() -> StreamQueueSpec:
                 "openaiRetries": 2,
                 "openaiMemoryTurns": 3,
                 "openaiMemoryTtlSeconds": 600,
+                "leaseTtlMs": 3000,
                 "env": [{"name": "EXTRA", "value": "1"}, {"name": "STREAMQUEUE_BATCH_SIZE", "value": "99"}],
                 "nodeSelector": {"pool": "ai"},
                 "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -87,6 +92,14 @@ def test_password_only_by_secret_reference_and_consumer_is_the_pod_name() -> Non
     assert env["STREAMQUEUE_BATCH_SIZE"]["value"] == "99"  # the user's env wins over the operator's
     assert env["STREAMQUEUE_ERROR_REPLIES"]["value"] == "false"
     assert env["EXTRA"]["value"] == "1"
+    assert (env["STREAMQUEUE_PARTITIONS"]["value"], env["STREAMQUEUE_ORDERING"]["value"]) == ("8", "perUser")
+    assert env["STREAMQUEUE_REDIS_CLUSTER"]["value"] == "true"
+
+
+def test_the_queue_shape_reaches_the_pod_whenever_the_spec_states_it() -> None:
+    env = _env(render(OWNER, parse_spec({"partitions": 1, "ordering": "none"}), "img"))
+    assert (env["STREAMQUEUE_PARTITIONS"]["value"], env["STREAMQUEUE_ORDERING"]["value"]) == ("1", "none")
+    assert "STREAMQUEUE_REDIS_CLUSTER" not in env
 
 
 def test_defaults_set_only_what_the_worker_cannot_know() -> None:
