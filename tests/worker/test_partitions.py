@@ -21,7 +21,8 @@ from subprocess import Popen
 from typing import Any
 
 import pytest
-from streamqueue import wire
+from streamqueue import Client, wire
+from streamqueue.connection import RedisConnection
 from streamqueue.worker.reclaim import Delivery
 from streamqueue.worker.userorder import UserOrder
 from streamqueue_harness.processes import spawn
@@ -261,3 +262,34 @@ def test_workers_carry_on_through_a_primary_failover(redis_cluster, fleets, tmp_
         f"\nprimary {killed} killed mid-burst: {len(before) + len(after)} messages, lost={lost} "
         f"(all from before the failover), duplicates={duplicates}"
     )
+
+
+# ---- the Python client routes ---------------------------------------------------------------------
+
+
+async def _request_through(connection: RedisConnection, stream: str, partitions: int) -> list[str]:
+    async with Client(connection, stream=stream, partitions=partitions) as client:
+        replies = [await client.request(f"{stream}-u{i}", f"hello {i}", timeout=30) for i in range(6)]
+    return [r.response or "" for r in replies]
+
+
+async def test_the_client_sends_each_user_to_their_partition(redis_server, fleets, tmp_path) -> None:
+    fleet = Fleet(redis_server.url, tmp_path, "routed", 4)
+    fleets.append(fleet)
+    fleet.start("w-1")
+    responses = await _request_through(RedisConnection(url=redis_server.url), "routed", 4)
+    assert responses == [f"Echo: hello {i}" for i in range(6)]
+    r = redis_server.client(decode_responses=True)
+    for i in range(6):
+        user = f"routed-u{i}"
+        partition = wire.partition_stream("routed", wire.partition_of(user, 4), 4)
+        assert [f["user_id"] for _, f in r.xrange(partition)].count(user) == 1
+
+
+@cluster_only
+async def test_the_client_works_on_a_cluster(redis_cluster, fleets, tmp_path) -> None:
+    fleet = Fleet(redis_cluster.url, tmp_path, "cl", 6, redis_cluster="true")
+    fleets.append(fleet)
+    fleet.start("w-1")
+    responses = await _request_through(RedisConnection(url=redis_cluster.url, cluster=True), "cl", 6)
+    assert responses == [f"Echo: hello {i}" for i in range(6)]

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from . import wire
-from .connection import Backoff, RedisConnection, connect
+from .connection import Backoff, RedisClient, RedisConnection, connect_any
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,7 @@ class Client:
         connection: RedisConnection | str = "redis://localhost:6379/0",
         *,
         stream: str = wire.DEFAULT_STREAM,
+        partitions: int = 1,
         reply_prefix: str = wire.DEFAULT_REPLY_PREFIX,
         stream_maxlen: int | None = None,
         max_message_bytes: int | None = None,
@@ -247,16 +248,21 @@ class Client:
         producers may outrun the workers for long, since trimming drops unprocessed requests.
         ``max_message_bytes`` rejects oversized messages before sending (the worker would
         dead-letter them). ``max_readers`` bounds the users with requests in flight at once (each has a
-        blocking reader on its own connection); beyond it readers wait for a free connection."""
+        blocking reader on its own connection); beyond it readers wait for a free connection.
+        ``partitions`` must match the queue's: each user's requests go to partition
+        ``wire.partition_of(user_id, partitions)``. A ``RedisConnection`` with ``cluster=True`` reaches a
+        Redis Cluster (replies are read from each user's stream wherever it lives)."""
         if isinstance(connection, str):  # a URL alone; nothing is read from the environment
             connection = RedisConnection(url=connection)
         self.stream = stream
+        self.partitions = partitions
         self.reply_prefix = reply_prefix
         self.stream_maxlen = stream_maxlen
         self.max_message_bytes = max_message_bytes if max_message_bytes is not None else sys.maxsize
         self.block_ms = block_ms
-        self.redis: aioredis.Redis = connect(connection, block_ms=block_ms)
-        self.redis.connection_pool.max_connections = max_readers + _COMMAND_CONNECTIONS
+        self.redis: RedisClient = connect_any(connection, block_ms=block_ms)
+        if isinstance(self.redis, aioredis.Redis):  # a cluster client has a pool per node
+            self.redis.connection_pool.max_connections = max_readers + _COMMAND_CONNECTIONS
         self.commands = asyncio.Semaphore(_COMMAND_CONNECTIONS)
         self._readers: dict[str, _UserReader] = {}
 
@@ -299,7 +305,8 @@ class Client:
         await self.redis.aclose()
 
     async def send(self, user_id: str, message: str, request_id: str | None = None) -> str:
-        """Append one request to the input stream (the article's plain XADD) and return its entry id."""
+        """Append one request to the user's partition of the input stream (the article's plain XADD;
+        with one partition, the input stream itself) and return its entry id."""
         self._check(user_id, message)
         fields: dict[FieldT, EncodableT] = {
             wire.USER_ID: user_id,
@@ -309,8 +316,11 @@ class Client:
         if request_id is not None:
             fields[wire.REQUEST_ID] = request_id
         async with self.commands:
+            key = wire.partition_stream(
+                self.stream, wire.partition_of(user_id, self.partitions), self.partitions
+            )
             entry_id = await self.redis.xadd(
-                self.stream, fields, maxlen=self.stream_maxlen, approximate=self.stream_maxlen is not None
+                key, fields, maxlen=self.stream_maxlen, approximate=self.stream_maxlen is not None
             )
         return str(entry_id)
 
