@@ -15,7 +15,7 @@ from typing import Any
 
 
 async def handle(msg: Any) -> str:
-    delay_ms = int(os.environ.get("STREAMQUEUE_DEMO_DELAY_MS", "50"))
+    delay_ms: float = int(os.environ.get("STREAMQUEUE_DEMO_DELAY_MS", "50"))
     delay_ms += random.uniform(0, int(os.environ.get("STREAMQUEUE_DEMO_JITTER_MS", "0")))
     await asyncio.sleep(delay_ms / 1000)
     return f"Echo: {msg.message}"

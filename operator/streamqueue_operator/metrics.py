@@ -10,6 +10,9 @@ from .observe import Observation
 _LABELS = ("namespace", "name")
 
 BACKLOG = Gauge("streamqueue_backlog", "Lag plus pending entries of the queue's group.", _LABELS)
+PARTITION_BACKLOG = Gauge(
+    "streamqueue_partition_backlog", "Lag plus pending of one partition stream.", (*_LABELS, "partition")
+)
 PENDING = Gauge("streamqueue_pending", "Delivered but unacknowledged entries.", _LABELS)
 LAG = Gauge("streamqueue_lag", "Entries not yet delivered to the group.", _LABELS)
 LAG_ESTIMATED = Gauge(
@@ -53,6 +56,8 @@ def record_observation(namespace: str, name: str, obs: Observation) -> None:
         PENDING.labels(*labels).set(obs.pending)
         LAG.labels(*labels).set(obs.lag)
         LAG_ESTIMATED.labels(*labels).set(int(obs.lag_estimated))
+        for partition, backlog in obs.partitions:
+            PARTITION_BACKLOG.labels(*labels, partition).set(backlog)
 
 
 def record_replicas(
@@ -76,6 +81,7 @@ def forget(namespace: str, name: str) -> None:
             gauge.remove(namespace, name)
         except KeyError:
             continue
+    PARTITION_BACKLOG.remove_by_labels({"namespace": namespace, "name": name})
 
 
 def serve(port: int, address: str = "0.0.0.0") -> None:

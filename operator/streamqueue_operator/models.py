@@ -317,6 +317,9 @@ class StreamQueueStatus(_Model):
     pending: int | None = None
     stream_length: int | None = None
     consumers: int | None = None
+    partitions: dict[str, int] | None = Field(
+        default=None, description="Backlog (lag + pending) of each partition stream, when there are several."
+    )
     desired_replicas: int | None = None
     current_replicas: int | None = None
     replicas: str | None = Field(default=None, description="current/desired, for kubectl get.")

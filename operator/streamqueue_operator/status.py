@@ -25,7 +25,7 @@ PAUSED = "Paused"
 # Decisions that hold the count against what the backlog alone asks for: their message says why.
 HOLDS = ("Stabilized", "ColdStart", "Paused", "PauseInvalid")
 
-_VOLATILE = ("backlog", "lag", "pending", "streamLength", "consumers")
+_VOLATILE = ("backlog", "lag", "pending", "streamLength", "consumers", "partitions")
 
 
 def now_iso() -> str:
@@ -137,6 +137,7 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
             pending=o.pending,
             stream_length=o.stream_length,
             consumers=o.consumers,
+            partitions=dict(o.partitions) or None,
         )
     else:  # nothing new was observed: keep the last counters and lag condition
         conditions += [c for c in prev if c.type == LAG_ESTIMATED]

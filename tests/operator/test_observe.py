@@ -6,7 +6,7 @@ import redis
 import redis.asyncio
 from streamqueue.connection import RedisConnection, connect
 from streamqueue_harness.redis_server import RedisServer
-from streamqueue_operator.observe import observe
+from streamqueue_operator.observe import Observation, combine, observe
 
 STREAM, GROUP = "q", "g"
 
@@ -80,3 +80,23 @@ async def test_unreachable_redis_is_an_error_observation(redis_server: RedisServ
     redis_server.start()
     redis_server.client().xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     assert (await observe(client, STREAM, GROUP, at=2.0)).ok
+
+
+def test_a_partitioned_queue_is_the_sum_of_its_partitions() -> None:
+    parts = [
+        Observation(at=1, stream_length=10, entries_added=12, lag=3, pending=2, entries_read=9, consumers=2),
+        Observation(at=1, group_missing=True, stream_length=4, entries_added=4),  # its workers not yet up
+        Observation(at=1, stream_length=7, entries_added=7, lag=0, pending=1, entries_read=7, consumers=3),
+    ]
+    obs = combine(1, ["q:{0}", "q:{1}", "q:{2}"], parts)
+    assert (obs.lag, obs.pending, obs.backlog, obs.stream_length) == (3 + 4, 3, 10, 21)
+    assert obs.ok and obs.lag_estimated  # the missing group's stream counts as undelivered, flagged
+    assert (obs.entries_read, obs.consumers) == (16, 3)
+    assert obs.partitions == (("q:{0}", 5), ("q:{1}", 4), ("q:{2}", 1))
+
+
+def test_a_partitioned_queue_is_missing_only_when_every_group_is_and_fails_with_any_partition() -> None:
+    missing = Observation(at=1, group_missing=True, stream_length=2)
+    assert combine(1, ["a", "b"], [missing, missing]).group_missing
+    failed = Observation(at=1, error="ConnectionError: down")
+    assert combine(1, ["a", "b"], [Observation(at=1), failed]).error == "ConnectionError: down"

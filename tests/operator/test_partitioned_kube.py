@@ -74,7 +74,14 @@ def test_the_operator_scales_a_cluster_queue_on_its_summed_backlog(
 
     want = math.ceil(sent / 10)  # one partition alone would ask for 3
     eventually(lambda: sq.replicas("parts") == want, f"{want} replicas for {sent} entries", timeout=30)
-    assert sq.get("parts")["status"]["backlog"] == sent
+    status = eventually(lambda: sq.get("parts").get("status", {}), "a status", timeout=10)
+    assert status["backlog"] == sent
+    per_partition = {stream: PER_PARTITION for stream in streams}
+    eventually(
+        lambda: sq.get("parts")["status"].get("partitions") == per_partition,
+        "per-partition backlog",
+        timeout=10,
+    )
 
     runner = WorkerPodRunner(control_plane.kubeconfig, kube_namespace, "streamqueue.io/queue=parts")
     runner.start()
