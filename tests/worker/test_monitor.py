@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import redis
 from streamqueue import wire
-from streamqueue.connection import RedisConnection, connect
+from streamqueue.connection import RedisConnection, connect, connect_any
 from streamqueue.monitor import count_streams, main
+from streamqueue.worker import leases
 
 
 def _row(output: str, first_cell: str) -> list[str]:
@@ -106,7 +108,8 @@ def test_several_streams_from_commas_or_repeated_flags(redis_server, capsys) -> 
 def test_help_lists_the_options() -> None:
     script = os.path.join(os.path.dirname(sys.executable), "streamqueue-monitor")
     out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60, check=True)
-    for flag in ("--once", "--interval", "--stream", "--reply-prefix", "--redis-url", "--scan-limit"):
+    flags = ("--once", "--interval", "--stream", "--reply-prefix", "--redis-url", "--scan-limit")
+    for flag in (*flags, "--partitions", "--redis-cluster"):
         assert flag in out.stdout
 
 
@@ -141,3 +144,156 @@ def test_a_key_of_another_type_is_an_error_not_a_missing_stream(redis_server, ca
     redis_server.client().set("not-a-stream", "x")
     assert main(["--once", "--redis-url", redis_server.url, "--stream", "not-a-stream"]) == 1
     assert "WRONGTYPE" in capsys.readouterr().err
+
+
+# ---- partitioned queues, one Redis and a Redis Cluster ----------------------------------------------
+
+
+def _cells(output: str, *first: str) -> list[str]:
+    """The cells of the table row whose first cells are ``first``."""
+    for line in output.splitlines():
+        cells = line.split()
+        if cells[: len(first)] == list(first):
+            return cells
+    raise AssertionError(f"no row for {first!r} in:\n{output}")
+
+
+def _partitioned_queue(r: Any, stream: str, partitions: int, users: int) -> dict[int, int]:
+    """``users`` users' requests routed the documented way; every partition's group created at 0;
+    worker w1 reads 2 entries of every even partition, w2 all of partition 1 and acks one of them.
+    Returns each partition's length."""
+    lengths = dict.fromkeys(range(partitions), 0)
+    for u in range(users):
+        user = f"{stream}-u{u}"
+        p = wire.partition_of(user, partitions)
+        r.xadd(wire.partition_stream(stream, p, partitions), {wire.USER_ID: user, wire.MESSAGE: "m"})
+        lengths[p] += 1
+    for p in range(partitions):
+        key = wire.partition_stream(stream, p, partitions)
+        r.xgroup_create(key, wire.DEFAULT_GROUP, id="0", mkstream=True)
+        if p % 2 == 0:
+            r.xreadgroup(wire.DEFAULT_GROUP, "w1", {key: ">"}, count=2)
+    key1 = wire.partition_stream(stream, 1, partitions)
+    read = r.xreadgroup(wire.DEFAULT_GROUP, "w2", {key1: ">"})
+    r.xack(key1, wire.DEFAULT_GROUP, read[0][1][0][0])
+    r.xadd(wire.dead_letter_stream(wire.partition_stream(stream, 2, partitions)), {wire.DL_REASON: "x"})
+    return lengths
+
+
+def _check_partitioned(out: str, stream: str, partitions: int, lengths: dict[int, int]) -> None:
+    assert all(n >= 3 for n in lengths.values()), lengths  # enough users that every partition has some
+    total = sum(lengths.values())
+    for p in range(partitions):
+        key = wire.partition_stream(stream, p, partitions)
+        # PARTITION STREAM LENGTH ENTRIES-ADDED LAST-ID DEAD-LETTER DEAD LEASE
+        row = _cells(out, str(p), key)
+        assert row[2:4] == [str(lengths[p])] * 2
+        assert row[5:7] == [wire.dead_letter_stream(key), "1" if p == 2 else "0"]
+        # GROUP PARTITION CONSUMERS PENDING LAG BACKLOG ENTRIES-READ
+        group = _cells(out, wire.DEFAULT_GROUP, str(p))
+        if p == 1:
+            assert group[2:7] == ["1", str(lengths[p] - 1), "0", str(lengths[p] - 1), str(lengths[p])]
+            assert _cells(out, "w2", "1")[2] == str(lengths[p] - 1)
+        elif p % 2 == 0:
+            assert group[2:7] == ["1", "2", str(lengths[p] - 2), str(lengths[p]), "2"]
+            assert _cells(out, "w1", str(p))[2] == "2"
+        else:
+            assert group[2:7] == ["0", "0", str(lengths[p]), str(lengths[p]), "unknown"]  # never read
+    assert _cells(out, "total", stream)[2:5] == [str(total), str(total), "1"]
+    even = len(range(0, partitions, 2))
+    pending = 2 * even + lengths[1] - 1
+    read = 2 * even + lengths[1]
+    # total: distinct consumers, pending, lag, backlog = pending + lag, entries read (a lower bound:
+    # Redis cannot tell a group that never read partition 3)
+    assert _cells(out, wire.DEFAULT_GROUP, "total")[2:7] == [
+        "2", str(pending), str(total - read), str(total - read + pending), f">={read}"
+    ]  # fmt: skip
+
+
+def test_a_partitioned_queue_shows_each_partition_and_the_total(redis_server, capsys) -> None:
+    r = redis_server.client(decode_responses=True)
+    lengths = _partitioned_queue(r, "orders", 4, users=40)
+    r.set(leases.lease_key(wire.partition_stream("orders", 3, 4)), "w1")  # ordering perUser
+    assert main(["--once", "--redis-url", redis_server.url, "--stream", "orders", "--partitions", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "queue orders: 4 partitions (configured)" in out
+    _check_partitioned(out, "orders", 4, lengths)
+    assert _cells(out, "3", "orders:{3}")[-1] == "w1"
+    assert _cells(out, "0", "orders:{0}")[-1] == "-"
+
+
+def test_partitions_are_detected_from_the_keys(redis_server, capsys) -> None:
+    r = redis_server.client(decode_responses=True)
+    lengths = _partitioned_queue(r, "orders", 5, users=50)
+    r.xadd("plain", {wire.USER_ID: "u", wire.MESSAGE: "m"})
+    assert main(["--once", "--redis-url", redis_server.url, "--stream", "orders,plain"]) == 0
+    out = capsys.readouterr().out
+    assert "queue orders: 5 partitions (detected from the keys)" in out
+    _check_partitioned(out, "orders", 5, lengths)
+    assert _row(out, "plain")[1:3] == ["1", "1"]  # an unpartitioned stream keeps its layout
+    assert "queue plain" not in out
+
+
+def test_partitions_not_created_yet_are_listed(redis_server, capsys) -> None:
+    r = redis_server.client(decode_responses=True)
+    r.xadd(wire.partition_stream("orders", 1, 3), {wire.USER_ID: "u", wire.MESSAGE: "m"})
+    assert main(["--once", "--redis-url", redis_server.url, "--stream", "orders", "--partitions", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "partitions not created yet: 0, 2" in out
+    assert _cells(out, "total", "orders")[2] == "1"
+    assert "(no consumer groups)" in out
+
+
+@pytest.mark.slow
+def test_a_partitioned_queue_on_a_redis_cluster(redis_cluster, capsys) -> None:
+    r = redis_cluster.client(decode_responses=True)
+    lengths = _partitioned_queue(r, "cq", 6, users=80)
+    nodes = {redis_cluster.primary_for(wire.partition_stream("cq", p, 6)) for p in range(6)}
+    assert len(nodes) > 1  # the partitions really are on different primaries
+    prefix = "cq-reply:"
+    users = [f"u{i}" for i in range(300)]
+    for user in users:
+        r.xadd(wire.reply_stream(prefix, user), {wire.RESPONSE: "x"})
+    assert len({redis_cluster.primary_for(wire.reply_stream(prefix, u)) for u in users}) == 3
+    args = ["--once", "--redis-cluster", "--redis-url", redis_cluster.url, "--stream", "cq"]
+    assert main([*args, "--reply-prefix", prefix]) == 0
+    out = capsys.readouterr().out
+    assert "queue cq: 6 partitions (detected from the keys)" in out
+    _check_partitioned(out, "cq", 6, lengths)
+    assert f"reply streams {prefix}*: 300" in out  # every primary scanned
+
+
+@pytest.mark.slow
+async def test_the_reply_count_on_a_cluster_is_bounded_and_spread_over_the_primaries(redis_cluster) -> None:
+    r = redis_cluster.client()
+    pipe = r.pipeline(transaction=False)
+    for i in range(6000):
+        pipe.xadd(f"bounded:u{i}", {wire.RESPONSE: "x"})
+    pipe.execute()
+    client = connect_any(RedisConnection(url=redis_cluster.url, cluster=True))
+    try:
+        assert await count_streams(client, "bounded:", scan_limit=100_000) == (6000, True)
+        count, complete = await count_streams(client, "bounded:", scan_limit=3000)
+        assert not complete and 0 < count < 6000
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
+def test_an_unpartitioned_queue_on_a_cluster_from_the_environment(redis_cluster) -> None:
+    r = redis_cluster.client(decode_responses=True)
+    r.xadd("single", {wire.USER_ID: "u", wire.MESSAGE: "m"})
+    r.xgroup_create("single", "billing", id="0")
+    env = {
+        **os.environ,
+        "STREAMQUEUE_REDIS_URL": redis_cluster.url,
+        "STREAMQUEUE_REDIS_CLUSTER": "true",
+        "STREAMQUEUE_STREAM": "single",
+        "STREAMQUEUE_PARTITIONS": "1",  # as the operator renders it for the worker
+        "STREAMQUEUE_REPLY_PREFIX": "single-reply:",
+    }
+    script = os.path.join(os.path.dirname(sys.executable), "streamqueue-monitor")
+    out = subprocess.run([script, "--once"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert _row(out.stdout, "single")[1:3] == ["1", "1"]
+    assert _row(out.stdout, "billing")[1:4] == ["0", "0", "1"]
+    assert "queue single" not in out.stdout
