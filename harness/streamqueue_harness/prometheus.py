@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from .operatorproc import OperatorProcess, install_crd
 from .ports import free_port
 from .processes import spawn, stop_groups
 
@@ -468,14 +469,13 @@ def plot_demo(out: Path, workdir: Path) -> int:
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(RedisServer())
         plane = stack.enter_context(ControlPlane(workdir / "cluster"))
-        plane.kubectl("apply", "-f", str(ROOT / "crds"))
-        plane.kubectl(
-            "wait", "--for=condition=Established", "crd/streamqueues.streamqueue.io", "--timeout=30s"
-        )
+        install_crd(plane)
         plane.kubectl("create", "namespace", demo.NAMESPACE)
-        stack.enter_context(
-            _operator(plane.kubeconfig, workdir / "operator.log", demo.NAMESPACE, metrics_port)
-        )
+        operator = OperatorProcess(
+            plane.kubeconfig, f"--namespace={demo.NAMESPACE}", workdir,
+            f"--metrics-port={metrics_port}", f"--metrics-address={LOOPBACK}",
+        ).start()  # fmt: skip
+        stack.callback(operator.stop)
         runner = stack.enter_context(WorkerPodRunner(plane.kubeconfig, demo.NAMESPACE, selector))
         file_sd = workdir / "workers.json"
         targets = stack.enter_context(WorkerTargets(file_sd, runner.running, demo.NAMESPACE))
@@ -497,22 +497,6 @@ def plot_demo(out: Path, workdir: Path) -> int:
         plot_panels(prom, dashboard(), variables, start, end, out)
         print(f"[plot] wrote {out} ({out.stat().st_size // 1024} KiB)")
     return 0 if ok else 1
-
-
-@contextlib.contextmanager
-def _operator(kubeconfig: Path, log: Path, namespace: str, metrics_port: int) -> Iterator[None]:
-    import sys
-
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    args = [
-        sys.executable, "-m", "streamqueue_operator", f"--namespace={namespace}",
-        f"--metrics-port={metrics_port}", f"--metrics-address={LOOPBACK}", "--liveness-port=0",
-    ]  # fmt: skip
-    proc = spawn(args, log=log, env=env)
-    try:
-        yield
-    finally:
-        stop_groups([(proc.pid, proc)], grace=15)
 
 
 def main(argv: list[str] | None = None) -> int:

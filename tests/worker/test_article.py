@@ -41,11 +41,12 @@ def worker_process(redis_server) -> Iterator[subprocess.Popen[bytes]]:
     }
     proc = subprocess.Popen([sys.executable, "-m", "streamqueue.worker"], env=env)
     r = redis_server.client(decode_responses=True)
-    deadline = time.monotonic() + 30
-    while not _has_group(r):
+
+    def started() -> bool:
         assert proc.poll() is None, f"worker exited with {proc.returncode}"
-        assert time.monotonic() < deadline, "worker did not create the article's consumer group in 30 s"
-        time.sleep(0.05)
+        return _has_group(r)
+
+    eventually(started, "the worker to create the article's consumer group", timeout=30, interval=0.05)
     yield proc
     proc.terminate()
     assert proc.wait(timeout=30) == 0
@@ -100,10 +101,7 @@ def test_article_client_gets_echo_replies_on_its_own_stream(redis_server, worker
     assert r.xlen(f"{ARTICLE_REPLY_PREFIX}alice") == 5
     assert r.xlen(f"{ARTICLE_REPLY_PREFIX}bob") == 5
     # The ack follows the reply in the same pipeline, so it may land just after the reply is read.
-    deadline = time.monotonic() + 10
-    while _backlog(r) != (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _backlog(r) == (0, 0)
+    eventually(lambda: _backlog(r) == (0, 0), "the acks", timeout=10, interval=0.02)
 
 
 def _backlog(r: redis.Redis) -> tuple[int, int]:

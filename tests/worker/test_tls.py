@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from streamqueue_harness.pki import certificate_authority, signed_certificate
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.processes import spawn, stop_groups
 
-from tests.harness.eventually import eventually_async
+from tests.harness.eventually import eventually, eventually_async
 from tests.worker.conftest import RunningWorkers, group_settled, replies, send
 
 
@@ -48,15 +47,15 @@ def tls_redis(tmp_path) -> Iterator[TlsRedis]:
     proc = spawn(args, log=tmp_path / "redis.log")
     tls = TlsRedis(port, ca.cert)
     try:
-        deadline = time.monotonic() + 10
-        while True:
+
+        def answers() -> bool:
+            assert proc.poll() is None, (tmp_path / "redis.log").read_text()
             try:
-                tls.client().ping()
-                break
+                return bool(tls.client().ping())
             except redis.RedisError:
-                assert proc.poll() is None, (tmp_path / "redis.log").read_text()
-                assert time.monotonic() < deadline, "TLS redis-server not ready"
-                time.sleep(0.05)
+                return False
+
+        eventually(answers, "the TLS redis-server", timeout=10, interval=0.05)
         yield tls
     finally:
         stop_groups([(proc.pid, proc)], grace=10)
