@@ -14,6 +14,8 @@ DIR="$CACHE/$LLAMA_CPP_PYTHON_VERSION"
 PY="${PYTHON:-python3}"
 
 log() { printf '[llama %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# Compile on every core (CMake's default under pip can be one job at a time).
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 
 [ "${SKIP_LLAMA:-0}" = 1 ] && { log "SKIP_LLAMA=1: not building llama-cpp-python"; exit 0; }
 
