@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = [
     "worker_throughput",
+    "partitioned",
     "client_latency",
     "model_stream",
     "operator_reaction",
