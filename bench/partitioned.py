@@ -10,8 +10,12 @@ the clock starts: one pipelined ``XGROUP SETID <group> 0 ENTRIESREAD 0`` per par
 backlog over, and one more request per partition wakes the blocked reads. The clock stops when every
 partition's group has nothing pending and no lag.
 
-Handlers: the echo handler (the queue's own cost) and ``streamqueue_harness.demo_handler`` awaiting
-20 ms (an I/O-bound handler). Contenders alternate within each round, and the median is printed.
+Contenders: 1 partition on one redis-server (the baseline), 6 partitions on the same redis-server
+(what partitioning costs by itself), 6 partitions on the cluster, and the same with ``ordering:
+perUser``. Handlers: the echo handler (the queue's own cost) and ``streamqueue_harness.demo_handler``
+awaiting 20 ms (an I/O-bound handler). Contenders alternate within each round, the median is printed,
+with the CPU the workers and every Redis process (replicas included) spent per 1,000 messages, and
+each run counts the replies written.
 
 On a 2-core machine every Redis node (6 for the cluster) and every worker share the same two cores:
 the figures show the cost of partitioning and of the cluster's routing, not the cluster's scaling.
@@ -76,12 +80,20 @@ class Target:
 
 @dataclass(frozen=True)
 class Result:
+    """One drained run (a run that does not drain in time raises instead)."""
+
     messages: int
-    seconds: float  # None-free: a run that does not drain in time raises
+    seconds: float
+    worker_cpu_s: float  # the worker processes' CPU between release and drained
+    redis_cpu_s: float  # every Redis process's (on the cluster: primaries and replicas)
+    answered: int  # reply entries written
 
     @property
     def rate(self) -> float:
         return self.messages / self.seconds
+
+    def cpu_ms_per_1k(self, cpu_s: float) -> float:
+        return cpu_s * 1000 / (self.messages / 1000)
 
 
 class Fleet:
@@ -124,6 +136,15 @@ class Fleet:
             except OSError:
                 return False
         return True
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every worker process so far (``/proc/<pid>/stat``)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for proc in self.procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
 
     def stop(self) -> None:
         stop_groups([(p.pid, p) for p in self.procs], grace=30)
@@ -190,6 +211,23 @@ async def dead_letters(redis: Any, keys: list[str]) -> int:
     return sum(await pipe.execute())
 
 
+async def redis_cpu_seconds(redis: Any, cluster: bool) -> float:
+    """used_cpu_user + used_cpu_sys of the server, or summed over every node of the cluster."""
+    if not cluster:
+        infos = [await redis.info("cpu")]
+    else:
+        infos = list((await redis.info("cpu", target_nodes=redis.ALL_NODES)).values())
+    return sum(float(i["used_cpu_user"]) + float(i["used_cpu_sys"]) for i in infos)
+
+
+async def answered(redis: Any, reply_prefix: str, users: int) -> int:
+    """Reply entries on every user's reply stream (each is far below its MAXLEN here)."""
+    pipe = redis.pipeline(transaction=False)
+    for u in range(users):
+        pipe.xlen(wire.reply_stream(reply_prefix, f"user{u}"))
+    return sum(await pipe.execute())
+
+
 async def until(check: Any, limit_s: float, what: str) -> None:
     """Poll ``check`` (an async predicate) every 10 ms until true; bounded by ``limit_s``."""
     deadline = time.monotonic() + limit_s
@@ -219,6 +257,7 @@ async def run_once(target: Target, handler: Handler, run: int, args: argparse.Na
                 return await leases_settled(redis, keys, ready.names)
 
             await until(settled, READY_TIMEOUT_S, f"{target.name}: leases settled")
+        cpu_workers, cpu_redis = fleet.cpu_seconds(), await redis_cpu_seconds(redis, target.cluster)
         start = time.perf_counter()
         await release(redis, keys, wakers)
 
@@ -227,10 +266,13 @@ async def run_once(target: Target, handler: Handler, run: int, args: argparse.Na
 
         await until(done, args.timeout, f"{target.name}, {handler.name}: drain")
         seconds = time.perf_counter() - start
+        cpu_workers = fleet.cpu_seconds() - cpu_workers
+        cpu_redis = await redis_cpu_seconds(redis, target.cluster) - cpu_redis
         dead = await dead_letters(redis, keys)
         if dead:
             print(f"  warning: {dead} messages were dead-lettered, not answered", flush=True)
-        return Result(args.messages + len(keys), seconds)
+        replies = await answered(redis, reply_prefix, args.users)
+        return Result(args.messages + len(keys), seconds, cpu_workers, cpu_redis, replies)
     finally:
         if fleet is not None:
             await asyncio.to_thread(fleet.stop)
@@ -244,22 +286,38 @@ async def run_once(target: Target, handler: Handler, run: int, args: argparse.Na
             await redis.aclose()
 
 
+@dataclass(frozen=True)
+class Median:
+    rate: float
+    worker_cpu: float  # ms per 1,000 messages
+    redis_cpu: float
+
+
 async def measure(
     targets: list[Target], handler: Handler, args: argparse.Namespace, counter: list[int]
-) -> dict[str, float]:
-    rates: dict[str, list[float]] = {t.name: [] for t in targets}
+) -> dict[str, Median]:
+    results: dict[str, list[Result]] = {t.name: [] for t in targets}
     for r in range(args.rounds):
         order = targets if r % 2 == 0 else list(reversed(targets))
         for target in order:
             counter[0] += 1
             result = await run_once(target, handler, counter[0], args)
-            rates[target.name].append(result.rate)
+            results[target.name].append(result)
             print(
                 f"[{handler.name}] round {r + 1}/{args.rounds}: {target.name}: {result.messages:,} msgs "
-                f"in {result.seconds:.2f}s = {result.rate:,.0f} msg/s; load average {os.getloadavg()[0]:.2f}",
+                f"in {result.seconds:.2f}s = {result.rate:,.0f} msg/s ({result.answered:,} replies); CPU "
+                f"per 1k msgs: workers {result.cpu_ms_per_1k(result.worker_cpu_s):.0f} ms, Redis "
+                f"{result.cpu_ms_per_1k(result.redis_cpu_s):.0f} ms; load average {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return {
+        name: Median(
+            statistics.median(r.rate for r in runs),
+            statistics.median(r.cpu_ms_per_1k(r.worker_cpu_s) for r in runs),
+            statistics.median(r.cpu_ms_per_1k(r.redis_cpu_s) for r in runs),
+        )
+        for name, runs in results.items()
+    }
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -272,25 +330,36 @@ async def run(args: argparse.Namespace) -> None:
     )
     with RedisServer() as server, RedisClusterServer() as cluster:
         print(f"redis-server on port {server.port}; Redis Cluster of 3 primaries + 3 replicas", flush=True)
+        n = args.partitions
         single = Target("1 partition, 1 redis-server", server.url, cluster=False, partitions=1)
-        parted = Target(f"{args.partitions} partitions, cluster", cluster.url, True, args.partitions)
-        ordered = Target(
-            f"{args.partitions} partitions, cluster, perUser", cluster.url, True, args.partitions, "perUser"
-        )
+        split = Target(f"{n} partitions, 1 redis-server", server.url, cluster=False, partitions=n)
+        parted = Target(f"{n} partitions, cluster", cluster.url, cluster=True, partitions=n)
+        ordered = Target(f"{n} partitions, cluster, perUser", cluster.url, True, n, "perUser")
+        targets = [single, split, parted, ordered]
         counter = [0]
-        scale_rows, order_rows = [], []
-        for handler in HANDLERS:
-            rates = await measure([single, parted, ordered], handler, args, counter)
-            one, many, per_user = rates[single.name], rates[parted.name], rates[ordered.name]
-            scale_rows.append([handler.name, one, many, f"{many / one:.2f}x"])
-            order_rows.append([handler.name, many, per_user, f"{per_user / many:.2f}x"])
+        medians = {handler.name: await measure(targets, handler, args, counter) for handler in HANDLERS}
     print(f"\nmedians of {args.rounds} rounds; load average at the end {os.getloadavg()[0]:.2f}")
-    print(f"\n(a) same {args.workers} workers: 1 partition on one Redis vs {args.partitions} on the cluster")
+    print(f"\n(a) the same {args.workers} worker processes: 1 partition on one Redis vs {n} on the cluster")
+    rows: list[list[object]] = []
+    for handler, m in medians.items():
+        one, many = m[single.name].rate, m[parted.name].rate
+        rows.append([handler, one, m[split.name].rate, many, f"{many / one:.2f}x"])
     print_table(
-        ["handler", "1 partition msg/s", f"{args.partitions} partitions (cluster) msg/s", "ratio"], scale_rows
+        ["handler", "1 partition, 1 Redis", f"{n} partitions, 1 Redis", f"{n} partitions, cluster", "ratio"],
+        rows,
     )
-    print(f"\n(b) per-user order on the cluster ({args.partitions} partitions, same workers)")
-    print_table(["handler", "ordering none msg/s", "ordering perUser msg/s", "ratio"], order_rows)
+    print(f"\n(b) per-user order on the cluster ({n} partitions, the same workers)")
+    rows = []
+    for handler, m in medians.items():
+        free, ordered_rate = m[parted.name].rate, m[ordered.name].rate
+        rows.append([handler, free, ordered_rate, f"{ordered_rate / free:.2f}x"])
+    print_table(["handler", "ordering none msg/s", "ordering perUser msg/s", "ratio"], rows)
+    print("\nCPU per 1,000 messages (ms): worker processes / every Redis process")
+    rows = [
+        [handler, *(f"{m[t.name].worker_cpu:.0f} / {m[t.name].redis_cpu:.0f}" for t in targets)]
+        for handler, m in medians.items()
+    ]
+    print_table(["handler", *(t.name for t in targets)], rows)
 
 
 def main(argv: list[str]) -> None:
@@ -300,7 +369,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--messages", type=int, default=20_000, help="pre-loaded messages per run")
     parser.add_argument("--users", type=int, default=1000, help="distinct users sending them")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per handler (median)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds a run may take to drain")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds a run may take to drain")
     asyncio.run(run(parser.parse_args(argv)))
 
 
