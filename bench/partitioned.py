@@ -257,6 +257,8 @@ async def run_once(target: Target, handler: Handler, run: int, args: argparse.Na
                 return await leases_settled(redis, keys, ready.names)
 
             await until(settled, READY_TIMEOUT_S, f"{target.name}: leases settled")
+            spread = [sum(owner(k, ready.names) == w for k in keys) for w in ready.names]
+            print(f"  perUser: partitions per worker {'/'.join(map(str, spread))}", flush=True)
         cpu_workers, cpu_redis = fleet.cpu_seconds(), await redis_cpu_seconds(redis, target.cluster)
         start = time.perf_counter()
         await release(redis, keys, wakers)
