@@ -11,8 +11,8 @@ partition's hash slot (``<partition>:lease``), the registry in its own.
 
 from __future__ import annotations
 
+import hashlib
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +38,16 @@ def registry_key(stream: str) -> str:
 
 
 def owner(partition: str, workers: Iterable[str]) -> str | None:
-    """The worker that should consume ``partition``: highest rendezvous score (CRC-32, ties by name)."""
+    """The worker that should consume ``partition``: the highest rendezvous score (ties by name).
+
+    The score must behave like a random draw per (worker, partition) pair. CRC-32 does not: it is
+    linear, so workers whose names share a pattern (pods of one ReplicaSet) won whole sets of
+    partitions together and left others idle. BLAKE2b does.
+    """
     best: tuple[int, str] | None = None
     for worker in workers:
-        score = (zlib.crc32(f"{worker}\0{partition}".encode()), worker)
+        digest = hashlib.blake2b(f"{worker}\0{partition}".encode(), digest_size=8).digest()
+        score = (int.from_bytes(digest, "big"), worker)
         if best is None or score > best:
             best = score
     return None if best is None else best[1]
