@@ -49,7 +49,8 @@ node: setup images ## control plane + a real node (containerd, kubelet) in a nam
 cluster-down: ## stop what `make cluster` or `make node` started; leaves no process, mount or namespace
 	$(PY) -m streamqueue_harness.node down --dir .cluster
 
-demo: setup ## local demo: Redis + control plane + operator + workers, scale out and back in
+demo: ## local demo: Redis + control plane + operator + workers, scale out and back in
+	SKIP_LLAMA=1 bash hack/setup.sh  # the demo needs no model server
 	$(PY) -m streamqueue_harness.demo $(DEMO_ARGS)
 
 images: ## build the worker, operator and pause images (docker, podman or buildah; no registry needed)
