@@ -35,6 +35,7 @@ POD_SELECTOR = f"streamqueue.io/queue={QUEUE}"
 REDIS_SECRET = "redis-auth"
 STREAM = "user_messages_queue"
 REPLY_PREFIX = "ai_to_user:"
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 def install_operator(plane: ControlPlane, timeout_s: int = 180) -> None:
@@ -127,6 +128,7 @@ class PodWatch:
     max_ready_at: float = 0.0  # time.monotonic() when max_ready was reached
     exit_codes: dict[str, int] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
+    deletion_costs: dict[str, str] = field(default_factory=dict)  # pod -> the operator's last cost
     error: Exception | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _changed: threading.Condition = field(default_factory=threading.Condition)
@@ -156,6 +158,9 @@ class PodWatch:
         is_ready = kind != "DELETED" and any(c.type == "Ready" and c.status == "True" for c in conditions)
         with self._changed:
             self.seen.add(name)
+            annotations = (pod.metadata.annotations if pod.metadata else None) or {}
+            if DELETION_COST in annotations:
+                self.deletion_costs[name] = annotations[DELETION_COST]
             (self.alive.discard if kind == "DELETED" else self.alive.add)(name)
             (self.ready.add if is_ready else self.ready.discard)(name)
             if len(self.ready) > self.max_ready:

@@ -116,6 +116,8 @@ def test_helm_install_burst_scales_out_and_back_to_zero_losing_nothing(
     pods.stop()
     graceful = {pod: code for pod, code in pods.exit_codes.items() if pod != busy[1]}
     assert graceful and set(graceful.values()) == {0}, f"exit codes of SIGTERMed workers: {graceful}"
+    # Scale-in went down in steps: before each, the operator ranked the pods for the ReplicaSet.
+    assert pods.deletion_costs, "no pod-deletion-cost was set on the real node's pods before a scale-down"
     assert q.get_queue_row(plane)["REPLICAS"] == "0/0"
 
     total = len(requests) + 1
