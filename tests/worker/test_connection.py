@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from redis.exceptions import AuthenticationError, ResponseError
 from streamqueue.connection import RedisConnection, connect, redact_url, socket_timeout_for
@@ -25,6 +25,7 @@ def test_socket_timeout_outlasts_the_longest_block(socket_timeout: float, block_
     password=st.text(alphabet="abcXYZ019!~*$", min_size=1, max_size=16),
 )
 def test_redacted_url_never_contains_the_password(user: str, password: str) -> None:
+    assume(password != "***")  # a password equal to the mask cannot be told from it
     url = f"redis://{user}:{password}@db.example:6380/2"
     redacted = redact_url(url)
     assert f":{password}@" not in redacted
