@@ -10,6 +10,7 @@ BENCHMARKS = [
     "partitioned",
     "client_latency",
     "model_stream",
+    "cancel_latency",
     "operator_reaction",
     "operator_cost",
     "node_coldstart",

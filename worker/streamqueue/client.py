@@ -48,6 +48,14 @@ class ReplyError(Exception):
         self.reply = reply
 
 
+class RequestCancelled(ReplyError):
+    """The request was cancelled (``Client.cancel``): its final entry says ``cancelled``."""
+
+    def __init__(self, reply: Reply) -> None:
+        Exception.__init__(self, f"request {reply.request_id} was cancelled")
+        self.reply = reply
+
+
 @dataclass(frozen=True)
 class Reply:
     """One entry of a user's reply stream: a final reply, an error reply or a streamed chunk."""
@@ -66,6 +74,11 @@ class Reply:
     @property
     def error(self) -> str | None:
         return self.fields.get(wire.ERROR)
+
+    @property
+    def cancelled(self) -> bool:
+        """The final entry of a cancelled request (its ``response`` is empty)."""
+        return self.fields.get(wire.CANCELLED) == wire.CANCELLED_YES
 
     @property
     def worker_id(self) -> str | None:
@@ -243,6 +256,7 @@ class Client:
         max_message_bytes: int | None = None,
         block_ms: int = DEFAULT_BLOCK_MS,
         max_readers: int = 1000,
+        cancel_ttl_seconds: int = wire.DEFAULT_CANCEL_TTL_SECONDS,
     ) -> None:
         """``stream_maxlen`` trims the input stream (MAXLEN ~) on every send; leave it unset unless
         producers may outrun the workers for long, since trimming drops unprocessed requests.
@@ -251,7 +265,9 @@ class Client:
         blocking reader on its own connection); beyond it readers wait for a free connection.
         ``partitions`` must match the queue's: each user's requests go to partition
         ``wire.partition_of(user_id, partitions)``. A ``RedisConnection`` with ``cluster=True`` reaches a
-        Redis Cluster (replies are read from each user's stream wherever it lives)."""
+        Redis Cluster (replies are read from each user's stream wherever it lives).
+        ``cancel_ttl_seconds``: how long a cancel is remembered for a request still queued (see
+        ``cancel``)."""
         if isinstance(connection, str):  # a URL alone; nothing is read from the environment
             connection = RedisConnection(url=connection)
         self.stream = stream
@@ -260,6 +276,7 @@ class Client:
         self.stream_maxlen = stream_maxlen
         self.max_message_bytes = max_message_bytes if max_message_bytes is not None else sys.maxsize
         self.block_ms = block_ms
+        self.cancel_ttl_seconds = cancel_ttl_seconds
         self.redis: RedisClient = connect_any(connection, block_ms=block_ms)
         if isinstance(self.redis, aioredis.Redis):  # a cluster client has a pool per node
             self.redis.connection_pool.max_connections = max_readers + _COMMAND_CONNECTIONS
@@ -323,6 +340,33 @@ class Client:
                 key, fields, maxlen=self.stream_maxlen, approximate=self.stream_maxlen is not None
             )
         return str(entry_id)
+
+    async def cancel(self, user_id: str, request_id: str) -> None:
+        """Cancel a request: a queued one is skipped, a running one has its handler cancelled (its
+        chunks stop); either way its final entry is a ``cancelled`` reply (``Reply.cancelled``;
+        ``request`` and ``request_stream`` raise ``RequestCancelled``). A request already answered,
+        or unknown, is left alone: nothing is written to the reply stream.
+
+        Wire form (docs/ai.md, "Cancel"): ``ZADD <stream>:cancelled <now ms> <user_id>:<request_id>``,
+        ``ZREMRANGEBYSCORE <stream>:cancelled -inf <now ms - TTL>``, ``PEXPIRE <stream>:cancelled
+        <TTL>``, then ``PUBLISH <stream>:cancel <user_id>:<request_id>``. Returns once Redis has both;
+        the worker holding the request learns of it from the PUBLISH.
+        """
+        self._check(user_id, "")
+        if not request_id:
+            raise ValueError("cancel needs the request_id of the request")
+        member = wire.cancel_member(user_id, request_id)
+        key = wire.cancel_key(self.stream)
+        ttl_ms = self.cancel_ttl_seconds * 1000
+        now_ms = int(time.time() * 1000)
+        async with self.commands:
+            pipe = self.redis.pipeline(transaction=False)  # one key: one slot on a cluster too
+            pipe.zadd(key, {member: now_ms})
+            pipe.zremrangebyscore(key, "-inf", now_ms - ttl_ms)
+            pipe.pexpire(key, ttl_ms)
+            await pipe.execute()
+            # After the ZADD: a worker that checks the set after missing this message still sees it.
+            await self.redis.publish(wire.cancel_channel(self.stream), member)
 
     async def request(
         self,
@@ -505,6 +549,8 @@ def _final(item: Reply | BaseException) -> Reply:
         raise item
     if item.error is not None:
         raise ReplyError(item)
+    if item.cancelled:
+        raise RequestCancelled(item)
     return item
 
 

@@ -30,6 +30,16 @@ WORKER_ID = "worker_id"
 CHUNK = "chunk"
 SEQ = "seq"
 ERROR = "error"  # set on an error reply sent to the user when a message is dead-lettered
+CANCELLED = "cancelled"  # "1" on the final entry of a cancelled request (its RESPONSE is empty)
+CANCELLED_YES = "1"
+
+# Cancel (docs/ai.md, "Cancel"): a client records ``<user_id>:<request_id>`` in the sorted set
+# ``<stream>:cancelled`` (score: the time in ms; members older than the client's TTL are trimmed)
+# and PUBLISHes the same member on the channel ``<stream>:cancel``. ``<stream>`` is the queue's base
+# stream name, also when it is partitioned.
+CANCEL_KEY_SUFFIX = ":cancelled"
+CANCEL_CHANNEL_SUFFIX = ":cancel"
+DEFAULT_CANCEL_TTL_SECONDS = 3600
 
 # Dead-letter entry: the original fields plus these.
 DL_REASON = "dl_reason"
@@ -80,6 +90,21 @@ def partition_stream(stream: str, partition: int, partitions: int) -> str:
 
 def partition_streams(stream: str, partitions: int) -> list[str]:
     return [partition_stream(stream, p, partitions) for p in range(partitions)]
+
+
+def cancel_key(stream: str) -> str:
+    """The sorted set of cancelled requests of a queue (``stream``: its base name, not a partition)."""
+    return f"{stream}{CANCEL_KEY_SUFFIX}"
+
+
+def cancel_channel(stream: str) -> str:
+    """The Pub/Sub channel on which cancels of a queue's requests are announced to its workers."""
+    return f"{stream}{CANCEL_CHANNEL_SUFFIX}"
+
+
+def cancel_member(user_id: str, request_id: str) -> str:
+    """``<user_id>:<request_id>``: unambiguous, since a valid user_id has no colon."""
+    return f"{user_id}:{request_id}"
 
 
 def dead_letter_stream(stream: str) -> str:

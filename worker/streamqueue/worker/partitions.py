@@ -17,14 +17,14 @@ import contextlib
 import logging
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException as RedisClusterError
 
-from ..connection import Backoff, RedisClient
+from ..connection import Backoff, RedisClient, transient
 from ..handlers import Handler
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
+from .cancel import CancelWatch
 from .leases import Leases, assignment
-from .run import REDIS_DOWN, Run, cancel
+from .run import Run, cancel
 
 log = logging.getLogger("streamqueue.worker")
 
@@ -44,6 +44,7 @@ class Partitions:
         self._leases: Leases | None = None
         self._held: set[str] = set()  # partitions whose lease this worker holds (draining ones too)
         self._leaving: dict[str, asyncio.Task[None]] = {}  # partitions draining before release
+        self.cancels = CancelWatch(redis, settings.stream)  # one per worker, for every partition
         runs = self.runs
         metrics.in_flight.set_function(lambda: sum(len(run.inflight) for run, _ in runs.values()))
 
@@ -57,6 +58,7 @@ class Partitions:
 
     async def until_stopped(self, stop: asyncio.Event) -> None:
         await self._cluster_ready(stop)
+        watch = asyncio.create_task(self.cancels.run(), name="streamqueue-cancels")
         keeper = asyncio.create_task(
             self._keep_leases() if self.s.ordering == "perUser" else self._consume_all(),
             name="streamqueue-partitions",
@@ -68,6 +70,7 @@ class Partitions:
         await cancel(keeper)
         await asyncio.gather(*(self._stop_run(p) for p in list(self.runs) if p not in self._leaving))
         await self._leave()
+        await cancel(watch)
         if failure is not None:
             raise RuntimeError("worker partitions failed") from failure
 
@@ -81,7 +84,9 @@ class Partitions:
             try:
                 await self.redis.initialize()
                 return
-            except (*REDIS_DOWN, RedisClusterError) as exc:
+            except Exception as exc:
+                if not transient(exc):
+                    raise
                 delay = backoff.next_delay()
                 log.warning("Redis Cluster unreachable (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -91,6 +96,7 @@ class Partitions:
         run = Run(
             self.s, self.redis, self.handler, self.metrics,
             stream=partition, concurrency=max(1, self.s.concurrency // share), takeover=takeover,
+            cancels=self.cancels,
         )  # fmt: skip
         task = asyncio.create_task(run.until_stopped(asyncio.Event()), name=f"streamqueue-run {partition}")
         self.runs[partition] = (run, task)
@@ -134,7 +140,9 @@ class Partitions:
                         log.info("took the lease of %s", partition)
                         self._held.add(partition)
                         self._start_run(partition, share=len(target), takeover=True)
-            except REDIS_DOWN as exc:
+            except Exception as exc:
+                if not transient(exc):
+                    raise
                 self.redis_ok = False
                 delay = backoff.next_delay()
                 log.warning("lease upkeep: Redis unreachable (%s); retrying in %.2fs", exc, delay)
@@ -176,5 +184,7 @@ class Partitions:
             for partition in list(self._held):
                 await self._leases.release(partition)
             await self._leases.leave()
-        except REDIS_DOWN as exc:
+        except Exception as exc:
+            if not transient(exc):
+                raise
             log.warning("could not release leases (they lapse after %d ms): %s", self.s.lease_ttl_ms, exc)

@@ -20,7 +20,7 @@ import io
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -29,10 +29,11 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import wire
-from ..connection import Backoff, RedisClient
+from ..connection import Backoff, RedisClient, transient
 from ..handlers import Handler, Message
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
+from .cancel import CancelWatch, Flight, cancelled_fields
 from .consumers import ConsumerPool
 from .outbox import Outbox, OutboxAbandoned, StreamWrite, redis_fields
 from .reclaim import Delivery, PendingOwnership
@@ -65,10 +66,12 @@ class Run:
         stream: str,
         concurrency: int,
         takeover: bool = False,
+        cancels: CancelWatch | None = None,
     ) -> None:
         """``takeover``: this worker just got the partition's lease, so everything pending in it
         belongs to a previous holder that is gone; the first reclaim scan takes it all, in order,
-        before any new entry is read."""
+        before any new entry is read. ``cancels``: the worker's watch of cancelled requests (None:
+        requests cannot be cancelled)."""
         s = settings
         self.s = s
         self.stream = stream
@@ -90,6 +93,8 @@ class Run:
         self.pending = PendingOwnership(redis, stream, s.group, s.consumer, s.claim_idle_ms)
         self._takeover = takeover
         self._retries: dict[str, asyncio.TimerHandle] = {}  # order mode: failed entries due again
+        self.cancels = cancels
+        self._flights: dict[str, Flight] = {}  # entry id -> its cancel state, while in flight
 
     async def until_stopped(self, stop: asyncio.Event) -> None:
         self.stop = stop
@@ -143,15 +148,15 @@ class Run:
                         reclaim_due = time.monotonic() + self._reclaim_interval_s
                 else:
                     entries = await self._read_new(n)
-            except ResponseError as exc:
+                await self._check_cancels(entries)
+            except Exception as exc:
                 self.slots.give(n)
-                if "NOGROUP" not in str(exc):
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    log.warning("group %s on %s is gone (Redis restarted?); recreating", s.group, self.stream)
+                    group_ready = False
+                    continue
+                if not transient(exc):
                     raise
-                log.warning("group %s on %s is gone (Redis restarted?); recreating it", s.group, self.stream)
-                group_ready = False
-                continue
-            except REDIS_DOWN as exc:
-                self.slots.give(n)
                 await self._redis_down(exc, backoff)
                 continue
             except BaseException:
@@ -164,6 +169,18 @@ class Run:
             self.slots.give(n - len(entries))
             for entry in entries:
                 self._start(entry)
+
+    async def _check_cancels(self, entries: list[Delivery]) -> None:
+        """Track the batch's entries for cancels, then check them all with one call."""
+        if self.cancels is None or not entries:
+            return
+        for entry in entries:
+            if entry.entry_id in self._flights:  # retried in place, or redelivered to us
+                continue
+            flight = self.cancels.track(entry.fields.get(wire.USER_ID), entry.fields.get(wire.REQUEST_ID))
+            if flight is not None:
+                self._flights[entry.entry_id] = flight
+        await self.cancels.check(self._flights.get(e.entry_id) for e in entries)
 
     @property
     def _reclaim_interval_s(self) -> float:
@@ -191,7 +208,9 @@ class Run:
         """Run ``call``; on a connection error back off and return False so the caller retries."""
         try:
             await call()
-        except REDIS_DOWN as exc:
+        except Exception as exc:
+            if not transient(exc):
+                raise
             await self._redis_down(exc, backoff)
             return False
         backoff.reset()
@@ -211,10 +230,10 @@ class Run:
                 continue
             try:
                 await self.pending.renew(list(self.inflight))
-            except REDIS_DOWN as exc:
-                log.warning("claim renewal failed, Redis unreachable: %s", exc)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+            except Exception as exc:
+                if transient(exc):
+                    log.warning("claim renewal failed, Redis unreachable: %s", exc)
+                elif not (isinstance(exc, ResponseError) and "NOGROUP" in str(exc)):
                     raise
                 # Redis lost the group (restart without persistence): nothing of ours is pending any
                 # more; the intake loop recreates the group.
@@ -293,6 +312,9 @@ class Run:
     def _release(self, entries: list[Delivery]) -> None:
         for entry in entries:
             self.inflight.discard(entry.entry_id)
+            flight = self._flights.pop(entry.entry_id, None)
+            if flight is not None and self.cancels is not None:
+                self.cancels.untrack(flight)
         self.slots.give(len(entries))
         if not self.inflight:
             self.idle.set()
@@ -309,6 +331,9 @@ class Run:
         rejection = wire.validate_request(fields, s.max_message_bytes)
         if rejection is not None:
             return self._dead_letter(entry_id, fields, rejection.reason, rejection.detail, deliveries)
+        flight = self._flights.get(entry_id)
+        if flight is not None and flight.cancelled:
+            return self._cancelled(entry_id, fields, ran=False)
         if deliveries > s.max_deliveries:
             error = (
                 self.last_errors.pop(entry_id, None) or "the handler did not succeed (error not seen here)"
@@ -325,7 +350,7 @@ class Run:
         )
         started = time.perf_counter()
         try:
-            writes = await self._answer(msg)
+            writes = await (self._answer(msg) if flight is None else self._answer_cancellable(msg, flight))
         except Exception as exc:
             self.metrics.failed.inc()
             self._remember_error(entry_id, f"{type(exc).__name__}: {exc}")
@@ -336,7 +361,48 @@ class Run:
             return None
         finally:
             self.metrics.handler_latency.observe(time.perf_counter() - started)
+        if writes is None:
+            return self._cancelled(entry_id, fields, ran=True)
         return writes, partial(self._answered, entry_id)
+
+    async def _answer_cancellable(self, msg: Message, flight: Flight) -> list[StreamWrite] | None:
+        """``_answer``, or None if the request was cancelled while its handler ran.
+
+        A cancel cancels the task running this (a consumer of the pool): the handler sees
+        ``CancelledError``, which ends here, and the consumer goes on with its next entry. A
+        cancellation from anyone else (the drain at shutdown) propagates as before.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        flight.task = task
+        try:
+            writes = await self._answer(msg)
+        except asyncio.CancelledError:
+            if not flight.hits:
+                raise
+            if _uncancel(task, flight) > 0:  # cancelled by someone else as well
+                raise
+            return None
+        finally:
+            flight.task = None
+        if flight.hits:  # the handler (or a library) swallowed the CancelledError and returned
+            _uncancel(task, flight)
+        return None if flight.cancelled else writes
+
+    def _cancelled(self, entry_id: str, fields: dict[str, str], *, ran: bool) -> _Commit:
+        """The ``cancelled`` final reply, committed with the entry's XACK."""
+        s = self.s
+        key = wire.reply_stream(s.reply_prefix, fields[wire.USER_ID])
+        reply = cancelled_fields(s.consumer, fields.get(wire.REQUEST_ID))
+
+        def cancelled() -> None:
+            self.last_errors.pop(entry_id, None)
+            log.info(
+                "entry %s (request %s) cancelled %s",
+                entry_id, fields.get(wire.REQUEST_ID), "while running" if ran else "before it ran",
+            )  # fmt: skip
+
+        return [StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds)], cancelled
 
     def _answered(self, entry_id: str) -> None:
         self.last_errors.pop(entry_id, None)
@@ -369,15 +435,23 @@ class Run:
         """
         s = self.s
         parts: list[str] = []
-        async for chunk in chunks:
-            text = str(chunk)
-            if s.stream_replies:
-                fields = chunk_fields(s.consumer, msg.request_id, text, len(parts))
-                if parts:
-                    await self.redis.xadd(key, redis_fields(fields), maxlen=s.reply_maxlen, approximate=True)
-                else:
-                    await self.outbox.write_now(StreamWrite(key, fields, s.reply_maxlen, s.reply_ttl_seconds))
-            parts.append(text)
+        try:
+            async for chunk in chunks:
+                text = str(chunk)
+                if s.stream_replies:
+                    fields = chunk_fields(s.consumer, msg.request_id, text, len(parts))
+                    if parts:
+                        await self.redis.xadd(
+                            key, redis_fields(fields), maxlen=s.reply_maxlen, approximate=True
+                        )
+                    else:
+                        await self.outbox.write_now(
+                            StreamWrite(key, fields, s.reply_maxlen, s.reply_ttl_seconds)
+                        )
+                parts.append(text)
+        finally:
+            if isinstance(chunks, AsyncGenerator):  # stopped early (cancel, failed write): close it now
+                await chunks.aclose()
         return "".join(parts)
 
     def _dead_letter(
@@ -440,6 +514,15 @@ class Run:
             return
         if released:
             log.info("%s: handed back %d pending entries to group %s", self.stream, released, self.s.group)
+
+
+def _uncancel(task: asyncio.Task[Any], flight: Flight) -> int:
+    """Take back the cancellations made on ``flight``'s account; the cancellations left (others')."""
+    remaining = task.cancelling()
+    for _ in range(flight.hits):
+        remaining = task.uncancel()
+    flight.hits = 0
+    return remaining
 
 
 async def cancel(*tasks: asyncio.Task[Any]) -> None:

@@ -1,0 +1,154 @@
+"""Cancelled requests: which entries in flight were cancelled, learned without a call per entry.
+
+A client cancels a request by adding ``<user_id>:<request_id>`` to the sorted set
+``<stream>:cancelled`` and then publishing it on ``<stream>:cancel`` (``wire.cancel_key`` and
+``wire.cancel_channel``; ``<stream>`` is the queue's base name, partitioned or not). A worker learns of
+it in two ways, which together miss nothing:
+
+- every read batch (new or reclaimed entries) is checked with one ZMSCORE for the batch's members,
+  so an entry cancelled while it was queued is skipped when it is read;
+- one Pub/Sub connection per worker receives the announcements and marks the matching entries in
+  flight: one waiting for its turn is skipped when it comes, one whose handler runs has that
+  handler's task cancelled (the handler sees ``CancelledError``).
+
+An entry is tracked (``track``) before its batch is checked, so a cancel published while the check is
+on the wire is not lost between the two. After the Pub/Sub connection is (re)established, everything
+tracked is checked once more, for the cancels announced while it was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .. import wire
+from ..connection import Backoff, RedisClient
+
+log = logging.getLogger("streamqueue.worker")
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+_RECANCEL_S = 0.1  # a handler still running this long after its cancel is cancelled again
+_LISTEN_WAKEUP_S = 1.0  # get_message returns this often when nothing is published (no Redis call)
+
+
+def cancelled_fields(worker_id: str, request_id: str | None) -> dict[str, str]:
+    """The final entry of a cancelled request; its ``response`` is empty, so the article's clients
+    (which wait for ``response``) stop waiting too."""
+    fields = {
+        wire.RESPONSE: "",
+        wire.CANCELLED: wire.CANCELLED_YES,
+        wire.WORKER_ID: worker_id,
+        wire.TIMESTAMP: f"{time.time():.6f}",
+    }
+    if request_id is not None:
+        fields[wire.REQUEST_ID] = request_id
+    return fields
+
+
+class Flight:
+    """One entry taken from Redis, for as long as this worker holds it."""
+
+    __slots__ = ("cancelled", "hits", "member", "task")
+
+    def __init__(self, member: str) -> None:
+        self.member = member
+        self.cancelled = False
+        self.task: asyncio.Task[object] | None = None  # set while its handler runs
+        self.hits = 0  # cancellations of its handler's task on its account, not yet accounted for
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.task is not None and not self.hits:
+            self._hit(self.task)
+
+    def _hit(self, task: asyncio.Task[object]) -> None:
+        self.hits += 1
+        task.cancel()
+        asyncio.get_running_loop().call_later(_RECANCEL_S, self._check_landed, task)
+
+    def _check_landed(self, task: asyncio.Task[object]) -> None:
+        """A CancelledError can be lost inside a library (seen in redis-py when it lands during a
+        command): a handler still running after a cancel is cancelled again."""
+        if self.task is task:
+            log.warning("cancel of %s: the handler is still running; cancelling it again", self.member)
+            self._hit(task)
+
+
+class CancelWatch:
+    """The cancels of one queue, for every partition run of one worker."""
+
+    def __init__(self, redis: RedisClient, stream: str) -> None:
+        self.redis = redis
+        self.key = wire.cancel_key(stream)
+        self.channel = wire.cancel_channel(stream)
+        self.subscribed = asyncio.Event()  # set while the Pub/Sub connection listens
+        self._flights: dict[str, list[Flight]] = {}
+
+    def track(self, user_id: str | None, request_id: str | None) -> Flight | None:
+        """Start watching an entry; None for one that cannot be cancelled (no request_id)."""
+        if request_id is None or wire.user_id_rejection(user_id) is not None:
+            return None
+        flight = Flight(wire.cancel_member(user_id or "", request_id))
+        self._flights.setdefault(flight.member, []).append(flight)
+        return flight
+
+    def untrack(self, flight: Flight) -> None:
+        flights = self._flights.get(flight.member)
+        if flights is None:
+            return
+        if flight in flights:
+            flights.remove(flight)
+        if not flights:
+            del self._flights[flight.member]
+
+    async def check(self, flights: Iterable[Flight | None]) -> None:
+        """One ZMSCORE for ``flights``: mark those already cancelled. A Redis failure only logs (the
+        Pub/Sub announcement, or the next check, still catches a cancel)."""
+        batch = [f for f in flights if f is not None]
+        if not batch:
+            return
+        try:
+            scores = await self.redis.zmscore(self.key, [f.member for f in batch])
+        except (*_REDIS_DOWN, ResponseError) as exc:
+            log.warning("could not check %d entries for cancels: %s", len(batch), exc)
+            return
+        for flight, score in zip(batch, scores, strict=True):
+            if score is not None:
+                flight.cancel()
+
+    def announced(self, member: str) -> None:
+        flights = self._flights.get(member, [])
+        if flights:
+            log.info("cancel of %s: %d entries in flight here", member, len(flights))
+        for flight in list(flights):
+            flight.cancel()
+
+    async def run(self) -> None:
+        """Listen on the cancel channel until cancelled, reconnecting with backoff."""
+        backoff = Backoff()
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                self.subscribed.set()
+                await self.check([f for flights in self._flights.values() for f in flights])
+                backoff.reset()
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=_LISTEN_WAKEUP_S
+                    )
+                    if message is not None and message.get("type") == "message":
+                        self.announced(str(message["data"]))
+            except (*_REDIS_DOWN, ResponseError) as exc:  # ResponseError: e.g. an ACL without the channel
+                self.subscribed.clear()
+                delay = backoff.next_delay()
+                log.warning("cancel channel %s: %s; retrying in %.2fs", self.channel, exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                self.subscribed.clear()
+                await pubsub.aclose()
