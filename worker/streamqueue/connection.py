@@ -9,6 +9,7 @@ password must never reach a log line or a ``repr``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
 from redis.credentials import CredentialProvider
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -33,6 +35,9 @@ COMMAND_RETRIES = 3
 RETRY_BACKOFF_BASE_S = 0.05
 RETRY_BACKOFF_CAP_S = 2.0
 _SCHEMES = ("redis", "rediss")
+# Errors that mean "Redis is away for a moment": a lost connection, or a cluster without a primary
+# for a slot or moving one (CLUSTERDOWN, TRYAGAIN) while it fails over.
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, RedisClusterException)
 # What ``connect`` returns: the same commands, one server or a cluster of them.
 RedisClient = aioredis.Redis | aioredis.RedisCluster
 
@@ -134,6 +139,26 @@ class RedisSettings(BaseSettings):
         """The connection these settings describe."""
         fields = RedisSettings.model_fields  # redis_<name> is RedisConnection's <name>
         return RedisConnection(**{name.removeprefix("redis_"): getattr(self, name) for name in fields})
+
+
+def transient(exc: BaseException) -> bool:
+    """True for an error that retrying after a backoff can cure, so loops wait instead of dying.
+
+    Besides connection and cluster-state errors, that includes an error raised inside redis-py's own
+    connection code: its asyncio cluster client, while it re-learns the slot map during a failover,
+    can close a connection another task is about to write to (an AttributeError on the closed
+    writer). That is a passing state of the client, not a bug of the caller.
+    """
+    if isinstance(exc, _TRANSIENT):
+        return True
+    return isinstance(exc, AttributeError) and _raised_in_redis_py(exc)
+
+
+def _raised_in_redis_py(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}redis{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 class Backoff:

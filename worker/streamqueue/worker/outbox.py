@@ -39,7 +39,7 @@ from redis.exceptions import NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
-from ..connection import Backoff, RedisClient
+from ..connection import Backoff, RedisClient, transient
 from ..metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,11 @@ class Outbox:
                     break
                 try:
                     await self._commit(batch)
-                except (RedisConnectionError, RedisTimeoutError) as exc:
+                except Exception as exc:
+                    if not transient(exc):
+                        log.exception("reply/ack commit rejected by Redis")
+                        _report(batch, exc)
+                        break
                     self._metrics.redis_errors.inc()
                     delay = backoff.next_delay()
                     log.warning(
@@ -121,10 +125,6 @@ class Outbox:
                     )
                     await _sleep_unless(self._abandon, delay)
                     continue
-                except Exception as exc:
-                    log.exception("reply/ack commit rejected by Redis")
-                    _report(batch, exc)
-                    break
                 backoff.reset()
                 _report(batch, None)
                 break
