@@ -21,6 +21,7 @@ It never runs container images, mounts volumes or enforces resources: it is not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -174,7 +175,9 @@ class WorkerPodRunner:
         self._stopping.set()
         response = self._watch_response
         if response is not None:  # unblock the watch thread's read now rather than at the watch timeout
-            response.shutdown()
+            # The watch may have ended (and closed its socket) a moment ago: then there is nothing to unblock.
+            with contextlib.suppress(OSError):
+                response.shutdown()
         if self._watch_thread is not None:
             self._watch_thread.join(timeout=WATCH_SECONDS + 5)
             self._watch_thread = None
