@@ -34,9 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from ..connection import Backoff, RedisClient, transient
@@ -180,9 +178,10 @@ class Outbox:
             pipe.xack(self._stream, self._group, *ack_ids)
         results = await pipe.execute(raise_on_error=False)
         # A per-command error (a reply key that is not a stream) cannot be retried away, so it is
-        # logged and the rest of the batch stands; a node that could not be reached fails the batch.
+        # logged and the rest of the batch stands. A node that could not be reached, or a slot without
+        # a primary during a failover, fails the batch: it is retried, and never acknowledged unanswered.
         for result in results:
-            if isinstance(result, RedisConnectionError | RedisTimeoutError):
+            if isinstance(result, Exception) and transient(result):
                 raise result
             if isinstance(result, Exception):
                 log.error("Redis rejected a reply or dead-letter write: %s", result)
