@@ -37,7 +37,8 @@ RETRY_BACKOFF_CAP_S = 2.0
 _SCHEMES = ("redis", "rediss")
 # Errors that mean "Redis is away for a moment": a lost connection, or a cluster without a primary
 # for a slot or moving one (CLUSTERDOWN, TRYAGAIN) while it fails over.
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, RedisClusterException)
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)  # the server did not answer
+_TRANSIENT = (*CONNECTION_ERRORS, ClusterError, TryAgainError, RedisClusterException)
 # What ``connect`` returns: the same commands, one server or a cluster of them.
 RedisClient = aioredis.Redis | aioredis.RedisCluster
 

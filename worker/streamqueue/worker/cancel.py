@@ -23,15 +23,13 @@ import logging
 import time
 from collections.abc import Iterable
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import wire
-from ..connection import Backoff, RedisClient
+from ..connection import CONNECTION_ERRORS, Backoff, RedisClient
 
 log = logging.getLogger("streamqueue.worker")
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
 _RECANCEL_S = 0.1  # a handler still running this long after its cancel is cancelled again
 _LISTEN_WAKEUP_S = 1.0  # get_message returns this often when nothing is published (no Redis call)
 
@@ -114,7 +112,7 @@ class CancelWatch:
             return
         try:
             scores = await self.redis.zmscore(self.key, [f.member for f in batch])
-        except (*_REDIS_DOWN, ResponseError) as exc:
+        except (*CONNECTION_ERRORS, ResponseError) as exc:
             log.warning("could not check %d entries for cancels: %s", len(batch), exc)
             return
         for flight, score in zip(batch, scores, strict=True):
@@ -144,7 +142,8 @@ class CancelWatch:
                     )
                     if message is not None and message.get("type") == "message":
                         self.announced(str(message["data"]))
-            except (*_REDIS_DOWN, ResponseError) as exc:  # ResponseError: e.g. an ACL without the channel
+            # ResponseError: e.g. an ACL without the channel
+            except (*CONNECTION_ERRORS, ResponseError) as exc:
                 self.subscribed.clear()
                 delay = backoff.next_delay()
                 log.warning("cancel channel %s: %s; retrying in %.2fs", self.channel, exc, delay)

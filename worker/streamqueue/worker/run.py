@@ -24,12 +24,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from functools import partial
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import wire
-from ..connection import Backoff, RedisClient, transient
+from ..connection import CONNECTION_ERRORS, Backoff, RedisClient, transient
 from ..handlers import Handler, Message
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
@@ -42,7 +40,6 @@ from .slots import Slots
 from .userorder import UserOrder
 
 log = logging.getLogger("streamqueue.worker")
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # Last handler error per entry, kept for the dead-letter record; bounded so failures cannot grow it.
 _LAST_ERRORS_KEPT = 10_000
 _CANCEL_PATIENCE_S = 1.0
@@ -509,7 +506,7 @@ class Run:
         """Hand back every entry this consumer still owns, so other workers take it over at once."""
         try:
             released = await asyncio.wait_for(self.pending.release_all(), timeout=5)
-        except (*REDIS_DOWN, ResponseError, TimeoutError) as exc:
+        except (*CONNECTION_ERRORS, ResponseError, TimeoutError) as exc:
             log.warning("could not hand back pending entries (they will be reclaimed when idle): %s", exc)
             return
         if released:
