@@ -55,3 +55,28 @@ def test_partition_keys_keep_one_partition_unchanged_and_hash_tag_the_rest() -> 
     assert wire.dead_letter_stream(wire.partition_stream("q", 2, 3)) == "q:{2}:dead"
     with pytest.raises(ValueError, match="at least 1"):
         wire.partition_of("alice", 0)
+
+
+def _hash_tag(key: str) -> str:
+    """The part of a key Redis Cluster hashes (its documented rule)."""
+    opening = key.find("{")
+    if opening != -1:
+        closing = key.find("}", opening + 1)
+        if closing > opening + 1:
+            return key[opening + 1 : closing]
+    return key
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="{}"), min_size=1), st.integers(1, 64))
+def test_derived_keys_share_their_streams_hash_slot(stream: str, partitions: int) -> None:
+    for key in wire.partition_streams(stream, partitions):
+        for derived in (wire.fair_key(key), wire.fair_clock_key(key), wire.limits_key(key)):
+            assert derived != key
+            assert _hash_tag(derived) == _hash_tag(key)
+
+
+def test_a_key_with_unmatched_braces_has_no_same_slot_key() -> None:
+    assert wire.same_slot_key("a{b}c", ":x") == "a{b}c:x"
+    for bad in ("a}b", "a{b", "a{}b"):
+        with pytest.raises(ValueError, match="braces"):
+            wire.same_slot_key(bad, ":x")

@@ -23,6 +23,7 @@ ECHO_HANDLER = "streamqueue.handlers.echo:handle"
 HTTP_HANDLER = "streamqueue.handlers.http:handle"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Ordering = Literal["none", "perUser"]
+Fairness = Literal["none", "perUser"]
 ENV_PREFIX = "STREAMQUEUE_"
 
 
@@ -60,6 +61,8 @@ class WorkerSettings(RedisSettings):
     """Partition streams <stream>:{0}..{N-1}; user U's go to CRC-32(U) mod N (1: the stream itself)."""
     ordering: Ordering = Field(default="none")
     """perUser: one worker at a time per partition (a lease); a user's messages run one by one, in order."""
+    fairness: Fairness = Field(default="none")
+    """perUser: entries start round-robin across users, so one user's burst cannot hold back others'."""
     lease_ttl_ms: int = Field(default=5000, ge=500, le=600_000)
     """perUser: a partition's lease lapses this long after its worker stops renewing it."""
     handler: str = Field(default=ECHO_HANDLER, max_length=512)
@@ -119,6 +122,13 @@ class WorkerSettings(RedisSettings):
     """Model handler: exchanges remembered per user and sent as history; 0 keeps no memory."""
     openai_memory_ttl_seconds: int = Field(default=86_400, ge=1, le=31_536_000)
     """Model handler: a user's memory expires this long after their last exchange."""
+    # Limits toward the model API, shared by every worker of the queue (handlers that call it obey them).
+    model_requests_per_minute: int | None = Field(default=None, ge=1, le=100_000_000)
+    """Model API: calls started per minute, over all workers of the queue (unset: no limit)."""
+    model_tokens_per_minute: int | None = Field(default=None, ge=1, le=10_000_000_000)
+    """Model API: tokens per minute as the handler reports them, over all workers (unset: no limit)."""
+    model_concurrent_calls: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Model API: calls in progress at once, over all workers of the queue (unset: no limit)."""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -133,6 +143,9 @@ class WorkerSettings(RedisSettings):
             raise ValueError(f"handler must be module:function, got {self.handler!r}")
         if self.dead_letter() == self.stream:
             raise ValueError("dead_letter_stream must differ from the input stream")
+        if self.fairness == "perUser":
+            for stream in self.partition_streams:
+                wire.fair_key(stream)  # raises, saying why, if no key can share the stream's slot
         if self.stream.startswith(self.reply_prefix):
             raise ValueError(
                 f"input stream {self.stream!r} starts with reply_prefix {self.reply_prefix!r}: "

@@ -41,6 +41,24 @@ CANCEL_KEY_SUFFIX = ":cancelled"
 CANCEL_CHANNEL_SUFFIX = ":cancel"
 DEFAULT_CANCEL_TTL_SECONDS = 3600
 
+# Per-user fairness (docs/ai.md, "Fairness"): entries waiting their turn are pending in the group
+# under FAIR_CONSUMER (a name no pod can have) and ordered in the sorted set ``fair_key(partition)``
+# by virtual finish time; the hash ``fair_clock_key(partition)`` holds each user's last tag and the
+# partition's virtual time (field FAIR_CLOCK_NOW; a user_id has no colon, so it cannot collide).
+FAIR_CONSUMER = "streamqueue:fair"
+FAIR_CLOCK_NOW = ":now"
+
+# Model-API limits (docs/ai.md, "Model-API limits"), shared by every worker of a queue and keyed by
+# its base stream name (also when partitioned). ``limit_bound_key`` exists (value: one of the
+# LIMIT_* reasons) while the queue's calls wait for a limit; it expires LIMIT_BOUND_TTL_MS after the
+# last such wait. The operator reads it: a limit-bound queue is not scaled up.
+LIMIT_REQUESTS = "RequestsPerMinute"
+LIMIT_TOKENS = "TokensPerMinute"
+LIMIT_CONCURRENT = "ConcurrentCalls"
+LIMIT_RETRY_AFTER = "RetryAfter"
+LIMIT_REASONS = (LIMIT_REQUESTS, LIMIT_TOKENS, LIMIT_CONCURRENT, LIMIT_RETRY_AFTER)
+LIMIT_BOUND_TTL_MS = 15_000
+
 # Dead-letter entry: the original fields plus these.
 DL_REASON = "dl_reason"
 DL_ERROR = "dl_error"
@@ -105,6 +123,43 @@ def cancel_channel(stream: str) -> str:
 def cancel_member(user_id: str, request_id: str) -> str:
     """``<user_id>:<request_id>``: unambiguous, since a valid user_id has no colon."""
     return f"{user_id}:{request_id}"
+
+
+def same_slot_key(key: str, suffix: str) -> str:
+    """A key named after ``key`` that Redis Cluster stores in the same hash slot (so one script may
+    use both): ``key`` + suffix if ``key`` has a hash tag (a partition does), else ``{key}`` + suffix.
+    """
+    opening = key.find("{")
+    if opening != -1 and key.find("}", opening + 2) != -1:
+        return key + suffix
+    if "}" in key or "{" in key:
+        raise ValueError(f"cannot derive a key in the hash slot of {key!r}: it has unmatched braces")
+    return f"{{{key}}}{suffix}"
+
+
+def fair_key(stream: str) -> str:
+    """The sorted set of a partition's entries waiting for their fair turn."""
+    return same_slot_key(stream, ":fair")
+
+
+def fair_clock_key(stream: str) -> str:
+    """The hash of a partition's per-user virtual finish tags and its virtual time."""
+    return same_slot_key(stream, ":fair:clock")
+
+
+def limits_key(stream: str) -> str:
+    """The hash of a queue's shared rate-limit state (``stream``: its base name)."""
+    return same_slot_key(stream, ":limits")
+
+
+def limit_calls_key(stream: str) -> str:
+    """The sorted set of a queue's model calls in progress (member: call id, score: lease expiry ms)."""
+    return same_slot_key(stream, ":limits:calls")
+
+
+def limit_bound_key(stream: str) -> str:
+    """Present while a queue's calls wait for a model-API limit; its value is the LIMIT_* reason."""
+    return same_slot_key(stream, ":limits:bound")
 
 
 def dead_letter_stream(stream: str) -> str:
