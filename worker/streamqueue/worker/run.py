@@ -33,6 +33,7 @@ from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
 from .cancel import CancelWatch, Flight, cancelled_fields
 from .consumers import ConsumerPool
+from .fairness import FairPending, FairQueue
 from .outbox import Outbox, OutboxAbandoned, StreamWrite, redis_fields
 from .reclaim import Delivery, PendingOwnership
 from .replies import chunk_fields, dead_letter_fields, error_reply_fields, reply_fields
@@ -87,7 +88,12 @@ class Run:
         self.order = UserOrder() if s.ordering == "perUser" else None
         self.consumers: ConsumerPool[Delivery] = ConsumerPool(self._entry, "streamqueue-consumer")
         self.outbox = Outbox(redis, stream, s.group, metrics)
-        self.pending = PendingOwnership(redis, stream, s.group, s.consumer, s.claim_idle_ms)
+        self.fair: FairQueue | None = None
+        if s.fairness == "perUser":
+            self.fair = FairQueue(redis, stream, s.group, block_ms=s.block_ms)
+            self.pending: PendingOwnership = FairPending(redis, stream, s.group, s.consumer, s.claim_idle_ms)
+        else:
+            self.pending = PendingOwnership(redis, stream, s.group, s.consumer, s.claim_idle_ms)
         self._takeover = takeover
         self._retries: dict[str, asyncio.TimerHandle] = {}  # order mode: failed entries due again
         self.cancels = cancels
@@ -100,14 +106,19 @@ class Run:
         intake = asyncio.create_task(self._intake_loop(), name="streamqueue-intake")
         stopper = asyncio.create_task(stop.wait())
         background = [flusher, renewer, intake]
+        if self.fair is not None:
+            fair = asyncio.create_task(self.fair.run_intake(stop), name="streamqueue-fair-intake")
+            background.append(fair)
         done, _ = await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
         crashed = next((t for t in done if t is not stopper), None)
         stopper.cancel()
         log.info("%s: draining %d in-flight entries", self.stream, len(self.inflight))
         await self._stop_intake(intake)
+        if self.fair is not None:  # it ends by itself once its blocking read returns
+            await asyncio.wait([fair], timeout=self.s.block_ms / 1000 + _CANCEL_PATIENCE_S)
         await self._drain()
         await self._hand_back()
-        await cancel(renewer, flusher)
+        await cancel(*(task for task in background if task is not intake))
         self._cancel_retries()
         if crashed is not None and not crashed.cancelled() and crashed.exception() is not None:
             raise RuntimeError(f"worker task {crashed.get_name()} failed") from crashed.exception()
@@ -186,6 +197,8 @@ class Run:
 
     async def _read_new(self, count: int) -> list[Delivery]:
         s = self.s
+        if self.fair is not None:
+            return await self.fair.take(count, s.consumer)
         # RESP2 reply with decoded text: [[stream, [(id, {field: value}), ...]]] or None on timeout.
         reply: Any = await self.redis.xreadgroup(
             s.group, s.consumer, {self.stream: ">"}, count=count, block=s.block_ms
