@@ -11,6 +11,7 @@ BENCHMARKS = [
     "client_latency",
     "model_stream",
     "cancel_latency",
+    "fairness",
     "operator_reaction",
     "operator_cost",
     "node_coldstart",

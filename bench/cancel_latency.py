@@ -26,7 +26,7 @@ from streamqueue.handlers import Message
 from streamqueue_harness.processes import spawn, stop_groups
 from streamqueue_harness.redis_server import RedisServer
 
-from bench.common import print_table
+from bench.common import percentile, print_table
 
 CHUNK_INTERVAL_S = 0.02
 
@@ -39,11 +39,6 @@ async def slow_stream(msg: Message) -> AsyncIterator[str]:
     for i in range(100_000):
         yield f"c{i} "
         await asyncio.sleep(CHUNK_INTERVAL_S)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def _running(client: Client, rounds: int) -> list[float]:
@@ -86,7 +81,9 @@ async def _measure(url: str, rounds: int) -> list[list[object]]:
         rows: list[list[object]] = []
         for label, run in (("running, mid-stream", _running), ("sent and cancelled at once", _queued)):
             ms = await run(client, rounds)
-            rows.append([label, len(ms), _pct(ms, 0.5), _pct(ms, 0.99), max(ms, default=float("nan"))])
+            rows.append(
+                [label, len(ms), percentile(ms, 0.5), percentile(ms, 0.99), max(ms, default=float("nan"))]
+            )
         return rows
 
 
