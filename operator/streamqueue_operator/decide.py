@@ -18,6 +18,9 @@ Rules, in order:
 - Cold start: pods scheduled but not Ready are capacity already being added. While some are
   (``ready < current``) and the last scale-up is younger than ``coldStartSeconds``, a further
   scale-up is held: the backlog that builds up while they start is what they were added for.
+- Limit-bound: while the workers' model-API calls wait for a shared limit (``obs.limit_bound``), more
+  workers would not help: a scale-up is held at the current count. Scale-downs, scale to zero and
+  the wake from zero (to one worker: being bound takes a worker) follow the rules above.
 - Pause (annotations, KEDA's semantics): ``paused`` holds the current count, ``paused-replicas``
   sets that count and holds it, an invalid value holds and says why. The history keeps advancing,
   so resuming decides from fresh rates and the usual stabilization window.
@@ -223,8 +226,27 @@ def decide(
         desired = _clamp(desired, policy)
         detail += f"; clamped to [{policy.min_replicas}, {policy.max_replicas}]"
     decision = Decision(desired, reason, detail, backlog_target, drain_target, rates)
+    decision = _limit_hold(policy, obs, decision, current)
     decision = _cold_start_hold(policy, state, decision, current, ready, now)
     return _paused(decision, pause, current), _scaled_up(next_state, decision, current, pause, now)
+
+
+def _limit_hold(policy: ScalingSpec, obs: Observation, decision: Decision, current: int) -> Decision:
+    """Hold a scale-up while the queue is limit-bound; from zero wake one worker (the limit needs one).
+
+    Checked before the cold-start hold, so when both apply the reason names the one that outlasts it.
+    """
+    if obs.limit_bound is None or decision.desired <= current:
+        return decision
+    held = max(current, policy.min_replicas, 1 if current == 0 else 0)
+    if held >= decision.desired:
+        return decision
+    message = (
+        f"{decision.message}; limit-bound ({obs.limit_bound}): the workers' model-API calls wait for "
+        f"that limit, so more workers would not help: holding {held} instead of {decision.desired} "
+        "while it lasts"
+    )
+    return replace(decision, desired=held, reason="LimitBound", message=message)
 
 
 def _cold_start_hold(

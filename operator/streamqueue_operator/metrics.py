@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, start_http_server
+from streamqueue import wire
 
 from .decide import Decision
-from .observe import Observation
+from .observe import UNKNOWN_LIMIT, Observation
 
 _LABELS = ("namespace", "name")
 
@@ -23,6 +24,12 @@ CURRENT = Gauge("streamqueue_current_replicas", "Replicas of the worker Deployme
 READY = Gauge("streamqueue_ready_replicas", "Ready replicas of the worker Deployment.", _LABELS)
 MAX = Gauge("streamqueue_max_replicas", "The queue's scaling.maxReplicas.", _LABELS)
 PAUSED = Gauge("streamqueue_paused", "1 while the pause annotations hold the replica count.", _LABELS)
+LIMIT_BOUND = Gauge(
+    "streamqueue_limit_bound",
+    "1 while the workers' model-API calls wait for the limit named by reason (no scale-up meanwhile).",
+    (*_LABELS, "reason"),
+)
+_LIMIT_REASONS = (*wire.LIMIT_REASONS, UNKNOWN_LIMIT)
 SCALE_EVENTS = Counter(
     "streamqueue_scale_events", "Replica changes made by the scaler.", (*_LABELS, "direction", "reason")
 )
@@ -58,6 +65,8 @@ def record_observation(namespace: str, name: str, obs: Observation) -> None:
         LAG_ESTIMATED.labels(*labels).set(int(obs.lag_estimated))
         for partition, backlog in obs.partitions:
             PARTITION_BACKLOG.labels(*labels, partition).set(backlog)
+        for reason in _LIMIT_REASONS:  # one series per reason, 0 or 1, so sum by (name) says "bound"
+            LIMIT_BOUND.labels(*labels, reason).set(int(obs.limit_bound == reason))
 
 
 def record_replicas(
@@ -81,7 +90,8 @@ def forget(namespace: str, name: str) -> None:
             gauge.remove(namespace, name)
         except KeyError:
             continue
-    PARTITION_BACKLOG.remove_by_labels({"namespace": namespace, "name": name})
+    for labelled in (PARTITION_BACKLOG, LIMIT_BOUND):
+        labelled.remove_by_labels({"namespace": namespace, "name": name})
 
 
 def serve(port: int, address: str = "0.0.0.0") -> None:

@@ -8,6 +8,11 @@ The result is a plain value (``Observation``) so the decision can stay a pure fu
 reports a group's lag as nil when it cannot count it (after XDEL, XTRIM or XGROUP SETID); then the
 lag is estimated from above and flagged, never read as zero, so a queue with waiting messages is
 never mistaken for an idle one (KEDA's lag mode treats nil as inactive).
+
+The same pipeline reads the queue's limit-bound key (``wire.limit_bound_key``): the workers keep it
+while their model-API calls wait for a shared limit, so more pods would not help. It only adds to an
+observation: an error reading it (an ACL without GET on it, a wrong type) counts as not bound, and a
+Redis outage is already reported by the XINFO replies.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from streamqueue import wire
 from streamqueue.wire import GroupInfo
+
+# The reason recorded for a limit-bound key whose value is none of wire.LIMIT_REASONS (a newer worker):
+# the key's presence is what means "bound".
+UNKNOWN_LIMIT = "UnknownLimit"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,8 @@ class Observation:
     consumers: int = 0
     # Backlog per partition stream (only for a partitioned queue).
     partitions: tuple[tuple[str, int], ...] = field(default=())
+    # The model-API limit the workers' calls wait for (a wire.LIMIT_* reason); None: not limit-bound.
+    limit_bound: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -100,18 +112,34 @@ def from_replies(at: float, group_name: str, groups_reply: Any, stream_reply: An
     )
 
 
-async def observe(client: Any, streams: Sequence[str], group: str, at: float) -> Observation:
-    """Read every partition in one pipeline; connection failures become an error Observation."""
+def limit_reason(reply: Any) -> str | None:
+    """The limit-bound key's GET reply as a reason: None when absent or unreadable (see the module doc)."""
+    if reply is None or isinstance(reply, Exception):
+        return None
+    value = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return value if value in wire.LIMIT_REASONS else UNKNOWN_LIMIT
+
+
+async def observe(
+    client: Any, streams: Sequence[str], group: str, at: float, limit_key: str | None = None
+) -> Observation:
+    """Read every partition, and ``limit_key`` when given, in one pipeline; connection failures become
+    an error Observation."""
     try:
         async with client.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xinfo_groups(stream)
                 pipe.xinfo_stream(stream)
+            if limit_key is not None:
+                pipe.get(limit_key)
             replies = await pipe.execute(raise_on_error=False)
     except (redis.RedisError, OSError) as exc:
         return Observation(at=at, error=f"{type(exc).__name__}: {exc}")
     parts = [from_replies(at, group, replies[2 * i], replies[2 * i + 1]) for i in range(len(streams))]
-    return parts[0] if len(parts) == 1 else combine(at, streams, parts)
+    obs = parts[0] if len(parts) == 1 else combine(at, streams, parts)
+    if limit_key is None or obs.error is not None:
+        return obs
+    return replace(obs, limit_bound=limit_reason(replies[-1]))
 
 
 def combine(at: float, streams: Sequence[str], parts: Sequence[Observation]) -> Observation:

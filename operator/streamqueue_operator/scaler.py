@@ -48,6 +48,7 @@ HOLD_EVENT_REPEAT_SECONDS = 300.0
 HOLD_EVENTS = {
     "Stabilized": ("ScaleDownDelayed", False),
     "ColdStart": ("ColdStartHold", False),
+    "LimitBound": ("LimitBound", False),
     "Paused": ("Paused", False),
     "PauseInvalid": ("InvalidPauseAnnotation", True),
 }
@@ -115,7 +116,8 @@ class QueueScaler:
         at = time.monotonic()
         if client is None:
             return Observation(at=at, error=self._client_error or "waiting to reconnect")
-        obs = await observe(client, wire.partition_streams(spec.stream, spec.partitions), spec.group, at)
+        streams = wire.partition_streams(spec.stream, spec.partitions)
+        obs = await observe(client, streams, spec.group, at, limit_key=wire.limit_bound_key(spec.stream))
         if obs.error and "auth" in obs.error.lower():
             await self._drop_client()  # re-read the Secret on the next attempt: the password may have rotated
         return obs
@@ -176,7 +178,7 @@ class QueueScaler:
         if replicas is None:  # not created yet, or not ours to scale (deployment_error says why)
             if self.deployment_error:
                 held = Decision(0, "DeploymentError", self.deployment_error)
-                await self._write_status(body, obs, held, current=0, ready=0)
+                await self._write_status(body, spec, obs, held, current=0, ready=0)
             return spec.scaling.poll_interval_seconds
         current = await self._current(replicas, now)
         if self._state is None:
@@ -191,7 +193,7 @@ class QueueScaler:
         metrics.record_replicas(
             self.namespace, self.name, decision, current, replicas.ready, spec.scaling.max_replicas
         )
-        await self._write_status(body, obs, decision, current, replicas.ready)
+        await self._write_status(body, spec, obs, decision, current, replicas.ready)
         if obs.ok:
             await self._housekeeping(spec, now)
         return spec.scaling.poll_interval_seconds
@@ -277,7 +279,13 @@ class QueueScaler:
         return decision.desired
 
     async def _write_status(
-        self, body: Mapping[str, Any], obs: Observation, decision: Decision, current: int, ready: int
+        self,
+        body: Mapping[str, Any],
+        spec: StreamQueueSpec,
+        obs: Observation,
+        decision: Decision,
+        current: int,
+        ready: int,
     ) -> None:
         snapshot = status.Snapshot(
             generation=body["metadata"].get("generation", 0),
@@ -289,6 +297,7 @@ class QueueScaler:
             ready=ready,
             last_scale_time=self._last_scale[0],
             last_scale_reason=self._last_scale[1],
+            limit_setting=status.limit_setting(spec.worker, obs.limit_bound),
         )
         previous = self._written or {}
         new = status.build(snapshot, previous)

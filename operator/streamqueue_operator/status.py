@@ -12,18 +12,28 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from streamqueue import wire
+
 from .decide import Decision
-from .models import Condition, StreamQueueStatus
-from .observe import Observation
+from .models import Condition, StreamQueueStatus, WorkerSpec
+from .observe import UNKNOWN_LIMIT, Observation
 
 READY = "Ready"
 REDIS_REACHABLE = "RedisReachable"
 SCALING = "Scaling"
 LAG_ESTIMATED = "LagEstimated"
 PAUSED = "Paused"
+LIMIT_BOUND = "LimitBound"
 
 # Decisions that hold the count against what the backlog alone asks for: their message says why.
-HOLDS = ("Stabilized", "ColdStart", "Paused", "PauseInvalid")
+HOLDS = ("Stabilized", "ColdStart", "LimitBound", "Paused", "PauseInvalid")
+
+# The spec.worker field that configures each limit the workers report (RetryAfter is the model API's own).
+LIMIT_FIELDS = {
+    wire.LIMIT_REQUESTS: "model_requests_per_minute",
+    wire.LIMIT_TOKENS: "model_tokens_per_minute",
+    wire.LIMIT_CONCURRENT: "model_concurrent_calls",
+}
 
 _VOLATILE = ("backlog", "lag", "pending", "streamLength", "consumers", "partitions")
 
@@ -45,6 +55,8 @@ class Snapshot:
     ready: int
     last_scale_time: str | None
     last_scale_reason: str | None
+    # The configured value of the limit the queue is bound by (``limit_setting``), if any.
+    limit_setting: str | None = None
 
 
 def _condition(
@@ -89,6 +101,33 @@ def _lag_condition(o: Observation, gen: int, prev: list[Condition]) -> Condition
     )
 
 
+def limit_setting(worker: WorkerSpec, reason: str | None) -> str | None:
+    """``spec.worker.<field>: <value>`` of the limit ``reason`` names, when the StreamQueue sets it."""
+    field = LIMIT_FIELDS.get(reason or "")
+    value = getattr(worker, field) if field else None
+    if field is None or value is None:
+        return None
+    return f"spec.worker.{WorkerSpec.model_fields[field].alias}: {value}"
+
+
+def _limit_condition(s: Snapshot, prev: list[Condition]) -> Condition:
+    reason, gen = s.observation.limit_bound, s.generation
+    if reason is None:
+        message = "no model-API limit is holding the workers' calls back"
+        return _condition(LIMIT_BOUND, False, "WithinLimits", message, gen, prev)
+    if reason == wire.LIMIT_RETRY_AFTER:
+        what = "the Retry-After of the model API's 429 answers"
+    elif reason == UNKNOWN_LIMIT:
+        what = "a limit this operator version does not know"
+    else:
+        what = f"the {reason} limit" + (f" ({s.limit_setting})" if s.limit_setting else "")
+    message = (
+        f"the workers' model-API calls wait for {what}: more workers would not help, so replicas are "
+        f"not raised while it lasts (desired {s.decision.desired}, current {s.current})"
+    )
+    return _condition(LIMIT_BOUND, True, reason, message, gen, prev)
+
+
 def _paused_condition(d: Decision, gen: int, prev: list[Condition]) -> Condition:
     if d.reason == "PauseInvalid":
         return _condition(PAUSED, True, "InvalidAnnotation", d.message, gen, prev)
@@ -129,7 +168,7 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
         _paused_condition(d, gen, prev),
     ]
     if o.ok:
-        conditions.append(_lag_condition(o, gen, prev))
+        conditions += [_lag_condition(o, gen, prev), _limit_condition(s, prev)]
         counters = StreamQueueStatus(
             backlog=o.backlog,
             lag=o.lag,
@@ -139,8 +178,8 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
             consumers=o.consumers,
             partitions=dict(o.partitions) or None,
         )
-    else:  # nothing new was observed: keep the last counters and lag condition
-        conditions += [c for c in prev if c.type == LAG_ESTIMATED]
+    else:  # nothing new was observed: keep the last counters, lag and limit conditions
+        conditions += [c for c in prev if c.type in (LAG_ESTIMATED, LIMIT_BOUND)]
         counters = last
     status = counters.model_copy(
         update={

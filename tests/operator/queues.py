@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import redis
 import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 from streamqueue_operator.models import GROUP, PLURAL, VERSION
 
 STREAM, CGROUP = "user_messages_queue", "ai_service_group"
@@ -24,7 +26,13 @@ class Queues:
     api: k8s.ApiClient
     redis_url: str
 
-    def apply(self, name: str, housekeeping: dict[str, Any] | None = None, **scaling: Any) -> None:
+    def apply(
+        self,
+        name: str,
+        housekeeping: dict[str, Any] | None = None,
+        worker: dict[str, Any] | None = None,
+        **scaling: Any,
+    ) -> None:
         manifest = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "StreamQueue",
@@ -33,6 +41,7 @@ class Queues:
                 "redis": {"url": self.redis_url},
                 "scaling": {"pollIntervalSeconds": 0.5, **scaling},
                 "housekeeping": {"intervalSeconds": 5, **(housekeeping or {})},
+                **({"worker": worker} if worker else {}),
             },
         }
         self.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
@@ -59,6 +68,16 @@ class Queues:
             self.namespace, field_selector=f"involvedObject.kind=StreamQueue,involvedObject.name={name}"
         )
         return [(e.reason, e.message) for e in events.items if e.reason in ("ScaledUp", "ScaledDown")]
+
+
+def metric(port: int, sample_name: str, labels: dict[str, str]) -> float | None:
+    """One sample from the operator's /metrics, or None if it has not been recorded."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
 
 
 def push(r: redis.Redis, n: int) -> None:

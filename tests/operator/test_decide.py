@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from streamqueue import wire
 from streamqueue_operator.decide import (
     Pause,
     Rates,
@@ -193,6 +196,47 @@ def test_pause_holds_sets_or_refuses_and_history_keeps_advancing() -> None:
     assert d.desired == 5  # a pause is the user's word, Redis or not
 
 
+def bound(o: Observation, reason: str = wire.LIMIT_REQUESTS) -> Observation:
+    return replace(o, limit_bound=reason)
+
+
+def test_limit_bound_holds_a_scale_up_and_says_why() -> None:
+    p = policy(max_replicas=50)
+    d, state = decide(p, ScalerState.seeded(0, 4), bound(obs(1, lag=100)), current=4, ready=4)
+    assert (d.desired, d.reason) == (4, "LimitBound")
+    assert "limit-bound (RequestsPerMinute)" in d.message and "holding 4 instead of 20" in d.message
+    assert "backlog 100" in d.message
+    d, _ = decide(p, state, obs(2, lag=100), current=4, ready=4)  # the key expired: the policy again
+    assert (d.desired, d.reason) == (20, "Backlog")
+
+
+def test_limit_bound_changes_nothing_that_is_not_a_scale_up() -> None:
+    p = policy(scale_down_stabilization_seconds=0, idle_cooldown_seconds=0)
+    d, _ = decide(p, ScalerState.seeded(0, 4), bound(obs(1, lag=10)), current=4, ready=4)
+    assert (d.desired, d.reason) == (2, "Backlog")  # scale-down as usual
+    d, _ = decide(p, ScalerState.seeded(0, 4), bound(obs(1, lag=20)), current=4, ready=4)
+    assert (d.desired, d.reason) == (4, "Backlog")  # settled: nothing held
+    d, _ = decide(p, ScalerState(last_active_at=0), bound(obs(1)), current=1, ready=1)
+    assert (d.desired, d.reason) == (0, "Idle")  # to zero as usual
+    d, _ = decide(p, ScalerState(), bound(obs(1, lag=30)), current=0, ready=0)
+    assert (d.desired, d.reason) == (1, "LimitBound")  # wakes from zero: the limit needs a worker
+    d, _ = decide(policy(min_replicas=3), ScalerState(), bound(obs(1, lag=30)), current=2, ready=2)
+    assert d.desired == 3  # minReplicas is the user's floor, bound or not
+
+
+def test_limit_bound_with_cold_start_pause_and_missing_data() -> None:
+    p = policy(max_replicas=50, cold_start_seconds=60, fallback_replicas=6)
+    _, state = decide(p, ScalerState.seeded(0, 1), obs(1, lag=20), current=1, ready=1)
+    d, _ = decide(p, state, bound(obs(2, lag=60)), current=4, ready=1)
+    assert (d.desired, d.reason) == (4, "LimitBound")  # both hold; the reason that outlasts the other
+    d, _ = decide(p, state, bound(obs(2, lag=60)), current=4, ready=4, pause=Pause(replicas=9))
+    assert (d.desired, d.reason) == (9, "Paused")  # a pause is the user's word
+    err = bound(Observation(at=2, error="ConnectionError: refused"))
+    assert decide(p, state, err, current=4, ready=4)[0].desired == 6  # unreadable: fallback as before
+    missing = bound(Observation(at=2, group_missing=True, stream_length=3))
+    assert decide(p, ScalerState(), missing, current=0, ready=0)[0].desired == 6
+
+
 # --- properties ---------------------------------------------------------------------------------
 
 policies = st.builds(
@@ -354,3 +398,30 @@ def test_monotone_in_backlog(
         p, state, Observation(**{**last.__dict__, "lag": high}), current=current, ready=current
     )
     assert d_low.desired <= d_high.desired
+
+
+@PROPERTY
+@given(
+    scenarios(),
+    st.lists(st.integers(0, 40), min_size=25, max_size=25),
+    st.lists(st.booleans(), min_size=25, max_size=25),
+)
+def test_limit_bound_only_holds_scale_ups(
+    scenario: Scenario, starting: list[int], bounds: list[bool]
+) -> None:
+    """A bound observation never yields more than the current count (a queue at zero still wakes, to one
+    worker or minReplicas), and never less than what the same poll unbound asks, or the current count."""
+    p, observations, current = scenario
+    state = ScalerState.seeded(0.0, current)
+    for o, n, is_bound in zip(observations, starting, bounds, strict=False):
+        ready = max(0, current - n)
+        free, _ = decide(p, state, o, current=current, ready=ready)
+        held, next_state = decide(p, state, bound(o), current=current, ready=ready)
+        assert held.desired <= free.desired
+        assert held.desired >= min(free.desired, current)
+        if o.ok:
+            assert held.desired <= max(current, p.min_replicas, 1 if current == 0 else 0), (o, current, held)
+        else:
+            assert held == free  # nothing was observed: the no-data rules alone
+        state = next_state if is_bound else decide(p, state, o, current=current, ready=ready)[1]
+        current = held.desired if is_bound else free.desired

@@ -1,4 +1,4 @@
-"""Hold Events (stabilization, cold start, pause): on change only, never one per poll."""
+"""Hold Events (stabilization, cold start, limit-bound, pause): on change only, never one per poll."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def test_holds_are_announced_on_change_only() -> None:
     poll("Stabilized", 5, 5, 6)  # flapping back within a few minutes: not again
     for t in range(7, 10):
         poll("ColdStart", 5, 5, t)
+    poll("LimitBound", 5, 5, 10)
+    poll("LimitBound", 5, 5, 10.5)
     for t in range(10, 13):
         poll("Paused", 5, 5, t)
     poll("PauseInvalid", 5, 5, 13)
@@ -30,6 +32,7 @@ def test_holds_are_announced_on_change_only() -> None:
     assert sent == [
         ("Normal", "ScaleDownDelayed"),
         ("Normal", "ColdStartHold"),
+        ("Normal", "LimitBound"),
         ("Normal", "Paused"),
         ("Warning", "InvalidPauseAnnotation"),
         ("Normal", "Resumed"),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 import redis.asyncio
-from streamqueue.connection import RedisConnection, connect
+from pydantic import SecretStr
+from streamqueue import wire
+from streamqueue.connection import RedisConnection, connect, connect_any
+from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.observe import Observation, combine, observe
 
@@ -80,6 +84,77 @@ async def test_unreachable_redis_is_an_error_observation(redis_server: RedisServ
     redis_server.start()
     redis_server.client().xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     assert (await observe(client, STREAM, GROUP, at=2.0)).ok
+
+
+async def test_the_limit_bound_key_in_the_same_pipeline(redis_server: RedisServer) -> None:
+    """Set as a worker sets it (the reason, PX LIMIT_BOUND_TTL_MS); absent or unreadable: not bound."""
+    r = redis_server.client()
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    key, client = wire.limit_bound_key(STREAM), _client(redis_server)
+    assert (await observe(client, [STREAM], GROUP, at=1.0, limit_key=key)).limit_bound is None
+    r.set(key, wire.LIMIT_TOKENS, px=wire.LIMIT_BOUND_TTL_MS)
+    o = await observe(client, [STREAM], GROUP, at=2.0, limit_key=key)
+    assert o.ok and o.limit_bound == "TokensPerMinute"
+    assert (await observe(client, [STREAM], GROUP, at=2.0)).limit_bound is None  # not asked
+    r.set(key, "SomethingNew", px=wire.LIMIT_BOUND_TTL_MS)  # a newer worker's reason: still bound
+    assert (await observe(client, [STREAM], GROUP, at=3.0, limit_key=key)).limit_bound == "UnknownLimit"
+    r.set(key, wire.LIMIT_CONCURRENT, px=wire.LIMIT_BOUND_TTL_MS)
+    r.delete(STREAM)
+    o = await observe(client, [STREAM], GROUP, at=4.0, limit_key=key)
+    assert o.group_missing and o.limit_bound == "ConcurrentCalls"  # read; decide ignores it without data
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    r.delete(key)  # expired
+    assert (await observe(client, [STREAM], GROUP, at=5.0, limit_key=key)).limit_bound is None
+    r.rpush(key, "not a string")  # WRONGTYPE: unreadable counts as not bound, the observation stands
+    o = await observe(client, [STREAM], GROUP, at=6.0, limit_key=key)
+    assert o.ok and o.limit_bound is None
+
+
+async def test_a_user_without_get_still_observes_the_queue(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    _fill(r, 3)
+    key = wire.limit_bound_key(STREAM)
+    r.set(key, wire.LIMIT_REQUESTS)
+    r.acl_setuser("observer", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-get"])
+    client = connect(
+        RedisConnection(
+            url=redis_server.url, username="observer", password=SecretStr("secret"), socket_timeout=2
+        )
+    )
+    o = await observe(client, [STREAM], GROUP, at=1.0, limit_key=key)
+    assert o.ok and o.lag == 3 and o.limit_bound is None
+
+
+async def test_an_outage_is_an_error_not_a_missing_limit(redis_server: RedisServer) -> None:
+    client = _client(redis_server)
+    redis_server.stop()
+    o = await observe(client, [STREAM], GROUP, at=1.0, limit_key=wire.limit_bound_key(STREAM))
+    assert o.error and o.limit_bound is None
+    redis_server.start()
+
+
+@pytest.mark.slow
+async def test_the_limit_bound_key_on_a_cluster_is_read_from_its_own_slot(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    """The key's slot differs from every partition's; the cluster pipeline still reads it in the poll."""
+    r = redis_cluster.client(decode_responses=True)
+    streams = wire.partition_streams("lb", 3)
+    for stream in streams:
+        r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        r.xadd(stream, {"user_id": "u", "message": "m"})
+    key = wire.limit_bound_key("lb")
+    assert r.cluster_keyslot(key) not in {r.cluster_keyslot(s) for s in streams}
+    r.set(key, wire.LIMIT_RETRY_AFTER, px=wire.LIMIT_BOUND_TTL_MS)
+    client = connect_any(RedisConnection(url=redis_cluster.url, cluster=True, socket_timeout=2))
+    try:
+        o = await observe(client, streams, GROUP, at=1.0, limit_key=key)
+        assert o.ok and o.lag == 3 and o.limit_bound == "RetryAfter"
+        r.delete(key)
+        assert (await observe(client, streams, GROUP, at=2.0, limit_key=key)).limit_bound is None
+    finally:
+        await client.aclose()
 
 
 def test_a_partitioned_queue_is_the_sum_of_its_partitions() -> None:

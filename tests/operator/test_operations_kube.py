@@ -1,4 +1,4 @@
-"""Operations on the local control plane: idle pods go first on scale-down, pause, cold starts.
+"""Operations on the local control plane: idle pods go first on scale-down, pause, cold starts, limits.
 
 The worker pods are run by the pod runner with the stand-in worker (it consumes nothing), so the
 test decides exactly which consumer holds which entries; the real kube-controller-manager's
@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from streamqueue import wire
 from streamqueue_harness.podrunner import WorkerPodRunner
+from streamqueue_harness.ports import free_port
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.deletion_cost import ANNOTATION
 
 from tests.harness.eventually import eventually
-from tests.operator.queues import CGROUP, STREAM, Queues, push
+from tests.operator.queues import CGROUP, STREAM, Queues, metric, push, steady
 
 pytestmark = pytest.mark.kube
 
@@ -177,3 +179,53 @@ def test_cold_start_does_not_overshoot(
         eventually(lambda: sq.replicas("cold") == 12, "the policy once they are Ready", timeout=15)
     (hold,) = events(sq, "cold", "ColdStartHold")  # one Event for the whole hold, not one per poll
     assert "not Ready yet" in hold.message
+
+
+def test_a_limit_bound_queue_is_not_scaled_up(
+    sq: Queues, redis_server: RedisServer, start_operator: Any
+) -> None:
+    """The workers' calls wait for the model API's requests-per-minute limit (the key set as a worker sets
+    it): the backlog grows, replicas stay, the LimitBound condition, an Event and the gauge say why; once
+    the key expires the policy scales up."""
+    port = free_port()
+    start_operator(f"--metrics-port={port}")
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    push(r, 10)
+    # no worker runs here, so no pod is ever Ready: coldStartSeconds 0 keeps the cold-start hold out of it
+    sq.apply("bound", worker={"modelRequestsPerMinute": 600}, maxReplicas=10, coldStartSeconds=0)
+    eventually(lambda: sq.replicas("bound") == 2, "2 replicas for a backlog of 10", timeout=30)
+    eventually(
+        lambda: sq.condition("bound", "LimitBound").get("reason") == "WithinLimits", "LimitBound=False"
+    )
+
+    key = wire.limit_bound_key(STREAM)
+
+    def wait_for_the_limit() -> None:  # what a worker does at each wait: the reason, PX the TTL
+        r.set(key, wire.LIMIT_REQUESTS, px=wire.LIMIT_BOUND_TTL_MS)
+
+    wait_for_the_limit()
+    eventually(lambda: sq.condition("bound", "LimitBound").get("status") == "True", "LimitBound=True")
+    limit = sq.condition("bound", "LimitBound")
+    assert limit["reason"] == "RequestsPerMinute"
+    assert "modelRequestsPerMinute: 600" in limit["message"] and "would not help" in limit["message"]
+    wait_for_the_limit()
+    push(r, 30)  # backlog 40: 8 replicas, were it not bound
+    eventually(
+        lambda: sq.get("bound")["status"].get("backlog") == 40, "the bound queue's backlog", timeout=15
+    )
+    assert sq.replicas("bound") == 2 and sq.condition("bound", "Scaling")["reason"] == "LimitBound"
+    wait_for_the_limit()
+    assert set(steady(lambda: sq.replicas("bound"), 2)) == {2}
+    (event,) = eventually(lambda: events(sq, "bound", "LimitBound"), "the LimitBound Event", timeout=10)
+    assert "limit-bound (RequestsPerMinute)" in event.message and "holding 2 instead of 8" in event.message
+    labels = {"namespace": sq.namespace, "name": "bound", "reason": "RequestsPerMinute"}
+    assert metric(port, "streamqueue_limit_bound", labels) == 1
+
+    r.pexpire(key, 500)  # the workers' last wait: the key lapses shortly after
+    eventually(lambda: sq.replicas("bound") == 8, "the scale-up once the key has expired", timeout=15)
+    eventually(
+        lambda: sq.condition("bound", "LimitBound").get("reason") == "WithinLimits", "LimitBound=False"
+    )
+    assert metric(port, "streamqueue_limit_bound", labels) == 0
+    assert len(events(sq, "bound", "LimitBound")) == 1

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client as k8s
-from prometheus_client.parser import text_string_to_metric_families
 from streamqueue_harness.partition import PartitionProxy
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.ports import free_port
@@ -24,7 +23,7 @@ from streamqueue_operator.models import GROUP, VERSION
 
 from tests.chart.helm import CHART, KUBE_VERSION, helm
 from tests.harness.eventually import eventually
-from tests.operator.queues import CGROUP, STREAM, Queues, push, steady
+from tests.operator.queues import CGROUP, STREAM, Queues, metric, push, steady
 
 pytestmark = pytest.mark.kube
 
@@ -322,16 +321,6 @@ def test_all_namespaces_mode_with_metrics_and_liveness(
     assert f'streamqueue_scale_events_total{{direction="up",{labels},reason="Backlog"}}' in text
     with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5) as health:
         assert health.status == 200
-
-
-def metric(port: int, sample_name: str, labels: dict[str, str]) -> float | None:
-    """One sample from the operator's /metrics, or None if it has not been recorded."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 def kubeconfig_via(kubeconfig: Path, proxy: PartitionProxy, directory: Path) -> Path:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from streamqueue_operator.decide import Decision
+from streamqueue_operator.models import WorkerSpec
 from streamqueue_operator.observe import Observation
-from streamqueue_operator.status import Snapshot, build, worth_writing
+from streamqueue_operator.status import Snapshot, build, limit_setting, worth_writing
 
 
 def snap(
@@ -34,6 +37,7 @@ def test_serving_queue_status_and_columns() -> None:
         "Scaling": ("False", "Backlog"),
         "LagEstimated": ("False", "Exact"),
         "Paused": ("False", "NotPaused"),
+        "LimitBound": ("False", "WithinLimits"),
     }
     assert s["readyReplicas"] == 2 and s["paused"] is False
     assert all(c["observedGeneration"] == 3 and c["lastTransitionTime"] for c in s["conditions"])
@@ -89,3 +93,37 @@ def test_holds_say_why_in_the_scaling_condition_and_pause_in_its_own() -> None:
     assert conditions(paused)["Paused"] == ("True", "Paused") and paused["paused"] is True
     invalid = with_decision(Decision(2, "PauseInvalid", "streamqueue.io/paused-replicas: '-1'"))
     assert conditions(invalid)["Paused"] == ("True", "InvalidAnnotation")
+
+
+def test_limit_bound_condition_names_the_limit_its_setting_and_the_hold() -> None:
+    def bound_status(reason: str | None, setting: str | None, previous: dict) -> dict:
+        base = snap(replace(ok(), limit_bound=reason), desired=4, current=4)
+        held = Decision(4, "LimitBound", "holding 4 instead of 20") if reason else base.decision
+        return build(replace(base, decision=held, limit_setting=setting), previous)
+
+    free = bound_status(None, None, {})
+    assert conditions(free)["LimitBound"] == ("False", "WithinLimits")
+    for c in free["conditions"]:
+        c["lastTransitionTime"] = "2000-01-01T00:00:00Z"
+    s = bound_status("RequestsPerMinute", "spec.worker.modelRequestsPerMinute: 600", free)
+    limit = next(c for c in s["conditions"] if c["type"] == "LimitBound")
+    assert (limit["status"], limit["reason"]) == ("True", "RequestsPerMinute")
+    assert "RequestsPerMinute limit (spec.worker.modelRequestsPerMinute: 600)" in limit["message"]
+    assert "more workers would not help" in limit["message"] and "desired 4, current 4" in limit["message"]
+    assert limit["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+    assert worth_writing(free, s, since_last_write=0.1, min_interval=10)
+    scaling = next(c for c in s["conditions"] if c["type"] == "Scaling")
+    assert scaling["reason"] == "LimitBound" and "holding 4 instead of 20" in scaling["message"]
+    again = bound_status("RequestsPerMinute", "spec.worker.modelRequestsPerMinute: 600", s)
+    assert not worth_writing(s, again, since_last_write=0.1, min_interval=10)
+    retry = bound_status("RetryAfter", None, s)
+    assert "Retry-After" in next(c for c in retry["conditions"] if c["type"] == "LimitBound")["message"]
+    down = build(snap(Observation(at=2, error="ConnectionError: refused")), s)
+    assert conditions(down)["LimitBound"] == ("True", "RequestsPerMinute")  # unknown now: the last one stays
+
+
+def test_limit_setting_reads_the_worker_spec() -> None:
+    worker = WorkerSpec.model_validate({"modelTokensPerMinute": 90000})
+    assert limit_setting(worker, "TokensPerMinute") == "spec.worker.modelTokensPerMinute: 90000"
+    assert limit_setting(worker, "RequestsPerMinute") is None  # set elsewhere (worker.env), or not at all
+    assert limit_setting(worker, "RetryAfter") is None and limit_setting(worker, None) is None
