@@ -110,3 +110,16 @@ class WorkerMetrics:
             "Redis connection errors seen (each followed by a backoff)",
             registry=r,
         )
+        # Model-API limits (streamqueue.limits): counted by the worker's one poller, not per call, so
+        # rate() of the wait is the share of time this worker's model calls were held back.
+        self.limit_wait = Counter(
+            "streamqueue_model_limit_wait_seconds",
+            "Seconds this worker's model calls waited for a shared limit, by the limit that bound",
+            ["limit"],
+            registry=r,
+        )
+        self.limit_pauses = Counter(
+            "streamqueue_model_limit_pauses",
+            "429 answers (Retry-After) that paused every worker of the queue",
+            registry=r,
+        )

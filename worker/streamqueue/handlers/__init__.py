@@ -5,6 +5,12 @@ A handler is ``async def handle(msg: Message) -> str | dict | AsyncIterator[str]
 article's clients still read it); an async iterator (an ``async def`` with ``yield``) streams chunks.
 A handler that needs configuration (a URL, a session) is exposed as a ``HandlerFactory`` instead,
 built once per worker from the worker's settings and closed when the worker stops.
+
+A handler that calls a model API obeys the queue's shared limits (docs/ai.md, "Model-API limits"):
+its factory builds ``streamqueue.limits.ModelLimits.from_settings(settings)``, keeps it as the
+handler's ``limits`` attribute (the worker then counts its waits on its own metrics registry), wraps
+each call in ``async with self.limits.call() as call`` (``call.report_tokens(n)`` when it knows the
+tokens), calls ``await self.limits.pause(seconds)`` on a 429, and closes it in ``aclose``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
+    from ..metrics import WorkerMetrics
     from ..settings import WorkerSettings
 
 Result: TypeAlias = str | Mapping[str, Any]
@@ -45,8 +52,11 @@ class HandlerLoadError(ValueError):
     """``module:function`` does not name a usable handler."""
 
 
-def load_handler(spec: str, settings: WorkerSettings) -> Handler:
-    """Import ``module:attribute`` and return the handler it names (building factories)."""
+def load_handler(spec: str, settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> Handler:
+    """Import ``module:attribute`` and return the handler it names (building factories).
+
+    With ``metrics``, a built handler's ``ModelLimits`` (its ``limits`` attribute) counts on them.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise HandlerLoadError(f"handler must be module:function, got {spec!r}")
@@ -62,9 +72,18 @@ def load_handler(spec: str, settings: WorkerSettings) -> Handler:
             raise HandlerLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
     if isinstance(target, HandlerFactory):
         target = target.build(settings)
+        _count_limits_on(target, metrics)
     if not callable(target):
         raise HandlerLoadError(f"handler {spec!r} is {type(target).__name__}, not callable")
     return target
+
+
+def _count_limits_on(handler: object, metrics: WorkerMetrics | None) -> None:
+    from ..limits import ModelLimits
+
+    limits = getattr(handler, "limits", None)
+    if metrics is not None and isinstance(limits, ModelLimits):
+        limits.metrics = metrics
 
 
 async def close_handler(handler: Handler) -> None:
