@@ -282,6 +282,7 @@ async def test_request_body_carries_system_prompt_memory_and_limits(stub, handle
     assert bodies[2] == {
         "model": "m",
         "stream": True,
+        "stream_options": {"include_usage": True},  # the tokens for a tokens-per-minute limit
         "max_tokens": 7,
         "messages": [
             {"role": "system", "content": "Be brief."},

@@ -5,6 +5,12 @@ JSON (``id``, ``user_id``, ``message``, ``request_id``, ``deliveries``, ``fields
 body as text. Timeouts, connection errors, 429 and 5xx are retried with backoff; other statuses fail
 at once (retrying a 400 cannot help). A failure leaves the entry pending, so the worker's delivery
 limit still applies on top of these in-process retries.
+
+Limits (docs/ai.md, "Model-API limits"): each POST is one ``ModelLimits`` call, so the queue's
+requests-per-minute and concurrent-calls limits hold; a 429 pauses every worker of the queue for its
+``Retry-After`` (else the backoff). No tokens are reported (the body is the service's own), so a
+tokens-per-minute limit only ever sees zero-token calls here. The connection pool holds
+``model_concurrent_calls`` (else the worker's ``concurrency``) connections.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from redis.backoff import ExponentialBackoff
 
+from ..limits import Call, ModelLimits, retry_after_seconds
 from . import HandlerFactory, Message
 
 if TYPE_CHECKING:
@@ -34,32 +41,51 @@ class HttpHandlerError(RuntimeError):
 class HttpHandler:
     """POSTs messages to ``url`` over one shared connection pool."""
 
-    def __init__(self, url: str, *, timeout_s: float, retries: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        retries: int,
+        limits: ModelLimits | None = None,
+        connections: int = 100,
+    ) -> None:
         self.url = url
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.retries = retries
+        self.limits = limits
+        self.connections = connections
         self._session: aiohttp.ClientSession | None = None
 
     async def __call__(self, msg: Message) -> str:
         body = _request_body(msg)
         for attempt in range(self.retries + 1):
             try:
-                return await self._post(body)
+                async with self.limits.call() if self.limits else Call.unlimited():
+                    return await self._post(body)
             except _Retryable as exc:
                 if attempt == self.retries:
                     raise HttpHandlerError(f"{self.url}: {exc} (after {attempt + 1} attempts)") from exc
-                delay = _BACKOFF.compute(attempt)
+                delay = exc.retry_after if exc.retry_after is not None else _BACKOFF.compute(attempt)
+                if exc.rate_limited and self.limits is not None:
+                    log.warning("POST %s: %s; every worker of the queue pauses %.1fs", self.url, exc, delay)
+                    await self.limits.pause(delay)  # the next attempt's call waits for it, as all do
+                    continue
                 log.warning("POST %s failed (%s); retry %d in %.1fs", self.url, exc, attempt + 1, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _post(self, body: dict[str, Any]) -> str:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            pool = aiohttp.TCPConnector(limit=self.connections)
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=pool)
         try:
             async with self._session.post(self.url, json=body) as response:
                 text = await response.text()
-                if response.status == 429 or response.status >= 500:
+                if response.status == 429:
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                    raise _Retryable("HTTP 429", retry_after, rate_limited=True)
+                if response.status >= 500:
                     raise _Retryable(f"HTTP {response.status}")
                 if response.status >= 400:
                     raise HttpHandlerError(f"{self.url}: HTTP {response.status}: {text[:200]}")
@@ -71,10 +97,15 @@ class HttpHandler:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self.limits is not None:
+            await self.limits.aclose()
 
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, reason: str, retry_after: float | None = None, *, rate_limited: bool = False) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.rate_limited = rate_limited
 
 
 def _request_body(msg: Message) -> dict[str, Any]:
@@ -92,7 +123,11 @@ def _build(settings: WorkerSettings) -> HttpHandler:
     if not settings.handler_url:
         raise ValueError("the HTTP handler needs STREAMQUEUE_HANDLER_URL (--handler-url)")
     return HttpHandler(
-        settings.handler_url, timeout_s=settings.handler_timeout_seconds, retries=settings.handler_retries
+        settings.handler_url,
+        timeout_s=settings.handler_timeout_seconds,
+        retries=settings.handler_retries,
+        limits=ModelLimits.from_settings(settings),
+        connections=settings.model_concurrent_calls or settings.concurrency,
     )
 
 

@@ -9,13 +9,22 @@ text, as for every streaming handler).
 
 Errors, mapped onto the worker's retry and dead-letter rules:
 
-- 429: wait ``Retry-After`` (seconds or an HTTP date; capped at ``RETRY_AFTER_CAP_S``), or back off when
-  the header is missing, then retry;
+- 429: pause every worker of the queue for ``Retry-After`` (seconds or an HTTP date; capped at
+  ``limits.RETRY_AFTER_CAP_S``), or the backoff when the header is missing, then retry
+  (``ModelLimits.pause``; a handler built without limits waits alone);
 - 5xx, timeouts (connection, first token, between tokens) and connection errors: retry with backoff
   (``redis.backoff.ExponentialBackoff``, as the HTTP handler);
 - 400 "context length exceeded" (``ModelContextTooLong``) and every other 4xx (``ModelRequestError``):
   no retry in process, a clear reason; the entry stays pending, is redelivered, and is dead-lettered
   with that reason once it has failed ``max_deliveries`` times.
+
+Limits (docs/ai.md, "Model-API limits"): every attempt is one ``ModelLimits`` call, so it starts only
+when the queue's requests-per-minute, tokens-per-minute and concurrent-calls limits allow. The request
+asks for ``stream_options.include_usage``; the tokens reported are the final event's
+``usage.total_tokens``, or, from a server that sends no usage, an estimate: a quarter of the prompt's
+characters plus one per streamed chunk. An attempt the server refused (any 4xx/5xx) counts no tokens.
+The HTTP connection pool holds ``model_concurrent_calls`` (else the worker's ``concurrency``)
+connections, so it is not a hidden, lower cap.
 
 Retries happen only before the first chunk was written: once the user has seen part of a reply a new
 attempt would produce a different text, so a failure mid-stream fails the delivery
@@ -31,16 +40,16 @@ that (rare: the commit itself failed) may store an exchange twice.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
-import time
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from redis.backoff import ExponentialBackoff
 
+from ..limits import Call, ModelLimits, retry_after_seconds
 from . import HandlerFactory, Message
 
 if TYPE_CHECKING:
@@ -51,7 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 10.0
-RETRY_AFTER_CAP_S = 120.0
+CHARS_PER_TOKEN = 4  # the estimate for servers that report no usage
 _BACKOFF = ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
 # How servers say "the prompt does not fit": OpenAI and llama-cpp-python's code, vLLM's and others' text.
 _CONTEXT_MARKERS = ("context_length_exceeded", "maximum context length", "context length", "exceed_context")
@@ -74,9 +83,27 @@ class ModelStreamBroken(ModelError):
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, *, rate_limited: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.rate_limited = rate_limited  # a 429: the whole queue backs off, not only this call
+
+
+class _Usage:
+    """What one attempt used: the server's count when it sends one, else an estimate."""
+
+    def __init__(self, prompt_chars: int) -> None:
+        self.prompt_chars = prompt_chars
+        self.answered = False  # the server accepted the request (2xx)
+        self.reported: int | None = None  # usage.total_tokens of the final event
+        self.chunks = 0
+
+    def tokens(self) -> int:
+        if not self.answered:
+            return 0
+        if self.reported is not None:
+            return self.reported
+        return math.ceil(self.prompt_chars / CHARS_PER_TOKEN) + self.chunks
 
 
 class OpenAIHandler:
@@ -93,6 +120,8 @@ class OpenAIHandler:
         timeout_s: float = 60.0,
         retries: int = 3,
         memory: Memory | None = None,
+        limits: ModelLimits | None = None,
+        connections: int = 100,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
@@ -100,6 +129,8 @@ class OpenAIHandler:
         self.max_tokens = max_tokens
         self.retries = retries
         self.memory = memory
+        self.limits = limits
+        self.connections = connections
         # No total: a long answer may stream for minutes; each wait (connect, next bytes) is bounded.
         self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
         self.headers = {"Accept": "text/event-stream"}
@@ -110,12 +141,18 @@ class OpenAIHandler:
     async def __call__(self, msg: Message) -> AsyncIterator[str]:
         history = await self.memory.load(msg.user_id) if self.memory is not None else []
         body = self.request_body(msg.message, history)
+        prompt_chars = sum(len(m["content"]) for m in body["messages"])
         parts: list[str] = []
         for attempt in range(self.retries + 1):
             try:
-                async for chunk in self._stream(body, started=bool(parts)):
-                    parts.append(chunk)
-                    yield chunk
+                async with self.limits.call() if self.limits else Call.unlimited() as call:
+                    usage = _Usage(prompt_chars)
+                    try:
+                        async for chunk in self._stream(body, usage):
+                            parts.append(chunk)
+                            yield chunk
+                    finally:
+                        call.report_tokens(usage.tokens())
                 break
             except _Retryable as exc:
                 if parts:
@@ -125,6 +162,10 @@ class OpenAIHandler:
                 if attempt == self.retries:
                     raise ModelError(f"{self.url}: {exc} (after {attempt + 1} attempts)") from exc
                 delay = exc.retry_after if exc.retry_after is not None else _BACKOFF.compute(attempt)
+                if exc.rate_limited and self.limits is not None:
+                    log.warning("model API: %s; every worker of the queue pauses %.1fs", exc, delay)
+                    await self.limits.pause(delay)  # the next attempt's call waits for it, as all do
+                    continue
                 log.warning("model API: %s; retry %d in %.1fs", exc, attempt + 1, delay)
                 await asyncio.sleep(delay)
         if self.memory is not None:
@@ -136,21 +177,27 @@ class OpenAIHandler:
             messages.append({"role": "user", "content": exchange["user"]})
             messages.append({"role": "assistant", "content": exchange["assistant"]})
         messages.append({"role": "user", "content": message})
-        body: dict[str, Any] = {"messages": messages, "stream": True}
+        body: dict[str, Any] = {
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},  # the tokens to report to the TPM limit
+        }
         if self.model:
             body["model"] = self.model
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         return body
 
-    async def _stream(self, body: dict[str, Any], *, started: bool) -> AsyncIterator[str]:
+    async def _stream(self, body: dict[str, Any], usage: _Usage) -> AsyncIterator[str]:
         """One attempt: yield the content deltas; raise ``_Retryable`` or a ``ModelRequestError``."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers)
+            pool = aiohttp.TCPConnector(limit=self.connections)
+            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers, connector=pool)
         try:
             async with self._session.post(self.url, json=body) as response:
                 if response.status >= 400:
                     raise _status_error(response.status, await response.text(), response.headers)
+                usage.answered = True
                 done = False
                 async for raw in response.content:
                     event = _sse_data(raw)
@@ -159,8 +206,11 @@ class OpenAIHandler:
                     if event == "[DONE]":
                         done = True
                         break
-                    content = _delta_content(event)
+                    content, tokens = _event_parts(event)
+                    if tokens is not None:
+                        usage.reported = tokens
                     if content:
+                        usage.chunks += 1
                         yield content
                 if not done:
                     raise _Retryable("the event stream ended without data: [DONE]")
@@ -173,6 +223,8 @@ class OpenAIHandler:
             self._session = None
         if self.memory is not None:
             await self.memory.aclose()
+        if self.limits is not None:
+            await self.limits.aclose()
 
 
 class Memory:
@@ -214,7 +266,9 @@ class Memory:
 def _status_error(status: int, text: str, headers: Any) -> Exception:
     detail = _error_message(text)
     if status == 429:
-        return _Retryable(f"HTTP 429: {detail}", _retry_after(headers.get("Retry-After")))
+        return _Retryable(
+            f"HTTP 429: {detail}", retry_after_seconds(headers.get("Retry-After")), rate_limited=True
+        )
     if status >= 500:
         return _Retryable(f"HTTP {status}: {detail}")
     lowered = text.lower()
@@ -237,21 +291,6 @@ def _error_message(text: str) -> str:
     return text[:300]
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date; None when missing or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
-
-
 def _sse_data(raw: bytes) -> str | None:
     """The payload of a ``data:`` line; None for blank lines, comments and other SSE fields."""
     line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -260,21 +299,25 @@ def _sse_data(raw: bytes) -> str | None:
     return line[5:].removeprefix(" ")
 
 
-def _delta_content(event: str) -> str | None:
+def _event_parts(event: str) -> tuple[str | None, int | None]:
+    """An event's content delta and its ``usage.total_tokens`` (the last event of include_usage)."""
     try:
         data = json.loads(event)
     except ValueError as exc:
         raise _Retryable(f"unreadable event {event[:100]!r}") from exc
     if not isinstance(data, dict):
-        return None
+        return None, None
     if "error" in data:  # some servers report a failure mid-stream as an event
         raise _Retryable(f"error event: {_error_message(event)}")
+    usage = data.get("usage")
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    tokens = total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
     choices = data.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
-        return None  # e.g. the usage-only event of stream_options.include_usage
+        return None, tokens  # e.g. the usage-only event of stream_options.include_usage
     delta = choices[0].get("delta") or {}
     content = delta.get("content") if isinstance(delta, dict) else None
-    return content if isinstance(content, str) else None
+    return (content if isinstance(content, str) else None), tokens
 
 
 def _build(settings: WorkerSettings) -> OpenAIHandler:
@@ -300,6 +343,8 @@ def _build(settings: WorkerSettings) -> OpenAIHandler:
         timeout_s=settings.openai_timeout_seconds,
         retries=settings.openai_retries,
         memory=memory,
+        limits=ModelLimits.from_settings(settings),
+        connections=settings.model_concurrent_calls or settings.concurrency,
     )
 
 
