@@ -46,7 +46,7 @@ class Worker:
 
     async def run(self) -> None:
         s = self.settings
-        handler = self._given_handler or load_handler(s.handler, s)
+        handler = self._given_handler or load_handler(s.handler, s, metrics=self.metrics)
         redis = connect_any(s.redis_connection(), block_ms=s.block_ms)
         log.info(
             "worker %s starting on %s stream=%s partitions=%d ordering=%s group=%s handler=%s "
