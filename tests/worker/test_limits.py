@@ -209,6 +209,20 @@ async def test_a_429_pauses_every_worker_for_its_retry_after(model, worker_proce
     print(f"requests already granted when the 429 came (sent <0.1 s after it): {in_flight}")
 
 
+async def test_the_http_handler_obeys_the_same_limits(model, worker_processes, raw) -> None:
+    """The HTTP handler's calls: the shared RPM (no 429 from the stub's own rate) and a 429's pause."""
+    stub, url = await model(per_second=10, refuse_once_at=5, retry_after="1")
+    for name in ("w0", "w1"):
+        env = {"model_requests_per_minute": "600", "claim_idle_ms": "60000"}
+        worker_processes.start(name, handler_url=f"{url}/chat/completions", **env)
+    users = send_many(raw, 30)
+    await eventually_async(lambda: answered(raw, users) == 30, "30 answers", timeout=30)
+    [refused_at] = stub.refused  # the forced one: the limit itself kept to the stub's rate
+    during = [t - refused_at for t in stub.arrivals if refused_at + 0.1 <= t < refused_at + 1.0]
+    assert during == [], f"requests {during} s after the 429, while the queue was paused"
+    assert len(stub.accepted) == 30
+
+
 # --- (c) concurrent calls --------------------------------------------------------------------------
 
 
