@@ -55,6 +55,20 @@ def test_invalid_streamqueues_are_rejected_with_what_to_fix(
         assert message in result.stderr, (name, result.stderr)
 
 
+def test_the_example_manifests_are_valid_streamqueues(
+    control_plane: Any, kube_namespace: str, streamqueue_crd: dict[str, Any]
+) -> None:
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    assert len(examples) >= 3
+    for path in examples:
+        for doc in yaml.safe_load_all(path.read_text()):
+            doc["metadata"]["namespace"] = kube_namespace
+            result = control_plane.kubectl(
+                "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(doc), check=False
+            )
+            assert result.returncode == 0, (path.name, result.stderr)
+
+
 def test_deployment_owned_and_columns_shown(
     sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
