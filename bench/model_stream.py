@@ -4,8 +4,13 @@ Client (``request_stream``) -> redis-server -> a worker process running streamqu
 an OpenAI-compatible server, and back through the user's reply stream. Two servers, printed apart:
 
 - stub: an aiohttp server in its own process that streams 20 deltas 20 ms apart in OpenAI's exact
-  SSE format (50 tokens/s per reply, like a real GPU server), at 1,000 concurrent requests (issue 13).
-  This measures the queue's own cost: TTFC floor = the stub's first delta, inter-chunk floor = 20 ms.
+  SSE format (50 tokens/s per reply, like a real GPU server), at 1,000 concurrent requests (issue 13),
+  i.e. 50,000 chunks/s offered. This measures the queue's own cost: TTFC floor = the stub's first
+  delta, inter-chunk floor = 20 ms. Measured in the same run, on the same machine: 1 request (the
+  floor) and 100 concurrent (the baseline, 5,000 chunks/s offered), and the 1,000 row's ratios to the
+  baseline. Every process (client, worker, redis-server, stub) shares this machine's cores, so the
+  CPU table says how much of the machine each used: when the processes together keep every core
+  busy, the figures are the machine's, not the queue's.
 - llama: llama-cpp-python's server on the tiny generated model (hack/llama.sh), at a small concurrency:
   a CPU llama server decodes one sequence at a time, so 1,000 concurrent requests would measure its
   queue, not ours.
@@ -20,30 +25,63 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
+from redis import Redis
 from streamqueue import Client
 from streamqueue_harness.modelserver import ModelServer, llama_python, stream_completion
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.processes import spawn, stop_groups
 from streamqueue_harness.redis_server import RedisServer
 
-from bench.common import print_table
+from bench.common import percentile, print_table, process_cpu_seconds
 
 STUB_WORDS = 20
 STUB_INTERVAL_S = 0.02
+PROCESSES = ("client", "worker", "redis", "stub")
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+@dataclass
+class Measured:
+    """What one configuration gave, over every repeat: latencies (ms), wall time and CPU per process."""
+
+    concurrency: int
+    ttfc: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PROCESSES, 0.0))
+
+    @property
+    def chunks(self) -> int:
+        return len(self.ttfc) + len(self.gaps)
+
+    @property
+    def rate(self) -> float:
+        return self.chunks / self.elapsed_s
+
+    def add(self, ttfc: list[float], gaps: list[float], elapsed_s: float, cpu_s: dict[str, float]) -> None:
+        self.ttfc += ttfc
+        self.gaps += gaps
+        self.elapsed_s += elapsed_s
+        for name, seconds in cpu_s.items():
+            self.cpu_s[name] += seconds
+
+    def figures(self) -> list[object]:
+        return [
+            self.concurrency, len(self.ttfc), percentile(self.ttfc, 0.5), percentile(self.ttfc, 0.99),
+            percentile(self.gaps, 0.5), percentile(self.gaps, 0.99), self.rate,
+        ]  # fmt: skip
 
 
 async def _run(
-    redis_url: str, concurrency: int, rounds: int, chunk_timeout: float
-) -> tuple[list[float], list[float], float]:
-    """``concurrency`` users each stream ``rounds`` requests one after another; TTFC and gaps in ms."""
+    redis_url: str, concurrency: int, rounds: int, cpu: Callable[[], dict[str, float]]
+) -> tuple[list[float], list[float], float, dict[str, float]]:
+    """``concurrency`` users each stream ``rounds`` requests one after another; TTFC and gaps in ms,
+    the wall time (s) and the CPU seconds each process spent meanwhile (``cpu``: the others' so far)."""
     ttfc: list[float] = []
     gaps: list[float] = []
     async with Client(redis_url, max_readers=concurrency + 10) as client:
@@ -53,14 +91,17 @@ async def _run(
             for _ in range(rounds):
                 start = last = time.perf_counter()
                 first = True
-                async for _chunk in client.request_stream(f"u{u}", "tell me a story", timeout=chunk_timeout):
+                async for _chunk in client.request_stream(f"u{u}", "tell me a story", timeout=300):
                     now = time.perf_counter()
                     (ttfc if first else gaps).append((now - (start if first else last)) * 1000)
                     first, last = False, now
 
+        before = {**cpu(), "client": time.process_time()}
         t0 = time.perf_counter()
         await asyncio.gather(*(user(u) for u in range(concurrency)))
-        return ttfc, gaps, time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        after = {**cpu(), "client": time.process_time()}
+        return ttfc, gaps, elapsed, {name: after[name] - before[name] for name in after}
 
 
 def _worker(
@@ -83,18 +124,34 @@ def _worker(
 
 
 def _measure(
-    label: str, base_url: str, concurrency: int, rounds: int, max_tokens: int, workdir: Path
-) -> list[object]:
+    base_url: str,
+    concurrency: int,
+    rounds: int,
+    max_tokens: int,
+    workdir: Path,
+    into: Measured,
+    server_pid: int | None = None,
+) -> None:
+    """One worker process and redis-server for one configuration; adds what it measured to ``into``."""
     with RedisServer() as redis:
-        worker = _worker(redis.url, base_url, concurrency, max_tokens, workdir / f"worker-{label}.log")
+        log = workdir / f"worker-{concurrency}-{len(os.listdir(workdir))}.log"
+        worker = _worker(redis.url, base_url, concurrency, max_tokens, log)
+        cpu = partial(_cpu, worker.pid, redis.client(), server_pid)
         try:
-            ttfc, gaps, elapsed = asyncio.run(_run(redis.url, concurrency, rounds, chunk_timeout=300))
+            into.add(*asyncio.run(_run(redis.url, concurrency, rounds, cpu)))
         finally:
             stop_groups([(worker.pid, worker)], grace=10)
-    return [
-        label, concurrency, len(ttfc), _pct(ttfc, 0.5), _pct(ttfc, 0.99), _pct(gaps, 0.5), _pct(gaps, 0.99),
-        (len(gaps) + len(ttfc)) / elapsed,
-    ]  # fmt: skip
+
+
+def _cpu(worker_pid: int, redis: Redis, server_pid: int | None) -> dict[str, float]:
+    stats = redis.info("cpu")
+    cpu = {
+        "worker": process_cpu_seconds(worker_pid),
+        "redis": float(stats["used_cpu_user"]) + float(stats["used_cpu_sys"]),
+    }
+    if server_pid is not None:
+        cpu["stub"] = process_cpu_seconds(server_pid)
+    return cpu
 
 
 def _serve_stub(port: int) -> None:
@@ -118,6 +175,8 @@ def _serve_stub(port: int) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=1000, help="stub: concurrent requests")
+    parser.add_argument("--baseline", type=int, default=100, help="stub: the baseline's concurrent requests")
+    parser.add_argument("--repeats", type=int, default=3, help="stub: runs of each configuration")
     parser.add_argument("--llama-concurrency", type=int, default=4)
     parser.add_argument("--stub-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -125,37 +184,95 @@ def main(argv: list[str]) -> None:
         _serve_stub(args.stub_server)
         return
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-model-"))
-    rows = []
+    cores = os.cpu_count() or 1
+    print(f"{cores} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
+    configs = [Measured(1), Measured(args.baseline), Measured(args.concurrency)]
     port = free_port()
     stub = spawn(
         [sys.executable, "-m", "bench.model_stream", "--stub-server", str(port)], log=workdir / "stub.log"
     )
     try:
-        label = f"stub ({STUB_WORDS} deltas, {STUB_INTERVAL_S * 1000:.0f} ms apart)"
-        rows.append(_measure(label, f"http://127.0.0.1:{port}/v1", args.concurrency, 1, 0, workdir))
+        for repeat in range(args.repeats):
+            for config in configs if repeat % 2 == 0 else configs[::-1]:  # alternate: load drifts hit all
+                _measure(f"http://127.0.0.1:{port}/v1", config.concurrency, 1, 0, workdir, config, stub.pid)
+                print(f"  repeat {repeat + 1}: {config.concurrency} concurrent done", flush=True)
     finally:
         stop_groups([(stub.pid, stub)], grace=5)
+    llama: Measured | None = None
     python = llama_python()
     if python is None:
         print("llama: skipped, no llama-cpp-python venv (run `bash hack/llama.sh`)")
     else:
-        with ModelServer(python, workdir=workdir / "llama") as llama:
-            label = "llama-cpp-python, tiny model (16 tokens)"
-            rows.append(_measure(label, llama.base_url, args.llama_concurrency, 2, 16, workdir))
+        with ModelServer(python, workdir=workdir / "llama") as server:
+            llama = Measured(args.llama_concurrency)
+            _measure(server.base_url, args.llama_concurrency, 2, 16, workdir, llama)
+    _report(configs, llama, args.repeats, cores)
+
+
+def _report(configs: list[Measured], llama: Measured | None, repeats: int, cores: int) -> None:
+    floor, baseline, target = configs
+    stub = f"stub ({STUB_WORDS} deltas, {STUB_INTERVAL_S * 1000:.0f} ms apart)"
+    per_reply = STUB_WORDS / (STUB_WORDS * STUB_INTERVAL_S)  # chunks/s one reply offers
+    rows = [
+        [stub, *m.figures(), m.concurrency * per_reply, f"{m.rate / (m.concurrency * per_reply):.0%}"]
+        for m in configs
+    ]
+    if llama is not None:
+        rows.append(["llama-cpp-python, tiny model (16 tokens)", *llama.figures(), "-", "-"])
+    print()
     print_table(
         [
-            "server",
-            "concurrent",
-            "replies",
-            "TTFC p50 ms",
-            "TTFC p99 ms",
-            "gap p50 ms",
-            "gap p99 ms",
-            "chunks/s",
+            "server", "concurrent", "replies", "TTFC p50 ms", "TTFC p99 ms", "gap p50 ms", "gap p99 ms",
+            "chunks/s", "offered/s", "served/offered",
         ],
         rows,
+    )  # fmt: skip
+    print(
+        f"TTFC: request sent -> first chunk at the client; gap: between successive chunks of one reply; "
+        f"stub rows pool {repeats} runs each."
     )
-    print("TTFC: request sent -> first chunk at the client; gap: between successive chunks of one reply.")
+    print(f"\n{target.concurrency} concurrent against the {baseline.concurrency}-concurrent baseline:")
+    print_table(
+        ["TTFC p50", "TTFC p99", "gap p50", "gap p99", "chunks/s", "ideal chunks/s"],
+        [
+            [
+                _ratio(percentile(target.ttfc, 0.5), percentile(baseline.ttfc, 0.5)),
+                _ratio(percentile(target.ttfc, 0.99), percentile(baseline.ttfc, 0.99)),
+                _ratio(percentile(target.gaps, 0.5), percentile(baseline.gaps, 0.5)),
+                _ratio(percentile(target.gaps, 0.99), percentile(baseline.gaps, 0.99)),
+                _ratio(target.rate, baseline.rate),
+                _ratio(target.concurrency, baseline.concurrency),
+            ]
+        ],
+    )
+    print(f"\nCPU while streaming (the machine has {cores} cores):")
+    cpu_rows = []
+    for m in configs:
+        total = sum(m.cpu_s.values())
+        cpu_rows.append(
+            [
+                m.concurrency,
+                *(m.cpu_s[name] * 1e6 / m.chunks for name in PROCESSES),
+                total * 1e6 / m.chunks,
+                f"{total / (m.elapsed_s * cores):.0%}",
+                cores * 1e6 / (total * 1e6 / m.chunks),
+            ]
+        )
+    print_table(
+        [
+            "concurrent", *(f"{name} µs/chunk" for name in PROCESSES), "all µs/chunk", "cores busy",
+            "chunks/s the cores allow",
+        ],
+        cpu_rows,
+    )  # fmt: skip
+    print(
+        f"cores busy: every process's CPU / ({cores} cores x wall time); near 100% the machine is the "
+        f"limit. Floor ({floor.concurrency} request): TTFC p50 {percentile(floor.ttfc, 0.5):.1f} ms."
+    )
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base else "n/a"
 
 
 if __name__ == "__main__":

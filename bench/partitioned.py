@@ -45,7 +45,7 @@ from streamqueue_harness.processes import spawn, stop_groups
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
 
-from bench.common import LOAD_BATCH, print_table
+from bench.common import LOAD_BATCH, print_table, process_cpu_seconds
 
 GROUP = wire.DEFAULT_GROUP
 READY_TIMEOUT_S = 60.0
@@ -138,13 +138,8 @@ class Fleet:
         return True
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of every worker process so far (``/proc/<pid>/stat``)."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for proc in self.procs:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / ticks
+        """User + system CPU of every worker process so far."""
+        return sum(process_cpu_seconds(proc.pid) for proc in self.procs)
 
     def stop(self) -> None:
         stop_groups([(p.pid, p) for p in self.procs], grace=30)

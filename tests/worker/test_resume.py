@@ -17,6 +17,7 @@ from streamqueue.client import entry_key
 from streamqueue.handlers import Message
 from streamqueue_harness.ports import free_port
 
+from tests.harness.eventually import eventually_async
 from tests.worker.conftest import replies
 
 WORDS = [f"w{i} " for i in range(9)]
@@ -37,7 +38,7 @@ class GatedHandler:
                 await asyncio.wait_for(self.gates[third - 1].wait(), 30)
             for word in WORDS[third * 3 : third * 3 + 3]:
                 yield word
-        self.done.set()  # the worker asks for the next chunk only after writing the previous one
+        self.done.set()  # every chunk was handed to the worker (queued; not necessarily written yet)
 
 
 async def test_responses_after_an_entry_yields_the_rest_once_then_new_ones(redis_server) -> None:
@@ -119,7 +120,9 @@ async def test_sse_front_end_resumes_with_last_event_id(settings, workers, raw) 
     handler = GatedHandler()
     s = settings()
     await workers.start(s, handler=handler)
-    runner = web.AppRunner(_load_example().make_app(s.redis_url))
+    example = _load_example()
+    app = example.make_app(s.redis_url)
+    runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -139,6 +142,11 @@ async def test_sse_front_end_resumes_with_last_event_id(settings, workers, raw) 
             await asyncio.wait_for(handler.waiting[1].wait(), 30)
             handler.gates[1].set()
             await asyncio.wait_for(handler.done.wait(), 30)
+            # The dropped stream is released once the front end fails to write its next chunk; a
+            # reconnection before that would find the request still awaited by the dead one.
+            await eventually_async(
+                lambda: not app[example.CLIENT].awaited_requests("bob"), "the dropped stream's end", 30
+            )
             headers = {"Last-Event-ID": got[-1]["id"]}
             async with http.get(events_url, headers=headers) as response:
                 got += [event async for event in _sse_events(response)]

@@ -2,9 +2,12 @@
 
 A user's replies all land on one stream (``ai_to_user:<user_id>``), so many concurrent requests for the
 same user share it. Rather than one blocking read per request (which would cost a connection each and
-race with each other), the client runs ONE reader task per user reply stream and hands each entry to
-whoever waits for its ``request_id``. The reader's cursor is taken before the first request is sent, so a
-reply that arrives before the reader's first XREAD is still seen.
+race with each other), the client keeps one reader per user reply stream (its cursor and its waiters)
+and hands each entry to whoever waits for its ``request_id``. The reader's cursor is taken before the
+first request is sent, so a reply that arrives before the first read is still seen. The readers are
+read together: one blocking XREAD covers every user's stream (on a cluster, every stream of one hash
+slot), so 1,000 users streaming replies cost a few connections and one command per wake-up, not a
+connection and a command per chunk each.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from . import wire
 from .connection import Backoff, RedisClient, RedisConnection, connect_any
@@ -33,9 +38,14 @@ log = logging.getLogger(__name__)
 # How long one reader XREAD blocks; an idle reader notices it has nobody to serve after at most this.
 DEFAULT_BLOCK_MS = 2000
 # Non-blocking commands (XADD, XREVRANGE) share this many connections however many requests run at
-# once; each active user's reader holds one more connection while it blocks.
+# once; the blocking reads of reply streams hold a few more (see ``_ReplyReads``).
 _COMMAND_CONNECTIONS = 32
 _RECONNECT_BACKOFF_MAX_S = 2.0
+# Entries per stream and XREAD: a reader far behind catches up in a few reads.
+_READ_COUNT = 1000
+# Blocking reads in flight at once for one group of reply streams (each holds a connection): a read
+# is superseded by the next one, which covers its streams, and ends when it returns.
+_MAX_READS = 4
 # Entries per XRANGE when a resuming reader catches up with what it missed.
 _CATCH_UP_PAGE = 500
 
@@ -156,62 +166,29 @@ class _Waiter:
 
 
 class _UserReader:
-    """The single reader of one user's reply stream, alive while anyone waits on it."""
+    """One user's reply stream as this client reads it: its cursor and whoever waits on its entries."""
 
-    def __init__(self, client: Client, key: str) -> None:
-        self._client = client
+    def __init__(self, key: str) -> None:
         self.key = key
         self.waiters: dict[str, _Waiter] = {}
         self.subscribers: set[asyncio.Queue[Reply | BaseException]] = set()
         self.ready = asyncio.Event()  # set once the cursor is known, or the reader has failed
         self.error: Exception | None = None
-        self._cursor = "0-0"
-        self.task = asyncio.create_task(self._run(), name=f"streamqueue-reply-reader:{key}")
+        self.cursor = "0-0"
+        self.idle_since: float | None = None
 
     def idle(self) -> bool:
         return not self.waiters and not self.subscribers
 
-    async def _run(self) -> None:
-        try:
-            await self._take_position()
-            self.ready.set()
-            await self._read_until_idle()
-        except Exception as exc:
-            log.error("reply reader for %s failed: %s", self.key, exc)
-            self.fail(exc)
-        finally:
-            self._client._forget_reader(self)
-
-    async def _take_position(self) -> None:
-        """Start after the newest reply already there, so old replies are not re-delivered."""
-        async with self._client.commands:
-            last = await self._client.redis.xrevrange(self.key, count=1)
-        if last:
-            self._cursor = str(last[0][0])
-
-    async def _read_until_idle(self) -> None:
-        backoff = Backoff(cap=_RECONNECT_BACKOFF_MAX_S)
-        while True:
-            try:
-                result = await self._client.redis.xread(
-                    {self.key: self._cursor}, block=self._client.block_ms, count=1000
-                )
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if self.idle():
-                    return
-                delay = backoff.next_delay()
-                log.warning("reply reader for %s lost Redis (%s); retrying in %.2fs", self.key, exc, delay)
-                await asyncio.sleep(delay)
+    def deliver(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Hand on the entries after the cursor; earlier ones came already (through another read)."""
+        cursor = entry_key(self.cursor)
+        for entry_id, fields in entries:
+            if entry_key(entry_id) <= cursor:
                 continue
-            backoff.reset()
-            entries = _stream_entries(result)
-            for entry_id, fields in entries:
-                self._cursor = entry_id
-                self._dispatch(Reply(entry_id, fields))
-            # Checked only after a read, and with no await in between: a request that registered
-            # itself with this reader is always served by it.
-            if not entries and self.idle():
-                return
+            self.cursor = entry_id
+            cursor = entry_key(entry_id)
+            self._dispatch(Reply(entry_id, fields or {}))
 
     def _dispatch(self, reply: Reply) -> None:
         for queue in self.subscribers:
@@ -238,6 +215,176 @@ class _UserReader:
             queue.put_nowait(exc)
 
 
+class _ReplyReads:
+    """Reads many users' reply streams with one blocking XREAD, each stream from its own cursor.
+
+    On one server every stream of the client is in one such group; on a cluster, where one command
+    reaches one hash slot, the streams of each slot are. A reader that joins while a read blocks cannot
+    be added to it, so a new read starts, for every stream of the group, as soon as one pipelined
+    XREVRANGE has taken the newcomers' positions. Whenever a read returns, its loop reads again unless
+    a newer read already covers every stream, in which case it ends: the reads in flight shrink back
+    to one. Two reads covering one stream for a while cost nothing but the wake-up: entries at or
+    before a stream's cursor are dropped. A reader retires once it has served nobody for ``block_ms``.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.readers: dict[str, _UserReader] = {}  # position taken: read from their cursors
+        self._joining: list[_UserReader] = []
+        self._members = 0  # counts the readers that joined: a read taken at this count covers all
+        self._reads = 0  # numbers the reads
+        # read number -> (``_members`` when it was sent, its loop)
+        self._in_flight: dict[int, tuple[int, asyncio.Task[Any] | None]] = {}
+        self._swept = 0.0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def join(self, reader: _UserReader) -> None:
+        """Start reading ``reader``'s stream; its ``ready`` is set once its position is taken."""
+        self._joining.append(reader)
+        if len(self._joining) == 1:  # the ones that join in the same loop turn go together
+            task = asyncio.create_task(self._loop(), name="streamqueue-reply-reader")
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def close(self, exc: Exception) -> None:
+        for reader in [*self.readers.values(), *self._joining]:
+            reader.fail(exc)
+        for task in self.tasks:
+            task.cancel()
+
+    async def _loop(self) -> None:
+        joining, self._joining = self._joining, []
+        try:
+            if not await self._take_positions(joining):
+                return
+            backoff = Backoff(cap=_RECONNECT_BACKOFF_MAX_S)
+            while self.readers:
+                number = self._reads = self._reads + 1
+                self._supersede()
+                self._in_flight[number] = (self._members, asyncio.current_task())
+                try:
+                    entries = await self._read()
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    self._in_flight.pop(number, None)
+                    self._sweep(now=None)  # nobody waits on an idle reader: let it go at once
+                    if self._covered_after(number):
+                        return
+                    delay = backoff.next_delay()
+                    log.warning("reply reader lost Redis (%s); retrying in %.2fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                except BaseException:
+                    self._in_flight.pop(number, None)
+                    raise
+                self._in_flight.pop(number, None)
+                backoff.reset()
+                for key, stream_entries in entries:
+                    reader = self.readers.get(key)
+                    if reader is not None:
+                        reader.deliver(stream_entries)
+                # No await from here to the next read: a request that registered itself with a
+                # reader still in ``readers`` is served by that read.
+                self._sweep(now=time.monotonic())
+                if self._covered_after(number):
+                    return
+        except Exception as exc:
+            log.error("reply reader failed: %s", exc)
+            for reader in [*joining, *self.readers.values()]:
+                self._retire(reader, exc)
+
+    def _covered_after(self, number: int) -> bool:
+        """Whether a read sent after read ``number`` covers every stream (or none is left)."""
+        if not self.readers:
+            return True
+        return any(
+            later > number and members == self._members for later, (members, _) in self._in_flight.items()
+        )
+
+    def _supersede(self) -> None:
+        """Before a read of every stream: cut the oldest read in flight if too many are (each holds a
+        connection while it blocks, and the new read covers its streams)."""
+        if len(self._in_flight) >= _MAX_READS:
+            _, task = self._in_flight.pop(min(self._in_flight))
+            if task is not None:
+                task.cancel()
+
+    async def _take_positions(self, joining: list[_UserReader]) -> bool:
+        """Start after the newest entry already there, so old replies are not re-delivered; False if
+        no reader could join (each failed with the reason)."""
+        pipe = self._client.redis.pipeline(transaction=False)
+        for reader in joining:
+            pipe.xrevrange(reader.key, count=1)
+        try:
+            async with self._client.commands:
+                results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            log.error("reply readers for %d users failed: %s", len(joining), exc)
+            results = [exc] * len(joining)
+        joined = False
+        for reader, last in zip(joining, results, strict=True):
+            if isinstance(last, Exception):
+                self._retire(reader, last)
+                continue
+            if last:
+                reader.cursor = str(last[0][0])
+            self.readers[reader.key] = reader
+            self._members += 1
+            reader.ready.set()
+            joined = True
+        return joined
+
+    async def _read(self) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+        """One blocking XREAD of every stream; if Redis refuses it, the streams one by one, so that only
+        a stream it refuses (a key of another type) fails its reader."""
+        readers = list(self.readers.values())
+        cursors: dict[KeyT, StreamIdT] = {reader.key: reader.cursor for reader in readers}
+        redis = self._client.redis
+        try:
+            result: Any = await redis.xread(cursors, block=self._client.block_ms, count=_READ_COUNT)
+            return result or []
+        except ResponseError:
+            pass
+        pipe = redis.pipeline(transaction=False)
+        for reader in readers:
+            pipe.xread({reader.key: reader.cursor}, count=_READ_COUNT)
+        results = await pipe.execute(raise_on_error=False)
+        found: list[tuple[str, list[tuple[str, dict[str, str]]]]] = []
+        for reader, one in zip(readers, results, strict=True):
+            if isinstance(one, ResponseError):
+                log.error("reply reader for %s failed: %s", reader.key, one)
+                self._retire(reader, one)
+            elif isinstance(one, Exception):
+                raise one
+            else:
+                found += one or []
+        return found
+
+    def _sweep(self, now: float | None) -> None:
+        """Retire the readers idle for ``block_ms`` (``now`` None: every idle reader), a few times per
+        ``block_ms`` at most."""
+        block_s = self._client.block_ms / 1000
+        if now is not None and now - self._swept < block_s / 4:
+            return
+        for reader in list(self.readers.values()):
+            if not reader.idle():
+                reader.idle_since = None
+            elif now is None:
+                self._retire(reader, None)
+            elif reader.idle_since is None:
+                reader.idle_since = now
+            elif now - reader.idle_since >= block_s:
+                self._retire(reader, None)
+        if now is not None:
+            self._swept = now
+
+    def _retire(self, reader: _UserReader, error: Exception | None) -> None:
+        if error is not None:
+            reader.fail(error)
+        if self.readers.get(reader.key) is reader:
+            del self.readers[reader.key]
+        self._client._forget_reader(reader)
+
+
 class Client:
     """Async client for a streamqueue: ``send``, ``request``, ``request_stream`` and ``responses``.
 
@@ -261,8 +408,9 @@ class Client:
         """``stream_maxlen`` trims the input stream (MAXLEN ~) on every send; leave it unset unless
         producers may outrun the workers for long, since trimming drops unprocessed requests.
         ``max_message_bytes`` rejects oversized messages before sending (the worker would
-        dead-letter them). ``max_readers`` bounds the users with requests in flight at once (each has a
-        blocking reader on its own connection); beyond it readers wait for a free connection.
+        dead-letter them). ``max_readers`` bounds the connections kept for blocking reads of reply
+        streams (on one server a few are used however many users wait; on a cluster, a few per hash
+        slot with users waiting).
         ``partitions`` must match the queue's: each user's requests go to partition
         ``wire.partition_of(user_id, partitions)``. A ``RedisConnection`` with ``cluster=True`` reaches a
         Redis Cluster (replies are read from each user's stream wherever it lives).
@@ -282,6 +430,7 @@ class Client:
             self.redis.connection_pool.max_connections = max_readers + _COMMAND_CONNECTIONS
         self.commands = asyncio.Semaphore(_COMMAND_CONNECTIONS)
         self._readers: dict[str, _UserReader] = {}
+        self._reads: dict[int | None, _ReplyReads] = {}  # by hash slot on a cluster, else one
 
     async def __aenter__(self) -> Client:
         return self
@@ -312,13 +461,13 @@ class Client:
 
     async def close(self) -> None:
         """Stop the reply readers (pending requests fail with ``RuntimeError``) and disconnect."""
-        readers = list(self._readers.values())
-        for reader in readers:
-            reader.fail(RuntimeError("the streamqueue client was closed"))
-            reader.task.cancel()
-        for reader in readers:
+        tasks = [task for reads in self._reads.values() for task in reads.tasks]
+        for reads in self._reads.values():
+            reads.close(RuntimeError("the streamqueue client was closed"))
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await reader.task
+                await task
+        self._readers.clear()
         await self.redis.aclose()
 
     async def send(self, user_id: str, message: str, request_id: str | None = None) -> str:
@@ -437,8 +586,7 @@ class Client:
                 if caught_up is not None:
                     reply = _final(caught_up)
                 else:
-                    async with asyncio.timeout(timeout):
-                        reply = _final(await waiter.queue.get())
+                    reply = _final(await _next(waiter.queue, timeout))
                     if seen is not None and entry_key(reply.entry_id) <= entry_key(seen):
                         continue  # already read by the catch-up above
                 if not reply.is_chunk:
@@ -527,7 +675,12 @@ class Client:
         key = wire.reply_stream(self.reply_prefix, user_id)
         reader = self._readers.get(key)
         if reader is None:
-            reader = self._readers[key] = _UserReader(self, key)
+            reader = self._readers[key] = _UserReader(key)
+            slot = key_slot(key.encode()) if isinstance(self.redis, aioredis.RedisCluster) else None
+            reads = self._reads.get(slot)
+            if reads is None:
+                reads = self._reads[slot] = _ReplyReads(self)
+            reads.join(reader)
         return reader
 
     def _forget_reader(self, reader: _UserReader) -> None:
@@ -543,6 +696,14 @@ class Client:
             raise ValueError(f"{rejection.reason}: {rejection.detail}")
 
 
+async def _next(queue: asyncio.Queue[Reply | BaseException], wait_s: float) -> Reply | BaseException:
+    """The next item of ``queue``; a read delivers many chunks at once, and those need no timer."""
+    if not queue.empty():
+        return queue.get_nowait()
+    async with asyncio.timeout(wait_s):
+        return await queue.get()
+
+
 def _final(item: Reply | BaseException) -> Reply:
     """Turn what a waiter received into the reply, raising reader failures and error replies."""
     if isinstance(item, BaseException):
@@ -552,8 +713,3 @@ def _final(item: Reply | BaseException) -> Reply:
     if item.cancelled:
         raise RequestCancelled(item)
     return item
-
-
-def _stream_entries(result: Any) -> list[tuple[str, dict[str, str]]]:
-    """Flatten an XREAD reply (``connect()`` decodes to text) into (id, fields) pairs."""
-    return [(entry_id, fields or {}) for _, entries in result or [] for entry_id, fields in entries]

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
 from redis.credentials import CredentialProvider
+from redis.driver_info import DriverInfo
 from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -283,5 +284,8 @@ def _common(connection: RedisConnection, block_ms: int | None) -> dict[str, Any]
         "decode_responses": True,
         "socket_timeout": timeout,
         "socket_connect_timeout": min(timeout, connection.socket_timeout),
+        # What CLIENT SETINFO reports, made once per client: left to redis-py, every new connection
+        # reads the package metadata again (about 0.6 ms each; a client opening 1,000 paid 0.6 s).
+        "driver_info": DriverInfo(),
         **_auth_and_tls(connection),
     }

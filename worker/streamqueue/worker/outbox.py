@@ -1,8 +1,13 @@
-"""Writes that finish entries — replies, dead letters — committed together with their XACK.
+"""Writes that finish entries — replies, dead letters — committed together with their XACK, and the
+streamed chunks that precede replies.
 
 At-least-once hinges on order: an entry is acknowledged only together with, and after, the writes that
 answer it. Finished entries queue here and one flusher commits everything queued so far in a single
-round trip, so a busy worker pays one RTT for many replies while an idle one pays no delay.
+round trip, so a busy worker pays one RTT for many replies while an idle one pays no delay. Streamed
+chunks (``send``, via ``chunks.ChunkWriter``) join the same queue: a flush writes the chunks of every
+streaming reply at once, and since one queue is flushed in order by one flusher, a reply stream's
+entries land in the order they were queued (a chunk never after the final reply queued behind it,
+even a ``cancelled`` one).
 
 The commit is one Lua script call per batch: every XADD, one lifetime step per reply stream and the
 XACK run atomically on the server, so a lost connection can no longer leave replies written but
@@ -41,8 +46,12 @@ from ..connection import Backoff, RedisClient, transient
 from ..metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-# Entries per commit: a script blocks Redis while it runs, so one call stays within a few milliseconds.
+# Entries per script call: a script blocks Redis while it runs, so one call stays within a few
+# milliseconds.
 MAX_BATCH = 500
+# Script calls per round trip, pipelined on one connection (so they run in order, and other clients'
+# commands between them): a backlog, such as the chunks of a thousand streaming replies, goes at once.
+CALLS_PER_FLUSH = 8
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,8 @@ Done = Callable[[BaseException | None], None]
 
 
 @dataclass(frozen=True)
-class _Finished:
-    entry_id: str
+class _Queued:
+    entry_id: str | None  # None: writes without an XACK (a streamed chunk)
     writes: list[StreamWrite]
     on_done: Done
 
@@ -75,7 +84,7 @@ class Outbox:
         self._stream = stream
         self._group = group
         self._metrics = metrics
-        self._queue: list[_Finished] = []
+        self._queue: list[_Queued] = []
         self._wake = asyncio.Event()
         self._abandon = asyncio.Event()
         self._script = redis.register_script(_COMMIT_LUA)
@@ -88,7 +97,16 @@ class Outbox:
         ``on_done`` gets ``OutboxAbandoned`` if Redis stayed unreachable until the worker gave up
         (shutdown deadline): the entry then stays pending and another worker reclaims it.
         """
-        self._queue.append(_Finished(entry_id, writes, on_done))
+        self._queue.append(_Queued(entry_id, writes, on_done))
+        self._wake.set()
+
+    def send(self, write: StreamWrite, on_done: Done) -> None:
+        """Queue one write that acknowledges nothing (a streamed chunk), in order with everything else.
+
+        ``on_done`` gets None once it is written (a write Redis rejects, such as a reply key of another
+        type, is logged and counts as done, as for replies), else why it was not.
+        """
+        self._queue.append(_Queued(None, [write], on_done))
         self._wake.set()
 
     def abandon(self) -> None:
@@ -102,7 +120,8 @@ class Outbox:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            size = MAX_BATCH * CALLS_PER_FLUSH
+            batch, self._queue = self._queue[:size], self._queue[size:]
             if self._queue:
                 self._wake.set()
             while batch:
@@ -110,7 +129,7 @@ class Outbox:
                     _report(batch, OutboxAbandoned("Redis unreachable at shutdown; entry left pending"))
                     break
                 try:
-                    await self._commit(batch)
+                    committed = await self._commit(batch)
                 except Exception as exc:
                     if not transient(exc):
                         log.exception("reply/ack commit rejected by Redis")
@@ -124,44 +143,56 @@ class Outbox:
                     await _sleep_unless(self._abandon, delay)
                     continue
                 backoff.reset()
-                _report(batch, None)
-                break
+                _report(batch[:committed], None)
+                batch = batch[committed:]
 
-    async def write_now(self, write: StreamWrite) -> None:
-        """Write one entry at once, outside any commit (a streamed reply's first chunk).
-
-        It takes the same path as a commit, so the chunk's stream gets the same lifetime rule as the
-        final reply will: a handler that fails halfway leaves chunks that expire, unless the stream is
-        read through a group. Connection errors propagate: the entry then stays pending.
-        """
-        await self._write([write], [])
-
-    async def _commit(self, batch: list[_Finished]) -> None:
-        await self._write([w for item in batch for w in item.writes], [item.entry_id for item in batch])
-
-    async def _write(self, writes: list[StreamWrite], ack_ids: list[str]) -> None:
+    async def _commit(self, batch: list[_Queued]) -> int:
+        """Write ``batch`` in order, with the XACK of its entries; returns how many of its items (from
+        the first) are committed, and raises if not even the first is."""
         if self._use_script:
             try:
-                await self._write_script(writes, ack_ids)
-                return
+                return await self._commit_scripts(batch)
             except NoPermissionError as exc:
                 log.warning("cannot run the commit script (%s); committing with pipelines instead", exc)
                 self._use_script = False
-        await self._write_pipeline(writes, ack_ids)
+        writes = [w for item in batch for w in item.writes]
+        await self._write_pipeline(writes, [item.entry_id for item in batch if item.entry_id is not None])
+        return len(batch)
 
-    async def _write_script(self, writes: list[StreamWrite], ack_ids: list[str]) -> None:
+    async def _commit_scripts(self, batch: list[_Queued]) -> int:
+        """One script call per ``MAX_BATCH`` items, all in one round trip."""
+        calls = [batch[i : i + MAX_BATCH] for i in range(0, len(batch), MAX_BATCH)]
+        if len(calls) == 1:
+            _log_rejected(await self._script(**self._script_call(batch), client=self._redis))
+            return len(batch)
+        pipe = self._redis.pipeline(transaction=False)
+        for call in calls:  # redis-py queues a script on a pipeline (and loads it if missing); untyped
+            await self._script(**self._script_call(call), client=pipe)  # type: ignore[arg-type]
+        results = await pipe.execute(raise_on_error=False)
+        committed = 0
+        for call, result in zip(calls, results, strict=True):
+            if isinstance(result, Exception):
+                if committed == 0:
+                    raise result
+                break  # the calls before it stand; the rest is tried again
+            _log_rejected(result)
+            committed += len(call)
+        return committed
+
+    def _script_call(self, items: list[_Queued]) -> dict[str, list[str]]:
+        """The keys and arguments of one commit script call for ``items``."""
         keys: dict[str, int] = {self._stream: 1}
         flat_writes = []
-        for write in writes:
-            index = keys.setdefault(write.key, len(keys) + 1)
-            flat = [part for pair in write.fields.items() for part in pair]
-            flat_writes.append([index, write.maxlen or 0, write.ttl_s or 0, flat])
+        for item in items:
+            for write in item.writes:
+                index = keys.setdefault(write.key, len(keys) + 1)
+                flat = [part for pair in write.fields.items() for part in pair]
+                flat_writes.append([index, write.maxlen or 0, write.ttl_s or 0, flat])
+        ack_ids = [item.entry_id for item in items if item.entry_id is not None]
         # One JSON argument instead of a dozen per reply: redis-py encodes each argument in Python,
         # json.dumps runs in C, and Redis decodes it in C (cjson).
         payload = json.dumps([flat_writes, ack_ids], separators=(",", ":"))
-        failed = await self._script(keys=list(keys), args=[self._group, payload], client=self._redis)
-        for error in failed:
-            log.error("Redis rejected a reply or dead-letter write: %s", error)
+        return {"keys": list(keys), "args": [self._group, payload]}
 
     async def _write_pipeline(self, writes: list[StreamWrite], ack_ids: list[str]) -> None:
         expiries = {w.key: w.ttl_s for w in writes if w.ttl_s is not None}  # one step per key per batch
@@ -255,12 +286,17 @@ class OutboxAbandoned(RuntimeError):
     """The entry's writes were never confirmed; it was not acknowledged."""
 
 
-def _report(batch: list[_Finished], error: BaseException | None) -> None:
+def _log_rejected(failed: list[str]) -> None:
+    for error in failed:
+        log.error("Redis rejected a reply or dead-letter write: %s", error)
+
+
+def _report(batch: list[_Queued], error: BaseException | None) -> None:
     for item in batch:
         try:
             item.on_done(error)
         except Exception:
-            log.exception("outcome callback for %s failed", item.entry_id)
+            log.exception("outcome callback for %s failed", item.entry_id or "a chunk")
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:

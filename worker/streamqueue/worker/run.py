@@ -32,11 +32,12 @@ from ..handlers import Handler, Message
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
 from .cancel import CancelWatch, Flight, cancelled_fields
+from .chunks import ChunkWriter
 from .consumers import ConsumerPool
 from .fairness import FairPending, FairQueue
-from .outbox import Outbox, OutboxAbandoned, StreamWrite, redis_fields
+from .outbox import Outbox, OutboxAbandoned, StreamWrite
 from .reclaim import Delivery, PendingOwnership
-from .replies import chunk_fields, dead_letter_fields, error_reply_fields, reply_fields
+from .replies import dead_letter_fields, error_reply_fields, reply_fields
 from .slots import Slots
 from .userorder import UserOrder
 
@@ -88,6 +89,7 @@ class Run:
         self.order = UserOrder() if s.ordering == "perUser" else None
         self.consumers: ConsumerPool[Delivery] = ConsumerPool(self._entry, "streamqueue-consumer")
         self.outbox = Outbox(redis, stream, s.group, metrics)
+        self.chunks = ChunkWriter(self.outbox)
         self.fair: FairQueue | None = None
         if s.fairness == "perUser":
             self.fair = FairQueue(redis, stream, s.group, block_ms=s.block_ms)
@@ -437,31 +439,25 @@ class Run:
         ]
 
     async def _stream_chunks(self, chunks: AsyncIterator[str], msg: Message, key: str) -> str:
-        """Write each chunk as it is produced (if enabled) and return the whole text for the final reply.
+        """Queue each chunk as it is produced (if enabled) and return the whole text for the final reply.
 
-        The first chunk goes through the outbox to get the stream's lifetime as a reply would: should
-        the handler fail halfway, the chunks already written must not leave a key without a TTL behind
-        (nor expire a stream its user reads through a consumer group).
+        Chunks go through the outbox with every other reply's (``chunks.ChunkWriter``): the handler
+        waits only when too much is queued. The first chunk gives the stream its lifetime as a reply
+        would, so a handler that fails halfway leaves no key without a TTL behind.
         """
         s = self.s
         parts: list[str] = []
+        stream = self.chunks.reply(key, s.consumer, msg.request_id, s.reply_maxlen, s.reply_ttl_seconds)
         try:
             async for chunk in chunks:
                 text = str(chunk)
                 if s.stream_replies:
-                    fields = chunk_fields(s.consumer, msg.request_id, text, len(parts))
-                    if parts:
-                        await self.redis.xadd(
-                            key, redis_fields(fields), maxlen=s.reply_maxlen, approximate=True
-                        )
-                    else:
-                        await self.outbox.write_now(
-                            StreamWrite(key, fields, s.reply_maxlen, s.reply_ttl_seconds)
-                        )
+                    await stream.write(text)
                 parts.append(text)
         finally:
             if isinstance(chunks, AsyncGenerator):  # stopped early (cancel, failed write): close it now
                 await chunks.aclose()
+        await stream.written()  # the final reply must follow its chunks, and not hide a lost one
         return "".join(parts)
 
     def _dead_letter(

@@ -1,0 +1,85 @@
+"""How ``Client`` reads many users' reply streams: one blocking XREAD covers them all, a user who joins
+while it blocks is served at once, a bad key fails only its own user, and the blocked reads stay few.
+
+Replies are written with plain XADDs, as a worker would, against a real redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from redis.exceptions import ResponseError
+from streamqueue import Client, wire
+from streamqueue.client import Reply
+
+from tests.harness.eventually import eventually_async
+
+LONG_BLOCK_MS = 30_000  # far beyond every wait below: nothing may depend on a read timing out
+
+
+def key(user: str) -> str:
+    return wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, user)
+
+
+@pytest.fixture
+async def client(redis_server) -> AsyncIterator[Client]:
+    async with Client(redis_server.url, block_ms=LONG_BLOCK_MS) as c:
+        yield c
+
+
+async def subscribe(client: Client, user: str) -> tuple[AsyncIterator[Reply], asyncio.Future[Reply]]:
+    """A ``responses`` subscription whose reader has taken its position, and its next entry."""
+    stream = client.responses(user)
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # the subscription's first step creates the reader
+    assert await asyncio.wait_for(client.listening(user), 10)
+    return stream, first
+
+
+def blocked_reads(raw: redis.Redis) -> int:
+    return sum(1 for c in raw.client_list() if c["cmd"] == "xread" and "b" in c["flags"])
+
+
+async def test_a_user_who_joins_while_the_read_blocks_is_served_at_once(client: Client, raw) -> None:
+    await subscribe(client, "early")  # its read now blocks for 30 s
+    request = asyncio.create_task(client.request("late", "hi", request_id="r1", timeout=5))
+    assert await asyncio.wait_for(client.listening("late"), 5)
+    raw.xadd(key("late"), {wire.RESPONSE: "hello", wire.REQUEST_ID: "r1"})
+    assert (await request).response == "hello"  # within 5 s, not after the 30 s block
+
+
+async def test_one_read_serves_many_users(client: Client, raw) -> None:
+    subscriptions = [await subscribe(client, f"u{u}") for u in range(50)]
+    for u in range(50):
+        raw.xadd(key(f"u{u}"), {wire.RESPONSE: f"to u{u}"})
+    got = await asyncio.wait_for(asyncio.gather(*(first for _, first in subscriptions)), 10)
+    assert [reply.response for reply in got] == [f"to u{u}" for u in range(50)]
+    await eventually_async(lambda: blocked_reads(raw) == 1, "a single blocked read", timeout=10)
+
+
+async def test_users_joining_one_by_one_leave_few_blocked_reads(client: Client, raw) -> None:
+    """Each join starts a read of every stream; older blocked reads are cut, not left to time out."""
+    subscriptions = [await subscribe(client, f"u{u}") for u in range(12)]
+    await eventually_async(lambda: blocked_reads(raw) <= 4, "at most 4 blocked reads", timeout=10)
+    for u in range(12):
+        raw.xadd(key(f"u{u}"), {wire.RESPONSE: f"to u{u}"})
+    got = await asyncio.wait_for(asyncio.gather(*(first for _, first in subscriptions)), 10)
+    assert [reply.response for reply in got] == [f"to u{u}" for u in range(12)]
+
+
+async def test_a_key_of_another_type_fails_only_its_own_reader(client: Client, raw) -> None:
+    good, good_first = await subscribe(client, "good")
+    _, bad_first = await subscribe(client, "bad")
+    raw.delete(key("bad"))
+    raw.set(key("bad"), "not a stream")
+    raw.xadd(key("good"), {wire.RESPONSE: "one"})
+    assert (await asyncio.wait_for(good_first, 10)).response == "one"
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await asyncio.wait_for(bad_first, 10)
+    raw.xadd(key("good"), {wire.RESPONSE: "two"})
+    assert (await asyncio.wait_for(anext(good), 10)).response == "two"
+    with pytest.raises(ResponseError, match="WRONGTYPE"):  # a new request for that user fails at once
+        await client.request("bad", "hi", timeout=5)
