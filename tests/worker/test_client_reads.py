@@ -1,5 +1,6 @@
 """How ``Client`` reads many users' reply streams: one blocking XREAD covers them all, a user who joins
-while it blocks is served at once, a bad key fails only its own user, and the blocked reads stay few.
+while it blocks is served at once, a bad key fails only its own user, and the blocked reads stay few;
+and how concurrent sends share a round trip.
 
 Replies are written with plain XADDs, as a worker would, against a real redis-server.
 """
@@ -83,3 +84,26 @@ async def test_a_key_of_another_type_fails_only_its_own_reader(client: Client, r
     assert (await asyncio.wait_for(anext(good), 10)).response == "two"
     with pytest.raises(ResponseError, match="WRONGTYPE"):  # a new request for that user fails at once
         await client.request("bad", "hi", timeout=5)
+
+
+async def test_concurrent_sends_share_a_round_trip_and_keep_their_own_outcome(redis_server, raw) -> None:
+    """Sends of one loop turn go as one pipeline; each caller gets its own entry id, or its own error
+    (here: a partition whose stream key holds a string)."""
+    partitions = 2
+    broken = wire.partition_stream(wire.DEFAULT_STREAM, 1, partitions)
+    raw.set(broken, "not a stream")
+    users = [f"u{u}" for u in range(200)]
+    async with Client(redis_server.url, partitions=partitions) as client:
+        outcomes = await asyncio.gather(
+            *(client.send(u, f"hello {u}", request_id=u) for u in users), return_exceptions=True
+        )
+    for user, outcome in zip(users, outcomes, strict=True):
+        if wire.partition_of(user, partitions) == 1:
+            assert isinstance(outcome, ResponseError) and "WRONGTYPE" in str(outcome)
+            continue
+        assert isinstance(outcome, str)
+        [(entry_id, fields)] = raw.xrange(
+            wire.partition_stream(wire.DEFAULT_STREAM, 0, partitions), outcome, outcome
+        )
+        assert (entry_id, fields[wire.REQUEST_ID], fields[wire.MESSAGE]) == (outcome, user, f"hello {user}")
+    assert any(isinstance(o, str) for o in outcomes) and any(isinstance(o, ResponseError) for o in outcomes)
