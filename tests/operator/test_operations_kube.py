@@ -7,7 +7,9 @@ Deployment and ReplicaSet controllers pick the pods a scale-down removes.
 
 from __future__ import annotations
 
+import http.server
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -230,3 +232,57 @@ def test_a_limit_bound_queue_is_not_scaled_up(
     )
     assert metric(port, "streamqueue_limit_bound", labels) == 0
     assert len(events(sq, "bound", "LimitBound")) == 1
+
+
+class _CountingModel(http.server.BaseHTTPRequestHandler):
+    """A model endpoint for the HTTP handler: answers every POST at once and records when it came."""
+
+    arrivals: list[float] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).arrivals.append(time.monotonic())
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_real_workers_at_their_model_limit_keep_the_queue_from_scaling_up(
+    sq: Queues, redis_server: RedisServer, start_operator: Any
+) -> None:
+    """End to end: worker pods (``python -m streamqueue.worker``) call a model endpoint under a shared
+    limit of 300 requests/min; their waits set the bound key, so a backlog that would ask for 10 pods
+    keeps the one there is, the LimitBound condition says why, and the endpoint sees the limit's rate."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _CountingModel.arrivals = []
+    start_operator()
+    r = redis_server.client()
+    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    worker = {"handlerUrl": f"http://127.0.0.1:{server.server_port}/", "modelRequestsPerMinute": 300}
+    sq.apply("metered", worker=worker, minReplicas=1, maxReplicas=10, targetBacklogPerReplica=5)
+    runner = WorkerPodRunner(sq.plane.kubeconfig, sq.namespace, "streamqueue.io/queue=metered")
+    runner.start()
+    try:
+        apps = k8s.AppsV1Api(sq.api)
+        ready = lambda: apps.read_namespaced_deployment("metered-worker", sq.namespace).status.ready_replicas  # noqa: E731
+        eventually(lambda: ready() == 1, "the worker pod Ready", timeout=60)
+        push(r, 3)  # 5 calls/s, one at a time: the second and third wait for the limit
+        eventually(lambda: r.get(wire.limit_bound_key(STREAM)) == b"RequestsPerMinute", "a wait", timeout=15)
+        push(r, 60)  # backlog ~60: 10 replicas were the queue not limit-bound
+        bound = lambda: sq.condition("metered", "LimitBound").get("status") == "True"  # noqa: E731
+        eventually(bound, "LimitBound=True", timeout=15)
+        assert set(steady(lambda: sq.replicas("metered"), 4)) == {1}
+        assert sq.condition("metered", "Scaling")["reason"] == "LimitBound"
+        eventually(lambda: len(_CountingModel.arrivals) == 63, "every message answered", timeout=60)
+    finally:
+        runner.stop()
+        server.shutdown()
+    calls = _CountingModel.arrivals
+    rate = (len(calls) - 1) / (calls[-1] - calls[0])
+    assert rate <= 5.5, f"{rate:.2f} calls/s under a limit of 5/s"
