@@ -5,7 +5,8 @@ pending and not-Ready ones). A worker's consumer (consumer name = pod name) tell
 its pod would cost: entries it holds pending are work in flight that SIGTERM must drain or that
 XAUTOCLAIM must later move, and a consumer that read recently is busy. So, before a scale-down,
 each pod gets ``pending * 1000 + recency`` (recency 0..999: 999 for a consumer active this
-second, 0 for one idle 999 s or more; a pod without a consumer has cost 0) and idle pods go first.
+second, 0 for one idle 999 s or more; a pod without a consumer has cost 0; from ``MAX_PENDING``
+pending entries on, the int32 maximum we use) and idle pods go first.
 
 Pure: the scaler reads ``XINFO CONSUMERS`` and the pods, this module computes the annotations, and
 only pods whose annotation would change are patched.
@@ -43,8 +44,10 @@ def cost(load: ConsumerLoad | None) -> int:
     """Higher is more expensive to remove: pending entries dominate, recent activity breaks ties."""
     if load is None:
         return 0
+    if load.pending >= MAX_PENDING:  # saturated: the most expensive, whatever its recency
+        return MAX_PENDING * RECENCY_SPAN + RECENCY_SPAN - 1
     idle_seconds = min(load.idle_ms // 1000, RECENCY_SPAN - 1)
-    return min(load.pending, MAX_PENDING) * RECENCY_SPAN + (RECENCY_SPAN - 1 - idle_seconds)
+    return load.pending * RECENCY_SPAN + (RECENCY_SPAN - 1 - idle_seconds)
 
 
 def changes(pods: Mapping[str, str | None], loads: Mapping[str, ConsumerLoad]) -> dict[str, str]:
