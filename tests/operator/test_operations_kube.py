@@ -269,6 +269,7 @@ def test_real_workers_at_their_model_limit_keep_the_queue_from_scaling_up(
     runner = WorkerPodRunner(sq.plane.kubeconfig, sq.namespace, "streamqueue.io/queue=metered")
     runner.start()
     try:
+        eventually(lambda: sq.replicas("metered") == 1, "the worker Deployment", timeout=30)
         apps = k8s.AppsV1Api(sq.api)
         ready = lambda: apps.read_namespaced_deployment("metered-worker", sq.namespace).status.ready_replicas  # noqa: E731
         eventually(lambda: ready() == 1, "the worker pod Ready", timeout=60)
