@@ -199,8 +199,36 @@ return 1
 """
 
 
+class Retryable(Exception):
+    """An attempt at the model API failed in a way a later attempt may not: a 429, a 5xx, a timeout.
+
+    ``retry_after``: the seconds the API asked for (None: the caller's backoff decides);
+    ``rate_limited``: a 429, so the whole queue backs off, not only this call.
+    """
+
+    def __init__(self, reason: str, retry_after: float | None = None, *, rate_limited: bool = False) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.rate_limited = rate_limited
+
+
+async def back_off(limits: ModelLimits | None, exc: Retryable, delay: float, what: str, attempt: int) -> None:
+    """Wait ``delay`` seconds before attempt ``attempt + 1`` after ``exc``; ``what`` names the API in the log.
+
+    A 429 pauses every worker of the queue (when the handler has limits): the next attempt's call then
+    waits for that pause as every other call does. Any other failure waits here, for this call alone.
+    """
+    if exc.rate_limited and limits is not None:
+        log.warning("%s: %s; every worker of the queue pauses %.1fs", what, exc, delay)
+        await limits.pause(delay)
+        return
+    log.warning("%s: %s; retry %d in %.1fs", what, exc, attempt + 1, delay)
+    await asyncio.sleep(delay)
+
+
 class Call:
-    """One model call while it holds its limits: ``async with limits.call() as call``.
+    """One model call while it holds its limits: ``async with limits.call() as call`` (``Call(None)``:
+    a call that waits for nothing, for a handler built without limits).
 
     ``report_tokens`` adds the tokens the call used (prompt and completion); they are debited from the
     tokens-per-minute budget when the block ends, whether the call succeeded or not.
@@ -210,11 +238,6 @@ class Call:
         self._limits = limits
         self.id: str | None = None
         self.tokens = 0
-
-    @classmethod
-    def unlimited(cls) -> Call:
-        """A call that waits for nothing: for handlers built without ``ModelLimits``."""
-        return cls(None)
 
     def report_tokens(self, tokens: int) -> None:
         if tokens < 0:

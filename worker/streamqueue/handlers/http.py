@@ -15,14 +15,13 @@ tokens-per-minute limit only ever sees zero-token calls here. The connection poo
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from redis.backoff import ExponentialBackoff
 
-from ..limits import Call, ModelLimits, retry_after_seconds
+from ..limits import Call, ModelLimits, Retryable, back_off, retry_after_seconds
 from . import HandlerFactory, Message
 
 if TYPE_CHECKING:
@@ -61,18 +60,13 @@ class HttpHandler:
         body = _request_body(msg)
         for attempt in range(self.retries + 1):
             try:
-                async with self.limits.call() if self.limits else Call.unlimited():
+                async with Call(self.limits):
                     return await self._post(body)
-            except _Retryable as exc:
+            except Retryable as exc:
                 if attempt == self.retries:
                     raise HttpHandlerError(f"{self.url}: {exc} (after {attempt + 1} attempts)") from exc
                 delay = exc.retry_after if exc.retry_after is not None else _BACKOFF.compute(attempt)
-                if exc.rate_limited and self.limits is not None:
-                    log.warning("POST %s: %s; every worker of the queue pauses %.1fs", self.url, exc, delay)
-                    await self.limits.pause(delay)  # the next attempt's call waits for it, as all do
-                    continue
-                log.warning("POST %s failed (%s); retry %d in %.1fs", self.url, exc, attempt + 1, delay)
-                await asyncio.sleep(delay)
+                await back_off(self.limits, exc, delay, f"POST {self.url}", attempt)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _post(self, body: dict[str, Any]) -> str:
@@ -84,14 +78,14 @@ class HttpHandler:
                 text = await response.text()
                 if response.status == 429:
                     retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-                    raise _Retryable("HTTP 429", retry_after, rate_limited=True)
+                    raise Retryable("HTTP 429", retry_after, rate_limited=True)
                 if response.status >= 500:
-                    raise _Retryable(f"HTTP {response.status}")
+                    raise Retryable(f"HTTP {response.status}")
                 if response.status >= 400:
                     raise HttpHandlerError(f"{self.url}: HTTP {response.status}: {text[:200]}")
                 return text
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            raise Retryable(f"{type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -99,13 +93,6 @@ class HttpHandler:
             self._session = None
         if self.limits is not None:
             await self.limits.aclose()
-
-
-class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None, *, rate_limited: bool = False) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
-        self.rate_limited = rate_limited
 
 
 def _request_body(msg: Message) -> dict[str, Any]:

@@ -39,7 +39,6 @@ that (rare: the commit itself failed) may store an exchange twice.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from redis.backoff import ExponentialBackoff
 
-from ..limits import Call, ModelLimits, retry_after_seconds
+from ..limits import Call, ModelLimits, Retryable, back_off, retry_after_seconds
 from . import HandlerFactory, Message
 
 if TYPE_CHECKING:
@@ -80,13 +79,6 @@ class ModelContextTooLong(ModelRequestError):
 
 class ModelStreamBroken(ModelError):
     """The reply stream broke after chunks were written; the delivery fails and starts over."""
-
-
-class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None, *, rate_limited: bool = False) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
-        self.rate_limited = rate_limited  # a 429: the whole queue backs off, not only this call
 
 
 class _Usage:
@@ -145,7 +137,7 @@ class OpenAIHandler:
         parts: list[str] = []
         for attempt in range(self.retries + 1):
             try:
-                async with self.limits.call() if self.limits else Call.unlimited() as call:
+                async with Call(self.limits) as call:
                     usage = _Usage(prompt_chars)
                     try:
                         async for chunk in self._stream(body, usage):
@@ -154,7 +146,7 @@ class OpenAIHandler:
                     finally:
                         call.report_tokens(usage.tokens())
                 break
-            except _Retryable as exc:
+            except Retryable as exc:
                 if parts:
                     raise ModelStreamBroken(
                         f"{self.url}: {exc} after {len(parts)} chunks; the reply starts over on redelivery"
@@ -162,12 +154,7 @@ class OpenAIHandler:
                 if attempt == self.retries:
                     raise ModelError(f"{self.url}: {exc} (after {attempt + 1} attempts)") from exc
                 delay = exc.retry_after if exc.retry_after is not None else _BACKOFF.compute(attempt)
-                if exc.rate_limited and self.limits is not None:
-                    log.warning("model API: %s; every worker of the queue pauses %.1fs", exc, delay)
-                    await self.limits.pause(delay)  # the next attempt's call waits for it, as all do
-                    continue
-                log.warning("model API: %s; retry %d in %.1fs", exc, attempt + 1, delay)
-                await asyncio.sleep(delay)
+                await back_off(self.limits, exc, delay, "model API", attempt)
         if self.memory is not None:
             await self.memory.remember(msg.user_id, msg.message, "".join(parts))
 
@@ -189,7 +176,7 @@ class OpenAIHandler:
         return body
 
     async def _stream(self, body: dict[str, Any], usage: _Usage) -> AsyncIterator[str]:
-        """One attempt: yield the content deltas; raise ``_Retryable`` or a ``ModelRequestError``."""
+        """One attempt: yield the content deltas; raise ``Retryable`` or a ``ModelRequestError``."""
         if self._session is None:
             pool = aiohttp.TCPConnector(limit=self.connections)
             self._session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers, connector=pool)
@@ -213,9 +200,9 @@ class OpenAIHandler:
                         usage.chunks += 1
                         yield content
                 if not done:
-                    raise _Retryable("the event stream ended without data: [DONE]")
+                    raise Retryable("the event stream ended without data: [DONE]")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc or 'timed out'}") from exc
+            raise Retryable(f"{type(exc).__name__}: {exc or 'timed out'}") from exc
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -266,11 +253,11 @@ class Memory:
 def _status_error(status: int, text: str, headers: Any) -> Exception:
     detail = _error_message(text)
     if status == 429:
-        return _Retryable(
+        return Retryable(
             f"HTTP 429: {detail}", retry_after_seconds(headers.get("Retry-After")), rate_limited=True
         )
     if status >= 500:
-        return _Retryable(f"HTTP {status}: {detail}")
+        return Retryable(f"HTTP {status}: {detail}")
     lowered = text.lower()
     if status in (400, 413) and any(marker in lowered for marker in _CONTEXT_MARKERS):
         return ModelContextTooLong(f"context length exceeded (HTTP {status}): {detail}")
@@ -304,11 +291,11 @@ def _event_parts(event: str) -> tuple[str | None, int | None]:
     try:
         data = json.loads(event)
     except ValueError as exc:
-        raise _Retryable(f"unreadable event {event[:100]!r}") from exc
+        raise Retryable(f"unreadable event {event[:100]!r}") from exc
     if not isinstance(data, dict):
         return None, None
     if "error" in data:  # some servers report a failure mid-stream as an event
-        raise _Retryable(f"error event: {_error_message(event)}")
+        raise Retryable(f"error event: {_error_message(event)}")
     usage = data.get("usage")
     total = usage.get("total_tokens") if isinstance(usage, dict) else None
     tokens = total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
