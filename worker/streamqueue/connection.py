@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
 from redis.credentials import CredentialProvider
 from redis.driver_info import DriverInfo
-from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -154,6 +154,12 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, _TRANSIENT):
         return True
     return isinstance(exc, AttributeError) and _raised_in_redis_py(exc)
+
+
+def group_missing(exc: BaseException) -> bool:
+    """True for Redis's NOGROUP: the consumer group (or its stream) is gone, e.g. after a restart
+    without persistence; the consumer run creates it again."""
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
 
 
 def _raised_in_redis_py(exc: BaseException) -> bool:

@@ -30,7 +30,6 @@ the limits could not be checked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import logging
 import math
@@ -42,6 +41,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import wire
+from .aio import wait_set
 from .metrics import WorkerMetrics
 
 if TYPE_CHECKING:
@@ -413,8 +413,7 @@ class ModelLimits:
     async def _wait(self, wait_ms: int, reason: str) -> None:
         started = time.monotonic()
         if reason == wire.LIMIT_CONCURRENT:  # a local call that ends frees a slot: ask again at once
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._released.wait(), wait_ms / 1000)
+            await wait_set(self._released, wait_ms / 1000)
         else:
             await asyncio.sleep(wait_ms / 1000)
         self.metrics.limit_wait.labels(reason).inc(time.monotonic() - started)

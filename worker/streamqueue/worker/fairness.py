@@ -31,15 +31,13 @@ entries are popped in order and the per-user gate still runs them one at a time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Collection
 from typing import Any
 
-from redis.exceptions import ResponseError
-
 from .. import wire
-from ..connection import Backoff, RedisClient, transient
+from ..aio import wait_set
+from ..connection import Backoff, RedisClient, group_missing, transient
 from .reclaim import Delivery, PendingOwnership
 
 log = logging.getLogger(__name__)
@@ -162,12 +160,11 @@ class FairQueue:
                 self._arrived.set()
                 await self._redis.xread({self._stream: newest}, count=1, block=self._block_ms)
             except Exception as exc:
-                if not (transient(exc) or (isinstance(exc, ResponseError) and "NOGROUP" in str(exc))):
+                if not (transient(exc) or group_missing(exc)):
                     raise
                 delay = backoff.next_delay()
                 log.debug("fair intake of %s waits %.2fs: %s", self._stream, delay, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await wait_set(stop, delay)
                 continue
             backoff.reset()
 
@@ -188,8 +185,7 @@ class FairQueue:
         self._arrived.clear()  # before the pop: an arrival from now on wakes the wait below
         reply = await self._dispatch(keys=self._keys, args=[self._group, consumer, count, _PRUNE_STEP])
         if not reply:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), self._block_ms / 1000)
+            await wait_set(self._arrived, self._block_ms / 1000)
             return []
         return [Delivery(entry_id, fields, 1) for entry_id, fields in _deliveries(reply)]
 

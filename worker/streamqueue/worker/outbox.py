@@ -32,7 +32,6 @@ without gets EXPIRE; ``XINFO GROUPS`` decides, once per stream per batch, inside
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -42,6 +41,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 from redis.typing import EncodableT, FieldT
 
+from ..aio import wait_set
 from ..connection import Backoff, RedisClient, transient
 from ..metrics import WorkerMetrics
 
@@ -140,7 +140,7 @@ class Outbox:
                     log.warning(
                         "reply/ack commit failed (%s); retrying %d entries in %.2fs", exc, len(batch), delay
                     )
-                    await _sleep_unless(self._abandon, delay)
+                    await wait_set(self._abandon, delay)
                     continue
                 backoff.reset()
                 _report(batch[:committed], None)
@@ -297,8 +297,3 @@ def _report(batch: list[_Queued], error: BaseException | None) -> None:
             item.on_done(error)
         except Exception:
             log.exception("outcome callback for %s failed", item.entry_id or "a chunk")
-
-
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout=seconds)

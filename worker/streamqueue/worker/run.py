@@ -27,7 +27,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from .. import wire
-from ..connection import CONNECTION_ERRORS, Backoff, RedisClient, transient
+from ..connection import CONNECTION_ERRORS, Backoff, RedisClient, group_missing, transient
 from ..handlers import Handler, Message
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
@@ -107,16 +107,16 @@ class Run:
         renewer = asyncio.create_task(self._renew_loop(), name="streamqueue-renew")
         intake = asyncio.create_task(self._intake_loop(), name="streamqueue-intake")
         stopper = asyncio.create_task(stop.wait())
-        background = [flusher, renewer, intake]
+        fair = None
         if self.fair is not None:
             fair = asyncio.create_task(self.fair.run_intake(stop), name="streamqueue-fair-intake")
-            background.append(fair)
+        background = [flusher, renewer, intake, *([fair] if fair is not None else [])]
         done, _ = await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
         crashed = next((t for t in done if t is not stopper), None)
         stopper.cancel()
         log.info("%s: draining %d in-flight entries", self.stream, len(self.inflight))
         await self._stop_intake(intake)
-        if self.fair is not None:  # it ends by itself once its blocking read returns
+        if fair is not None:  # it ends by itself once its blocking read returns
             await asyncio.wait([fair], timeout=self.s.block_ms / 1000 + _CANCEL_PATIENCE_S)
         await self._drain()
         await self._hand_back()
@@ -161,7 +161,7 @@ class Run:
                 await self._check_cancels(entries)
             except Exception as exc:
                 self.slots.give(n)
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                if group_missing(exc):
                     log.warning("group %s on %s is gone (Redis restarted?); recreating", s.group, self.stream)
                     group_ready = False
                     continue
@@ -245,7 +245,7 @@ class Run:
             except Exception as exc:
                 if transient(exc):
                     log.warning("claim renewal failed, Redis unreachable: %s", exc)
-                elif not (isinstance(exc, ResponseError) and "NOGROUP" in str(exc)):
+                elif not group_missing(exc):
                     raise
                 # Redis lost the group (restart without persistence): nothing of ours is pending any
                 # more; the intake loop recreates the group.
