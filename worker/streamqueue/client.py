@@ -25,13 +25,11 @@ from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
 from . import wire
-from .connection import Backoff, RedisClient, RedisConnection, connect_any
+from .connection import CONNECTION_ERRORS, Backoff, RedisClient, RedisConnection, connect_any
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +262,7 @@ class _ReplyReads:
                 self._in_flight[number] = (self._members, asyncio.current_task())
                 try:
                     entries = await self._read()
-                except (RedisConnectionError, RedisTimeoutError) as exc:
+                except CONNECTION_ERRORS as exc:
                     self._in_flight.pop(number, None)
                     self._sweep(now=None)  # nobody waits on an idle reader: let it go at once
                     if self._covered_after(number):

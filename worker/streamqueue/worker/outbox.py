@@ -162,7 +162,7 @@ class Outbox:
     async def _commit_scripts(self, batch: list[_Queued]) -> int:
         """One script call per ``MAX_BATCH`` items, all in one round trip."""
         calls = [batch[i : i + MAX_BATCH] for i in range(0, len(batch), MAX_BATCH)]
-        if len(calls) == 1:
+        if len(calls) == 1:  # the common case; a pipeline would first ask SCRIPT EXISTS, one more RTT
             _log_rejected(await self._script(**self._script_call(batch), client=self._redis))
             return len(batch)
         pipe = self._redis.pipeline(transaction=False)
