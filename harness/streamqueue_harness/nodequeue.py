@@ -83,13 +83,15 @@ def get_queue_row(plane: ControlPlane) -> dict[str, str]:
 
 
 class ModelStandIn:
-    """Answers each POST after ``delay_s``, as a model server would: the reply names its user."""
+    """Answers each POST after ``delay_s``, as a model server would: the reply names its user.
+    ``arrivals`` records when each request came (``time.monotonic()``)."""
 
     def __init__(self, host: str, delay_s: float) -> None:
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                stand_in.arrivals.append(time.monotonic())
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 time.sleep(stand_in.delay_s)
                 reply = f"reply to {body['user_id']}: {body['message']}".encode()
@@ -103,6 +105,7 @@ class ModelStandIn:
                 pass
 
         self.delay_s = delay_s
+        self.arrivals: list[float] = []
         self._server = ThreadingHTTPServer((host, free_port(host)), Handler)
         self._server.daemon_threads = True
         self.url = f"http://{host}:{self._server.server_address[1]}/"

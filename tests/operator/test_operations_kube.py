@@ -7,9 +7,7 @@ Deployment and ReplicaSet controllers pick the pods a scale-down removes.
 
 from __future__ import annotations
 
-import http.server
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from streamqueue import wire
+from streamqueue_harness.nodequeue import ModelStandIn
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.redis_server import RedisServer
@@ -234,37 +233,17 @@ def test_a_limit_bound_queue_is_not_scaled_up(
     assert len(events(sq, "bound", "LimitBound")) == 1
 
 
-class _CountingModel(http.server.BaseHTTPRequestHandler):
-    """A model endpoint for the HTTP handler: answers every POST at once and records when it came."""
-
-    arrivals: list[float] = []
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        type(self).arrivals.append(time.monotonic())
-        body = b"ok"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_real_workers_at_their_model_limit_keep_the_queue_from_scaling_up(
     sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
     """End to end: worker pods (``python -m streamqueue.worker``) call a model endpoint under a shared
     limit of 300 requests/min; their waits set the bound key, so a backlog that would ask for 10 pods
     keeps the one there is, the LimitBound condition says why, and the endpoint sees the limit's rate."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingModel)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _CountingModel.arrivals = []
+    model = ModelStandIn("127.0.0.1", delay_s=0)
     start_operator()
     r = redis_server.client()
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    worker = {"handlerUrl": f"http://127.0.0.1:{server.server_port}/", "modelRequestsPerMinute": 300}
+    worker = {"handlerUrl": model.url, "modelRequestsPerMinute": 300}
     sq.apply("metered", worker=worker, minReplicas=1, maxReplicas=10, targetBacklogPerReplica=5)
     runner = WorkerPodRunner(sq.plane.kubeconfig, sq.namespace, "streamqueue.io/queue=metered")
     runner.start()
@@ -280,10 +259,10 @@ def test_real_workers_at_their_model_limit_keep_the_queue_from_scaling_up(
         eventually(bound, "LimitBound=True", timeout=15)
         assert set(steady(lambda: sq.replicas("metered"), 4)) == {1}
         assert sq.condition("metered", "Scaling")["reason"] == "LimitBound"
-        eventually(lambda: len(_CountingModel.arrivals) == 63, "every message answered", timeout=60)
+        eventually(lambda: len(model.arrivals) == 63, "every message answered", timeout=60)
     finally:
         runner.stop()
-        server.shutdown()
-    calls = _CountingModel.arrivals
+        model.close()
+    calls = model.arrivals
     rate = (len(calls) - 1) / (calls[-1] - calls[0])
     assert rate <= 5.5, f"{rate:.2f} calls/s under a limit of 5/s"
