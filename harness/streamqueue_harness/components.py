@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .eventually import eventually
 from .processes import group_alive, spawn, stop_groups
 
 STOP_GRACE_SECONDS = 10.0
@@ -78,15 +79,16 @@ class Components:
 
     def wait(self, deadline: float, what: str, ready: Callable[[], bool], interval: float = 0.1) -> None:
         """Poll ``ready`` until it holds; fail fast, with the log's tail, when a component exits."""
-        while True:
+
+        def all_running_and_ready() -> bool:
             for component in self.started:
                 if component.popen.poll() is not None:
                     raise component.failure(what)
-            if ready():
-                return
-            if time.monotonic() > deadline:
-                raise StartupError(f"timed out waiting for {what}; logs in {self.workdir / 'logs'}")
-            time.sleep(interval)
+            return ready()
+
+        logs = self.workdir / "logs"
+        timeout = max(deadline - time.monotonic(), 0.0)
+        eventually(all_running_and_ready, f"{what} (logs in {logs})", timeout, interval, StartupError)
 
     def stop(self, phases: Callable[[Sequence[str]], Iterable[set[str]]]) -> None:
         """Stop every component, phase by phase (``phases`` groups the names); safe to call twice."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ import kubernetes.config
 from kubernetes.client.rest import ApiException
 
 from .components import Components, PortTakenError, StartupError, running_components, stop_recorded
+from .eventually import eventually
 from .kubeconfig import write_kubeconfig
 from .pki import ClusterPKI, create_pki
 from .ports import free_port
@@ -318,13 +320,10 @@ class ControlPlane:
         Until then the ServiceAccount admission plugin rejects Pods there, so a test that creates a
         Deployment right after its namespace would see the ReplicaSet controller back off.
         """
-        deadline = time.monotonic() + timeout
         with self.api_client() as api:
             core = kubernetes.client.CoreV1Api(api)
-            while not _default_serviceaccount_exists(core, namespace):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no default ServiceAccount in {namespace} after {timeout}s")
-                time.sleep(0.05)
+            exists = functools.partial(_default_serviceaccount_exists, core, namespace)
+            eventually(exists, f"the default ServiceAccount in {namespace}", timeout, 0.05, TimeoutError)
 
 
 def shutdown_phases(names: Sequence[str]) -> list[set[str]]:

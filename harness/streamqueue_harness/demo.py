@@ -27,6 +27,7 @@ from kubernetes import config as k8s_config
 from streamqueue import Client
 
 from .controlplane import ControlPlane
+from .eventually import eventually
 from .operatorproc import OperatorProcess, install_crd
 from .podrunner import WorkerPodRunner
 from .redis_server import RedisServer
@@ -261,12 +262,12 @@ def verdict(seen: Observed, cfg: DemoConfig) -> tuple[bool, str]:
 
 def wait_for_queue(view: KubeView, timeout: float = 60.0) -> None:
     """Block until the operator has created the queue's Deployment."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if view.apps.list_namespaced_deployment(NAMESPACE, label_selector=f"{GROUP}/queue={QUEUE}").items:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"the operator did not create the worker Deployment within {timeout:.0f}s")
+
+    def created() -> bool:
+        selector = f"{GROUP}/queue={QUEUE}"
+        return bool(view.apps.list_namespaced_deployment(NAMESPACE, label_selector=selector).items)
+
+    eventually(created, "the operator to create the worker Deployment", timeout, 0.5, TimeoutError)
 
 
 def run(cfg: DemoConfig) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .eventually import eventually
 from .ports import free_port
 from .processes import spawn, stop_groups
 
@@ -53,6 +54,10 @@ def write_tiny_model(python: Path, path: Path) -> Path:
     """Generate the tiny GGUF with the venv's ``gguf`` package."""
     subprocess.run([str(python), str(TINYMODEL), str(path)], check=True, capture_output=True, timeout=120)
     return path
+
+
+class _Exited(Exception):
+    """The server process ended before it answered."""
 
 
 class ModelServer:
@@ -90,18 +95,23 @@ class ModelServer:
         raise RuntimeError(f"llama_cpp.server did not start; see {self.log}:\n{self.log.read_text()[-2000:]}")
 
     def _wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
-                    json.load(response)
-                    return True
-            except (urllib.error.URLError, OSError, ValueError):
-                time.sleep(0.1)
-        return False
+        """True once ``/v1/models`` answers; False when the server exits first (its port was taken) or
+        does not answer within ``timeout``."""
+        try:
+            return eventually(self._answers, "llama_cpp.server /v1/models", timeout, error=TimeoutError)
+        except (TimeoutError, _Exited):
+            return False
+
+    def _answers(self) -> bool:
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            raise _Exited
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
+                json.load(response)
+                return True
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
 
     def stop(self) -> None:
         if self._proc is not None:

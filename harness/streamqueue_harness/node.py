@@ -41,6 +41,7 @@ from .components import Components, StartupError, recorded_state, running_compon
 from .controlplane import STATE_FILE as CONTROL_PLANE_STATE
 from .controlplane import ControlPlane, ToolsMissingError, check_tools, default_bin_dir
 from .controlplane import shutdown_phases as control_plane_phases
+from .eventually import eventually
 from .images import ImagesMissingError, image_archives
 from .kubeconfig import write_kubeconfig
 from .netns import NamespaceError, add_bridge, delete_link, enter_private_namespaces, in_private_namespaces
@@ -426,16 +427,17 @@ def cgroup_dirs(cgroup_root: str) -> list[Path]:
 
 def _kill_cgroup_processes(trees: Sequence[Path], timeout: float = 10.0) -> None:
     """SIGKILL every process in the trees (containers whose shim and kubelet are gone), until none is left."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+
+    def none_left_after_kill() -> bool:
         pids = {int(pid) for tree in trees if tree.exists() for pid in _tree_pids(tree)}
-        if not pids:
-            return
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    raise NodeError(f"processes still alive in the pods' cgroups {trees[0]} after {timeout}s")
+        return not pids
+
+    what = f"no process left in the pods' cgroups {trees[0]}"
+    eventually(none_left_after_kill, what, timeout, error=NodeError)
 
 
 def _tree_pids(tree: Path) -> list[str]:

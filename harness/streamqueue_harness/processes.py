@@ -14,9 +14,10 @@ import ctypes
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from .eventually import eventually
 
 _PR_SET_PDEATHSIG = 1
 # Resolved once, in the parent: between fork and exec the child must not dlopen (another thread may
@@ -85,19 +86,25 @@ def stop_groups(
     """
     for pgid, _ in processes:
         _signal_group(pgid, sig)
-    deadline = time.monotonic() + grace
-    pending = list(processes)
-    while pending and time.monotonic() < deadline:
-        pending = [(pgid, p) for pgid, p in pending if _still_running(pgid, p)]
-        if pending:
-            time.sleep(0.05)
+    pending = _still_running_after(list(processes), grace, 0.05)
     for pgid, popen in pending:
         _signal_group(pgid, signal.SIGKILL)
         if popen is not None:
             popen.wait()
-    reaped_by = time.monotonic() + 5  # a SIGKILLed orphan lingers only until init reaps it
-    while any(_still_running(pgid, p) for pgid, p in pending) and time.monotonic() < reaped_by:
-        time.sleep(0.02)
+    _still_running_after(pending, 5, 0.02)  # a SIGKILLed orphan lingers only until init reaps it
+
+
+def _still_running_after(
+    processes: list[tuple[int, subprocess.Popen[bytes] | None]], seconds: float, interval: float
+) -> list[tuple[int, subprocess.Popen[bytes] | None]]:
+    """The groups still running after ``seconds``; returns as soon as none is."""
+
+    def all_exited() -> bool:
+        return not any(_still_running(pgid, p) for pgid, p in processes)
+
+    with contextlib.suppress(TimeoutError):
+        eventually(all_exited, "the process groups to exit", seconds, interval, TimeoutError)
+    return [(pgid, p) for pgid, p in processes if _still_running(pgid, p)]
 
 
 def _still_running(pgid: int, popen: subprocess.Popen[bytes] | None) -> bool:

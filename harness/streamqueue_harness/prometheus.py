@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from .eventually import eventually
 from .operatorproc import OperatorProcess, install_crd
 from .ports import free_port
 from .processes import spawn, stop_groups
@@ -153,18 +154,19 @@ class Prometheus:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise PrometheusError(f"prometheus exited with {self._proc.returncode}: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise PrometheusError(f"prometheus not ready after {timeout:.0f}s: {self.log_tail()}")
+        try:
+            eventually(self._ready, "prometheus /-/ready", timeout, error=PrometheusError)
+        except PrometheusError as exc:
+            raise PrometheusError(f"{exc}: {self.log_tail()}") from None
+
+    def _ready(self) -> bool:
+        if self._proc.poll() is not None:
+            raise PrometheusError(f"prometheus exited with {self._proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -231,14 +233,7 @@ class Prometheus:
 
     def wait_for(self, check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
         """Poll ``check`` until it returns something truthy; PrometheusError after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            last = check()
-            if last:
-                return last
-            if time.monotonic() > deadline:
-                raise PrometheusError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-            time.sleep(interval)
+        return eventually(check, what, timeout, interval, error=PrometheusError)
 
     def wait_for_targets(self, job: str, count: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Block until ``count`` targets of ``job`` have been scraped successfully."""

@@ -13,13 +13,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
+from .eventually import eventually
 from .ports import free_port
 from .processes import spawn, stop_groups
 
@@ -84,11 +84,14 @@ class RedisClusterServer:
         args = [binary, *(arg for name, value in options.items() for arg in (f"--{name}", value))]
         process = spawn(args, log=workdir / "redis.log")
         node = _Node(port, process)
-        deadline = time.monotonic() + 10
-        while not _answers(node):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise ClusterError(f"redis-server on port {port} did not start; see {workdir / 'redis.log'}")
-            time.sleep(0.02)
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise ClusterError(f"redis-server on port {port} exited; see {workdir / 'redis.log'}")
+            return _answers(node)
+
+        what = f"redis-server on port {port} (see {workdir / 'redis.log'})"
+        eventually(answers, what, 10, 0.02, ClusterError)
         self._nodes.append(node)
 
     def _create(self) -> None:
@@ -103,11 +106,7 @@ class RedisClusterServer:
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Until every live node says the cluster is ok, sees ``primaries`` live primaries, and every
         replica is linked to its primary (so it can take over)."""
-        deadline = time.monotonic() + timeout
-        while not self._healthy():
-            if time.monotonic() > deadline:
-                raise ClusterError(f"cluster not healthy after {timeout}s")
-            time.sleep(0.1)
+        eventually(self._healthy, "a healthy cluster", timeout, error=ClusterError)
 
     def _healthy(self) -> bool:
         try:
@@ -143,11 +142,11 @@ class RedisClusterServer:
         node = next(n for n in self._nodes if n.port == port)
         node.process.send_signal(signal.SIGKILL)
         node.process.wait()
-        deadline = time.monotonic() + timeout
-        while self.primary_for(key) == port or not self._healthy():
-            if time.monotonic() > deadline:
-                raise ClusterError(f"no replica took over from {port} in {timeout}s")
-            time.sleep(0.1)
+
+        def taken_over() -> bool:
+            return self.primary_for(key) != port and self._healthy()
+
+        eventually(taken_over, f"a replica to take over from {port}", timeout, error=ClusterError)
         return port
 
     def stop(self) -> None:

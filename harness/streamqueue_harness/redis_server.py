@@ -10,12 +10,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import redis
 
+from .eventually import eventually
 from .ports import free_port
 from .processes import spawn, stop_groups
 
@@ -63,16 +63,15 @@ class RedisServer:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode} on port {self.port}")
-            try:
-                if self.client(socket_timeout=0.5).ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise TimeoutError(f"redis-server on port {self.port} not ready after {timeout}s")
+        eventually(self._answers, f"redis-server on port {self.port}", timeout, 0.05, error=TimeoutError)
+
+    def _answers(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self._proc.returncode} on port {self.port}")
+        try:
+            return bool(self.client(socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL); data is lost, as in a real outage without persistence."""

@@ -16,9 +16,8 @@ import pytest
 import yaml
 from streamqueue_harness import controlplane
 from streamqueue_harness.controlplane import STATE_FILE, ControlPlane
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.ports import free_port
-
-from tests.harness.eventually import eventually
 
 pytestmark = pytest.mark.kube
 

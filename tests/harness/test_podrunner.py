@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import yaml
 from streamqueue_harness.controlplane import ControlPlane
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.podrunner import DEFAULT_NODE, WorkerPodRunner
-
-from tests.harness.eventually import eventually
 
 pytestmark = pytest.mark.kube
 

@@ -22,10 +22,9 @@ import pytest
 import redis
 from streamqueue_harness import nodequeue as q
 from streamqueue_harness.controlplane import REPO_ROOT
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.node import NODE_IP, Node
 from streamqueue_harness.redis_server import RedisServer
-
-from tests.harness.eventually import eventually
 
 # Its first test also starts the node (images import, kubelet) and may build the images on a cold run.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

@@ -7,10 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 import redis.asyncio
 from streamqueue.connection import RedisConnection, connect
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.housekeeping import remove_dead_consumers, trim_processed
-
-from tests.harness.eventually import eventually
 
 STREAM, GROUP = "q", "g"
 

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 from streamqueue import wire
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.nodequeue import ModelStandIn
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.deletion_cost import ANNOTATION
 
-from tests.harness.eventually import eventually
 from tests.operator.queues import CGROUP, STREAM, Queues, metric, push, steady
 
 pytestmark = pytest.mark.kube

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client as k8s
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.partition import PartitionProxy
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.ports import free_port
@@ -22,7 +23,6 @@ from streamqueue_operator.deployment import DEFAULT_WORKER_IMAGE
 from streamqueue_operator.models import GROUP, VERSION
 
 from tests.chart.helm import CHART, KUBE_VERSION, helm
-from tests.harness.eventually import eventually
 from tests.operator.queues import CGROUP, STREAM, Queues, metric, push, steady
 
 pytestmark = pytest.mark.kube

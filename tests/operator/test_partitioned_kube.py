@@ -14,10 +14,10 @@ import pytest
 import yaml
 from streamqueue import wire
 from streamqueue_harness.controlplane import KubectlError
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_operator.models import GROUP, VERSION
 
-from tests.harness.eventually import eventually
 from tests.operator.queues import CGROUP, Queues
 
 pytestmark = pytest.mark.slow

@@ -18,9 +18,8 @@ import redis
 from streamqueue import wire
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
+from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.processes import spawn
-
-from tests.harness.eventually import eventually_async
 
 STREAM = wire.DEFAULT_STREAM
 GROUP = wire.DEFAULT_GROUP

@@ -20,9 +20,9 @@ from datetime import datetime
 
 import pytest
 import redis
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.redis_server import RedisServer
 
-from tests.harness.eventually import eventually
 from tests.worker.conftest import WorkerProcesses
 
 ARTICLE_STREAM = "user_messages_queue"

@@ -13,8 +13,8 @@ from streamqueue import Client, wire
 from streamqueue.client import RequestCancelled
 from streamqueue.handlers import Message
 from streamqueue.worker import Worker
+from streamqueue_harness.eventually import eventually_async
 
-from tests.harness.eventually import eventually_async
 from tests.worker.conftest import group_settled, replies
 
 

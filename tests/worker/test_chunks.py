@@ -17,8 +17,7 @@ from streamqueue.settings import WorkerSettings
 from streamqueue.worker.chunks import ChunkWriteFailed, ChunkWriter
 from streamqueue.worker.loop import Worker
 from streamqueue.worker.outbox import Outbox
-
-from tests.harness.eventually import eventually_async
+from streamqueue_harness.eventually import eventually_async
 
 CHUNKS = 12
 

@@ -15,8 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from streamqueue import Client, wire
 from streamqueue.client import Reply, ReplyError
-
-from tests.harness.eventually import eventually_async
+from streamqueue_harness.eventually import eventually_async
 
 Fields = dict[str, str]
 Script = Callable[[Fields], list[Fields]]

@@ -15,8 +15,7 @@ import redis
 from redis.exceptions import ResponseError
 from streamqueue import Client, wire
 from streamqueue.client import Reply
-
-from tests.harness.eventually import eventually_async
+from streamqueue_harness.eventually import eventually_async
 
 LONG_BLOCK_MS = 30_000  # far beyond every wait below: nothing may depend on a read timing out
 

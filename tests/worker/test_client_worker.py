@@ -11,8 +11,7 @@ from redis.exceptions import ResponseError
 from streamqueue import Client, wire
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
-
-from tests.harness.eventually import eventually_async
+from streamqueue_harness.eventually import eventually_async
 
 StartWorker = Callable[..., Awaitable[Worker]]
 

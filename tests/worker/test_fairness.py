@@ -14,8 +14,8 @@ import time
 import pytest
 from streamqueue import wire
 from streamqueue.handlers import Message
+from streamqueue_harness.eventually import eventually, eventually_async
 
-from tests.harness.eventually import eventually, eventually_async
 from tests.worker.conftest import STREAM, group_settled, send
 from tests.worker.test_partitions import Fleet, all_answered, answers, check, fleets, in_send_order
 from tests.worker.test_partitions import send as send_partitioned

@@ -12,9 +12,9 @@ from streamqueue.handlers import HandlerLoadError, Message, close_handler, load_
 from streamqueue.handlers.echo import handle as echo
 from streamqueue.handlers.http import HttpHandler, HttpHandlerError
 from streamqueue.settings import WorkerSettings
+from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.ports import free_port
 
-from tests.harness.eventually import eventually_async
 from tests.worker.conftest import group_settled, replies, send
 
 MSG = Message(id="1-0", stream="s", user_id="alice", message="hi", request_id="r1", deliveries=2)

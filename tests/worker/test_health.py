@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import aiohttp
 from streamqueue.health import start_health_server
+from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.ports import free_port
 
-from tests.harness.eventually import eventually_async
 from tests.worker.conftest import group_settled, send
 
 

@@ -29,6 +29,7 @@ from streamqueue.handlers.openai import OpenAIHandler
 from streamqueue.limits import CONCURRENCY_POLL_MS, LimitsUnavailable, ModelLimits, request_burst
 from streamqueue.metrics import WorkerMetrics
 from streamqueue.settings import WorkerSettings
+from streamqueue_harness.eventually import eventually, eventually_async
 from streamqueue_harness.modelserver import (
     ModelServer,
     StubChatServer,
@@ -38,7 +39,6 @@ from streamqueue_harness.modelserver import (
 )
 from streamqueue_harness.processes import spawn, stop_groups
 
-from tests.harness.eventually import eventually, eventually_async
 from tests.worker.conftest import STREAM, answered_request_ids, replies, send
 
 MODEL_HANDLER = "streamqueue.handlers.openai:handle"

@@ -28,6 +28,7 @@ from streamqueue.handlers.openai import (
     _status_error,
 )
 from streamqueue.settings import WorkerSettings
+from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.modelserver import (
     ModelServer,
     StubChatServer,
@@ -37,7 +38,6 @@ from streamqueue_harness.modelserver import (
     stream_completion,
 )
 
-from tests.harness.eventually import eventually_async
 from tests.worker.conftest import replies, send
 
 MODEL_HANDLER = "streamqueue.handlers.openai:handle"

@@ -25,9 +25,8 @@ from streamqueue import Client, wire
 from streamqueue.connection import RedisConnection
 from streamqueue.worker.reclaim import Delivery
 from streamqueue.worker.userorder import UserOrder
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.processes import spawn
-
-from tests.harness.eventually import eventually
 
 HANDLER = "streamqueue_harness.demo_handler:handle"
 

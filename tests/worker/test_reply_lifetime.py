@@ -12,8 +12,8 @@ import pytest
 import redis
 from streamqueue import wire
 from streamqueue.handlers import Message
+from streamqueue_harness.eventually import eventually_async
 
-from tests.harness.eventually import eventually_async
 from tests.worker.conftest import RunningWorkers, acl_user, group_settled, replies, send
 
 TTL = 60

@@ -15,9 +15,9 @@ from aiohttp import web
 from streamqueue import Client, wire
 from streamqueue.client import entry_key
 from streamqueue.handlers import Message
+from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.ports import free_port
 
-from tests.harness.eventually import eventually_async
 from tests.worker.conftest import replies
 
 WORDS = [f"w{i} " for i in range(9)]

@@ -12,11 +12,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from streamqueue import wire
 from streamqueue.connection import RedisConnection, connect
 from streamqueue.settings import WorkerSettings
+from streamqueue_harness.eventually import eventually, eventually_async
 from streamqueue_harness.pki import certificate_authority, signed_certificate
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.processes import spawn, stop_groups
 
-from tests.harness.eventually import eventually, eventually_async
 from tests.worker.conftest import RunningWorkers, group_settled, replies, send
 
 

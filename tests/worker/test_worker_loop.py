@@ -12,8 +12,8 @@ import collections
 import pytest
 from streamqueue import wire
 from streamqueue.handlers import Message
+from streamqueue_harness.eventually import eventually_async
 
-from tests.harness.eventually import eventually_async
 from tests.worker.conftest import (
     GROUP,
     STREAM,

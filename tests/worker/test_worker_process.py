@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import pytest
+from streamqueue_harness.eventually import eventually
 from streamqueue_harness.redis_server import RedisServer
 
-from tests.harness.eventually import eventually
 from tests.worker.conftest import (
     GROUP,
     STREAM,
