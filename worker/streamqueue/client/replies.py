@@ -1,0 +1,116 @@
+"""What a client reads from a reply stream, as values: entries (``Reply``), streamed chunks (``Chunk``)
+and their order, entry ids compared, and the errors a reply raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .. import wire
+
+
+class ReplyError(Exception):
+    """The worker answered with an error reply (e.g. the request was dead-lettered)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.error)
+        self.reply = reply
+
+
+class RequestCancelled(ReplyError):
+    """The request was cancelled (``Client.cancel``): its final entry says ``cancelled``."""
+
+    def __init__(self, reply: Reply) -> None:
+        Exception.__init__(self, f"request {reply.request_id} was cancelled")
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One entry of a user's reply stream: a final reply, an error reply or a streamed chunk."""
+
+    entry_id: str
+    fields: dict[str, str]
+
+    @property
+    def request_id(self) -> str | None:
+        return self.fields.get(wire.REQUEST_ID)
+
+    @property
+    def response(self) -> str | None:
+        return self.fields.get(wire.RESPONSE)
+
+    @property
+    def error(self) -> str | None:
+        return self.fields.get(wire.ERROR)
+
+    @property
+    def cancelled(self) -> bool:
+        """The final entry of a cancelled request (its ``response`` is empty)."""
+        return self.fields.get(wire.CANCELLED) == wire.CANCELLED_YES
+
+    @property
+    def worker_id(self) -> str | None:
+        return self.fields.get(wire.WORKER_ID)
+
+    @property
+    def chunk(self) -> str | None:
+        return self.fields.get(wire.CHUNK)
+
+    @property
+    def seq(self) -> int | None:
+        raw = self.fields.get(wire.SEQ)
+        return int(raw) if raw is not None else None
+
+    @property
+    def is_chunk(self) -> bool:
+        """Chunk entries precede the final entry; the final one carries the whole response (or the error)."""
+        return (
+            wire.CHUNK in self.fields and wire.RESPONSE not in self.fields and wire.ERROR not in self.fields
+        )
+
+
+class Chunk(str):
+    """A streamed reply chunk (a ``str``) that knows the reply-stream entry it came from.
+
+    ``entry_id`` is what a reconnecting reader passes as ``after`` to resume right behind this chunk.
+    """
+
+    entry_id: str
+
+    def __new__(cls, text: str, entry_id: str) -> Chunk:
+        chunk = super().__new__(cls, text)
+        chunk.entry_id = entry_id
+        return chunk
+
+
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair: ``"1700000000000-3"`` -> ``(1700000000000, 3)``."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+S = TypeVar("S", bound=str)
+
+
+class ChunkOrder(Generic[S]):
+    """Puts streamed chunks back in sequence order and drops repeats.
+
+    Entries of one stream arrive in the order they were written, but a request redelivered after a
+    worker crash streams again from sequence 0, and nothing forbids a handler's writes from racing.
+    """
+
+    def __init__(self, next_seq: int = 0) -> None:
+        self.next_seq = next_seq
+        self._early: dict[int, S] = {}
+
+    def add(self, seq: int | None, chunk: S) -> list[S]:
+        """Record one chunk (no ``seq``: the next one) and return the chunks now ready, in order."""
+        seq = self.next_seq if seq is None else seq
+        if seq >= self.next_seq:
+            self._early[seq] = chunk
+        ready = []
+        while self.next_seq in self._early:
+            ready.append(self._early.pop(self.next_seq))
+            self.next_seq += 1
+        return ready
