@@ -8,8 +8,11 @@ each pod gets ``pending * 1000 + recency`` (recency 0..999: 999 for a consumer a
 second, 0 for one idle 999 s or more; a pod without a consumer has cost 0; from ``MAX_PENDING``
 pending entries on, the int32 maximum we use) and idle pods go first.
 
-Pure: the scaler reads ``XINFO CONSUMERS`` and the pods, this module computes the annotations, and
-only pods whose annotation would change are patched.
+A worker consumes every partition of a partitioned queue under one consumer name, so a pod's load
+is combined over the partitions (``combine_loads``): its pending entries summed, its most recent read
+kept. Pure: ``observe.consumer_loads`` reads ``XINFO CONSUMERS`` of every partition, the scaler reads
+the pods, this module computes the annotations, and only pods whose annotation would change are
+patched.
 """
 
 from __future__ import annotations
@@ -58,3 +61,14 @@ def changes(pods: Mapping[str, str | None], loads: Mapping[str, ConsumerLoad]) -
 
 def loads_from_reply(reply: Iterable[Mapping[Any, Any]]) -> dict[str, ConsumerLoad]:
     return dict(ConsumerLoad.from_reply(c) for c in reply)
+
+
+def combine_loads(partitions: Iterable[Mapping[str, ConsumerLoad]]) -> dict[str, ConsumerLoad]:
+    """One load per consumer over every partition: pending summed (all of it is work in flight), idle
+    the smallest (a pod that read any partition recently is busy)."""
+    combined: dict[str, ConsumerLoad] = {}
+    for loads in partitions:
+        for name, load in loads.items():
+            seen = combined.get(name, ConsumerLoad(0, load.idle_ms))
+            combined[name] = ConsumerLoad(seen.pending + load.pending, min(seen.idle_ms, load.idle_ms))
+    return combined

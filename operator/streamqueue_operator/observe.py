@@ -24,7 +24,10 @@ from typing import Any
 import redis
 import redis.asyncio
 from streamqueue import wire
+from streamqueue.connection import group_missing
 from streamqueue.wire import GroupInfo
+
+from .deletion_cost import ConsumerLoad, combine_loads, loads_from_reply
 
 # The reason recorded for a limit-bound key whose value is none of wire.LIMIT_REASONS (a newer worker):
 # the key's presence is what means "bound".
@@ -83,7 +86,7 @@ def estimate_lag(group: GroupInfo, stream_length: int, entries_added: int, last_
 def from_replies(at: float, group_name: str, groups_reply: Any, stream_reply: Any) -> Observation:
     """Build an Observation from the two XINFO replies (exceptions included, as a pipeline returns them)."""
     for reply in (groups_reply, stream_reply):
-        if isinstance(reply, redis.ResponseError) and "no such key" in str(reply).lower():
+        if _no_such_key(reply):
             return Observation(at=at, group_missing=True)
         if isinstance(reply, Exception):
             return Observation(at=at, error=f"{type(reply).__name__}: {reply}")
@@ -164,3 +167,25 @@ def combine(at: float, streams: Sequence[str], parts: Sequence[Observation]) -> 
         consumers=max(p.consumers for p in parts),  # each worker consumes every partition it holds
         partitions=tuple((s, lag + p.pending) for s, lag, p in zip(streams, lags, parts, strict=True)),
     )
+
+
+async def consumer_loads(client: Any, streams: Sequence[str], group: str) -> dict[str, ConsumerLoad]:
+    """Each consumer's load over every partition: ``XINFO CONSUMERS`` of each in one pipeline (one
+    round trip per node on a cluster), combined per consumer (pod). A partition without the group or
+    stream yet has no consumers; any other error is raised, as is a connection failure."""
+    async with client.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xinfo_consumers(stream, group)
+        replies = await pipe.execute(raise_on_error=False)
+    loads = []
+    for reply in replies:
+        if group_missing(reply) or _no_such_key(reply):
+            continue
+        if isinstance(reply, Exception):
+            raise reply
+        loads.append(loads_from_reply(reply))
+    return combine_loads(loads)
+
+
+def _no_such_key(reply: Any) -> bool:
+    return isinstance(reply, redis.ResponseError) and "no such key" in str(reply).lower()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import example, given
 from hypothesis import strategies as st
-from streamqueue_operator.deletion_cost import ConsumerLoad, changes, cost, loads_from_reply
+from streamqueue_operator.deletion_cost import ConsumerLoad, changes, combine_loads, cost, loads_from_reply
 
 
 def test_pending_dominates_and_recent_activity_breaks_ties() -> None:
@@ -34,3 +34,19 @@ def test_more_pending_never_costs_less(p1: int, p2: int, idle1: int, idle2: int)
     low, high = sorted((p1, p2))
     if low < high:
         assert cost(ConsumerLoad(low, idle1)) <= cost(ConsumerLoad(high, idle2))
+
+
+_loads = st.dictionaries(
+    st.sampled_from(["w-a", "w-b", "w-c"]),
+    st.builds(ConsumerLoad, st.integers(0, 10**6), st.integers(0, 10**9)),
+)
+
+
+@given(st.lists(_loads, max_size=6))
+def test_a_pods_load_over_partitions_sums_pending_and_keeps_its_latest_read(partitions: list) -> None:
+    combined = combine_loads(partitions)
+    assert combined.keys() == {name for loads in partitions for name in loads}
+    for name, load in combined.items():
+        mine = [loads[name] for loads in partitions if name in loads]
+        assert load == ConsumerLoad(sum(m.pending for m in mine), min(m.idle_ms for m in mine))
+        assert all(cost(load) >= cost(m) for m in mine)  # never cheaper than on any one partition
