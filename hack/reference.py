@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic_core import PydanticUndefined
 from streamqueue.settings import WorkerSettings, env_name
+from streamqueue_operator import settings as operator_settings
 from streamqueue_operator.models import WORKER_TUNING
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,7 @@ SECTIONS = (
     ("README.md", "REFERENCE", spec_section),
     ("docs/operator.md", "REFERENCE", spec_section),
     ("docs/worker.md", "SETTINGS", settings_section),
+    ("docs/operator.md", "OPERATOR SETTINGS", operator_settings.docs_table),
 )
 
 

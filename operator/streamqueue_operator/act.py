@@ -16,7 +16,9 @@ import asyncio
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
@@ -24,6 +26,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
+from . import metrics
 from .models import GROUP, PLURAL, VERSION, SecretKeyRef
 
 HASH_ANNOTATION = f"{GROUP}/template-hash"
@@ -33,6 +36,10 @@ REQUEST_TIMEOUT = (5.0, 15.0)
 
 # What a failed API request raises: an HTTP error status, or a connection that failed or timed out.
 API_ERRORS = (ApiException, urllib3.exceptions.HTTPError)
+
+
+class NotLeader(Exception):
+    """A write was refused because this replica does not hold the Lease (or its renew deadline passed)."""
 
 
 class DeploymentConflict(Exception):
@@ -107,13 +114,26 @@ def load_api_client(connections: int) -> k8s.ApiClient:
 
 
 class Cluster:
-    """The operator's API calls; see docs/operator.md "Permissions" for the verbs they need."""
+    """The operator's API calls; see docs/operator.md "Permissions" for the verbs they need.
 
-    def __init__(self, api_client: k8s.ApiClient) -> None:
+    Every write to a worker Deployment, a StreamQueue's status or a Pod goes through ``fence``
+    first: with leader election, ``leading`` is the elector's clock-based check, so a replica that
+    is not (or no longer) the leader sends nothing, whatever its caller decided a moment ago.
+    """
+
+    def __init__(self, api_client: k8s.ApiClient, leading: Callable[[], bool] = lambda: True) -> None:
         self._api = api_client
+        self.leading = leading
         self.apps = k8s.AppsV1Api(api_client)
         self.core = k8s.CoreV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
+        self.coordination = k8s.CoordinationV1Api(api_client)
+
+    def fence(self) -> None:
+        if not self.leading():
+            metrics.WRITES.labels("refused").inc()
+            raise NotLeader("not the leader: write skipped")
+        metrics.WRITES.labels("sent").inc()
 
     def _sanitized(self, obj: Any) -> dict[str, Any]:
         return self._api.sanitize_for_serialization(obj)
@@ -130,17 +150,20 @@ class Cluster:
                 raise
             body = {**manifest, "spec": {**manifest["spec"], "replicas": initial_replicas}}
             body["metadata"] = {**meta, "annotations": {HASH_ANNOTATION: digest}}
+            self.fence()
             await _call(self.apps.create_namespaced_deployment, namespace, body)
             return Applied(created=True, changed=True)
         annotations = existing["metadata"].get("annotations") or {}
         if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
             return Applied(created=False, changed=False)
         patch = adoption_patch(existing, manifest, digest)
+        self.fence()
         await _call(self.apps.patch_namespaced_deployment, name, namespace, patch)
         return Applied(created=False, changed=True)
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         body = {"spec": {"replicas": replicas}}
+        self.fence()
         await _call(self.apps.patch_namespaced_deployment, deployment, namespace, body)
 
     async def deployment_replicas(self, namespace: str, deployment: str) -> int | None:
@@ -149,6 +172,7 @@ class Cluster:
         return found.spec.replicas if found.spec else None
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.fence()
         await _call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP,
@@ -186,9 +210,59 @@ class Cluster:
 
     async def annotate_pod(self, namespace: str, pod: str, key: str, value: str) -> None:
         body = {"metadata": {"annotations": {key: value}}}
+        self.fence()
         await _call(self.core.patch_namespaced_pod, pod, namespace, body)
 
+    async def read_lease(self, namespace: str, name: str, seconds: float) -> dict[str, Any] | None:
+        """The Lease as a dict, or None when it does not exist yet (Lease calls are never fenced)."""
+        try:
+            lease = await _call(
+                self.coordination.read_namespaced_lease, name, namespace, _timeout=(seconds, seconds)
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._sanitized(lease)
 
-async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
-    """One API request in a worker thread, with the operator's deadline."""
-    return await asyncio.to_thread(method, *args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+    async def create_lease(
+        self, namespace: str, name: str, spec: dict[str, Any], seconds: float
+    ) -> dict[str, Any]:
+        body = {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        created = await _call(
+            self.coordination.create_namespaced_lease, namespace, body, _timeout=(seconds, seconds)
+        )
+        return self._sanitized(created)
+
+    async def replace_lease(
+        self, namespace: str, name: str, lease: dict[str, Any], seconds: float
+    ) -> dict[str, Any]:
+        """PUT with the read resourceVersion: of two replicas writing at once, one gets a 409."""
+        replaced = await _call(
+            self.coordination.replace_namespaced_lease, name, namespace, lease, _timeout=(seconds, seconds)
+        )
+        return self._sanitized(replaced)
+
+    async def lease_event(self, namespace: str, lease: str, uid: str | None, message: str) -> None:
+        """A ``LeaderElection`` Event on the Lease, where client-go's elections record theirs."""
+        now = datetime.now(UTC)
+        body = {
+            "metadata": {"generateName": f"{lease}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "name": lease, "namespace": namespace, "uid": uid,
+            },
+            "reason": "LeaderElection",
+            "message": message,
+            "type": "Normal",
+            "source": {"component": "streamqueue-operator"},
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }  # fmt: skip
+        await _call(self.core.create_namespaced_event, namespace, body)
+
+
+async def _call(
+    method: Any, *args: Any, _timeout: tuple[float, float] = REQUEST_TIMEOUT, **kwargs: Any
+) -> Any:
+    """One API request in a worker thread, with the operator's deadline (or a shorter one)."""
+    return await asyncio.to_thread(method, *args, _request_timeout=_timeout, **kwargs)

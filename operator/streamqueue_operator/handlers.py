@@ -1,46 +1,41 @@
-"""kopf wiring: reconcile each StreamQueue's Deployment, and run one scaler daemon per queue.
+"""kopf wiring: one daemon per StreamQueue that, on the leader, ensures its Deployment and scales it.
 
 Run with ``streamqueue-operator`` (or ``kopf run -m streamqueue_operator.handlers``). Everything
-that decides lives elsewhere; these handlers only connect kopf's events to ``deployment``,
-``act`` and ``scaler``.
+that decides lives elsewhere; these handlers only connect kopf's watches to ``deployment``,
+``act``, ``scaler`` and ``leader``.
+
+Every replica runs the same watches, index and daemons, so a standby has everything in memory
+when it takes over; only the Lease holder's daemons act (docs/ha.md). There are deliberately no
+on.create/update/resume handlers: kopf would record their progress in annotations on every
+replica. The leader's loop converges instead (level-triggered): it ensures the Deployment when it
+takes over, when the spec's generation changes and when the Deployment goes missing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from .act import Cluster, DeploymentConflict, load_api_client
+from . import settings as operator_settings
+from .act import Cluster, DeploymentConflict, NotLeader, load_api_client
 from .decide import Decision
-from .deployment import DEFAULT_WORKER_IMAGE, render
+from .deployment import render
+from .leader import Lease, Timing
 from .models import GROUP, PLURAL, QUEUE_LABEL, VERSION, parse_spec
-from .scaler import QueueScaler, Replicas, Settings
+from .scaler import QueueScaler, Replicas
+from .settings import OperatorSettings
 
 MISSING_DEPLOYMENT_GRACE_SECONDS = 10.0
 API_THREADS = 32
 POLL_ERROR_BACKOFF_SECONDS = 5.0
 log = logging.getLogger("streamqueue.operator")
-
-
-@dataclass(frozen=True)
-class OperatorConfig:
-    worker_image: str = DEFAULT_WORKER_IMAGE
-    status_min_interval: float = 10.0
-
-    @classmethod
-    def from_env(cls) -> OperatorConfig:
-        """Defaults for ``kopf run`` without the CLI; the CLI passes its own config in the memo."""
-        return cls(
-            worker_image=os.environ.get("STREAMQUEUE_OPERATOR_WORKER_IMAGE") or DEFAULT_WORKER_IMAGE,
-            status_min_interval=float(os.environ.get("STREAMQUEUE_OPERATOR_STATUS_MIN_INTERVAL", "10")),
-        )
 
 
 @kopf.on.startup()
@@ -56,20 +51,33 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.connect_timeout = 10
     settings.networking.request_timeout = 30
     settings.watching.connect_timeout = 10
-    if "config" not in memo:
-        memo.config = OperatorConfig.from_env()
+    if "config" not in memo:  # ``kopf run`` without the CLI: the environment, then the defaults
+        memo.config = OperatorSettings(**operator_settings.from_env(os.environ))
     # Every API call runs in a thread; asyncio's default pool (cores + 4) would queue hundreds of
     # queues' status writes behind each other and delay their polls.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(API_THREADS, "k8s-api"))
     memo.cluster = Cluster(load_api_client(API_THREADS))
     memo.scalers = {}
+    memo.lease = None
+    if memo.config.leader_election:
+        config: OperatorSettings = memo.config
+        timing = Timing(config.lease_duration, config.renew_deadline, config.retry_period)
+        memo.lease = Lease(memo.cluster, config.lease_namespace, config.lease_name, config.identity(), timing)
+        memo.cluster.leading = memo.lease.leading
+        memo.lease.start()
+
+
+@kopf.on.cleanup()
+async def release_lease(memo: kopf.Memo, **_: Any) -> None:
+    """After kopf has stopped the daemons: hand the Lease over now rather than after it expires."""
+    if memo.get("lease") is not None:
+        await memo.lease.stop()
 
 
 def _scaler(memo: kopf.Memo, namespace: str, name: str) -> QueueScaler:
     key = (namespace, name)
     if key not in memo.scalers:
-        settings = Settings(status_min_interval=memo.config.status_min_interval)
-        memo.scalers[key] = QueueScaler(memo.cluster, settings, namespace, name)
+        memo.scalers[key] = QueueScaler(memo.cluster, memo.config, namespace, name)
     return memo.scalers[key]
 
 
@@ -105,17 +113,21 @@ async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo) -> None:
         kopf.event(body, type="Normal", reason="DeploymentUpdated", message=message)
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Create, adopt or update the worker Deployment (everything but its replica count)."""
-    await _ensure_deployment(body, memo)
-
-
 def _replicas(index: kopf.Index, namespace: str, deployment: str) -> Replicas | None:
     store = index.get((namespace, deployment))
     return next(iter(store), None) if store else None
+
+
+async def _converge(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger) -> float:
+    """Ensure the Deployment; 0 when done, else seconds until it is worth trying again."""
+    try:
+        await _ensure_deployment(body, memo)
+    except kopf.TemporaryError as exc:
+        return exc.delay or POLL_ERROR_BACKOFF_SECONDS
+    except kopf.PermanentError as exc:
+        logger.warning("Deployment not ensured until the spec changes: %s", exc)
+        return math.inf
+    return 0.0
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)  # type: ignore[arg-type]
@@ -123,42 +135,74 @@ async def scale_queue(
     body: kopf.Body,
     namespace: str,
     name: str,
-    status: kopf.Status,
     memo: kopf.Memo,
     worker_replicas: kopf.Index,
     logger: logging.Logger,
     **_: Any,
 ) -> None:
-    """The queue's poll loop; cancelled by kopf when the StreamQueue is deleted or the operator stops."""
+    """The queue's loop on every replica; cancelled by kopf when the StreamQueue is deleted or the
+    operator stops. A standby waits here for the Lease; the leader polls until it loses it."""
+    try:
+        while True:
+            if memo.lease is not None:
+                await memo.lease.wait_until_leading()
+            await _lead(body, namespace, name, memo, worker_replicas, logger)
+            await _drop_scaler(memo, namespace, name)
+            log.info("%s/%s: not the leader: waiting for the Lease", namespace, name)
+    finally:
+        await _drop_scaler(memo, namespace, name)
+
+
+async def _drop_scaler(memo: kopf.Memo, namespace: str, name: str) -> None:
+    scaler = memo.scalers.pop((namespace, name), None)
+    if scaler is not None:
+        await scaler.close()
+
+
+async def _lead(
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    worker_replicas: kopf.Index,
+    logger: logging.Logger,
+) -> None:
+    """Poll and act while this replica leads; returns as soon as it does not (a refused write)."""
+    await _drop_scaler(memo, namespace, name)  # a takeover starts from what the last leader wrote
     scaler = _scaler(memo, namespace, name)
-    scaler.seed(dict(status))
+    scaler.seed(dict(body.get("status") or {}))
 
     def on_scale(before: int, after: int, decision: Decision) -> None:
         reason = "ScaledUp" if after > before else "ScaledDown"
         message = f"{before} -> {after} replicas ({decision.reason}): {decision.message}"
-        kopf.event(body, type="Normal", reason=reason, message=message[:1000])
+        on_event("Normal", reason, message)
 
     def on_event(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message[:1000])
+        if memo.cluster.leading():  # kopf posts Events itself, so the fence is checked here
+            kopf.event(body, type=kind, reason=reason, message=message[:1000])
 
+    ensured: int | None = None  # the generation last ensured (or tried)
+    retry_at: float | None = None  # when a failed ensure is due again
     missing_since: float | None = None
-    try:
-        while True:
-            replicas = _replicas(worker_replicas, namespace, scaler.deployment)
-            missing_since = None if replicas else (missing_since or time.monotonic())
-            try:
-                if missing_since and time.monotonic() - missing_since > MISSING_DEPLOYMENT_GRACE_SECONDS:
+    while memo.cluster.leading():
+        generation, now = body["metadata"].get("generation", 0), time.monotonic()
+        replicas = _replicas(worker_replicas, namespace, scaler.deployment)
+        missing_since = None if replicas else (missing_since or now)
+        missing = missing_since is not None and now - missing_since > MISSING_DEPLOYMENT_GRACE_SECONDS
+        try:
+            if ensured != generation or ((retry_at or missing) and now >= (retry_at or 0.0)):
+                if missing and ensured == generation:
                     logger.warning("Deployment %s is missing: recreating it", scaler.deployment)
-                    missing_since = time.monotonic()
-                    await _ensure_deployment(body, memo)
-                interval = await scaler.poll(body, replicas, on_scale, on_event)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Keep scaling the queue through transient API errors; the traceback says what failed.
-                logger.exception("poll failed; retrying in %.0fs", POLL_ERROR_BACKOFF_SECONDS)
-                interval = POLL_ERROR_BACKOFF_SECONDS
-            await asyncio.sleep(interval)
-    finally:
-        await scaler.close()
-        memo.scalers.pop((namespace, name), None)
+                ensured, missing_since = generation, None
+                delay = await _converge(body, memo, logger)
+                retry_at = now + delay if delay else None
+            interval = await scaler.poll(body, replicas, on_scale, on_event)
+        except NotLeader:
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Keep scaling the queue through transient API errors; the traceback says what failed.
+            logger.exception("poll failed; retrying in %.0fs", POLL_ERROR_BACKOFF_SECONDS)
+            interval = POLL_ERROR_BACKOFF_SECONDS
+        await asyncio.sleep(interval)

@@ -49,6 +49,12 @@ DELETION_COST_WRITES = Counter(
     _LABELS,
 )
 ENTRIES_TRIMMED = Counter("streamqueue_entries_trimmed", "Entries removed by safe trimming.", _LABELS)
+LEADER = Gauge("streamqueue_operator_leader", "1 while this replica holds the Lease and may write, else 0.")
+WRITES = Counter(
+    "streamqueue_operator_writes",
+    "Fenced writes (Deployments, status, Pods) this replica sent, by whether the fence let them through.",
+    ("outcome",),
+)
 
 _GAUGES = (BACKLOG, PENDING, LAG, LAG_ESTIMATED, DESIRED, CURRENT, READY, MAX, PAUSED)
 

@@ -36,8 +36,6 @@ def test_versions_come_from_one_place() -> None:
 def test_operator_pod_is_locked_down() -> None:
     (deployment,) = by_kind(render(), "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"]["type"] == "Recreate"
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -48,6 +46,59 @@ def test_operator_pod_is_locked_down() -> None:
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["image"] == f"streamqueue/operator:{(ROOT / 'VERSION').read_text().strip()}"
+
+
+def test_two_replicas_on_different_nodes_with_a_disruption_budget_and_a_short_node_loss_toleration() -> None:
+    manifests = render()
+    (deployment,) = by_kind(manifests, "Deployment")
+    spec, pod = deployment["spec"], deployment["spec"]["template"]["spec"]
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    lost = {t["key"]: t["tolerationSeconds"] for t in pod["tolerations"] if t["effect"] == "NoExecute"}
+    assert lost == {"node.kubernetes.io/not-ready": 30, "node.kubernetes.io/unreachable": 30}
+    env = {
+        e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        for e in pod["containers"][0]["env"]
+    }
+    assert env["POD_NAME"] == "metadata.name" and env["POD_NAMESPACE"] == "metadata.namespace"
+    (pdb,) = by_kind(manifests, "PodDisruptionBudget")
+    assert (
+        pdb["spec"]["maxUnavailable"] == 1
+        and pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    )
+    single = render("leaderElection.enabled=false")
+    (deployment,) = by_kind(single, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert "--no-leader-election" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_the_lease_role_is_its_own_namespace_and_lease_only() -> None:
+    (role,) = [
+        r
+        for r in by_kind(render("watchNamespaces={team-a}"), "Role")
+        if r["metadata"]["name"].endswith("-leader-election")
+    ]
+    assert role["metadata"]["namespace"] == "streamqueue-system"
+    leases = [r for r in role["rules"] if r["resources"] == ["leases"]]
+    assert leases == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["sq-streamqueue-operator"],
+            "verbs": ["get", "update"],
+        },
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["create"],
+        },  # create: no name yet
+    ]
+
+
+def _leader(manifest: dict) -> bool:
+    return manifest["metadata"]["name"].endswith("-leader-election")
 
 
 def _rules(manifests: list[dict]) -> list[dict]:
@@ -70,8 +121,9 @@ def test_rbac_has_no_wildcards_and_no_destructive_verbs() -> None:
 def test_watch_namespaces_gives_roles_in_those_namespaces_only() -> None:
     manifests = render("watchNamespaces={team-a,team-b}")
     assert not by_kind(manifests, "ClusterRole") and not by_kind(manifests, "ClusterRoleBinding")
-    assert sorted(r["metadata"]["namespace"] for r in by_kind(manifests, "Role")) == ["team-a", "team-b"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(manifests, "RoleBinding")) == [
+    roles, bindings = by_kind(manifests, "Role"), by_kind(manifests, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles if not _leader(r)) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings if not _leader(b)) == [
         "team-a",
         "team-b",
     ]
@@ -93,4 +145,4 @@ def test_chart_rbac_is_exactly_the_operators_permission_list() -> None:
 
     for manifests in (render(), render("watchNamespaces={team-a}")):
         for role in by_kind(manifests, "ClusterRole") + by_kind(manifests, "Role"):
-            assert role["rules"] == role_rules()
+            assert _leader(role) or role["rules"] == role_rules()

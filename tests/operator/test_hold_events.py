@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from streamqueue_operator.decide import Decision
-from streamqueue_operator.scaler import QueueScaler, Settings
+from streamqueue_operator.scaler import QueueScaler
+from streamqueue_operator.settings import OperatorSettings
 
 
 def test_holds_are_announced_on_change_only() -> None:
-    scaler = QueueScaler(Any, Settings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
+    scaler = QueueScaler(Any, OperatorSettings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
     sent: list[tuple[str, str]] = []
 
     def poll(reason: str, desired: int, current: int, at: float) -> None:
