@@ -23,8 +23,9 @@ from pathlib import Path
 from streamqueue import Client
 from streamqueue.client import RequestCancelled
 from streamqueue.handlers import Message
-from streamqueue_harness.processes import spawn, stop_groups
+from streamqueue_harness.processes import stop_groups
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_harness.workerproc import spawn_worker
 
 from bench.common import percentile, print_table
 
@@ -93,15 +94,10 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-cancel-"))
     with RedisServer() as redis:
-        env = {
-            **os.environ,
-            "STREAMQUEUE_REDIS_URL": redis.url,
-            "STREAMQUEUE_HANDLER": "bench.cancel_latency:slow_stream",
-            "STREAMQUEUE_HEALTH_PORT": "0",
-            "STREAMQUEUE_CONSUMER": "bench",
-            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),  # the handler is in bench/
-        }
-        worker = spawn([sys.executable, "-m", "streamqueue.worker"], log=workdir / "worker.log", env=env)
+        bench_root = str(Path(__file__).resolve().parent.parent)
+        base = {**os.environ, "PYTHONPATH": bench_root}  # the handler is in bench/
+        handler = "bench.cancel_latency:slow_stream"
+        worker = spawn_worker(redis.url, "bench", workdir / "worker.log", base, handler=handler)
         try:
             rows = asyncio.run(_measure(redis.url, args.rounds))
         finally:

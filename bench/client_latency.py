@@ -14,13 +14,16 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from streamqueue import Client, wire
 from streamqueue.connection import RedisConnection, connect
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_harness.workerproc import spawn_worker
 
 from bench.common import print_table
 
@@ -72,14 +75,8 @@ def summary(name: str, run: PacedRun) -> list[object]:
 
 
 def start_worker(url: str, stream: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "STREAMQUEUE_REDIS_URL": url,
-        "STREAMQUEUE_STREAM": stream,
-        "STREAMQUEUE_CONSUMER": "latency-worker",
-        "STREAMQUEUE_HEALTH_PORT": "0",
-    }
-    return subprocess.Popen([sys.executable, "-m", "streamqueue.worker"], env=env)
+    log = Path(tempfile.mkdtemp(prefix="sq-bench-latency-")) / "worker.log"
+    return spawn_worker(url, "latency-worker", log, stream=stream)
 
 
 async def wait_answering(url: str, stream: str) -> None:

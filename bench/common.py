@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Sequence
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from streamqueue import wire
+from streamqueue_harness.eventually import eventually_async
 
 LOAD_BATCH = 1000
 
@@ -30,17 +30,20 @@ async def load_requests(redis: aioredis.Redis, stream: str, count: int, users: i
         await pipe.execute()
 
 
-async def wait_drained(redis: aioredis.Redis, stream: str, group: str, poll_s: float = 0.005) -> float:
-    """Wait until the group has delivered and acknowledged everything; returns the monotonic time seen.
+async def wait_drained(
+    redis: aioredis.Redis, stream: str, group: str, poll_s: float = 0.005, limit_s: float = 3600
+) -> float:
+    """Wait until the group has delivered and acknowledged everything; returns the perf_counter time seen.
 
     Both contenders are timed by this same poll, so its granularity is the same small error for each.
     """
-    while True:
+
+    async def drained_at() -> float | None:
         groups = [wire.GroupInfo.from_reply(g) for g in await redis.xinfo_groups(stream)]
         info = next(g for g in groups if g.name == group)
-        if info.pending == 0 and info.lag == 0:
-            return time.perf_counter()
-        await asyncio.sleep(poll_s)
+        return time.perf_counter() if info.pending == 0 and info.lag == 0 else None
+
+    return await eventually_async(drained_at, f"{group} on {stream} drained", limit_s, poll_s, TimeoutError)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -21,8 +20,9 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from streamqueue import Client, wire
-from streamqueue_harness.processes import spawn, stop_groups
+from streamqueue_harness.processes import stop_groups
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_harness.workerproc import spawn_worker
 
 from bench.common import load_requests, percentile, print_table, wait_drained
 
@@ -59,21 +59,14 @@ async def _round(url: str, burst: int, light: int) -> tuple[list[float], float]:
 def _measure(fairness: str, burst: int, light: int, workdir: Path) -> tuple[list[float], float]:
     """Light users' waits (ms) and the burst's throughput (msgs/s) with ``fairness`` on the workers."""
     with RedisServer() as redis:
-        env = {
-            **os.environ,
-            "STREAMQUEUE_REDIS_URL": redis.url,
-            "STREAMQUEUE_HANDLER": "streamqueue_harness.demo_handler:handle",
-            "STREAMQUEUE_DEMO_DELAY_MS": str(HANDLER_MS),
-            "STREAMQUEUE_CONCURRENCY": str(SLOTS_PER_WORKER),
-            "STREAMQUEUE_FAIRNESS": fairness,
-            "STREAMQUEUE_HEALTH_PORT": "0",
+        settings = {
+            "handler": "streamqueue_harness.demo_handler:handle",
+            "demo_delay_ms": str(HANDLER_MS),
+            "concurrency": str(SLOTS_PER_WORKER),
+            "fairness": fairness,
         }
         workers = [
-            spawn(
-                [sys.executable, "-m", "streamqueue.worker"],
-                log=workdir / f"{fairness}-w{n}.log",
-                env={**env, "STREAMQUEUE_CONSUMER": f"w{n}"},
-            )
+            spawn_worker(redis.url, f"w{n}", workdir / f"{fairness}-w{n}.log", **settings)
             for n in range(WORKERS)
         ]
         try:

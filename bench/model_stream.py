@@ -37,6 +37,7 @@ from streamqueue_harness.modelserver import ModelServer, llama_python, stream_co
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.processes import spawn, stop_groups
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_harness.workerproc import spawn_worker
 
 from bench.common import percentile, print_table, process_cpu_seconds
 
@@ -107,20 +108,15 @@ async def _run(
 def _worker(
     redis_url: str, base_url: str, concurrency: int, max_tokens: int, log: Path
 ) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "STREAMQUEUE_REDIS_URL": redis_url,
-        "STREAMQUEUE_HANDLER": "streamqueue.handlers.openai:handle",
-        "STREAMQUEUE_OPENAI_BASE_URL": base_url,
-        "STREAMQUEUE_OPENAI_MODEL": "tiny",
-        "STREAMQUEUE_CONCURRENCY": str(concurrency),
-        "STREAMQUEUE_BATCH_SIZE": "200",
-        "STREAMQUEUE_HEALTH_PORT": "0",
-        "STREAMQUEUE_CONSUMER": "bench",
+    settings = {
+        "handler": "streamqueue.handlers.openai:handle",
+        "openai_base_url": base_url,
+        "openai_model": "tiny",
+        "concurrency": str(concurrency),
+        "batch_size": "200",
+        **({"openai_max_tokens": str(max_tokens)} if max_tokens else {}),
     }
-    if max_tokens:
-        env["STREAMQUEUE_OPENAI_MAX_TOKENS"] = str(max_tokens)
-    return spawn([sys.executable, "-m", "streamqueue.worker"], log=log, env=env)
+    return spawn_worker(redis_url, "bench", log, **settings)
 
 
 def _measure(

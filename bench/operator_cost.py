@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 from kubernetes import client as k8s
+from streamqueue_harness.eventually import eventually
 from streamqueue_operator.models import GROUP, VERSION
 
 from bench.common import print_table
@@ -92,12 +93,13 @@ def create_queues(env: Environment, count: int) -> list[str]:
 def wait_all_observed(env: Environment, count: int, timeout: float = 600) -> float:
     custom = k8s.CustomObjectsApi(env.api)
     began = time.monotonic()
-    while time.monotonic() - began < timeout:
+
+    def all_observed() -> bool:
         items = custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "streamqueues")["items"]
-        if sum(1 for i in items if "backlog" in i.get("status", {})) >= count:
-            return time.monotonic() - began
-        time.sleep(1)
-    raise TimeoutError(f"not every StreamQueue got a status within {timeout}s")
+        return sum(1 for i in items if "backlog" in i.get("status", {})) >= count
+
+    eventually(all_observed, f"a status on all {count} StreamQueues", timeout, 1, TimeoutError)
+    return time.monotonic() - began
 
 
 class Writer:

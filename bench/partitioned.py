@@ -39,11 +39,13 @@ from typing import Any
 from streamqueue import wire
 from streamqueue.connection import RedisConnection, connect_any
 from streamqueue.settings import ECHO_HANDLER, WorkerSettings
-from streamqueue.worker.leases import lease_key, owner
+from streamqueue.worker.leases import owner
+from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.ports import free_port
-from streamqueue_harness.processes import spawn, stop_groups
+from streamqueue_harness.processes import stop_groups
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_harness.workerproc import spawn_worker
 
 from bench.common import LOAD_BATCH, print_table, process_cpu_seconds
 
@@ -103,24 +105,18 @@ class Fleet:
         self.logs = Path(tempfile.mkdtemp(prefix="sq-bench-partitioned-"))
         self.ports = [free_port() for _ in range(count)]
         self.names = [f"w-{i + 1}" for i in range(count)]
-        env = {
-            **os.environ,
-            "STREAMQUEUE_REDIS_URL": target.url,
-            "STREAMQUEUE_REDIS_CLUSTER": "true" if target.cluster else "false",
-            "STREAMQUEUE_STREAM": stream,
-            "STREAMQUEUE_REPLY_PREFIX": reply_prefix,
-            "STREAMQUEUE_PARTITIONS": str(target.partitions),
-            "STREAMQUEUE_ORDERING": target.ordering,
-            "STREAMQUEUE_HEALTH_HOST": "127.0.0.1",
-            "STREAMQUEUE_LOG_LEVEL": "WARNING",
-            **handler.env,
+        settings = {
+            "redis_cluster": "true" if target.cluster else "false",
+            "stream": stream,
+            "reply_prefix": reply_prefix,
+            "partitions": str(target.partitions),
+            "ordering": target.ordering,
+            "health_host": "127.0.0.1",
+            "log_level": "WARNING",
         }
+        base = {**os.environ, **handler.env}
         self.procs = [
-            spawn(
-                [sys.executable, "-m", "streamqueue.worker"],
-                log=self.logs / f"{name}.log",
-                env={**env, "STREAMQUEUE_CONSUMER": name, "STREAMQUEUE_HEALTH_PORT": str(port)},
-            )
+            spawn_worker(target.url, name, self.logs / f"{name}.log", base, health_port=str(port), **settings)
             for name, port in zip(self.names, self.ports, strict=True)
         ]
 
@@ -171,7 +167,7 @@ async def leases_settled(redis: Any, keys: list[str], workers: list[str]) -> boo
     """Every partition's lease is held by the worker the rendezvous assignment gives it to."""
     pipe = redis.pipeline(transaction=False)
     for key in keys:
-        pipe.get(lease_key(key))
+        pipe.get(wire.lease_key(key))
     holders = await pipe.execute()
     return all(h == owner(k, workers) for k, h in zip(keys, holders, strict=True))
 
@@ -225,11 +221,7 @@ async def answered(redis: Any, reply_prefix: str, users: int) -> int:
 
 async def until(check: Any, limit_s: float, what: str) -> None:
     """Poll ``check`` (an async predicate) every 10 ms until true; bounded by ``limit_s``."""
-    deadline = time.monotonic() + limit_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {limit_s:.0f}s")
-        await asyncio.sleep(POLL_S)
+    await eventually_async(check, what, limit_s, POLL_S, TimeoutError)
 
 
 async def run_once(target: Target, handler: Handler, run: int, args: argparse.Namespace) -> Result:

@@ -7,12 +7,20 @@ The control-plane fixtures (``control_plane``, session scope, and ``kube_namespa
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from streamqueue_harness.operatorproc import install_crd
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
 
 pytest_plugins = ["streamqueue_harness.pytest_plugin"]
+
+
+@pytest.fixture(scope="session")
+def streamqueue_crd(control_plane: Any) -> dict[str, Any]:
+    """The generated CRD applied to the control plane (server-side) and established."""
+    return install_crd(control_plane)
 
 
 @pytest.fixture

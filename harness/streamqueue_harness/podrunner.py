@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -47,11 +46,11 @@ from redis.backoff import ExponentialBackoff
 from .podenv import EnvResolutionError, Sources, container_env
 from .ports import free_port
 from .processes import spawn, stop_groups
+from .workerproc import WORKER_COMMAND
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NODE = "streamqueue-harness-node"
-DEFAULT_COMMAND = (sys.executable, "-m", "streamqueue.worker")
 DEFAULT_GRACE_SECONDS = 30
 WATCH_SECONDS = 5
 PROBE_INTERVAL = 0.2
@@ -141,7 +140,7 @@ class WorkerPodRunner:
         self.kubeconfig = Path(kubeconfig)
         self.namespace = namespace
         self.selector = selector
-        self.command = list(command) if command is not None else list(DEFAULT_COMMAND)
+        self.command = list(command) if command is not None else list(WORKER_COMMAND)
         self.env_overrides = dict(env_overrides or {})
         self.node_name = node_name
         self.log_dir = (

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from streamqueue import Client
+from streamqueue_harness.eventually import eventually
+from streamqueue_harness.operatorproc import OperatorProcess
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.ports import free_port
-from streamqueue_harness.processes import spawn, stop_groups
 from streamqueue_harness.prometheus import (
     RULES_FILE,
     Prometheus,
@@ -36,7 +34,7 @@ from streamqueue_harness.prometheus import (
     substitute,
 )
 from streamqueue_harness.redis_server import RedisServer
-from streamqueue_operator import crdgen, models
+from streamqueue_operator import models
 
 from tests.observability.test_rules_and_dashboard import helm_overrides, rendered_groups
 
@@ -47,31 +45,13 @@ OPERATOR_JOB, WORKER_JOB = "streamqueue-operator", "streamqueue-worker"
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def crd(control_plane: Any) -> None:
-    control_plane.kubectl(
-        "apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump(crdgen.build_crd())
-    )
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", f"crd/{models.PLURAL}.{models.GROUP}", "--timeout=60s"
-    )
-
-
 @contextlib.contextmanager
-def operator(control_plane: Any, namespace: str, log: Path) -> Iterator[int]:
+def operator(control_plane: Any, namespace: str, log_dir: Path) -> Iterator[int]:
     """The operator watching ``namespace``, its /metrics on a free loopback port (yielded)."""
     port = free_port()
-    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig), "PYTHONWARNINGS": "ignore"}
-    args = [
-        sys.executable, "-m", "streamqueue_operator", f"--namespace={namespace}",
-        f"--metrics-port={port}", "--metrics-address=127.0.0.1", "--liveness-port=0",
-        "--status-min-interval=1",
-    ]  # fmt: skip
-    proc = spawn(args, log=log, env=env)
-    try:
+    metrics = [f"--metrics-port={port}", "--metrics-address=127.0.0.1", "--status-min-interval=1"]
+    with OperatorProcess(control_plane.kubeconfig, f"--namespace={namespace}", log_dir, *metrics):
         yield port
-    finally:
-        stop_groups([(proc.pid, proc)], grace=20)
 
 
 def queue(name: str, namespace: str, redis_url: str, **scaling: Any) -> dict[str, Any]:
@@ -90,15 +70,6 @@ def queue(name: str, namespace: str, redis_url: str, **scaling: Any) -> dict[str
     return manifest
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (last := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
-    return last
-
-
 async def burst(redis_url: str, count: int, users: int = 4) -> int:
     """``count`` requests from ``users`` users, all awaited; returns the replies that came back right."""
     async with Client(redis_url) as client:
@@ -111,13 +82,13 @@ async def burst(redis_url: str, count: int, users: int = 4) -> int:
 
 
 def test_every_dashboard_panel_has_data_from_a_demo_like_run(
-    control_plane: Any, kube_namespace: str, redis_server: RedisServer, crd: None, tmp_path: Path
+    control_plane: Any, kube_namespace: str, redis_server: RedisServer, streamqueue_crd: Any, tmp_path: Path
 ) -> None:
     ns, name = kube_namespace, "chat"
     selector = f"{models.GROUP}/queue={name}"
     file_sd = tmp_path / "workers.json"
     with contextlib.ExitStack() as stack:
-        metrics_port = stack.enter_context(operator(control_plane, ns, tmp_path / "operator.log"))
+        metrics_port = stack.enter_context(operator(control_plane, ns, tmp_path))
         runner = stack.enter_context(
             WorkerPodRunner(control_plane.kubeconfig, ns, selector, log_dir=tmp_path / "pods")
         )
@@ -153,7 +124,7 @@ def test_every_dashboard_panel_has_data_from_a_demo_like_run(
             return empty
 
         try:
-            wait_for(lambda: not panels_without_data(), 45, "every panel query to return a series")
+            eventually(lambda: not panels_without_data(), "every panel query to return a series", 45, 0.5)
         except AssertionError:
             raise AssertionError(f"panels without data: {empty}") from None
         # The data is the run's, not a placeholder: the series show what happened.
@@ -168,7 +139,7 @@ def test_every_dashboard_panel_has_data_from_a_demo_like_run(
 
 
 def test_backlog_redis_and_max_replicas_alerts_fire(
-    control_plane: Any, kube_namespace: str, redis_server: RedisServer, crd: None, tmp_path: Path
+    control_plane: Any, kube_namespace: str, redis_server: RedisServer, streamqueue_crd: Any, tmp_path: Path
 ) -> None:
     """No pod runner: the one replica allowed never consumes, so the backlog grows as entries arrive.
 
@@ -186,7 +157,7 @@ def test_backlog_redis_and_max_replicas_alerts_fire(
     r = redis_server.client()
     r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     with contextlib.ExitStack() as stack:
-        metrics_port = stack.enter_context(operator(control_plane, ns, tmp_path / "operator.log"))
+        metrics_port = stack.enter_context(operator(control_plane, ns, tmp_path))
         jobs = [ScrapeJob(OPERATOR_JOB, targets=[f"127.0.0.1:{metrics_port}"])]
         prom = stack.enter_context(Prometheus(jobs, [rules], workdir=tmp_path / "prometheus"))
         prom.wait_for_targets(OPERATOR_JOB)

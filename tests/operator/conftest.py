@@ -12,16 +12,10 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
-from streamqueue_harness.operatorproc import OperatorProcess, install_crd
+from streamqueue_harness.operatorproc import OperatorProcess
 from streamqueue_harness.redis_server import RedisServer
 
 from tests.operator.queues import Queues
-
-
-@pytest.fixture(scope="session")
-def streamqueue_crd(control_plane: Any) -> dict[str, Any]:
-    """The generated CRD applied to the control plane (server-side) and established."""
-    return install_crd(control_plane)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ Deployment and ReplicaSet controllers pick the pods a scale-down removes.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -170,12 +169,14 @@ def test_cold_start_does_not_overshoot(
         eventually(lambda: sq.replicas("cold") == 4, "4 replicas for a backlog of 20", timeout=15)
         push(r, 40)  # backlog 60 while 3 pods start: 12 replicas once they are Ready
         seen, reasons = [], set()
-        deadline = time.monotonic() + 90  # each pod sleeps 10-20 s before it starts
-        while (d := apps.read_namespaced_deployment("cold-worker", sq.namespace)).status.ready_replicas != 4:
+
+        def four_ready() -> bool:
+            d = apps.read_namespaced_deployment("cold-worker", sq.namespace)
             seen.append(d.spec.replicas)
             reasons.add(sq.condition("cold", "Scaling").get("reason"))
-            assert time.monotonic() < deadline, "the 3 pods never became Ready"
-            time.sleep(0.1)
+            return bool(d.status.ready_replicas == 4)
+
+        eventually(four_ready, "the 3 pods Ready", timeout=90)  # each pod sleeps 10-20 s before it starts
         assert max(seen) == 4, seen  # no overshoot while they started
         assert "ColdStart" in reasons, reasons  # kubectl describe said why
         eventually(lambda: sq.replicas("cold") == 12, "the policy once they are Ready", timeout=15)

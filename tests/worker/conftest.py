@@ -5,8 +5,6 @@ worker processes started the way the pod runner starts them (``python -m streamq
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from streamqueue import wire
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
 from streamqueue_harness.eventually import eventually_async
-from streamqueue_harness.processes import spawn
+from streamqueue_harness.workerproc import spawn_worker
 
 STREAM = wire.DEFAULT_STREAM
 GROUP = wire.DEFAULT_GROUP
@@ -128,18 +126,10 @@ class WorkerProcesses:
         self.logs = logs
         self.procs: list[Popen[bytes]] = []
 
-    def start(self, consumer: str, **env: str) -> Popen[bytes]:
-        full_env = {
-            **os.environ,
-            "STREAMQUEUE_REDIS_URL": self.redis_url,
-            "STREAMQUEUE_CONSUMER": consumer,
-            "STREAMQUEUE_HEALTH_PORT": "0",
-            "STREAMQUEUE_BLOCK_MS": "200",
-            **{f"STREAMQUEUE_{k.upper()}": v for k, v in env.items()},
-        }
-        proc = spawn(
-            [sys.executable, "-m", "streamqueue.worker"], log=self.logs / f"{consumer}.log", env=full_env
-        )
+    def start(self, consumer: str, **settings: str) -> Popen[bytes]:
+        """One worker; ``settings`` as ``WorkerSettings`` names them (``claim_idle_ms="300"``)."""
+        settings = {"block_ms": "200", **settings}
+        proc = spawn_worker(self.redis_url, consumer, self.logs / f"{consumer}.log", **settings)
         self.procs.append(proc)
         return proc
 

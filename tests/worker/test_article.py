@@ -9,10 +9,8 @@ with nothing but the Redis URL configured, so its defaults must be the article's
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ import pytest
 import redis
 from streamqueue_harness.eventually import eventually
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_harness.workerproc import spawn_worker
 
 from tests.worker.conftest import WorkerProcesses
 
@@ -31,15 +30,9 @@ ARTICLE_REPLY_PREFIX = "ai_to_user:"
 
 
 @pytest.fixture
-def worker_process(redis_server) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(redis_server, tmp_path) -> Iterator[subprocess.Popen[bytes]]:
     """``python -m streamqueue.worker`` with no queue names configured: the article's are the defaults."""
-    env = {
-        **os.environ,
-        "STREAMQUEUE_REDIS_URL": redis_server.url,
-        "STREAMQUEUE_CONSUMER": "article-test",
-        "STREAMQUEUE_HEALTH_PORT": "0",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "streamqueue.worker"], env=env)
+    proc = spawn_worker(redis_server.url, "article-test", tmp_path / "article-test.log")
     r = redis_server.client(decode_responses=True)
 
     def started() -> bool:
@@ -144,11 +137,13 @@ class _ArticleLoop:
 
     def stop(self) -> None:
         self._stop.set()
-        deadline = time.monotonic() + 10
-        while self._thread.is_alive():
-            assert time.monotonic() < deadline, f"{self.name} did not stop"
-            self.admin.client_unblock(self.client_id)
+
+        def stopped() -> bool:
+            self.admin.client_unblock(self.client_id)  # out of a blocking read that began before the set
             self._thread.join(0.05)
+            return not self._thread.is_alive()
+
+        eventually(stopped, f"{self.name} to stop", timeout=10, interval=0)
         self.conn.close()
 
 

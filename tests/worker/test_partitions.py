@@ -10,9 +10,7 @@ own stream and users, so the module's cluster is shared safely.
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from streamqueue.connection import RedisConnection
 from streamqueue.worker.reclaim import Delivery
 from streamqueue.worker.userorder import UserOrder
 from streamqueue_harness.eventually import eventually
-from streamqueue_harness.processes import spawn
+from streamqueue_harness.workerproc import spawn_worker
 
 HANDLER = "streamqueue_harness.demo_handler:handle"
 
@@ -36,28 +34,21 @@ class Fleet:
 
     def __init__(self, url: str, logs: Path, stream: str, partitions: int, **env: str) -> None:
         self.logs = logs
-        self.env = {
-            **os.environ,
-            "STREAMQUEUE_REDIS_URL": url,
-            "STREAMQUEUE_STREAM": stream,
-            "STREAMQUEUE_PARTITIONS": str(partitions),
-            "STREAMQUEUE_HANDLER": HANDLER,
-            "STREAMQUEUE_DEMO_DELAY_MS": "20",
-            "STREAMQUEUE_HEALTH_PORT": "0",
-            "STREAMQUEUE_BLOCK_MS": "200",
-            "STREAMQUEUE_CLAIM_IDLE_MS": "2000",
-            "STREAMQUEUE_CONCURRENCY": "16",
-            **{f"STREAMQUEUE_{k.upper()}": v for k, v in env.items()},
+        self.url = url
+        self.settings = {
+            "stream": stream,
+            "partitions": str(partitions),
+            "handler": HANDLER,
+            "demo_delay_ms": "20",
+            "block_ms": "200",
+            "claim_idle_ms": "2000",
+            "concurrency": "16",
+            **env,
         }
         self.procs: dict[str, Popen[bytes]] = {}
 
     def start(self, name: str) -> None:
-        log = self.logs / f"{name}.log"
-        self.procs[name] = spawn(
-            [sys.executable, "-m", "streamqueue.worker"],
-            log=log,
-            env={**self.env, "STREAMQUEUE_CONSUMER": name},
-        )
+        self.procs[name] = spawn_worker(self.url, name, self.logs / f"{name}.log", **self.settings)
 
     def kill(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGKILL)
