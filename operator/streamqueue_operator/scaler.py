@@ -25,7 +25,7 @@ from .act import API_ERRORS, Cluster
 from .decide import Decision, ScalerState, decide, parse_pause
 from .deployment import deployment_name, selector_labels
 from .models import RedisSpec, StreamQueueSpec, parse_spec
-from .observe import Observation, observe
+from .observe import Observation, consumer_loads, observe
 
 RECONNECT_INTERVAL_SECONDS = 5.0
 PATCH_TRUST_SECONDS = 5.0
@@ -108,7 +108,7 @@ class QueueScaler:
             self._client_error = str(exc)
             return None
         self._client_error = None
-        self._client = (spec, redis_access.connect(spec, credentials))
+        self._client = (spec, redis_access.connect(spec, credentials, self.namespace))
         return self._client[1]
 
     async def _observe(self, spec: StreamQueueSpec) -> Observation:
@@ -234,16 +234,18 @@ class QueueScaler:
 
     async def _rank_pods_for_removal(self, spec: StreamQueueSpec) -> None:
         """Just before a scale-down, let the ReplicaSet controller remove idle pods first: each pod's
-        ``pod-deletion-cost`` from its consumer's pending count and idle time. Only pods whose cost
-        changed are patched; a failure here costs the ordering, never the scale-down."""
+        ``pod-deletion-cost`` from its consumer's pending count and idle time over every partition.
+        Only pods whose cost changed are patched; a failure here costs the ordering, never the
+        scale-down."""
         if self._client is None:
             return
+        streams = wire.partition_streams(spec.stream, spec.partitions)
         try:
-            reply = await self._client[1].xinfo_consumers(spec.stream, spec.group)
+            loads = await consumer_loads(self._client[1], streams, spec.group)
             pods = await self.cluster.pod_annotation(
                 self.namespace, self._selector(), deletion_cost.ANNOTATION
             )
-            changed = deletion_cost.changes(pods, deletion_cost.loads_from_reply(reply))
+            changed = deletion_cost.changes(pods, loads)
             await asyncio.gather(
                 *(
                     self.cluster.annotate_pod(self.namespace, pod, deletion_cost.ANNOTATION, value)
