@@ -327,7 +327,7 @@ async def test_chunks_of_a_failed_stream_still_expire(raw, settings, workers) ->
 
 
 async def test_a_reply_finished_during_an_outage_is_written_once_redis_is_back(
-    raw, redis_server, settings, workers
+    raw, redis_server, settings, workers, caplog
 ) -> None:
     release = asyncio.Event()
     started = asyncio.Event()
@@ -342,7 +342,9 @@ async def test_a_reply_finished_during_an_outage_is_written_once_redis_is_back(
     await asyncio.wait_for(started.wait(), 10)
     redis_server.stop()
     release.set()  # the handler finishes while Redis is down: the commit must be retried, not dropped
-    await asyncio.sleep(0.3)
+    await eventually_async(
+        lambda: "reply/ack commit failed" in caplog.text, "the flusher's failed commit during the outage", 15
+    )
     redis_server.start()
     fresh = redis_server.client(decode_responses=True)
     await eventually_async(lambda: replies(fresh, "paul"), "the reply after the outage", timeout=15)
