@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 from streamqueue import wire
-from streamqueue.worker.leases import Leases, assignment, lease_key, owner
+from streamqueue.worker.leases import Leases, assignment, owner
 
 PARTITIONS = wire.partition_streams("q", 16)
 workers = st.sets(st.from_regex(r"w-[a-z0-9]{1,8}", fullmatch=True), min_size=1, max_size=12)
@@ -69,7 +69,7 @@ async def test_a_lease_is_held_by_one_worker_renewed_only_by_it_and_released_onl
     assert not await b.acquire(p)
     assert not await b.renew(p)
     await b.release(p)
-    assert await client.get(lease_key(p)) == b"w-a"
+    assert await client.get(wire.lease_key(p)) == b"w-a"
     assert await a.renew(p)
     await a.release(p)
     assert await b.acquire(p)
@@ -92,4 +92,4 @@ async def test_the_registry_lists_live_workers_and_forgets_those_that_stop_heart
     await asyncio.sleep(0.1)
     assert await a.heartbeat() == ["w-a"]
     await a.leave()
-    assert await client.zcard("q:workers") == 0
+    assert await client.zcard(wire.registry_key("q")) == 0

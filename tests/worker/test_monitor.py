@@ -12,7 +12,6 @@ import redis
 from streamqueue import wire
 from streamqueue.connection import RedisConnection, connect, connect_any
 from streamqueue.monitor import count_streams, main
-from streamqueue.worker import leases
 
 
 def _row(output: str, first_cell: str) -> list[str]:
@@ -213,7 +212,7 @@ def _check_partitioned(out: str, stream: str, partitions: int, lengths: dict[int
 def test_a_partitioned_queue_shows_each_partition_and_the_total(redis_server, capsys) -> None:
     r = redis_server.client(decode_responses=True)
     lengths = _partitioned_queue(r, "orders", 4, users=40)
-    r.set(leases.lease_key(wire.partition_stream("orders", 3, 4)), "w1")  # ordering perUser
+    r.set(wire.lease_key(wire.partition_stream("orders", 3, 4)), "w1")  # ordering perUser
     assert main(["--once", "--redis-url", redis_server.url, "--stream", "orders", "--partitions", "4"]) == 0
     out = capsys.readouterr().out
     assert "queue orders: 4 partitions (configured)" in out

@@ -144,7 +144,7 @@ async def test_real_llama_server_with_memory_and_system_prompt(llama, settings, 
     await workers.start(s)
     async with Client(s.redis_url) as client:
         answers = [(await client.request("bob", f"question {i}", timeout=60)).response for i in range(3)]
-    key = f"{s.stream}:memory:bob"
+    key = wire.memory_key(s.stream, "bob")
     remembered = [json.loads(item) for item in raw.lrange(key, 0, -1)]
     assert remembered == [{"user": f"question {i}", "assistant": answers[i]} for i in (1, 2)]
     assert 0 < raw.ttl(key) <= 600
@@ -273,7 +273,7 @@ async def test_request_body_carries_system_prompt_memory_and_limits(stub, handle
 
     from streamqueue.connection import RedisConnection, connect
 
-    memory = Memory(connect(RedisConnection(url=redis_server.url)), "q:memory:", turns=1, ttl_s=60)
+    memory = Memory(connect(RedisConnection(url=redis_server.url)), "q", turns=1, ttl_s=60)
     handler = handlers((await stub(respond)).base_url, model="m", system_prompt="Be brief.", max_tokens=7,
                        memory=memory)  # fmt: skip
     await collect(handler, msg("first"))
@@ -291,6 +291,34 @@ async def test_request_body_carries_system_prompt_memory_and_limits(stub, handle
             {"role": "user", "content": "third"},
         ],
     }
+
+
+async def test_memory_on_a_redis_cluster_carries_the_first_exchange(stub, redis_cluster) -> None:
+    """The handler built from the worker's settings keeps its memory on the cluster the worker uses
+    (it once dialled it with the single-server client, which refuses a cluster connection)."""
+    bodies: list[dict] = []
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.json())
+        return await stream_completion(request, [f"answer {len(bodies)}"])
+
+    s = WorkerSettings(
+        redis_url=redis_cluster.url, redis_cluster=True, stream="memq", handler=MODEL_HANDLER,
+        openai_base_url=(await stub(respond)).base_url, openai_memory_turns=1, openai_memory_ttl_seconds=60,
+    )  # fmt: skip
+    handler = load_handler(MODEL_HANDLER, s)
+    try:
+        await collect(handler, msg("first", user="carol"))
+        await collect(handler, msg("second", user="carol"))
+    finally:
+        await close_handler(handler)
+    assert bodies[1]["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "answer 1"},
+        {"role": "user", "content": "second"},
+    ]
+    stored = redis_cluster.client(decode_responses=True).lrange(wire.memory_key("memq", "carol"), 0, -1)
+    assert [json.loads(item) for item in stored] == [{"user": "second", "assistant": "answer 2"}]
 
 
 async def test_context_too_long_is_dead_lettered_with_the_reason(stub, settings, workers, raw) -> None:

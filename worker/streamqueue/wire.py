@@ -162,6 +162,30 @@ def limit_bound_key(stream: str) -> str:
     return same_slot_key(stream, ":limits:bound")
 
 
+def lease_key(partition_stream: str) -> str:
+    """A partition's lease (value: the holding worker), in the partition's own hash slot."""
+    return f"{partition_stream}:lease"
+
+
+def registry_key(stream: str) -> str:
+    """The sorted set of a queue's live workers (member: worker name, score: heartbeat expiry ms)."""
+    return f"{stream}:workers"
+
+
+def memory_key(stream: str, user_id: str) -> str:
+    """The list of a user's remembered exchanges for the model handler (``stream``: the queue's base name)."""
+    return f"{stream}:memory:{user_id}"
+
+
+def parse_entry_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair: ``"1700000000000-3"`` -> ``(1700000000000, 3)``.
+
+    Compared as text, ``"9-0"`` would sort after ``"10-0"``; a bare ``"5"`` (as Redis accepts it) is ``5-0``.
+    """
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def dead_letter_stream(stream: str) -> str:
     """Default dead-letter stream for an input stream."""
     return f"{stream}{DEAD_LETTER_SUFFIX}"

@@ -31,8 +31,9 @@ attempt would produce a different text, so a failure mid-stream fails the delive
 (``ModelStreamBroken``) and the worker's redelivery starts the reply over from chunk 0.
 
 Memory (``openai_memory_turns`` > 0): the last N exchanges of each user are kept in the list
-``<stream>:memory:<user_id>`` (one JSON ``{"user", "assistant"}`` item per exchange, trimmed to N, expiring
-``openai_memory_ttl_seconds`` after the last exchange) and sent before the new message. An exchange is
+``<stream>:memory:<user_id>`` (``wire.memory_key``: one JSON ``{"user", "assistant"}`` item per
+exchange, trimmed to N, expiring ``openai_memory_ttl_seconds`` after the last exchange), on the
+worker's Redis (a single server or a cluster), and sent before the new message. An exchange is
 stored when its reply is complete, before the worker commits the reply; a delivery that fails after
 that (rare: the commit itself failed) may store an exchange twice.
 """
@@ -49,11 +50,11 @@ import aiohttp
 from redis.backoff import ExponentialBackoff
 
 from ..limits import Call, ModelLimits, Retryable, back_off, retry_after_seconds
+from ..wire import memory_key
 from . import HandlerFactory, Message
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
+    from ..connection import RedisClient
     from ..settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -217,14 +218,14 @@ class OpenAIHandler:
 class Memory:
     """The last ``turns`` exchanges per user, in a Redis list with an idle TTL."""
 
-    def __init__(self, redis: aioredis.Redis, key_prefix: str, turns: int, ttl_s: int) -> None:
+    def __init__(self, redis: RedisClient, stream: str, turns: int, ttl_s: int) -> None:
         self.redis = redis
-        self.key_prefix = key_prefix
+        self.stream = stream
         self.turns = turns
         self.ttl_s = ttl_s
 
     def key(self, user_id: str) -> str:
-        return f"{self.key_prefix}{user_id}"
+        return memory_key(self.stream, user_id)
 
     async def load(self, user_id: str) -> list[dict[str, str]]:
         items = await self.redis.lrange(self.key(user_id), -self.turns, -1)
@@ -312,11 +313,11 @@ def _build(settings: WorkerSettings) -> OpenAIHandler:
         raise ValueError("the model handler needs STREAMQUEUE_OPENAI_BASE_URL (--openai-base-url)")
     memory = None
     if settings.openai_memory_turns > 0:
-        from ..connection import connect
+        from ..connection import connect_any
 
         memory = Memory(
-            connect(settings.redis_connection()),
-            f"{settings.stream}:memory:",
+            connect_any(settings.redis_connection()),  # one server or a cluster, as the worker's own
+            settings.stream,
             settings.openai_memory_turns,
             settings.openai_memory_ttl_seconds,
         )

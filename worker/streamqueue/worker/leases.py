@@ -6,7 +6,7 @@ leaves moves only the partitions it wins or held. A worker takes a partition onl
 is free (``SET NX PX``), renews it well inside its TTL, and releases it (after its in-flight work has
 committed) when the assignment moves it elsewhere or it stops. A worker that dies simply stops
 renewing; its leases expire and the partitions' new owners take them. The lease key lives in the
-partition's hash slot (``<partition>:lease``), the registry in its own.
+partition's hash slot (``wire.lease_key``), the registry (``wire.registry_key``) in its own.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ..wire import lease_key, registry_key
 
 # Both scripts act only on a lease this worker holds: after a pause longer than the TTL another
 # worker may own it, and must not lose it to a late renewal or release.
@@ -27,14 +29,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-def lease_key(partition_stream: str) -> str:
-    return f"{partition_stream}:lease"
-
-
-def registry_key(stream: str) -> str:
-    return f"{stream}:workers"
 
 
 def owner(partition: str, workers: Iterable[str]) -> str | None:
