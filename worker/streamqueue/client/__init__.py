@@ -6,8 +6,9 @@
 - ``sends``: the batching of one loop turn's XADDs into one pipeline.
 """
 
+from ..wire import parse_entry_id as entry_key  # its public name here, kept for callers
 from .api import DEFAULT_BLOCK_MS, Client
-from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled, entry_key
+from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled
 
 __all__ = [
     "DEFAULT_BLOCK_MS",

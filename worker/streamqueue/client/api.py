@@ -16,7 +16,7 @@ from redis.typing import EncodableT, FieldT
 from .. import wire
 from ..connection import RedisClient, RedisConnection, connect_any
 from .reads import ReplyReaders, UserReader, Waiter
-from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled, entry_key
+from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled
 from .sends import BatchedSends
 
 # How long one reader XREAD blocks; an idle reader notices it has nobody to serve after at most this.
@@ -219,7 +219,7 @@ class Client:
                     reply = _final(caught_up)
                 else:
                     reply = _final(await _next(waiter.queue, timeout))
-                    if seen is not None and entry_key(reply.entry_id) <= entry_key(seen):
+                    if seen is not None and wire.parse_entry_id(reply.entry_id) <= wire.parse_entry_id(seen):
                         continue  # already read by the catch-up above
                 if not reply.is_chunk:
                     if order is not None and order.next_seq == 0:
@@ -256,7 +256,7 @@ class Client:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if seen is not None and entry_key(item.entry_id) <= entry_key(seen):
+                if seen is not None and wire.parse_entry_id(item.entry_id) <= wire.parse_entry_id(seen):
                     continue
                 yield item
         finally:
@@ -269,7 +269,7 @@ class Client:
 
     async def _since(self, key: str, after: str) -> tuple[Reply | None, list[Reply]]:
         """The entry ``after`` itself (None if gone or ``0-0``) and every entry after it, oldest first."""
-        entry_key(after)  # a malformed id fails here, not as a Redis error
+        wire.parse_entry_id(after)  # a malformed id fails here, not as a Redis error
         async with self.commands:
             own: Any = await self.redis.xrange(key, min=after, max=after, count=1)
         replies: list[Reply] = []

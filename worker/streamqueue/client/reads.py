@@ -26,7 +26,8 @@ from redis.exceptions import ResponseError
 from redis.typing import KeyT, StreamIdT
 
 from ..connection import CONNECTION_ERRORS, Backoff, RedisClient
-from .replies import Reply, entry_key
+from ..wire import parse_entry_id
+from .replies import Reply
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,12 @@ class UserReader:
 
     def deliver(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         """Hand on the entries after the cursor; earlier ones came already (through another read)."""
-        cursor = entry_key(self.cursor)
+        cursor = parse_entry_id(self.cursor)
         for entry_id, fields in entries:
-            if entry_key(entry_id) <= cursor:
+            if parse_entry_id(entry_id) <= cursor:
                 continue
             self.cursor = entry_id
-            cursor = entry_key(entry_id)
+            cursor = parse_entry_id(entry_id)
             self._dispatch(Reply(entry_id, fields or {}))
 
     def _dispatch(self, reply: Reply) -> None:

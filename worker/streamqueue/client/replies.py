@@ -84,12 +84,6 @@ class Chunk(str):
         return chunk
 
 
-def entry_key(entry_id: str) -> tuple[int, int]:
-    """A stream entry id as a sortable pair: ``"1700000000000-3"`` -> ``(1700000000000, 3)``."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 S = TypeVar("S", bound=str)
 
 
