@@ -64,11 +64,6 @@ class Observation:
         return self.lag + self.pending
 
 
-def parse_id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def estimate_lag(group: GroupInfo, stream_length: int, entries_added: int, last_generated_id: str) -> int:
     """An upper bound on undelivered entries when Redis reports lag as nil.
 
@@ -76,7 +71,7 @@ def estimate_lag(group: GroupInfo, stream_length: int, entries_added: int, last_
     stream length bounds it. Overestimating costs a few extra pods for one poll, underestimating
     could leave messages waiting with no worker.
     """
-    if parse_id(group.last_delivered_id) >= parse_id(last_generated_id):
+    if wire.parse_entry_id(group.last_delivered_id) >= wire.parse_entry_id(last_generated_id):
         return 0
     if group.entries_read is None:
         return stream_length
@@ -159,7 +154,7 @@ def combine(at: float, streams: Sequence[str], parts: Sequence[Observation]) -> 
         at=at,
         stream_length=sum(p.stream_length for p in parts),
         entries_added=sum(p.entries_added for p in parts),
-        last_generated_id=max((p.last_generated_id for p in parts), key=parse_id),
+        last_generated_id=max((p.last_generated_id for p in parts), key=wire.parse_entry_id),
         lag=sum(lags),
         lag_estimated=any(p.lag_estimated or p.group_missing for p in parts),
         pending=sum(p.pending for p in parts),
