@@ -9,12 +9,15 @@ worker's ``WorkerSettings`` reads; the password only ever as a ``secretKeyRef``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
+from streamqueue.connection import RedisSettings
 from streamqueue.settings import DEFAULT_HEALTH_PORT, DEFAULT_SHUTDOWN_GRACE_SECONDS, TUNING_FIELDS, env_name
 
 from . import __version__
-from .models import GROUP, KIND, QUEUE_LABEL, VERSION, StreamQueueSpec, WorkerSpec
+from .models import GROUP, KIND, QUEUE_LABEL, VERSION, RedisSpec, StreamQueueSpec, WorkerSpec
+from .redis_access import spec_connection
 
 DEFAULT_WORKER_IMAGE = f"streamqueue/worker:{__version__}"
 GRACE_MARGIN_SECONDS = 15
@@ -44,28 +47,17 @@ def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
     A user variable with the same name replaces the operator's, except the consumer name, which
     must stay the pod name for dead-consumer cleanup to be correct.
     """
-    redis = spec.redis
     consumer = env_name("consumer")
+    redis = _redis_env(spec.redis)
     env = [
-        _env("redis_url", redis.url),
+        redis[0],  # the URL
         _env("stream", spec.stream),
         _env("group", spec.group),
         _env("reply_prefix", spec.reply_prefix),
         {"name": consumer, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         _env("health_port", DEFAULT_HEALTH_PORT),
+        *redis[1:],
     ]
-    if redis.username:
-        env.append(_env("redis_username", redis.username))
-    if redis.password_secret_ref:
-        ref = redis.password_secret_ref
-        secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
-        env.append({"name": env_name("redis_password"), "valueFrom": secret})
-    if redis.tls_on:
-        env.append(_env("redis_tls", True))
-    if redis.tls.ca_secret_ref:
-        env.append(_env("redis_tls_ca_file", f"{CA_DIR}/{redis.tls.ca_secret_ref.key}"))
-    if redis.cluster:
-        env.append(_env("redis_cluster", True))
     # The queue's shape, when it is not the worker's default (both come from WorkerSettings).
     env += [
         _env(name, getattr(spec, name))
@@ -81,6 +73,27 @@ def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
     extra = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.worker.env or []]
     overridden = {e["name"] for e in extra} - {consumer}
     return [e for e in env if e["name"] not in overridden] + [e for e in extra if e["name"] != consumer]
+
+
+def _redis_env(redis: RedisSpec) -> list[dict[str, Any]]:
+    """The worker's ``STREAMQUEUE_REDIS_*`` variables for ``spec_connection(redis)``, URL first.
+
+    Every ``RedisSettings`` field whose value differs from its default, in declaration order; the
+    password only as a ``secretKeyRef`` and the CA bundle as the file its Secret is mounted as.
+    """
+    ca = redis.tls.ca_secret_ref
+    connection = spec_connection(redis, tls_ca_file=Path(CA_DIR, ca.key) if ca else None)
+    env = []
+    for field, info in RedisSettings.model_fields.items():  # redis_<name> is RedisConnection's <name>
+        if field == "redis_password" and redis.password_secret_ref:
+            ref = redis.password_secret_ref
+            secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+            env.append({"name": env_name(field), "valueFrom": secret})
+            continue
+        value = getattr(connection, field.removeprefix("redis_"))
+        if field == "redis_url" or value != info.default:
+            env.append(_env(field, value))
+    return env
 
 
 def termination_grace(worker: WorkerSpec) -> int:

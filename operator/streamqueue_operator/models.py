@@ -102,7 +102,9 @@ class RedisSpec(_Model):
     )
 
     url: str = Field(default="redis://redis:6379/0", max_length=2048, pattern=r"^rediss?://")
-    """redis://host:port/db or rediss://host:port/db (TLS). The path selects the database."""
+    """redis://host:port/db or rediss://host:port/db (TLS). The path selects the database.
+    A host without a dot (the default redis) is the Service in the queue's namespace: the operator
+    dials <host>.<namespace>.svc, and with TLS checks that name in the certificate."""
     username: str | None = Field(default=None, max_length=256)
     """ACL user name."""
     password_secret_ref: SecretKeyRef | None = None

@@ -1,4 +1,15 @@
-"""The operator's Redis client for one queue: credentials resolved from Secrets, short timeouts.
+"""The operator's Redis client for one queue: the spec's connection, seen from the operator's namespace.
+
+``spec_connection`` is the one mapping of a StreamQueue's ``spec.redis`` onto the shared
+``RedisConnection``: the operator dials it (with the Secrets' values), and the worker Deployment
+carries it as ``STREAMQUEUE_REDIS_*`` variables (the password as a Secret reference, the CA as a
+mounted file).
+
+The workers run in the queue's namespace, the operator does not: a single-label host such as the
+default ``redis`` names the Service ``redis`` of the queue's namespace for the workers, and nothing
+(or something else) for the operator. ``operator_url`` therefore qualifies such a host as
+``<host>.<namespace>.svc`` for the operator's own connection only; the workers keep the URL as
+written. With TLS the operator verifies the certificate against the name it dials, the qualified one.
 
 A short socket timeout keeps one poll bounded: an unreachable Redis shows up as an error
 Observation within seconds (and replicas are held) instead of stalling the queue's poll loop.
@@ -6,13 +17,19 @@ Observation within seconds (and replicas are held) instead of stalling the queue
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr
 from streamqueue.connection import RedisClient, RedisConnection, connect_any
 
-from .act import Cluster
 from .models import RedisSpec
+
+if TYPE_CHECKING:
+    from .act import Cluster
 
 SOCKET_TIMEOUT_SECONDS = 2.0
 
@@ -33,18 +50,69 @@ async def resolve(cluster: Cluster, namespace: str, spec: RedisSpec) -> Credenti
     return Credentials(password, ca)
 
 
-def connect(spec: RedisSpec, credentials: Credentials) -> RedisClient:
-    """A client through the shared ``streamqueue.connection`` rules, with the operator's short timeout.
-
-    The CA bundle goes to redis-py as data, so the operator writes no file.
-    """
-    connection = RedisConnection(
+def spec_connection(
+    spec: RedisSpec,
+    *,
+    password: str | None = None,
+    tls_ca_file: Path | None = None,
+    tls_ca_data: str | None = None,
+) -> RedisConnection:
+    """The connection ``spec`` describes, with the URL as written (the workers' view of it)."""
+    return RedisConnection(
         url=spec.url,
         username=spec.username,
-        password=SecretStr(credentials.password) if credentials.password is not None else None,
+        password=SecretStr(password) if password is not None else None,
         tls=spec.tls_on,
-        tls_ca_data=credentials.ca_pem,
-        socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        tls_ca_file=tls_ca_file,
+        tls_ca_data=tls_ca_data,
         cluster=spec.cluster,
     )
-    return connect_any(connection)
+
+
+def qualified_host(host: str, namespace: str) -> str:
+    """``host`` as the operator must dial it to reach what a pod of ``namespace`` reaches.
+
+    Only a single-label DNS name changes (``redis`` -> ``redis.<namespace>.svc``): an IP address,
+    ``localhost`` and a name with a dot (``redis.other``, ``redis.example.com``) mean the same from
+    every namespace, or are the user's explicit choice. ``.svc`` rather than ``.svc.cluster.local``
+    leaves the cluster domain to the pod's resolver, which knows it.
+    """
+    if not host or "." in host or host.lower() == "localhost" or _is_ip(host):
+        return host
+    return f"{host}.{namespace}.svc"
+
+
+def operator_url(url: str, namespace: str) -> str:
+    """``url`` with its host qualified for the queue's ``namespace``; user, port, path and query kept."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if host is None:
+        return url
+    qualified = qualified_host(host, namespace)
+    if qualified == host:
+        return url
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    netloc = qualified if parts.port is None else f"{qualified}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc}" if userinfo else netloc))
+
+
+def connect(spec: RedisSpec, credentials: Credentials, namespace: str) -> RedisClient:
+    """A client through the shared ``streamqueue.connection`` rules, with the operator's short timeout.
+
+    The host is qualified with the queue's ``namespace`` (``operator_url``); for a Redis Cluster that
+    is the seed node, the others are dialled at the addresses the cluster announces. The CA bundle
+    goes to redis-py as data, so the operator writes no file.
+    """
+    connection = spec_connection(spec, password=credentials.password, tls_ca_data=credentials.ca_pem)
+    dialled = connection.model_copy(
+        update={"url": operator_url(spec.url, namespace), "socket_timeout": SOCKET_TIMEOUT_SECONDS}
+    )
+    return connect_any(dialled)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
