@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from subprocess import Popen
 from typing import Any
 
 import pytest
 import redis
+from aiohttp import web
 from streamqueue import wire
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
 from streamqueue_harness.eventually import eventually_async
+from streamqueue_harness.modelserver import ModelServer, StubChatServer, llama_python, llama_venv
 from streamqueue_harness.workerproc import spawn_worker
 
 STREAM = wire.DEFAULT_STREAM
@@ -135,6 +137,31 @@ class WorkerProcesses:
 
     def log_of(self, consumer: str) -> str:
         return (self.logs / f"{consumer}.log").read_text()
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """llama-cpp-python's server on a tiny generated model, one for the whole session (it takes seconds
+    to load, and no test changes its state)."""
+    python = llama_python()
+    if python is None:  # fail, not skip: CI must not pass without the real server
+        pytest.fail(f"no llama-cpp-python server in {llama_venv()}: run `bash hack/llama.sh`", pytrace=False)
+    with ModelServer(python, n_ctx=512, workdir=tmp_path_factory.mktemp("llama")) as server:
+        yield server
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[Callable[..., Awaitable[StubChatServer]]]:
+    """``await stub(respond)`` starts a chat-completions stub answering with ``respond``; stopped after."""
+    servers: list[StubChatServer] = []
+
+    async def start(respond: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> StubChatServer:
+        servers.append(await StubChatServer(respond).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        await server.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +30,7 @@ from streamqueue.limits import CONCURRENCY_POLL_MS, LimitsUnavailable, ModelLimi
 from streamqueue.metrics import WorkerMetrics
 from streamqueue.settings import WorkerSettings
 from streamqueue_harness.eventually import eventually, eventually_async
-from streamqueue_harness.modelserver import (
-    ModelServer,
-    StubChatServer,
-    completion_chunk,
-    llama_python,
-    llama_venv,
-)
+from streamqueue_harness.modelserver import completion_chunk
 from streamqueue_harness.processes import spawn, stop_groups
 
 from tests.worker.conftest import STREAM, answered_request_ids, replies, send
@@ -124,18 +118,14 @@ class LimitedModel:
 
 
 @pytest.fixture
-async def model() -> AsyncIterator[Callable[..., asyncio.Future]]:
-    """``await model(**limits)`` → (LimitedModel, its base URL); servers stop at teardown."""
-    servers: list[StubChatServer] = []
+def model(stub) -> Callable[..., Awaitable[tuple[LimitedModel, str]]]:
+    """``await model(**limits)`` → (LimitedModel, its base URL); the stub servers stop at teardown."""
 
     async def start(**kwargs) -> tuple[LimitedModel, str]:
-        stub = LimitedModel(**kwargs)
-        servers.append(await StubChatServer(stub.respond).start())
-        return stub, servers[-1].base_url
+        limited = LimitedModel(**kwargs)
+        return limited, (await stub(limited.respond)).base_url
 
-    yield start  # type: ignore[misc]
-    for server in servers:
-        await server.stop()
+    return start
 
 
 async def model_workers(worker_processes, r: redis.Redis, base_url: str, count: int = 2, **env: str) -> None:
@@ -439,15 +429,6 @@ async def test_limits_on_a_redis_cluster(redis_cluster) -> None:
 
 
 # --- (f) the real model server with limits on ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
-    python = llama_python()
-    if python is None:  # fail, not skip: CI must not pass without the real server
-        pytest.fail(f"no llama-cpp-python server in {llama_venv()}: run `bash hack/llama.sh`", pytrace=False)
-    with ModelServer(python, n_ctx=512, workdir=tmp_path_factory.mktemp("llama")) as server:
-        yield server
 
 
 async def test_real_llama_server_with_every_limit_on(llama, settings, workers, raw) -> None:

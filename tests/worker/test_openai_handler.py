@@ -9,7 +9,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -30,11 +30,7 @@ from streamqueue.handlers.openai import (
 from streamqueue.settings import WorkerSettings
 from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.modelserver import (
-    ModelServer,
-    StubChatServer,
     completion_chunk,
-    llama_python,
-    llama_venv,
     stream_completion,
 )
 
@@ -49,31 +45,6 @@ def msg(text: str = "hi", user: str = "alice") -> Message:
 
 async def collect(handler: OpenAIHandler, message: Message) -> list[str]:
     return [chunk async for chunk in handler(message)]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
-    """llama-cpp-python's server on a tiny generated model, shared by the module's tests."""
-    python = llama_python()
-    if python is None:  # fail, not skip: CI must not pass without the real server
-        pytest.fail(f"no llama-cpp-python server in {llama_venv()}: run `bash hack/llama.sh`", pytrace=False)
-    server = ModelServer(python, n_ctx=512, workdir=tmp_path_factory.mktemp("llama"))
-    with server:
-        yield server
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[Callable[..., StubChatServer]]:
-    """Start stub chat servers whose behaviour is ``respond``; stopped at teardown."""
-    servers: list[StubChatServer] = []
-
-    async def start(respond) -> StubChatServer:
-        servers.append(await StubChatServer(respond).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        await server.stop()
 
 
 @pytest.fixture
