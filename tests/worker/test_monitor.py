@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import redis
 from streamqueue import wire
 from streamqueue.connection import RedisConnection, connect, connect_any
 from streamqueue.monitor import count_streams, main
+from streamqueue.observation import Observation
+from streamqueue_operator.observe import observe as operator_observe
 
 
 def _row(output: str, first_cell: str) -> list[str]:
@@ -296,3 +299,29 @@ def test_an_unpartitioned_queue_on_a_cluster_from_the_environment(redis_cluster)
     assert _row(out.stdout, "single")[1:3] == ["1", "1"]
     assert _row(out.stdout, "billing")[1:4] == ["0", "0", "1"]
     assert "queue single" not in out.stdout
+
+
+def test_a_partitioned_queues_total_is_the_operators_count(redis_server, capsys) -> None:
+    """A lag Redis cannot tell (a tombstone) and a partition no worker has started on: the monitor's total
+    row shows the backlog the operator scales on, flagged as an upper bound."""
+    r = redis_server.client(decode_responses=True)
+    first, second = wire.partition_streams("est", 2)
+    r.xgroup_create(first, wire.DEFAULT_GROUP, id="0", mkstream=True)
+    ids = [r.xadd(first, {wire.USER_ID: "u", wire.MESSAGE: str(i)}) for i in range(6)]
+    r.xreadgroup(wire.DEFAULT_GROUP, "w1", {first: ">"}, count=2)
+    r.xdel(first, ids[4])  # Redis reports the group's lag as nil from now on
+    for i in range(3):
+        r.xadd(second, {wire.USER_ID: "v", wire.MESSAGE: str(i)})  # no group on this partition yet
+    obs = asyncio.run(_operator_observation(redis_server.url, [first, second]))
+    assert obs.lag_estimated and obs.lag >= 3 + 3
+    assert main(["--once", "--redis-url", redis_server.url, "--stream", "est"]) == 0
+    total = _cells(capsys.readouterr().out, wire.DEFAULT_GROUP, "total")
+    assert total[3:6] == [str(obs.pending), f"<={obs.lag}", f"<={obs.backlog}"]
+
+
+async def _operator_observation(url: str, streams: list[str]) -> Observation:
+    client = connect(RedisConnection(url=url))
+    try:
+        return await operator_observe(client, streams, wire.DEFAULT_GROUP, at=0.0)
+    finally:
+        await client.aclose()
