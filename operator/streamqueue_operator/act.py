@@ -121,9 +121,15 @@ class Cluster:
     is not (or no longer) the leader sends nothing, whatever its caller decided a moment ago.
     """
 
-    def __init__(self, api_client: k8s.ApiClient, leading: Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self,
+        api_client: k8s.ApiClient,
+        leading: Callable[[], bool] = lambda: True,
+        manager: str = "streamqueue-operator",
+    ) -> None:
         self._api = api_client
         self.leading = leading
+        self.manager = manager  # the field manager in managedFields: which replica wrote
         self.apps = k8s.AppsV1Api(api_client)
         self.core = k8s.CoreV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
@@ -151,20 +157,24 @@ class Cluster:
             body = {**manifest, "spec": {**manifest["spec"], "replicas": initial_replicas}}
             body["metadata"] = {**meta, "annotations": {HASH_ANNOTATION: digest}}
             self.fence()
-            await _call(self.apps.create_namespaced_deployment, namespace, body)
+            await _call(self.apps.create_namespaced_deployment, namespace, body, field_manager=self.manager)
             return Applied(created=True, changed=True)
         annotations = existing["metadata"].get("annotations") or {}
         if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
             return Applied(created=False, changed=False)
         patch = adoption_patch(existing, manifest, digest)
         self.fence()
-        await _call(self.apps.patch_namespaced_deployment, name, namespace, patch)
+        await _call(
+            self.apps.patch_namespaced_deployment, name, namespace, patch, field_manager=self.manager
+        )
         return Applied(created=False, changed=True)
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         body = {"spec": {"replicas": replicas}}
         self.fence()
-        await _call(self.apps.patch_namespaced_deployment, deployment, namespace, body)
+        await _call(
+            self.apps.patch_namespaced_deployment, deployment, namespace, body, field_manager=self.manager
+        )
 
     async def deployment_replicas(self, namespace: str, deployment: str) -> int | None:
         """``spec.replicas`` read from the API server itself, for when the watch may be behind."""
@@ -181,6 +191,7 @@ class Cluster:
             PLURAL,
             name,
             {"status": status},
+            field_manager=self.manager,
         )
 
     async def secret_value(self, namespace: str, ref: SecretKeyRef) -> str:
@@ -211,7 +222,7 @@ class Cluster:
     async def annotate_pod(self, namespace: str, pod: str, key: str, value: str) -> None:
         body = {"metadata": {"annotations": {key: value}}}
         self.fence()
-        await _call(self.core.patch_namespaced_pod, pod, namespace, body)
+        await _call(self.core.patch_namespaced_pod, pod, namespace, body, field_manager=self.manager)
 
     async def read_lease(self, namespace: str, name: str, seconds: float) -> dict[str, Any] | None:
         """The Lease as a dict, or None when it does not exist yet (Lease calls are never fenced)."""

@@ -56,13 +56,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Every API call runs in a thread; asyncio's default pool (cores + 4) would queue hundreds of
     # queues' status writes behind each other and delay their polls.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(API_THREADS, "k8s-api"))
-    memo.cluster = Cluster(load_api_client(API_THREADS))
+    identity = memo.config.identity()
+    memo.cluster = Cluster(load_api_client(API_THREADS), manager=f"streamqueue-operator_{identity}")
     memo.scalers = {}
     memo.lease = None
     if memo.config.leader_election:
         config: OperatorSettings = memo.config
         timing = Timing(config.lease_duration, config.renew_deadline, config.retry_period)
-        memo.lease = Lease(memo.cluster, config.lease_namespace, config.lease_name, config.identity(), timing)
+        memo.lease = Lease(memo.cluster, config.lease_namespace, config.lease_name, identity, timing)
         memo.cluster.leading = memo.lease.leading
         memo.lease.start()
 

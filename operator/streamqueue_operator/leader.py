@@ -144,7 +144,10 @@ class Lease:
         return self.election.leading()
 
     async def wait_until_leading(self) -> None:
-        await self._leading_now.wait()
+        """Until this replica leads by the clock (the event may still say so after the fence closed)."""
+        while not self.leading():
+            self._leading_now.clear()
+            await self._leading_now.wait()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="leader-election")
@@ -192,14 +195,15 @@ class Lease:
         self._uid = lease["metadata"]["uid"]
 
     async def _publish(self) -> None:
-        """Gauge, log, Event and the waiters, on each change of leadership."""
+        """Wake the waiters while leading; gauge, log and Event on each change of leadership."""
         leading = self.leading()
+        if leading:
+            self._leading_now.set()
         if leading == self._was_leading:
             return
         self._was_leading = leading
         metrics.LEADER.set(1 if leading else 0)
         if leading:
-            self._leading_now.set()
             log.info("%s became leader (Lease %s/%s)", self.identity, self.namespace, self.name)
             await self._event(f"{self.identity} became leader")
         else:
