@@ -32,31 +32,15 @@ from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
-from streamqueue_operator.deletion_cost import ANNOTATION
 from streamqueue_operator.models import parse_spec
 from streamqueue_operator.scaler import QueueScaler, Settings
+
+from tests.operator.pods import PodAnnotations
 
 STREAM, GROUP, PARTITIONS = "pk", "pk-group", 3
 WORKER, DEAD_POD = "w-1", "gone-1"
 USERS = [f"user-{i}" for i in range(6)]  # spread over the three partitions
 _MARKER = "partition-keys-walk-done"
-
-
-class Pods:
-    """The pod calls of ranking and housekeeping: the worker's pod is live, with no annotation yet."""
-
-    def __init__(self) -> None:
-        self.annotations: dict[str, str | None] = {WORKER: None}
-
-    async def pod_names(self, namespace: str, selector: str) -> set[str]:
-        return set(self.annotations)
-
-    async def pod_annotation(self, namespace: str, selector: str, key: str) -> dict[str, str | None]:
-        return dict(self.annotations)
-
-    async def annotate_pod(self, namespace: str, pod: str, key: str, value: str) -> None:
-        assert key == ANNOTATION
-        self.annotations[pod] = value
 
 
 class KeyRecorder:
@@ -132,7 +116,7 @@ async def _operator_reads(url: str, cluster: bool, streams: list[str]) -> None:
     admin = connect_any(RedisConnection(url=url, cluster=cluster))
     await admin.xgroup_createconsumer(streams[0], GROUP, DEAD_POD)  # a consumer whose pod is gone
     await admin.aclose()
-    pods = Pods()
+    pods = PodAnnotations(WORKER)  # the worker's pod is live
     scaler = QueueScaler(pods, Settings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
     spec = parse_spec(
         {

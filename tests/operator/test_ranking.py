@@ -1,8 +1,7 @@
 """pod-deletion-cost before a scale-down of a partitioned queue: every partition's consumers, per pod.
 
 The Redis side is real (one redis-server, and the Redis Cluster fixture where the partitions live on
-different nodes); the pod API is a stand-in that records the annotations the scaler writes, since the
-ranking's question is which consumers Redis reports, not how a patch reaches the API server.
+different nodes); the pod API is ``pods.PodAnnotations``, which records the annotations written.
 """
 
 from __future__ import annotations
@@ -11,26 +10,14 @@ import redis
 from streamqueue import wire
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
-from streamqueue_operator.deletion_cost import ANNOTATION, cost
+from streamqueue_operator.deletion_cost import cost
 from streamqueue_operator.models import parse_spec
 from streamqueue_operator.scaler import QueueScaler, Settings
 
+from tests.operator.pods import PodAnnotations
+
 STREAM, GROUP, PARTITIONS = "rq", "g", 3
 PODS = ("busy", "holding", "idle", "gone")
-
-
-class PodAnnotations:
-    """The two pod calls the ranking makes: list the pods' current costs, patch the changed ones."""
-
-    def __init__(self, pods: tuple[str, ...]) -> None:
-        self.annotations: dict[str, str | None] = dict.fromkeys(pods)
-
-    async def pod_annotation(self, namespace: str, selector: str, key: str) -> dict[str, str | None]:
-        assert key == ANNOTATION
-        return dict(self.annotations)
-
-    async def annotate_pod(self, namespace: str, pod: str, key: str, value: str) -> None:
-        self.annotations[pod] = value
 
 
 def _partitioned_queue(r: redis.Redis | redis.RedisCluster) -> None:
@@ -47,7 +34,7 @@ def _partitioned_queue(r: redis.Redis | redis.RedisCluster) -> None:
 
 
 async def _rank(url: str, cluster: bool) -> dict[str, str | None]:
-    pods = PodAnnotations(PODS)
+    pods = PodAnnotations(*PODS)
     scaler = QueueScaler(pods, Settings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
     spec = parse_spec(
         {
