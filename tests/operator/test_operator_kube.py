@@ -69,13 +69,9 @@ def test_the_example_manifests_are_valid_streamqueues(
             assert result.returncode == 0, (path.name, result.stderr)
 
 
-def test_deployment_owned_and_columns_shown(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_deployment_owned_and_columns_shown(sq: Queues, start_operator: Any) -> None:
     start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 7)
+    sq.stream(backlog=7)
     sq.apply("chat", minReplicas=1, maxReplicas=3)
     owner_uid = sq.get("chat")["metadata"]["uid"]
     eventually(lambda: sq.replicas("chat") is not None, "the worker Deployment", timeout=30)
@@ -98,12 +94,9 @@ def test_deployment_owned_and_columns_shown(
     )
 
 
-def test_scales_out_drains_scales_in_to_zero_and_wakes(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_scales_out_drains_scales_in_to_zero_and_wakes(sq: Queues, start_operator: Any) -> None:
     start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    r = sq.stream()
     sq.apply(
         "work",
         minReplicas=0,
@@ -147,13 +140,10 @@ def test_scales_out_drains_scales_in_to_zero_and_wakes(
     assert replies == 201
 
 
-def test_trimming_removes_only_what_every_group_has_processed(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_trimming_removes_only_what_every_group_has_processed(sq: Queues, start_operator: Any) -> None:
     """A second group ("audit") lags behind the workers: the trim stops at its oldest pending entry,
     then at its first undelivered one once it acknowledges; the workers' group never loses one."""
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    r = sq.stream()
     r.xgroup_create(STREAM, "audit", id="0")
     push(r, 100)
     ids = [entry_id for entry_id, _ in r.xrange(STREAM)]
@@ -186,9 +176,7 @@ def test_redis_outage_holds_replicas_and_recovers(
     sq: Queues, redis_server: RedisServer, start_operator: Any
 ) -> None:
     start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 10)
+    sq.stream(backlog=10)
     sq.apply(
         "q",
         minReplicas=0,
@@ -217,18 +205,13 @@ def test_redis_outage_holds_replicas_and_recovers(
     )
     assert sq.condition("q", "Ready")["reason"] == "GroupMissing"
     assert sq.replicas("q") == 2  # a missing group holds as well
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 20)
+    sq.stream(backlog=20)
     eventually(lambda: sq.replicas("q") == 4, "scaling resumes after recovery", timeout=15)
 
 
-def test_operator_restart_causes_no_scaling(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_operator_restart_causes_no_scaling(sq: Queues, start_operator: Any) -> None:
     operator = start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 20)
+    r = sq.stream(backlog=20)
     sq.apply(
         "q",
         minReplicas=1,
@@ -252,12 +235,10 @@ def test_operator_restart_causes_no_scaling(
 
 
 def test_dead_consumers_removed_only_after_their_pending_entries_move(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
+    sq: Queues, start_operator: Any
 ) -> None:
     start_operator()
-    r = redis_server.client(decode_responses=True)
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 6)
+    r = sq.stream(backlog=6, decode_responses=True)
     r.xreadgroup(CGROUP, "work-gone-a", {STREAM: ">"}, count=3)  # crashed with 3 entries in flight
     done = r.xreadgroup(CGROUP, "work-gone-b", {STREAM: ">"}, count=1)[0][1]
     r.xack(STREAM, CGROUP, done[0][0])  # finished its work, then its pod went away
@@ -281,7 +262,7 @@ def test_dead_consumers_removed_only_after_their_pending_entries_move(
 
 @pytest.mark.parametrize("scope", ["namespaced", "cluster-wide"])
 def test_does_its_whole_job_as_the_charts_service_account(
-    sq: Queues, redis_server: RedisServer, start_operator: Any, scope: str
+    sq: Queues, start_operator: Any, scope: str
 ) -> None:
     """With the chart's ServiceAccount and RBAC (a Role in the watched namespace, or the default
     ClusterRole), the operator creates, scales, reports, records Events and cleans up consumers
@@ -293,10 +274,9 @@ def test_does_its_whole_job_as_the_charts_service_account(
     sq.plane.kubectl("apply", "-n", sq.namespace, "-f", "-", input=manifests)
     try:
         kubeconfig = sq.plane.serviceaccount_kubeconfig(sq.namespace, "rbac-streamqueue-operator")
-        operator = start_operator(kubeconfig=kubeconfig, scope=None if values else "--all-namespaces")
-        r = redis_server.client()
-        r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-        push(r, 1)
+        lease = ("--lease-name=rbac-streamqueue-operator", f"--pod-namespace={sq.namespace}")  # as the chart
+        operator = start_operator(*lease, kubeconfig=kubeconfig, scope=None if values else "--all-namespaces")
+        r = sq.stream(backlog=1)
         (entry,) = r.xreadgroup(CGROUP, "gone", {STREAM: ">"}, count=1)[0][1]
         r.xack(STREAM, CGROUP, entry[0])  # an idle dead consumer for housekeeping (needs pods: list)
         push(r, 12)
@@ -312,17 +292,13 @@ def test_does_its_whole_job_as_the_charts_service_account(
         sq.plane.kubectl("delete", "-n", sq.namespace, "--ignore-not-found", "-f", "-", input=manifests)
 
 
-def test_all_namespaces_mode_with_metrics_and_liveness(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_all_namespaces_mode_with_metrics_and_liveness(sq: Queues, start_operator: Any) -> None:
     """The chart's default scope (a ClusterRole and --all-namespaces); its metrics and liveness endpoints."""
     metrics_port, liveness_port = free_port(), free_port()
     start_operator(
         f"--metrics-port={metrics_port}", f"--liveness-port={liveness_port}", scope="--all-namespaces"
     )
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 11)
+    sq.stream(backlog=11)
     sq.apply("wide", minReplicas=1, maxReplicas=5)
     eventually(
         lambda: sq.replicas("wide") == 3, "the cluster-wide operator to scale to ceil(11/5) = 3", timeout=30
@@ -346,9 +322,7 @@ def kubeconfig_via(kubeconfig: Path, proxy: PartitionProxy, directory: Path) -> 
     return path
 
 
-def test_api_partition_holds_reports_and_recovers(
-    sq: Queues, redis_server: RedisServer, start_operator: Any, tmp_path: Path
-) -> None:
+def test_api_partition_holds_reports_and_recovers(sq: Queues, start_operator: Any, tmp_path: Path) -> None:
     """Operator and API server partitioned (requests hang; nothing is refused): replicas are held,
     the backlog stays visible in the metrics and the failed requests are counted. Once the network
     heals the operator scales to the backlog, and does not re-send that patch while its watch,
@@ -359,9 +333,7 @@ def test_api_partition_holds_reports_and_recovers(
         start_operator(
             f"--metrics-port={port}", kubeconfig=kubeconfig_via(sq.plane.kubeconfig, proxy, tmp_path)
         )
-        r = redis_server.client()
-        r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-        push(r, 3)
+        r = sq.stream(backlog=3)
         sq.apply("cut", minReplicas=1, maxReplicas=5)
         eventually(
             lambda: sq.replicas("cut") == 1 and sq.get("cut").get("status", {}).get("backlog") == 3,
@@ -399,13 +371,9 @@ def test_api_partition_holds_reports_and_recovers(
         assert sq.replicas("cut") == 5
 
 
-def test_spec_changes_update_the_template_but_never_the_replicas(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_spec_changes_update_the_template_but_never_the_replicas(sq: Queues, start_operator: Any) -> None:
     start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 20)
+    sq.stream(backlog=20)
     sq.apply("q", minReplicas=1, maxReplicas=10)
     eventually(lambda: sq.replicas("q") == 4, "4 replicas for a backlog of 20", timeout=30)
     apps = k8s.AppsV1Api(sq.api)
@@ -430,9 +398,7 @@ def test_spec_changes_update_the_template_but_never_the_replicas(
     )
 
 
-def test_adopts_an_existing_deployment_without_touching_its_replicas(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_adopts_an_existing_deployment_without_touching_its_replicas(sq: Queues, start_operator: Any) -> None:
     """A Deployment left by an earlier install (no owner reference) is taken over, not recreated."""
     labels = {"app.kubernetes.io/name": "streamqueue-worker", "streamqueue.io/queue": "old"}
     pod = {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "worker", "image": "legacy:1"}]}}
@@ -441,9 +407,7 @@ def test_adopts_an_existing_deployment_without_touching_its_replicas(
               "spec": {"replicas": 3, "selector": {"matchLabels": labels}, "template": pod}}  # fmt: skip
     sq.plane.kubectl("apply", "-n", sq.namespace, "-f", "-", input=yaml.safe_dump(legacy))
     uid = k8s.AppsV1Api(sq.api).read_namespaced_deployment("old-worker", sq.namespace).metadata.uid
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 15)  # 3 replicas' worth: the scaler has nothing to change either
+    sq.stream(backlog=15)  # 3 replicas' worth: the scaler has nothing to change either
     start_operator()
     sq.apply("old", minReplicas=1, maxReplicas=5)
 
