@@ -107,9 +107,13 @@ def test_several_streams_from_commas_or_repeated_flags(redis_server, capsys) -> 
     assert [_row(out, name)[1] for name in ("a", "b", "c")] == ["1", "1", "1"]
 
 
-def test_help_lists_the_options() -> None:
-    script = os.path.join(os.path.dirname(sys.executable), "streamqueue-monitor")
-    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60, check=True)
+@pytest.mark.parametrize("command", [["streamqueue-monitor"], ["python", "-m", "streamqueue.monitor"]])
+def test_help_lists_the_options(command: list[str]) -> None:
+    """The console script and ``python -m`` both reach the same CLI."""
+    program = os.path.join(os.path.dirname(sys.executable), command[0])
+    argv = [program, *command[1:], "--help"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.startswith("usage: streamqueue-monitor")
     flags = ("--once", "--interval", "--stream", "--reply-prefix", "--redis-url", "--scan-limit")
     for flag in (*flags, "--partitions", "--redis-cluster"):
         assert flag in out.stdout
