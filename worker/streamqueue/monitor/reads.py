@@ -9,11 +9,10 @@ from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from .. import wire
 from ..connection import RedisClient
-from ..observation import Observation, combine, from_replies
+from ..observation import Observation, combine, from_replies, no_such_key
 from .settings import MAX_PARTITIONS, MonitorSettings
 from .views import ConsumerView, GroupView, QueueView, Snapshot, StreamView
 
@@ -74,7 +73,7 @@ async def _observe_streams(
         info, groups, dead_length, lease = replies[4 * i : 4 * i + 4]
         if isinstance(dead_length, Exception):
             raise dead_length
-        if isinstance(info, ResponseError) and "no such key" in str(info).lower():  # not used yet
+        if no_such_key(info):  # not used yet
             views.append(StreamView(name, False, 0, 0, "-", dead_letter, int(dead_length), []))
             continue
         for result in (info, groups, lease):
