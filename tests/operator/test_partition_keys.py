@@ -8,7 +8,8 @@ operator's observation, pod ranking and housekeeping, and the monitor's observat
 - on one redis-server, MONITOR records every command (a script's own commands included) and
   ``COMMAND GETKEYS`` names their keys: none may be the bare stream name;
 - on the Redis Cluster fixture, where the partitions live on different nodes, every step must succeed
-  (a cross-slot command is refused there) and the operator must log no Redis error.
+  (a cross-slot command is refused there), the operator must log no Redis error and no key may have
+  the bare name afterwards.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from streamqueue.worker import Worker
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.models import parse_spec
-from streamqueue_operator.scaler import QueueScaler, Settings
+from streamqueue_operator.scaler import QueueScaler
+from streamqueue_operator.settings import OperatorSettings
 
 from tests.operator.pods import PodAnnotations
 
@@ -117,7 +119,7 @@ async def _operator_reads(url: str, cluster: bool, streams: list[str]) -> None:
     await admin.xgroup_createconsumer(streams[0], GROUP, DEAD_POD)  # a consumer whose pod is gone
     await admin.aclose()
     pods = PodAnnotations(WORKER)  # the worker's pod is live
-    scaler = QueueScaler(pods, Settings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
+    scaler = QueueScaler(pods, OperatorSettings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
     spec = parse_spec(
         {
             "redis": {"url": url, "cluster": cluster},
@@ -171,3 +173,4 @@ async def test_every_read_and_write_works_on_a_cluster(
     streams = wire.partition_streams(STREAM, PARTITIONS)
     assert len({redis_cluster.primary_for(s) for s in streams}) > 1  # the partitions span nodes
     await _walk(redis_cluster.url, cluster=True)
+    assert not redis_cluster.client().exists(STREAM)  # nothing wrote the bare name either
