@@ -12,7 +12,8 @@ from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.deletion_cost import cost
 from streamqueue_operator.models import parse_spec
-from streamqueue_operator.scaler import QueueScaler, Settings
+from streamqueue_operator.scaler import QueueScaler
+from streamqueue_operator.settings import OperatorSettings
 
 from tests.operator.pods import PodAnnotations
 
@@ -35,7 +36,7 @@ def _partitioned_queue(r: redis.Redis | redis.RedisCluster) -> None:
 
 async def _rank(url: str, cluster: bool) -> dict[str, str | None]:
     pods = PodAnnotations(*PODS)
-    scaler = QueueScaler(pods, Settings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
+    scaler = QueueScaler(pods, OperatorSettings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
     spec = parse_spec(
         {
             "redis": {"url": url, "cluster": cluster},

@@ -13,7 +13,8 @@ from redis.asyncio import Redis, RedisCluster
 from streamqueue_operator.deployment import worker_env
 from streamqueue_operator.models import parse_spec
 from streamqueue_operator.redis_access import Credentials, connect, operator_url, qualified_host
-from streamqueue_operator.scaler import QueueScaler, Settings
+from streamqueue_operator.scaler import QueueScaler
+from streamqueue_operator.settings import OperatorSettings
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ class NoSecrets:
 
 
 async def test_a_queue_scaler_connects_through_its_own_namespace() -> None:
-    scaler = QueueScaler(NoSecrets(), Settings(status_min_interval=10), "team-a", "q")  # type: ignore[arg-type]
+    scaler = QueueScaler(NoSecrets(), OperatorSettings(status_min_interval=10), "team-a", "q")  # type: ignore[arg-type]
     try:
         client = await scaler._redis(parse_spec({}).redis)
         assert client is not None and _host(client) == "redis.team-a.svc"
