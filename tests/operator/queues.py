@@ -46,6 +46,16 @@ class Queues:
         }
         self.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
+    def stream(self, backlog: int = 0, **client_options: Any) -> redis.Redis:
+        """The queues' stream and consumer group (made at 0) with ``backlog`` entries waiting; its client.
+
+        Every kube test starts from this state: the scaler reads the group's lag as the backlog.
+        """
+        r = redis.Redis.from_url(self.redis_url, **client_options)
+        r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+        push(r, backlog)
+        return r
+
     def get(self, name: str) -> dict[str, Any]:
         custom = k8s.CustomObjectsApi(self.api)
         return custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)

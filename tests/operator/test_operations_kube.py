@@ -18,7 +18,6 @@ from streamqueue_harness.eventually import eventually
 from streamqueue_harness.nodequeue import ModelStandIn
 from streamqueue_harness.podrunner import WorkerPodRunner
 from streamqueue_harness.ports import free_port
-from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.deletion_cost import ANNOTATION
 
 from tests.operator.queues import CGROUP, STREAM, Queues, metric, push, steady
@@ -50,16 +49,12 @@ def standin_runner(sq: Queues, queue: str, tmp_path: Path, **env: str) -> Worker
     )
 
 
-def test_scale_down_removes_idle_pods_first(
-    sq: Queues, redis_server: RedisServer, start_operator: Any, tmp_path: Path
-) -> None:
+def test_scale_down_removes_idle_pods_first(sq: Queues, start_operator: Any, tmp_path: Path) -> None:
     """The two newest pods hold entries in flight, the two older ones are idle. Left to itself the
     ReplicaSet controller removes the newest pods first; with the deletion costs the operator sets
     just before the scale-down, it removes the idle ones."""
     start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 10)
+    r = sq.stream(backlog=10)
     sq.apply("busy", minReplicas=1, maxReplicas=4, scaleDownStabilizationSeconds=2)
     with standin_runner(sq, "busy", tmp_path):
         older = set(eventually(lambda: len(p := live_pods(sq, "busy")) == 2 and p, "2 pods", timeout=30))
@@ -94,13 +89,9 @@ def annotate(sq: Queues, name: str, *pairs: str) -> None:
     sq.plane.kubectl("annotate", "--overwrite", "streamqueue", name, "-n", sq.namespace, *pairs)
 
 
-def test_pause_holds_sets_refuses_and_resumes(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_pause_holds_sets_refuses_and_resumes(sq: Queues, start_operator: Any) -> None:
     start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 10)
+    r = sq.stream(backlog=10)
     # no worker runs here, so no pod is ever Ready: coldStartSeconds 0 keeps the cold-start hold out of it
     sq.apply("held", minReplicas=1, maxReplicas=5, scaleDownStabilizationSeconds=0, coldStartSeconds=0)
     eventually(lambda: sq.replicas("held") == 2, "2 replicas for a backlog of 10", timeout=30)
@@ -141,14 +132,11 @@ def test_pause_holds_sets_refuses_and_resumes(
     assert len(events(sq, "held", "Paused")) == 1  # on change only, not per poll
 
 
-def test_cold_start_does_not_overshoot(
-    sq: Queues, redis_server: RedisServer, start_operator: Any, tmp_path: Path
-) -> None:
+def test_cold_start_does_not_overshoot(sq: Queues, start_operator: Any, tmp_path: Path) -> None:
     """Workers take 10-20 s to become Ready (a model loading). A backlog that grows while they start
     does not raise replicas beyond the count asked for, until they are Ready; then the policy applies."""
     start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    r = sq.stream()
     sq.apply("cold", minReplicas=1, maxReplicas=20, coldStartSeconds=60, scaleDownStabilizationSeconds=600)
     slow = ["bash", "-c", 'sleep $((10 + RANDOM % 11)); exec "$0" "$@"', *STANDIN]
     apps = k8s.AppsV1Api(sq.api)
@@ -184,17 +172,13 @@ def test_cold_start_does_not_overshoot(
     assert "not Ready yet" in hold.message
 
 
-def test_a_limit_bound_queue_is_not_scaled_up(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
-) -> None:
+def test_a_limit_bound_queue_is_not_scaled_up(sq: Queues, start_operator: Any) -> None:
     """The workers' calls wait for the model API's requests-per-minute limit (the key set as a worker sets
     it): the backlog grows, replicas stay, the LimitBound condition, an Event and the gauge say why; once
     the key expires the policy scales up."""
     port = free_port()
     start_operator(f"--metrics-port={port}")
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    push(r, 10)
+    r = sq.stream(backlog=10)
     # no worker runs here, so no pod is ever Ready: coldStartSeconds 0 keeps the cold-start hold out of it
     sq.apply("bound", worker={"modelRequestsPerMinute": 600}, maxReplicas=10, coldStartSeconds=0)
     eventually(lambda: sq.replicas("bound") == 2, "2 replicas for a backlog of 10", timeout=30)
@@ -235,15 +219,14 @@ def test_a_limit_bound_queue_is_not_scaled_up(
 
 
 def test_real_workers_at_their_model_limit_keep_the_queue_from_scaling_up(
-    sq: Queues, redis_server: RedisServer, start_operator: Any
+    sq: Queues, start_operator: Any
 ) -> None:
     """End to end: worker pods (``python -m streamqueue.worker``) call a model endpoint under a shared
     limit of 300 requests/min; their waits set the bound key, so a backlog that would ask for 10 pods
     keeps the one there is, the LimitBound condition says why, and the endpoint sees the limit's rate."""
     model = ModelStandIn("127.0.0.1", delay_s=0)
     start_operator()
-    r = redis_server.client()
-    r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
+    r = sq.stream()
     worker = {"handlerUrl": model.url, "modelRequestsPerMinute": 300}
     sq.apply("metered", worker=worker, minReplicas=1, maxReplicas=10, targetBacklogPerReplica=5)
     runner = WorkerPodRunner(sq.plane.kubeconfig, sq.namespace, "streamqueue.io/queue=metered")
