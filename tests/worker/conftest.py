@@ -5,6 +5,7 @@ worker processes started the way the pod runner starts them (``python -m streamq
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -172,3 +173,58 @@ def worker_processes(redis_server, tmp_path) -> Iterator[WorkerProcesses]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+class Fleet:
+    """Worker processes (the demo handler, 20 ms a message) of one partitioned queue, started and killed by
+    the test."""
+
+    def __init__(self, url: str, logs: Path, stream: str, partitions: int, **env: str) -> None:
+        self.logs = logs
+        self.url = url
+        self.settings = {
+            "stream": stream,
+            "partitions": str(partitions),
+            "handler": "streamqueue_harness.demo_handler:handle",
+            "demo_delay_ms": "20",
+            "block_ms": "200",
+            "claim_idle_ms": "2000",
+            "concurrency": "16",
+            **env,
+        }
+        self.procs: dict[str, Popen[bytes]] = {}
+
+    def start(self, name: str) -> None:
+        self.procs[name] = spawn_worker(self.url, name, self.logs / f"{name}.log", **self.settings)
+
+    def kill(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs.pop(name).wait(timeout=10)
+
+    def stop(self, name: str) -> None:
+        """SIGTERM, as the kubelet does on scale-in: the worker drains and exits 0."""
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (self.logs / f"{name}.log").read_text()[-2000:]
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def fleets(tmp_path) -> Iterator[Callable[..., Fleet]]:
+    """``fleets(url, stream, partitions, "w-1", ..., **settings)``: a Fleet with the named workers started;
+    every worker of every fleet killed after the test."""
+    made: list[Fleet] = []
+
+    def start(url: str, stream: str, partitions: int, *workers: str, **settings: str) -> Fleet:
+        made.append(Fleet(url, tmp_path, stream, partitions, **settings))
+        for name in workers:
+            made[-1].start(name)
+        return made[-1]
+
+    yield start
+    for fleet in made:
+        fleet.close()

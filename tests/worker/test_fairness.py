@@ -17,10 +17,8 @@ from streamqueue.handlers import Message
 from streamqueue_harness.eventually import eventually, eventually_async
 
 from tests.worker.conftest import STREAM, group_settled, send
-from tests.worker.test_partitions import Fleet, all_answered, answers, check, fleets, in_send_order
+from tests.worker.test_partitions import all_answered, answers, check, in_send_order
 from tests.worker.test_partitions import send as send_partitioned
-
-__all__ = ["fleets"]  # the fixture, shared with the partition tests
 
 
 class StartOrder:
@@ -78,13 +76,9 @@ async def test_a_newcomer_waits_for_at_most_one_entry_per_waiting_user(raw, sett
     await eventually_async(lambda: group_settled(raw), "the burst answered", timeout=60)
 
 
-def test_nothing_is_lost_when_a_fair_worker_is_killed(redis_server, fleets, tmp_path) -> None:
-    fleet = Fleet(
-        redis_server.url, tmp_path, "fairkill", 2, fairness="perUser", concurrency="4", claim_idle_ms="1000"
-    )
-    fleets.append(fleet)
-    for name in ("w-1", "w-2"):
-        fleet.start(name)
+def test_nothing_is_lost_when_a_fair_worker_is_killed(redis_server, fleets) -> None:
+    settings = {"fairness": "perUser", "concurrency": "4", "claim_idle_ms": "1000"}
+    fleet = fleets(redis_server.url, "fairkill", 2, "w-1", "w-2", **settings)
     client = redis_server.client(decode_responses=True)
     requests = [(f"fk-{u}", f"fk-{u}-{n}") for u in range(6) for n in range(10 * (u + 1))]
     send_partitioned(client, "fairkill", 2, requests)
@@ -97,14 +91,11 @@ def test_nothing_is_lost_when_a_fair_worker_is_killed(redis_server, fleets, tmp_
 
 
 @pytest.mark.slow
-def test_fairness_keeps_per_user_order_on_a_cluster(redis_cluster, fleets, tmp_path) -> None:
-    fleet = Fleet(
-        redis_cluster.url, tmp_path, "fairorder", 3,
+def test_fairness_keeps_per_user_order_on_a_cluster(redis_cluster, fleets) -> None:
+    fleets(
+        redis_cluster.url, "fairorder", 3, "w-1", "w-2",
         redis_cluster="true", ordering="perUser", fairness="perUser", demo_jitter_ms="30",
     )  # fmt: skip
-    fleets.append(fleet)
-    for name in ("w-1", "w-2"):
-        fleet.start(name)
     client = redis_cluster.client(decode_responses=True)
     requests = [(f"fo-{u}", f"fo-{u}-{n}") for n in range(40) for u in range(8) if n < 5 * (u + 1)]
     send_partitioned(client, "fairorder", 3, requests)

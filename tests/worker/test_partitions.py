@@ -10,12 +10,8 @@ own stream and users, so the module's cluster is shared safely.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
-from subprocess import Popen
 from typing import Any
 
 import pytest
@@ -24,54 +20,6 @@ from streamqueue.connection import RedisConnection
 from streamqueue.worker.reclaim import Delivery
 from streamqueue.worker.userorder import UserOrder
 from streamqueue_harness.eventually import eventually
-from streamqueue_harness.workerproc import spawn_worker
-
-HANDLER = "streamqueue_harness.demo_handler:handle"
-
-
-class Fleet:
-    """Worker processes of one partitioned queue, started and killed by the test."""
-
-    def __init__(self, url: str, logs: Path, stream: str, partitions: int, **env: str) -> None:
-        self.logs = logs
-        self.url = url
-        self.settings = {
-            "stream": stream,
-            "partitions": str(partitions),
-            "handler": HANDLER,
-            "demo_delay_ms": "20",
-            "block_ms": "200",
-            "claim_idle_ms": "2000",
-            "concurrency": "16",
-            **env,
-        }
-        self.procs: dict[str, Popen[bytes]] = {}
-
-    def start(self, name: str) -> None:
-        self.procs[name] = spawn_worker(self.url, name, self.logs / f"{name}.log", **self.settings)
-
-    def kill(self, name: str) -> None:
-        self.procs[name].send_signal(signal.SIGKILL)
-        self.procs.pop(name).wait(timeout=10)
-
-    def stop(self, name: str) -> None:
-        """SIGTERM, as the kubelet does on scale-in: the worker drains and exits 0."""
-        proc = self.procs.pop(name)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, (self.logs / f"{name}.log").read_text()[-2000:]
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-@pytest.fixture
-def fleets(tmp_path) -> Iterator[list[Fleet]]:
-    made: list[Fleet] = []
-    yield made
-    for fleet in made:
-        fleet.close()
 
 
 def send(client: Any, stream: str, partitions: int, requests: list[tuple[str, str]]) -> None:
@@ -140,13 +88,8 @@ def test_a_users_next_entry_waits_for_the_previous_one_and_others_do_not() -> No
 # ---- one Redis -------------------------------------------------------------------------------------
 
 
-def test_partitions_on_one_redis_answer_every_user_on_their_own_stream(
-    redis_server, fleets, tmp_path
-) -> None:
-    fleet = Fleet(redis_server.url, tmp_path, "one", 4)
-    fleets.append(fleet)
-    for name in ("w-1", "w-2"):
-        fleet.start(name)
+def test_partitions_on_one_redis_answer_every_user_on_their_own_stream(redis_server, fleets) -> None:
+    fleets(redis_server.url, "one", 4, "w-1", "w-2")
     client = redis_server.client(decode_responses=True)
     requests = [(f"one-{u}", f"one-{u}-{n}") for n in range(10) for u in range(20)]
     send(client, "one", 4, requests)
@@ -163,13 +106,8 @@ cluster_only = pytest.mark.slow
 
 
 @cluster_only
-def test_a_cluster_queue_loses_nothing_when_workers_are_killed_mid_burst(
-    redis_cluster, fleets, tmp_path
-) -> None:
-    fleet = Fleet(redis_cluster.url, tmp_path, "burst", 6, redis_cluster="true")
-    fleets.append(fleet)
-    for name in ("w-1", "w-2", "w-3"):
-        fleet.start(name)
+def test_a_cluster_queue_loses_nothing_when_workers_are_killed_mid_burst(redis_cluster, fleets) -> None:
+    fleet = fleets(redis_cluster.url, "burst", 6, "w-1", "w-2", "w-3", redis_cluster="true")
     client = redis_cluster.client(decode_responses=True)
     requests = [(f"burst-{u}", f"burst-{u}-{n}") for n in range(20) for u in range(30)]
     send(client, "burst", 6, requests)
@@ -186,14 +124,11 @@ def test_a_cluster_queue_loses_nothing_when_workers_are_killed_mid_burst(
 
 
 @cluster_only
-def test_per_user_order_holds_through_sigkill_scale_out_and_scale_in(redis_cluster, fleets, tmp_path) -> None:
-    fleet = Fleet(
-        redis_cluster.url, tmp_path, "order", 6,
+def test_per_user_order_holds_through_sigkill_scale_out_and_scale_in(redis_cluster, fleets) -> None:
+    fleet = fleets(
+        redis_cluster.url, "order", 6, "w-1", "w-2",
         redis_cluster="true", ordering="perUser", lease_ttl_ms="1500", demo_jitter_ms="40",
     )  # fmt: skip
-    fleets.append(fleet)
-    fleet.start("w-1")
-    fleet.start("w-2")
     client = redis_cluster.client(decode_responses=True)
     users = [f"order-{u}" for u in range(12)]
     sent: dict[str, list[str]] = {u: [] for u in users}
@@ -226,15 +161,12 @@ def test_per_user_order_holds_through_sigkill_scale_out_and_scale_in(redis_clust
 
 
 @cluster_only
-def test_workers_carry_on_through_a_primary_failover(redis_cluster, fleets, tmp_path) -> None:
+def test_workers_carry_on_through_a_primary_failover(redis_cluster, fleets) -> None:
     """Redis replicates asynchronously: a write the old primary confirmed but had not yet passed to
     its replica is gone after the failover. Requests lost that way never reached a worker; replies
     lost that way were acknowledged. The test requires that work continues and that what was lost is
     only what the failover itself can explain, and reports the numbers."""
-    fleet = Fleet(redis_cluster.url, tmp_path, "failover", 6, redis_cluster="true")
-    fleets.append(fleet)
-    for name in ("w-1", "w-2"):
-        fleet.start(name)
+    fleet = fleets(redis_cluster.url, "failover", 6, "w-1", "w-2", redis_cluster="true")
     client = redis_cluster.client(decode_responses=True)
     before = [(f"fo-{u}", f"fo-{u}-{n}") for n in range(10) for u in range(20)]
     send(client, "failover", 6, before)
@@ -263,10 +195,8 @@ async def _request_through(connection: RedisConnection, stream: str, partitions:
     return [r.response or "" for r in replies]
 
 
-async def test_the_client_sends_each_user_to_their_partition(redis_server, fleets, tmp_path) -> None:
-    fleet = Fleet(redis_server.url, tmp_path, "routed", 4)
-    fleets.append(fleet)
-    fleet.start("w-1")
+async def test_the_client_sends_each_user_to_their_partition(redis_server, fleets) -> None:
+    fleets(redis_server.url, "routed", 4, "w-1")
     responses = await _request_through(RedisConnection(url=redis_server.url), "routed", 4)
     assert responses == [f"Echo: hello {i}" for i in range(6)]
     r = redis_server.client(decode_responses=True)
@@ -277,9 +207,7 @@ async def test_the_client_sends_each_user_to_their_partition(redis_server, fleet
 
 
 @cluster_only
-async def test_the_client_works_on_a_cluster(redis_cluster, fleets, tmp_path) -> None:
-    fleet = Fleet(redis_cluster.url, tmp_path, "cl", 6, redis_cluster="true")
-    fleets.append(fleet)
-    fleet.start("w-1")
+async def test_the_client_works_on_a_cluster(redis_cluster, fleets) -> None:
+    fleets(redis_cluster.url, "cl", 6, "w-1", redis_cluster="true")
     responses = await _request_through(RedisConnection(url=redis_cluster.url, cluster=True), "cl", 6)
     assert responses == [f"Echo: hello {i}" for i in range(6)]
