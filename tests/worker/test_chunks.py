@@ -15,8 +15,8 @@ from streamqueue.handlers import Message
 from streamqueue.metrics import WorkerMetrics
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker.chunks import ChunkWriteFailed, ChunkWriter
-from streamqueue.worker.loop import Worker
 from streamqueue.worker.outbox import Outbox
+from streamqueue.worker.worker import Worker
 from streamqueue_harness.eventually import eventually_async
 
 CHUNKS = 12

@@ -1,5 +1,5 @@
 """The worker runtime: ``Worker`` runs one consumer of a stream's consumer group."""
 
-from .loop import Worker
+from .worker import Worker
 
 __all__ = ["Worker"]

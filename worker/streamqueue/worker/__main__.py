@@ -19,7 +19,7 @@ from ..handlers import HandlerLoadError
 from ..health import start_health_server
 from ..settings import WorkerSettings
 from . import logs
-from .loop import Worker
+from .worker import Worker
 
 log = logging.getLogger("streamqueue.worker")
 

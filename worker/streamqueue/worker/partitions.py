@@ -1,4 +1,4 @@
-"""Which partitions this worker consumes, with one ``Run`` each and a share of the in-flight limit.
+"""Which partitions this worker consumes, with one ``PartitionRun`` each and a share of the in-flight limit.
 
 Without order, every worker consumes every partition: one blocking read per partition (on a cluster
 a read cannot span slots), the most throughput, no order. With per-user order a partition must have
@@ -18,13 +18,14 @@ import logging
 
 import redis.asyncio as aioredis
 
+from ..aio import cancel
 from ..connection import Backoff, RedisClient, transient
 from ..handlers import Handler
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
 from .cancel import CancelWatch
 from .leases import Leases, assignment
-from .run import Run, cancel
+from .partition_run import PartitionRun
 
 log = logging.getLogger("streamqueue.worker")
 
@@ -39,7 +40,7 @@ class Partitions:
         self.redis = redis
         self.handler = handler
         self.metrics = metrics
-        self.runs: dict[str, tuple[Run, asyncio.Task[None]]] = {}
+        self.runs: dict[str, tuple[PartitionRun, asyncio.Task[None]]] = {}
         self.redis_ok = False  # order mode: the last heartbeat answered
         self._leases: Leases | None = None
         self._held: set[str] = set()  # partitions whose lease this worker holds (draining ones too)
@@ -93,12 +94,12 @@ class Partitions:
 
     def _start_run(self, partition: str, share: int, *, takeover: bool = False) -> None:
         """``share``: how many partitions this worker consumes now; each gets that part of its concurrency."""
-        run = Run(
+        run = PartitionRun(
             self.s, self.redis, self.handler, self.metrics,
             stream=partition, concurrency=max(1, self.s.concurrency // share), takeover=takeover,
             cancels=self.cancels,
         )  # fmt: skip
-        task = asyncio.create_task(run.until_stopped(asyncio.Event()), name=f"streamqueue-run {partition}")
+        task = asyncio.create_task(run.until_stopped(), name=f"streamqueue-run {partition}")
         self.runs[partition] = (run, task)
 
     async def _stop_run(self, partition: str) -> None:

@@ -1,7 +1,7 @@
 """The worker: one consumer of a queue's group on each partition it consumes, until it is stopped.
 
 ``Worker`` is the public face (the CLI and tests run it): it connects, loads the handler and lets
-``Partitions`` decide which partition streams to consume, each with a ``Run`` (read, handle, answer
+``Partitions`` decide which partition streams to consume, each with a ``PartitionRun`` (read, handle, answer
 and acknowledge, reclaim, drain). ``request_stop`` starts the drain of every partition.
 """
 

@@ -1,0 +1,177 @@
+"""One entry's processing: check it, run the handler on it (cancellable, its chunks streamed) and
+say what to commit for it: the reply, a ``cancelled`` reply or a dead letter (None: it failed)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from functools import partial
+from typing import Any
+
+from .. import wire
+from ..handlers import Handler, Message
+from ..metrics import WorkerMetrics
+from ..settings import WorkerSettings
+from .cancel import Flight, cancelled_fields
+from .chunks import ChunkWriter
+from .commit import Commit
+from .inflight import InFlight
+from .outbox import StreamWrite
+from .reclaim import Delivery
+from .replies import reply_fields
+from .retry import Failures
+
+log = logging.getLogger("streamqueue.worker")
+
+
+class EntryProcessor:
+    """Turns an entry of one partition stream into what to commit with its XACK."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        handler: Handler,
+        metrics: WorkerMetrics,
+        *,
+        stream: str,
+        chunks: ChunkWriter,
+        inflight: InFlight,
+        failures: Failures,
+    ) -> None:
+        self.s = settings
+        self.handler = handler
+        self.metrics = metrics
+        self.stream = stream
+        self.chunks = chunks
+        self.inflight = inflight
+        self.failures = failures
+
+    async def process(self, entry: Delivery) -> Commit | None:
+        """What to commit for this entry (writes, then a step to run once committed), or None."""
+        s = self.s
+        entry_id, fields = entry.entry_id, entry.fields
+        rejection = wire.validate_request(fields, s.max_message_bytes)
+        if rejection is not None:
+            return self.failures.dead_letter(entry, rejection.reason, rejection.detail, entry.deliveries)
+        flight = self.inflight.flight(entry_id)
+        if flight is not None and flight.cancelled:
+            return self._cancelled(entry, ran=False)
+        exhausted = self.failures.exhausted(entry)
+        if exhausted is not None:
+            return exhausted
+        msg = Message(
+            id=entry_id,
+            stream=self.stream,
+            user_id=fields[wire.USER_ID],
+            message=fields[wire.MESSAGE],
+            request_id=fields.get(wire.REQUEST_ID),
+            deliveries=entry.deliveries,
+            fields=fields,
+        )
+        started = time.perf_counter()
+        try:
+            writes = await (self._answer(msg) if flight is None else self._answer_cancellable(msg, flight))
+        except Exception as exc:
+            self.failures.failed(entry, exc)
+            return None
+        finally:
+            self.metrics.handler_latency.observe(time.perf_counter() - started)
+        if writes is None:
+            return self._cancelled(entry, ran=True)
+        return writes, partial(self._answered, entry_id)
+
+    async def _answer_cancellable(self, msg: Message, flight: Flight) -> list[StreamWrite] | None:
+        """``_answer``, or None if the request was cancelled while its handler ran.
+
+        A cancel cancels the task running this (a consumer of the pool): the handler sees
+        ``CancelledError``, which ends here, and the consumer goes on with its next entry. A
+        cancellation from anyone else (the drain at shutdown) propagates as before.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        flight.task = task
+        try:
+            writes = await self._answer(msg)
+        except asyncio.CancelledError:
+            if not flight.hits:
+                raise
+            if _uncancel(task, flight) > 0:  # cancelled by someone else as well
+                raise
+            return None
+        finally:
+            flight.task = None
+        if flight.hits:  # the handler (or a library) swallowed the CancelledError and returned
+            _uncancel(task, flight)
+        return None if flight.cancelled else writes
+
+    def _cancelled(self, entry: Delivery, *, ran: bool) -> Commit:
+        """The ``cancelled`` final reply, committed with the entry's XACK."""
+        s = self.s
+        fields = entry.fields
+        key = wire.reply_stream(s.reply_prefix, fields[wire.USER_ID])
+        reply = cancelled_fields(s.consumer, fields.get(wire.REQUEST_ID))
+
+        def cancelled() -> None:
+            self.failures.forget(entry.entry_id)
+            log.info(
+                "entry %s (request %s) cancelled %s",
+                entry.entry_id, fields.get(wire.REQUEST_ID), "while running" if ran else "before it ran",
+            )  # fmt: skip
+
+        return [StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds)], cancelled
+
+    def _answered(self, entry_id: str) -> None:
+        self.failures.forget(entry_id)
+        self.metrics.processed.inc()
+
+    async def _answer(self, msg: Message) -> list[StreamWrite]:
+        """Call the handler; stream its chunks if it yields them; return the final reply write."""
+        s = self.s
+        key = wire.reply_stream(s.reply_prefix, msg.user_id)
+        outcome = self.handler(msg)
+        result: str | Mapping[str, Any]
+        if inspect.iscoroutine(outcome):  # the common case, and a far cheaper test than the ABC below
+            result = await outcome
+        elif isinstance(outcome, AsyncIterator):
+            result = await self._stream_chunks(outcome, msg, key)
+        else:
+            result = await outcome
+        return [
+            StreamWrite(
+                key, reply_fields(s.consumer, msg.request_id, result), s.reply_maxlen, s.reply_ttl_seconds
+            )
+        ]
+
+    async def _stream_chunks(self, chunks: AsyncIterator[str], msg: Message, key: str) -> str:
+        """Queue each chunk as it is produced (if enabled) and return the whole text for the final reply.
+
+        Chunks go through the outbox with every other reply's (``chunks.ChunkWriter``): the handler
+        waits only when too much is queued. The first chunk gives the stream its lifetime as a reply
+        would, so a handler that fails halfway leaves no key without a TTL behind.
+        """
+        s = self.s
+        parts: list[str] = []
+        stream = self.chunks.reply(key, s.consumer, msg.request_id, s.reply_maxlen, s.reply_ttl_seconds)
+        try:
+            async for chunk in chunks:
+                text = str(chunk)
+                if s.stream_replies:
+                    await stream.write(text)
+                parts.append(text)
+        finally:
+            if isinstance(chunks, AsyncGenerator):  # stopped early (cancel, failed write): close it now
+                await chunks.aclose()
+        await stream.written()  # the final reply must follow its chunks, and not hide a lost one
+        return "".join(parts)
+
+
+def _uncancel(task: asyncio.Task[Any], flight: Flight) -> int:
+    """Take back the cancellations made on ``flight``'s account; the cancellations left (others')."""
+    remaining = task.cancelling()
+    for _ in range(flight.hits):
+        remaining = task.uncancel()
+    flight.hits = 0
+    return remaining
