@@ -169,8 +169,7 @@ async def _lead(
     logger: logging.Logger,
 ) -> None:
     """Poll and act while this replica leads; returns as soon as it does not (a refused write)."""
-    await _drop_scaler(memo, namespace, name)  # a takeover starts from what the last leader wrote
-    scaler = _scaler(memo, namespace, name)
+    scaler = _scaler(memo, namespace, name)  # new on each takeover: from what the last leader wrote
     scaler.seed(dict(body.get("status") or {}))
 
     def on_scale(before: int, after: int, decision: Decision) -> None:
