@@ -21,11 +21,12 @@ from streamqueue import wire
 from streamqueue.connection import RedisClient
 
 from . import deletion_cost, housekeeping, metrics, redis_access, status
-from .act import API_ERRORS, Cluster
+from .act import API_ERRORS, Cluster, NotLeader
 from .decide import Decision, ScalerState, decide, parse_pause
 from .deployment import deployment_name, selector_labels
 from .models import RedisSpec, StreamQueueSpec, parse_spec
 from .observe import Observation, consumer_loads, observe
+from .settings import OperatorSettings
 
 RECONNECT_INTERVAL_SECONDS = 5.0
 PATCH_TRUST_SECONDS = 5.0
@@ -54,15 +55,10 @@ HOLD_EVENTS = {
 }
 
 
-@dataclass(frozen=True)
-class Settings:
-    status_min_interval: float
-
-
 class QueueScaler:
     """Per-StreamQueue state across polls; ``poll`` runs one observe → decide → act step."""
 
-    def __init__(self, cluster: Cluster, settings: Settings, namespace: str, name: str) -> None:
+    def __init__(self, cluster: Cluster, settings: OperatorSettings, namespace: str, name: str) -> None:
         self.cluster, self.settings = cluster, settings
         self.namespace, self.name = namespace, name
         self.deployment = deployment_name(name)
@@ -319,6 +315,8 @@ class QueueScaler:
         except API_ERRORS as exc:
             self._api_error("status", exc)
             return
+        except NotLeader:
+            return  # leadership ended while the write waited; the next leader writes its own
         except Exception:
             self.log.exception("status write failed; retrying on the next poll")
             return
@@ -336,12 +334,14 @@ class QueueScaler:
             if rules.dead_consumer_cleanup:
                 pods = await self.cluster.pod_names(self.namespace, self._selector())
                 for stream in streams:
+                    self.cluster.fence()  # Redis writes too: only the leader cleans up
                     result = await housekeeping.remove_dead_consumers(client, stream, spec.group, pods)
                     metrics.CONSUMERS_DELETED.labels(self.namespace, self.name).inc(len(result.deleted))
                     if result.deleted:
                         self.log.info("deleted dead consumers %s of %s", ", ".join(result.deleted), stream)
             if rules.trim_stream:
                 for stream in streams:
+                    self.cluster.fence()
                     trimmed = await housekeeping.trim_processed(client, stream)
                     metrics.ENTRIES_TRIMMED.labels(self.namespace, self.name).inc(trimmed)
         except (redis.RedisError, OSError) as exc:
