@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the pinned Kubernetes tool chain (etcd, kube-apiserver, kube-controller-manager, kubectl,
-# kube-scheduler, kubelet, kube-proxy, helm, kind, actionlint) from the Go module proxy into a cache
+# kube-scheduler, kubelet, kube-proxy, CoreDNS, helm, kind, actionlint) from the Go module proxy into a cache
 # outside the repository, keyed by version, and link it into .tools/bin. A warm cache makes this a
 # no-op that takes well under a second.
 #
@@ -14,6 +14,8 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 HELM_VERSION="${HELM_VERSION:-v3.20.2}"
 KIND_VERSION="${KIND_VERSION:-v0.30.0}"
 ACTIONLINT_VERSION="${ACTIONLINT_VERSION:-v1.7.12}"  # lints .github/workflows (make lint)
+# The node's cluster DNS; v1.14.7 is built with client-go v0.35.4, the same as KUBERNETES_VERSION.
+COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}"
 GO_MIN_VERSION="1.25"
 # The control plane, plus what runs real pods beside it: kube-scheduler, kubelet, kube-proxy.
 KUBERNETES_COMMANDS="kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy"
@@ -148,6 +150,47 @@ build_etcd() {  # etcd in its own module: its release go.mod files carry local r
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+# CoreDNS with only the plugins cluster DNS uses (the `kubernetes` plugin watching the API server,
+# cache, errors, log, health, ready, loadbalance) instead of its default list of 50-odd: no forward
+# (there is no upstream to forward to), no cloud back-ends, so it builds in a fraction of the time.
+# dnsserver.Directives is the plugin chain's order; the names follow CoreDNS's own plugin.cfg order.
+build_coredns() {
+  local v="$COREDNS_VERSION" out="$CACHE/coredns-$COREDNS_VERSION/bin" work="$CACHE/coredns-$COREDNS_VERSION/src"
+  log "coredns $v: building a cluster-DNS-only CoreDNS"
+  consumer_module "$work" streamqueue.local/coredns 1.25.0
+  (
+    cd "$work"
+    "$GO" mod edit -require="github.com/coredns/coredns@$v"
+    cat > main.go <<'GO'
+// CoreDNS for cluster DNS only: the plugins a kube-dns Corefile uses, in CoreDNS's chain order.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func init() {
+	dnsserver.Directives = []string{"ready", "health", "errors", "log", "loadbalance", "cache", "kubernetes"}
+}
+
+func main() { coremain.Run() }
+GO
+    "$GO" mod tidy -e >/dev/null
+    mkdir -p "$out.tmp"
+    CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o "$out.tmp/coredns" .
+  )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
 build_helm() {
   local v="$HELM_VERSION" out="$CACHE/helm-$HELM_VERSION/bin"
   log "helm $v: go install helm.sh/helm/v3/cmd/helm"
@@ -197,15 +240,16 @@ ensure() {  # ensure NAME VERSION BINARIES...
 }
 
 main() {
-  local want="${*:-etcd kubernetes helm kind actionlint}"
+  local want="${*:-etcd kubernetes coredns helm kind actionlint}"
   for t in $want; do
     case "$t" in
       etcd) ensure etcd "$ETCD_VERSION" etcd ;;
       kubernetes) ensure kubernetes "$KUBERNETES_VERSION" $KUBERNETES_COMMANDS ;;
+      coredns) ensure coredns "$COREDNS_VERSION" coredns ;;
       helm) ensure helm "$HELM_VERSION" helm ;;
       kind) ensure kind "$KIND_VERSION" kind ;;
       actionlint) ensure actionlint "$ACTIONLINT_VERSION" actionlint ;;
-      *) echo "unknown tool: $t (want etcd, kubernetes, helm, kind, actionlint)" >&2; exit 2 ;;
+      *) echo "unknown tool: $t (want etcd, kubernetes, coredns, helm, kind, actionlint)" >&2; exit 2 ;;
     esac
   done
   log "tools ready in $BIN"
