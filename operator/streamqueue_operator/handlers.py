@@ -125,8 +125,8 @@ async def _converge(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger) ->
         await _ensure_deployment(body, memo)
     except kopf.TemporaryError as exc:
         return exc.delay or POLL_ERROR_BACKOFF_SECONDS
-    except kopf.PermanentError as exc:
-        logger.warning("Deployment not ensured until the spec changes: %s", exc)
+    except kopf.PermanentError as exc:  # its own Event says why; retried when the spec changes
+        logger.info("Deployment not ensured until the spec changes: %s", exc)
         return math.inf
     return 0.0
 
