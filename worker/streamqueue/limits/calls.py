@@ -1,36 +1,9 @@
-"""Model-API limits shared by every worker of a queue: requests and tokens per minute, concurrent calls,
-and the pause a 429 imposes on all of them (docs/ai.md, "Model-API limits").
-
-The state lives in Redis, in three keys of the queue's hash slot (``wire.limits_key``,
-``wire.limit_calls_key``, ``wire.limit_bound_key``), so one Lua script decides each call atomically on
-a single server and on a Redis Cluster alike, with the time of Redis (``TIME``), never a pod's clock:
-
-- a shared pause (``pause_until``, ms): set by ``pause`` to max(the pause already set, now + seconds);
-- requests per minute: GCRA with an emission interval of 60,000/RPM ms and a burst of
-  ``request_burst(rpm)`` (10 ms worth of calls, at least 1: at 6,000 RPM or less calls are evenly
-  spaced, so a provider measuring any window, a minute or a second, sees at most its share);
-- tokens per minute: a bucket of RPM-like refill holding at most one minute of tokens. A call may start
-  while the bucket is positive; the handler reports the tokens it used (``Call.report_tokens``) and
-  they are debited when the call ends, so a large reply puts the bucket in debt and later calls wait;
-- concurrent calls: a sorted set of call leases (score: expiry in ms), renewed while the call runs, so
-  the slots of a worker that crashed free themselves ``lease_ms`` later.
-
-A call that must wait learns how long and which limit binds; the script then SETs ``limit_bound_key``
-to that ``wire.LIMIT_*`` reason with PX ``wire.LIMIT_BOUND_TTL_MS``, which the operator reads (a
-limit-bound queue is not scaled up). Waiting does not hammer Redis: per ``ModelLimits`` one coroutine
-polls on behalf of a local FIFO of waiting calls, grants as many as the limits allow in one round trip,
-and sleeps the wait the script hinted (for the concurrency limit a bounded poll, cut short when a local
-call ends).
-
-If Redis cannot be reached while a call waits to start, the call fails with ``LimitsUnavailable``:
-the handler fails, the entry stays pending and is retried. A model is never called unlimited because
-the limits could not be checked.
-"""
+"""``ModelLimits``, one worker's view of its queue's model-API limits: a poller that grants the local FIFO
+of waiting calls in one script round trip each, and the renewal of the granted calls' leases."""
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import math
 import time
@@ -40,190 +13,24 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import wire
-from .aio import wait_set
-from .metrics import WorkerMetrics
+from .. import wire
+from ..aio import wait_set
+from ..metrics import WorkerMetrics
+from .scripts import DECIDE, PAUSE, RELEASE, RENEW, request_burst
 
 if TYPE_CHECKING:
-    from .connection import RedisClient
-    from .settings import WorkerSettings
+    from ..connection import RedisClient
+    from ..settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 CALL_LEASE_MS = 15_000  # a crashed worker's call slots free themselves this long after its last renewal
 CONCURRENCY_POLL_MS = 50  # how often a worker re-asks while every slot is taken by another worker
 MAX_GRANT = 100  # calls one round trip may start at once
-RETRY_AFTER_CAP_S = 120.0  # a longer Retry-After (or a far HTTP date) is cut to this
-BURST_MS = 10  # the RPM burst: this many milliseconds' worth of calls may start together
-
-
-def request_burst(requests_per_minute: int) -> int:
-    """Calls that may start back to back under ``requests_per_minute``: 10 ms worth, at least 1."""
-    return max(1, requests_per_minute * BURST_MS // 60_000)
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` header as seconds (a number or an HTTP date, at most ``RETRY_AFTER_CAP_S``);
-    None when missing or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 
 class LimitsUnavailable(RuntimeError):
     """Redis could not be asked whether a model call may start: the call is not made."""
-
-
-# Shared by the scripts: the time of Redis in ms, and how long the state hash must outlive ``now``
-# (the pause, the RPM schedule, a token debt still refilling), so idle queues leave no keys behind.
-_PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local s = redis.call('HMGET', KEYS[1], 'pause_until', 'pause_reason', 'rpm_tat', 'tpm_level', 'tpm_at')
-local pause_until = tonumber(s[1]) or 0
-local pause_reason = s[2] or 'RetryAfter'
-local tat = tonumber(s[3]) or 0
-local function tokens_now(tpm)
-  local level, at = tonumber(s[4]), tonumber(s[5])
-  if level == nil or at == nil then return tpm end
-  return math.min(tpm, level + (now - at) * tpm / 60000)
-end
-local function keep(tpm, level)
-  local ms = math.max(pause_until - now, tat - now, 0)
-  if tpm > 0 and level < tpm then ms = math.max(ms, (tpm - level) * 60000 / tpm) end
-  redis.call('PEXPIRE', KEYS[1], math.ceil(ms) + 1000)
-end
-"""
-
-# KEYS: state hash, calls zset, bound key. ARGV: want, id prefix, first seq, rpm, burst, tpm,
-# concurrent, lease ms, poll ms, bound ttl ms. Returns {granted, wait ms, reason}.
-_DECIDE = (
-    _PRELUDE
-    + """
-local want, prefix, seq = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local rpm, burst, tpm, conc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local lease, poll, bound_ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local wait, reason = 0, ''
-local function bind(ms, why)
-  if ms > wait then wait, reason = ms, why end
-end
-if pause_until > now then bind(pause_until - now, pause_reason) end
-local level = tpm
-if tpm > 0 then
-  level = tokens_now(tpm)
-  if level <= 0 then bind(math.floor(-level * 60000 / tpm) + 1, 'TokensPerMinute') end
-end
-local n = want
-if conc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  n = math.min(n, conc - redis.call('ZCARD', KEYS[2]))
-  if n <= 0 then bind(poll, 'ConcurrentCalls') end
-end
-local next_tat = math.max(tat, now)
-if rpm > 0 then
-  local interval = 60000 / rpm
-  local tolerance = (burst - 1) * interval
-  local allowed = 0
-  while allowed < n and next_tat - now <= tolerance do
-    next_tat = next_tat + interval
-    allowed = allowed + 1
-  end
-  n = allowed
-  if n == 0 then bind(math.ceil(next_tat - tolerance - now), 'RequestsPerMinute') end
-end
-if wait > 0 then
-  redis.call('SET', KEYS[3], reason, 'PX', bound_ttl)
-  return {0, wait, reason}
-end
-if rpm > 0 then
-  tat = next_tat
-  redis.call('HSET', KEYS[1], 'rpm_tat', string.format('%.3f', tat))
-  keep(tpm, level)
-end
-if conc > 0 then
-  for i = 0, n - 1 do redis.call('ZADD', KEYS[2], now + lease, prefix .. (seq + i)) end
-  redis.call('PEXPIRE', KEYS[2], lease * 2)
-end
-return {n, 0, ''}
-"""
-)
-
-# KEYS: state hash, calls zset. ARGV: call id, tokens used, tpm. The call's slot frees, its tokens count.
-_RELEASE = (
-    _PRELUDE
-    + """
-local tokens, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if tpm > 0 and tokens > 0 then
-  local level = tokens_now(tpm) - tokens
-  redis.call('HSET', KEYS[1], 'tpm_level', string.format('%.3f', level), 'tpm_at', now)
-  keep(tpm, level)
-end
-return 1
-"""
-)
-
-# KEYS: state hash, bound key. ARGV: pause ms, reason, tpm, bound ttl ms. Returns the pause left, ms.
-_PAUSE = (
-    _PRELUDE
-    + """
-local asked = now + tonumber(ARGV[1])
-if asked > pause_until then
-  pause_until = asked
-  redis.call('HSET', KEYS[1], 'pause_until', asked, 'pause_reason', ARGV[2])
-end
-local tpm = tonumber(ARGV[3])
-keep(tpm, tpm > 0 and tokens_now(tpm) or 0)
-redis.call('SET', KEYS[2], ARGV[2], 'PX', tonumber(ARGV[4]))
-return pause_until - now
-"""
-)
-
-# KEYS: calls zset. ARGV: lease ms, call ids. Extends leases still held (XX: never revives a lapsed one).
-_RENEW = """
-local t = redis.call('TIME')
-local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
-return 1
-"""
-
-
-class Retryable(Exception):
-    """An attempt at the model API failed in a way a later attempt may not: a 429, a 5xx, a timeout.
-
-    ``retry_after``: the seconds the API asked for (None: the caller's backoff decides);
-    ``rate_limited``: a 429, so the whole queue backs off, not only this call.
-    """
-
-    def __init__(self, reason: str, retry_after: float | None = None, *, rate_limited: bool = False) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
-        self.rate_limited = rate_limited
-
-
-async def back_off(limits: ModelLimits | None, exc: Retryable, delay: float, what: str, attempt: int) -> None:
-    """Wait ``delay`` seconds before attempt ``attempt + 1`` after ``exc``; ``what`` names the API in the log.
-
-    A 429 pauses every worker of the queue (when the handler has limits): the next attempt's call then
-    waits for that pause as every other call does. Any other failure waits here, for this call alone.
-    """
-    if exc.rate_limited and limits is not None:
-        log.warning("%s: %s; every worker of the queue pauses %.1fs", what, exc, delay)
-        await limits.pause(delay)
-        return
-    log.warning("%s: %s; retry %d in %.1fs", what, exc, attempt + 1, delay)
-    await asyncio.sleep(delay)
 
 
 class Call:
@@ -282,10 +89,10 @@ class ModelLimits:
         self.poll_ms = poll_ms
         self._owns_redis = owns_redis
         self._keys = [wire.limits_key(stream), wire.limit_calls_key(stream), wire.limit_bound_key(stream)]
-        self._decide = redis.register_script(_DECIDE)
-        self._release_script = redis.register_script(_RELEASE)
-        self._pause = redis.register_script(_PAUSE)
-        self._renew = redis.register_script(_RENEW)
+        self._decide = redis.register_script(DECIDE)
+        self._release_script = redis.register_script(RELEASE)
+        self._pause = redis.register_script(PAUSE)
+        self._renew = redis.register_script(RENEW)
         self._prefix = f"{uuid.uuid4().hex[:12]}:"
         self._seq = 0  # call ids are <prefix><seq>: unique per worker, never reused
         self._waiters: deque[asyncio.Future[str]] = deque()
@@ -302,7 +109,7 @@ class ModelLimits:
         Always a ``ModelLimits``, also when no limit is set: a 429 still pauses every worker of the
         queue, at the cost of one Redis round trip per call (shared by the calls that start together).
         """
-        from .connection import connect_any
+        from ..connection import connect_any
 
         return cls(
             connect_any(settings.redis_connection()),
