@@ -24,7 +24,7 @@ from typing import Any
 import kopf
 
 from . import settings as operator_settings
-from .act import Cluster, DeploymentConflict, NotLeader, load_api_client
+from .kubeapi import Cluster, DeploymentConflict, NotLeader, load_api_client
 from .decide import Decision
 from .deployment import render
 from .leader import Lease, Timing

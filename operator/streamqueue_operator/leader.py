@@ -6,7 +6,7 @@ for the record's ``leaseDurationSeconds`` (measured on its own clock from when i
 so clock skew between nodes does not matter). The leader fences itself: it counts as leader only
 until ``renew_deadline`` after the start of its last successful renewal, which is before any
 standby can see the Lease expire (``renew_deadline < lease_duration``). ``Lease.leading()`` is
-what every write checks, right before it is sent (``act.Cluster``), so a paused or partitioned
+what every write checks, right before it is sent (``kubeapi.Cluster``), so a paused or partitioned
 leader stops writing on its own clock, without needing to hear from the API server.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from . import metrics
-from .act import API_ERRORS, Cluster
+from .kubeapi import API_ERRORS, Cluster
 
 log = logging.getLogger("streamqueue.leader")
 Clock = Callable[[], float]

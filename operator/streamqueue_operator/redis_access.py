@@ -29,7 +29,7 @@ from streamqueue.connection import RedisClient, RedisConnection, connect_any
 from .models import RedisSpec
 
 if TYPE_CHECKING:
-    from .act import Cluster
+    from .kubeapi import Cluster
 
 SOCKET_TIMEOUT_SECONDS = 2.0
 

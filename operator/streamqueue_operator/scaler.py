@@ -21,7 +21,7 @@ from streamqueue import wire
 from streamqueue.connection import RedisClient
 
 from . import deletion_cost, housekeeping, metrics, redis_access, status
-from .act import API_ERRORS, Cluster, NotLeader
+from .kubeapi import API_ERRORS, Cluster, NotLeader
 from .decide import Decision, ScalerState, decide, parse_pause
 from .deployment import deployment_name, selector_labels
 from .models import RedisSpec, StreamQueueSpec, parse_spec

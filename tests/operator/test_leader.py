@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from kubernetes import client as k8s
 from streamqueue_operator import settings
-from streamqueue_operator.act import Cluster, NotLeader
+from streamqueue_operator.kubeapi import Cluster, NotLeader
 from streamqueue_operator.leader import Election, Record, Timing
 
 TIMING = Timing(lease_duration=15, renew_deadline=10, retry_period=2)
