@@ -24,7 +24,7 @@ from aiohttp import web
 
 from .eventually import eventually
 from .ports import free_port
-from .processes import spawn, stop_groups
+from .processes import Supervised, spawn
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep in step with hack/llama.sh
 TINYMODEL = Path(__file__).with_name("tinymodel.py")
@@ -60,7 +60,7 @@ class _Exited(Exception):
     """The server process ended before it answered."""
 
 
-class ModelServer:
+class ModelServer(Supervised):
     """``python -m llama_cpp.server`` serving the tiny model on 127.0.0.1; ``base_url`` ends in /v1."""
 
     def __init__(self, python: Path, *, n_ctx: int = 512, workdir: Path | None = None) -> None:
@@ -70,7 +70,6 @@ class ModelServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = 0
         self.model = self.dir / "tiny.gguf"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def base_url(self) -> str:
@@ -88,7 +87,7 @@ class ModelServer:
             args = [str(self.python), "-m", "llama_cpp.server", "--model", str(self.model)]
             args += ["--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
             args += ["--model_alias", "tiny"]
-            self._proc = spawn(args, log=self.log)
+            self.proc = spawn(args, log=self.log)
             if self._wait_ready(timeout):
                 return self
             self.stop()
@@ -103,8 +102,8 @@ class ModelServer:
             return False
 
     def _answers(self) -> bool:
-        assert self._proc is not None
-        if self._proc.poll() is not None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
             raise _Exited
         try:
             with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
@@ -112,17 +111,6 @@ class ModelServer:
                 return True
         except (urllib.error.URLError, OSError, ValueError):
             return False
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop_groups([(self._proc.pid, self._proc)], grace=5)
-            self._proc = None
-
-    def __enter__(self) -> ModelServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # A stub that follows the OpenAI streaming format exactly, for what the tiny real server cannot do:

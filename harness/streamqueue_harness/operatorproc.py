@@ -7,7 +7,6 @@ a local control plane, so the three callers cannot drift in flags, environment o
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import yaml
 from streamqueue_operator import crdgen, models
 
-from .processes import spawn, stop_groups
+from .processes import Supervised, spawn
 
 
 def install_crd(plane: Any) -> dict[str, Any]:
@@ -27,13 +26,17 @@ def install_crd(plane: Any) -> dict[str, Any]:
     return crd
 
 
-class OperatorProcess:
-    """``streamqueue-operator <scope> <extra>`` in a subprocess; restartable, each run's log kept."""
+class OperatorProcess(Supervised):
+    """``streamqueue-operator <scope> <extra>`` in a subprocess; restartable, each run's log kept.
+
+    ``stop`` is SIGTERM (kopf finishes its handlers, releases the Lease), SIGKILL after 20 s.
+    """
+
+    stop_grace = 20.0
 
     def __init__(self, kubeconfig: Path, scope: str, log_dir: Path, *extra: str) -> None:
         self.kubeconfig, self.scope, self.extra = kubeconfig, scope, extra
         self.log_dir = log_dir
-        self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
@@ -53,17 +56,5 @@ class OperatorProcess:
         self.proc = spawn(cmd, log=self.log_path, env=env)
         return self
 
-    def stop(self) -> None:
-        """SIGTERM (kopf finishes its handlers), SIGKILL if it does not exit within 20 s."""
-        if self.proc is not None:
-            stop_groups([(self.proc.pid, self.proc)], grace=20)
-            self.proc = None
-
     def logs(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.log_dir.glob("operator-*.log")))
-
-    def __enter__(self) -> OperatorProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -16,6 +16,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 from .eventually import eventually
 
@@ -111,3 +112,29 @@ def _still_running(pgid: int, popen: subprocess.Popen[bytes] | None) -> bool:
     if popen is not None:
         popen.poll()
     return group_alive(pgid)
+
+
+class Supervised:
+    """A server the harness runs as one child process: ``start`` spawns it into ``proc``; ``stop`` ends
+    its group (SIGTERM, SIGKILL after ``stop_grace`` seconds) and may be called twice; ``close`` also
+    removes what the server left on disk; ``with`` is start, then close."""
+
+    stop_grace: float = 5.0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            stop_groups([(proc.pid, proc)], self.stop_grace)
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -38,7 +38,7 @@ import yaml
 from .eventually import eventually
 from .operatorproc import OperatorProcess, install_crd
 from .ports import free_port
-from .processes import spawn, stop_groups
+from .processes import Supervised, spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "streamqueue-operator"
@@ -93,8 +93,10 @@ def promtool() -> str:
     return path
 
 
-class Prometheus:
+class Prometheus(Supervised):
     """``prometheus`` on ``127.0.0.1:<free port>``; a context manager, or ``start()``/``stop()``."""
+
+    stop_grace = 10.0
 
     def __init__(
         self,
@@ -112,7 +114,6 @@ class Prometheus:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="sq-prom-"))
         self.port = 0
-        self._proc: Any = None
 
     @property
     def url(self) -> str:
@@ -143,7 +144,7 @@ class Prometheus:
                 f"--web.listen-address={LOOPBACK}:{self.port}",
                 "--log.level=info",
             ]
-            self._proc = spawn(args, log=self.log_path, cwd=self.workdir)
+            self.proc = spawn(args, log=self.log_path, cwd=self.workdir)
             try:
                 self._wait_ready(timeout)
                 return self
@@ -160,8 +161,9 @@ class Prometheus:
             raise PrometheusError(f"{exc}: {self.log_tail()}") from None
 
     def _ready(self) -> bool:
-        if self._proc.poll() is not None:
-            raise PrometheusError(f"prometheus exited with {self._proc.returncode}")
+        assert self.proc is not None, "prometheus is not running"
+        if self.proc.poll() is not None:
+            raise PrometheusError(f"prometheus exited with {self.proc.returncode}")
         try:
             with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
                 return bool(response.status == 200)
@@ -174,21 +176,10 @@ class Prometheus:
         except OSError:
             return "(no log)"
 
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_groups([(proc.pid, proc)], grace=10)
-
     def close(self) -> None:
         self.stop()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Prometheus:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- HTTP API ------------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ to simulate an outage.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +16,10 @@ import redis
 
 from .eventually import eventually
 from .ports import free_port
-from .processes import spawn, stop_groups
+from .processes import Supervised, spawn
 
 
-class RedisServer:
+class RedisServer(Supervised):
     """One ``redis-server`` process; ``stop()``/``start()`` keep the port so clients can reconnect."""
 
     def __init__(
@@ -32,7 +31,6 @@ class RedisServer:
         # Further addresses to listen on: a real node's pods reach Redis at the node IP.
         self.also_bind = tuple(also_bind)
         self._dir = Path(tempfile.mkdtemp(prefix="sq-redis-"))
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -58,7 +56,7 @@ class RedisServer:
         args = [binary, *(arg for name, value in options.items() for arg in (f"--{name}", value))]
         if self.password:
             args += ["--requirepass", self.password]
-        self._proc = spawn(args, log=self._dir / "redis-server.log")
+        self.proc = spawn(args, log=self._dir / "redis-server.log")
         self._wait_ready(timeout)
         return self
 
@@ -66,25 +64,14 @@ class RedisServer:
         eventually(self._answers, f"redis-server on port {self.port}", timeout, 0.05, error=TimeoutError)
 
     def _answers(self) -> bool:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self._proc.returncode} on port {self.port}")
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}")
         try:
             return bool(self.client(socket_timeout=0.5).ping())
         except redis.RedisError:
             return False
 
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL); data is lost, as in a real outage without persistence."""
-        if self._proc is not None:
-            stop_groups([(self._proc.pid, self._proc)], grace=5)
-            self._proc = None
-
     def close(self) -> None:
+        """``stop`` (data is lost, as in a real outage without persistence), then remove its files."""
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
