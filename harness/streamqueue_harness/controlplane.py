@@ -289,6 +289,14 @@ class ControlPlane:
             raise KubectlError(result.returncode, cmd, result.stdout, result.stderr)
         return result
 
+    def dry_run(
+        self, manifest: str, namespace: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """``kubectl apply --dry-run=server``: the API server validates and admits ``manifest`` (YAML,
+        one or more documents) through every admission step and persists nothing."""
+        scope = ["-n", namespace] if namespace else []
+        return self.kubectl("apply", "--dry-run=server", *scope, "-f", "-", input=manifest, check=check)
+
     def api_client(self) -> kubernetes.client.ApiClient:
         """A Python client authenticated as cluster admin; close it (or use it as a context manager)."""
         return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))

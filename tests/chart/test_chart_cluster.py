@@ -23,15 +23,7 @@ def _template(namespace: str, *extra: str) -> str:
 
 def test_rendered_manifests_pass_server_side_dry_run(control_plane, kube_namespace: str) -> None:
     for extra in ([], ["--set", f"watchNamespaces={{{kube_namespace}}}"]):
-        result = control_plane.kubectl(
-            "apply",
-            "--dry-run=server",
-            "-n",
-            kube_namespace,
-            "-f",
-            "-",
-            input=_template(kube_namespace, *extra),
-        )
+        result = control_plane.dry_run(_template(kube_namespace, *extra), kube_namespace)
         assert "deployment.apps/sq-streamqueue-operator created (server dry run)" in result.stdout
 
 

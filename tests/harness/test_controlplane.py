@@ -191,24 +191,13 @@ def test_server_side_dry_run_validates_without_persisting(
     control_plane: ControlPlane, kube_namespace: str
 ) -> None:
     manifest = _deployment("dry", {"app": "dry"})
-    out = control_plane.kubectl(
-        "apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=yaml.safe_dump(manifest)
-    )
+    out = control_plane.dry_run(yaml.safe_dump(manifest), kube_namespace)
     assert "(server dry run)" in out.stdout
     assert _get(control_plane, "deployment", "dry", "-n", kube_namespace) is None
 
     mismatched = _deployment("dry", {"app": "dry"})
     mismatched["spec"]["template"]["metadata"]["labels"] = {"app": "other"}
-    rejected = control_plane.kubectl(
-        "apply",
-        "--dry-run=server",
-        "-n",
-        kube_namespace,
-        "-f",
-        "-",
-        input=yaml.safe_dump(mismatched),
-        check=False,
-    )
+    rejected = control_plane.dry_run(yaml.safe_dump(mismatched), kube_namespace, check=False)
     assert rejected.returncode != 0 and "`selector` does not match template" in rejected.stderr, (
         rejected.stderr
     )

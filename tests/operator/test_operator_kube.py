@@ -63,9 +63,7 @@ def test_the_example_manifests_are_valid_streamqueues(
     for path in examples:
         for doc in yaml.safe_load_all(path.read_text()):
             doc["metadata"]["namespace"] = kube_namespace
-            result = control_plane.kubectl(
-                "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(doc), check=False
-            )
+            result = control_plane.dry_run(yaml.safe_dump(doc), check=False)
             assert result.returncode == 0, (path.name, result.stderr)
 
 
