@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from pydantic_core import PydanticUndefined
+from streamqueue import acl
 from streamqueue.settings import WorkerSettings, env_name
 from streamqueue_operator import settings as operator_settings
 from streamqueue_operator.models import WORKER_TUNING
@@ -115,6 +116,8 @@ SECTIONS = (
     ("docs/operator.md", "REFERENCE", spec_section),
     ("docs/worker.md", "SETTINGS", settings_section),
     ("docs/operator.md", "OPERATOR SETTINGS", operator_settings.docs_table),
+    ("docs/worker.md", "WORKER ACL", acl.worker_docs_table),
+    ("docs/operator.md", "OPERATOR ACL", acl.operator_docs_table),
 )
 
 
