@@ -140,6 +140,21 @@ class WorkerProcesses:
         return (self.logs / f"{consumer}.log").read_text()
 
 
+class Attempts:
+    """Numbers the requests a web handler answers, for retry tests: ``respond(request, attempt)`` gets
+    1, 2, ...; serve ``handler``; ``calls`` is how many attempts the client under test made. Use it as
+    a decorator."""
+
+    def __init__(self, respond: Callable[[web.Request, int], Awaitable[web.StreamResponse]]) -> None:
+        self.calls = 0
+
+        async def handler(request: web.Request) -> web.StreamResponse:  # aiohttp wants a coroutine function
+            self.calls += 1
+            return await respond(request, self.calls)
+
+        self.handler = handler
+
+
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
     """llama-cpp-python's server on a tiny generated model, one for the whole session (it takes seconds

@@ -15,7 +15,7 @@ from streamqueue.settings import WorkerSettings
 from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.ports import free_port
 
-from tests.worker.conftest import group_settled, replies, send
+from tests.worker.conftest import Attempts, group_settled, replies, send
 
 MSG = Message(id="1-0", stream="s", user_id="alice", message="hi", request_id="r1", deliveries=2)
 
@@ -99,30 +99,24 @@ async def test_http_handler_posts_the_message_and_replies_with_the_body(service,
 
 
 async def test_http_handler_retries_server_errors_then_succeeds(service, http_handler) -> None:
-    attempts = 0
+    @Attempts
+    async def respond(request: web.Request, attempt: int) -> web.Response:
+        return web.Response(status=503) if attempt < 3 else web.Response(text="third time")
 
-    async def respond(request: web.Request) -> web.Response:
-        nonlocal attempts
-        attempts += 1
-        return web.Response(status=503) if attempts < 3 else web.Response(text="third time")
-
-    handler = http_handler(await service(respond), timeout_s=5, retries=2)
+    handler = http_handler(await service(respond.handler), timeout_s=5, retries=2)
     assert await handler(MSG) == "third time"
-    assert attempts == 3
+    assert respond.calls == 3
 
 
 async def test_http_handler_does_not_retry_client_errors(service, http_handler) -> None:
-    attempts = 0
-
-    async def respond(request: web.Request) -> web.Response:
-        nonlocal attempts
-        attempts += 1
+    @Attempts
+    async def respond(request: web.Request, attempt: int) -> web.Response:
         return web.Response(status=422, text="bad prompt")
 
-    handler = http_handler(await service(respond), timeout_s=5, retries=3)
+    handler = http_handler(await service(respond.handler), timeout_s=5, retries=3)
     with pytest.raises(HttpHandlerError, match="422: bad prompt"):
         await handler(MSG)
-    assert attempts == 1
+    assert respond.calls == 1
 
 
 async def test_http_handler_times_out_and_gives_up(service, http_handler) -> None:

@@ -34,7 +34,7 @@ from streamqueue_harness.modelserver import (
     stream_completion,
 )
 
-from tests.worker.conftest import replies, send
+from tests.worker.conftest import Attempts, replies, send
 
 MODEL_HANDLER = "streamqueue.handlers.openai:handle"
 
@@ -151,34 +151,28 @@ async def test_429_waits_retry_after_then_streams(stub, handlers) -> None:
 
 
 async def test_5xx_and_timeouts_are_retried_with_backoff(stub, handlers) -> None:
-    attempts = 0
-
-    async def respond(request: web.Request) -> web.StreamResponse:
-        nonlocal attempts
-        attempts += 1
-        if attempts == 1:
+    @Attempts
+    async def respond(request: web.Request, attempt: int) -> web.StreamResponse:
+        if attempt == 1:
             return web.json_response({"error": {"message": "overloaded"}}, status=503)
-        if attempts == 2:
+        if attempt == 2:
             await asyncio.sleep(2)  # longer than the handler's timeout: no first token in time
         return await stream_completion(request, ["ok"])
 
-    handler = handlers((await stub(respond)).base_url, retries=3, timeout_s=0.5)
+    handler = handlers((await stub(respond.handler)).base_url, retries=3, timeout_s=0.5)
     assert await collect(handler, msg()) == ["ok"]
-    assert attempts == 3
+    assert respond.calls == 3
 
 
 async def test_5xx_gives_up_after_the_retries(stub, handlers) -> None:
-    attempts = 0
-
-    async def respond(request: web.Request) -> web.StreamResponse:
-        nonlocal attempts
-        attempts += 1
+    @Attempts
+    async def respond(request: web.Request, attempt: int) -> web.StreamResponse:
         return web.json_response({"error": {"message": "model crashed"}}, status=500)
 
-    handler = handlers((await stub(respond)).base_url, retries=1)
+    handler = handlers((await stub(respond.handler)).base_url, retries=1)
     with pytest.raises(ModelError, match=r"HTTP 500: model crashed \(after 2 attempts\)"):
         await collect(handler, msg())
-    assert attempts == 2
+    assert respond.calls == 2
 
 
 @pytest.mark.parametrize(
@@ -202,37 +196,31 @@ async def test_5xx_gives_up_after_the_retries(stub, handlers) -> None:
     ],
 )
 async def test_client_errors_fail_at_once(stub, handlers, status, body, error, reason) -> None:
-    attempts = 0
-
-    async def respond(request: web.Request) -> web.StreamResponse:
-        nonlocal attempts
-        attempts += 1
+    @Attempts
+    async def respond(request: web.Request, attempt: int) -> web.StreamResponse:
         return web.json_response(body, status=status)
 
-    handler = handlers((await stub(respond)).base_url, retries=3)
+    handler = handlers((await stub(respond.handler)).base_url, retries=3)
     with pytest.raises(error, match=reason):
         await collect(handler, msg())
-    assert attempts == 1
+    assert respond.calls == 1
 
 
 async def test_a_stream_broken_after_chunks_is_not_retried(stub, handlers) -> None:
-    attempts = 0
-
-    async def respond(request: web.Request) -> web.StreamResponse:
-        nonlocal attempts
-        attempts += 1
+    @Attempts
+    async def respond(request: web.Request, attempt: int) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(completion_chunk("partial "))
         await response.write_eof()  # ends without data: [DONE]
         return response
 
-    handler = handlers((await stub(respond)).base_url, retries=3)
+    handler = handlers((await stub(respond.handler)).base_url, retries=3)
     got: list[str] = []
     with pytest.raises(ModelStreamBroken, match="after 1 chunks"):
         async for chunk in handler(msg()):
             got.append(chunk)
-    assert got == ["partial "] and attempts == 1
+    assert got == ["partial "] and respond.calls == 1
 
 
 async def test_request_body_carries_system_prompt_memory_and_limits(stub, handlers, redis_server) -> None:
