@@ -31,7 +31,8 @@ async def test_take_waits_for_a_slot_and_wait_idle_for_all() -> None:
     assert await slots.take(5) == 2
     waiter = asyncio.create_task(slots.take(1))
     idle = asyncio.create_task(slots.wait_idle())
-    await asyncio.sleep(0.01)
+    for _ in range(10):
+        await asyncio.sleep(0)  # loop steps, not time: both tasks run until they block, and must stay blocked
     assert not waiter.done() and not idle.done()
     slots.give(1)
     assert await asyncio.wait_for(waiter, 1) == 1
