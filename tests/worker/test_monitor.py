@@ -132,11 +132,7 @@ def test_unreachable_redis_fails_once_with_a_clear_message(capsys) -> None:
 
 
 async def test_reply_stream_count_is_bounded(redis_server) -> None:
-    r = redis_server.client()
-    pipe = r.pipeline(transaction=False)
-    for i in range(5000):
-        pipe.xadd(f"{wire.DEFAULT_REPLY_PREFIX}u{i}", {wire.RESPONSE: "x"})
-    pipe.execute()
+    _reply_streams(redis_server.client(), wire.DEFAULT_REPLY_PREFIX, 5000)
     client = connect(RedisConnection(url=redis_server.url))
     try:
         assert await count_streams(client, wire.DEFAULT_REPLY_PREFIX, scan_limit=100_000) == (5000, True)
@@ -271,11 +267,7 @@ def test_a_partitioned_queue_on_a_redis_cluster(redis_cluster, capsys) -> None:
 
 @pytest.mark.slow
 async def test_the_reply_count_on_a_cluster_is_bounded_and_spread_over_the_primaries(redis_cluster) -> None:
-    r = redis_cluster.client()
-    pipe = r.pipeline(transaction=False)
-    for i in range(6000):
-        pipe.xadd(f"bounded:u{i}", {wire.RESPONSE: "x"})
-    pipe.execute()
+    _reply_streams(redis_cluster.client(), "bounded:", 6000)
     client = connect_any(RedisConnection(url=redis_cluster.url, cluster=True))
     try:
         assert await count_streams(client, "bounded:", scan_limit=100_000) == (6000, True)
@@ -329,3 +321,11 @@ async def _operator_observation(url: str, streams: list[str]) -> Observation:
         return await operator_observe(client, streams, wire.DEFAULT_GROUP, at=0.0)
     finally:
         await client.aclose()
+
+
+def _reply_streams(r: Any, prefix: str, count: int) -> None:
+    """``count`` one-entry reply streams ``<prefix>u0`` ... (pipelined; on a cluster, by slot)."""
+    pipe = r.pipeline(transaction=False)
+    for i in range(count):
+        pipe.xadd(f"{prefix}u{i}", {wire.RESPONSE: "x"})
+    pipe.execute()
