@@ -82,10 +82,12 @@ def _rows(schema: dict[str, Any], path: str) -> Iterator[tuple[str, str, str, st
 
 
 def _rules(schema: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
+    """(the field a refusal names, its message) for every CEL rule under ``path`` (``spec.<...>``)."""
     for rule in schema.get("x-kubernetes-validations", []):
-        yield path or "spec", " ".join(str(rule.get("message") or rule.get("messageExpression")).split())
+        message = " ".join(str(rule.get("message") or rule.get("messageExpression")).split())
+        yield path + rule.get("fieldPath", ""), message
     for name, sub in schema.get("properties", {}).items():
-        yield from _rules(sub, f"{path}.{name}" if path else name)
+        yield from _rules(sub, f"{path}.{name}")
 
 
 def spec_section() -> list[str]:
@@ -96,8 +98,8 @@ def spec_section() -> list[str]:
     for field, typ, default, validation, description in _rows(spec, ""):
         lines.append(f"| `spec.{field}` | {typ} | {default} | {validation} | {description} |")
     lines += ["", "Cross-field rules (checked by the API server on `kubectl apply`):", ""]
-    for where, message in _rules(spec, ""):
-        lines.append(f"- `spec.{where}`: {message.strip(chr(39))}")
+    for where, message in _rules(spec, "spec"):
+        lines.append(f"- `{where}`: {message.strip(chr(39))}")
     return lines
 
 

@@ -12,8 +12,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from streamqueue.connection import RedisSettings
-from streamqueue.settings import DEFAULT_HEALTH_PORT, DEFAULT_SHUTDOWN_GRACE_SECONDS, TUNING_FIELDS, env_name
+from streamqueue.settings import (
+    DEFAULT_HEALTH_PORT,
+    DEFAULT_SHUTDOWN_GRACE_SECONDS,
+    TUNING_FIELDS,
+    env_name,
+    from_environ,
+)
 
 from . import __version__
 from .models import GROUP, KIND, QUEUE_LABEL, VERSION, RedisSpec, StreamQueueSpec, WorkerSpec
@@ -61,7 +68,7 @@ def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
     # The queue's shape, when it is not the worker's default (both come from WorkerSettings).
     env += [
         _env(name, getattr(spec, name))
-        for name in ("partitions", "ordering")
+        for name in ("partitions", "ordering", "group_start_id")
         if name in spec.model_fields_set
     ]
     if spec.worker.openai_api_key_secret_ref:
@@ -73,6 +80,29 @@ def worker_env(spec: StreamQueueSpec) -> list[dict[str, Any]]:
     extra = [e.model_dump(by_alias=True, exclude_none=True) for e in spec.worker.env or []]
     overridden = {e["name"] for e in extra} - {consumer}
     return [e for e in env if e["name"] not in overridden] + [e for e in extra if e["name"] != consumer]
+
+
+def worker_refusal(spec: StreamQueueSpec) -> str | None:
+    """Why the worker would refuse to start in the rendered pod (its own validation's words), or None.
+
+    The API server refuses such specs already (the CRD carries the worker's rules); this catches
+    what slips through: an older CRD, or a ``worker.env`` variable overriding a rendered one.
+    Variables taken from ``valueFrom`` (Secrets, the pod name, the user's sources) have values the
+    spec does not hold; they are left out, so the worker's defaults stand in for them.
+    """
+    env = {e["name"]: e["value"] for e in worker_env(spec) if "value" in e}
+    try:
+        from_environ(env)
+    except ValidationError as exc:
+        return "; ".join(_error_text(error) for error in exc.errors())
+    return None
+
+
+def _error_text(error: Any) -> str:
+    """``<ENV_VARIABLE>: <message>``, or the bare message for a rule across settings."""
+    field = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{env_name(field)}: {message}" if field else message
 
 
 def _redis_env(redis: RedisSpec) -> list[dict[str, Any]]:

@@ -24,13 +24,14 @@ from typing import Any
 import kopf
 
 from . import settings as operator_settings
-from .kubeapi import Cluster, DeploymentConflict, NotLeader, load_api_client
 from .decide import Decision
-from .deployment import render
+from .deployment import render, worker_refusal
+from .kubeapi import Cluster, DeploymentConflict, NotLeader, load_api_client
 from .leader import Lease, Timing
 from .models import GROUP, PLURAL, QUEUE_LABEL, VERSION, parse_spec
 from .scaler import QueueScaler, Replicas
 from .settings import OperatorSettings
+from .status import INVALID_WORKER_SPEC, WorkerRefusal
 
 MISSING_DEPLOYMENT_GRACE_SECONDS = 10.0
 API_THREADS = 32
@@ -93,12 +94,18 @@ def worker_replicas(
 async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo) -> None:
     meta = body["metadata"]
     spec = parse_spec(dict(body.get("spec") or {}))
+    scaler = _scaler(memo, meta["namespace"], meta["name"])
+    refusal = worker_refusal(spec)
+    if refusal is not None:  # its pods would crash-loop: keep the Deployment as it is
+        message = f"not rolled out: the worker would refuse to start: {refusal}"
+        scaler.deployment_error = WorkerRefusal(message)
+        kopf.event(body, type="Warning", reason=INVALID_WORKER_SPEC, message=message[:1000])
+        raise kopf.PermanentError(message)
     owner = {"metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}}
     manifest = render(owner, spec, memo.config.worker_image)
     previous = (body.get("status") or {}).get("currentReplicas")
     initial = spec.scaling.min_replicas if previous is None else previous
     initial = min(max(initial, spec.scaling.min_replicas), spec.scaling.max_replicas)
-    scaler = _scaler(memo, meta["namespace"], meta["name"])
     try:
         applied = await memo.cluster.apply_deployment(manifest, initial)
     except DeploymentConflict as exc:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
 from streamqueue import wire
-from streamqueue.settings import TUNING_FIELDS, WorkerSettings
+from streamqueue.settings import RULES, TUNING_FIELDS, WorkerSettings
 
 GROUP = "streamqueue.io"
 VERSION = "v1alpha1"
@@ -263,8 +263,9 @@ class HousekeepingSpec(_Model):
 
 # The queue's shape, declared once by the worker: the operator renders them into the pods and observes
 # every partition.
+_QUEUE_SHAPE = ("partitions", "ordering", "group_start_id")
 _QueueShape: type[_Model] = create_model(
-    "_QueueShape", __base__=_Model, **{name: _copy(name) for name in ("partitions", "ordering")}
+    "_QueueShape", __base__=_Model, **{name: _copy(name) for name in _QUEUE_SHAPE}
 )
 
 
@@ -280,6 +281,8 @@ class StreamQueueSpec(_QueueShape):  # type: ignore[misc, valid-type]
                     "scaling.maxReplicas must be at most partitions (more pods would stand idle)",
                     field_path=".scaling.maxReplicas",
                 ),
+                # The worker's own cross-field rules, with the message the worker prints.
+                *(_rule(r.cel, r.message, field_path=r.field_path) for r in RULES),
             ]
         }
     )

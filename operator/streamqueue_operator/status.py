@@ -35,6 +35,14 @@ LIMIT_FIELDS = {
     wire.LIMIT_CONCURRENT: "model_concurrent_calls",
 }
 
+INVALID_WORKER_SPEC = "InvalidWorkerSpec"
+
+
+class WorkerRefusal(str):
+    """A ``deployment_error`` that is the worker's own refusal of the spec (the Deployment is kept):
+    Ready says ``InvalidWorkerSpec`` rather than ``DeploymentError``, so users know the spec is to fix."""
+
+
 _VOLATILE = ("backlog", "lag", "pending", "streamLength", "consumers", "partitions")
 
 
@@ -78,7 +86,8 @@ def _condition(
 def _ready(s: Snapshot) -> tuple[bool, str, str]:
     o = s.observation
     if s.deployment_error:
-        return False, "DeploymentError", s.deployment_error
+        reason = INVALID_WORKER_SPEC if isinstance(s.deployment_error, WorkerRefusal) else "DeploymentError"
+        return False, reason, s.deployment_error
     if o.error:
         return False, "RedisUnavailable", "cannot observe the queue; replicas are held"
     if o.group_missing:

@@ -23,6 +23,7 @@ def _full_spec() -> StreamQueueSpec:
             },
             "partitions": 8,
             "ordering": "perUser",
+            "groupStartId": "$",
             "scaling": {"maxReplicas": 8},
             "worker": {
                 "handler": "pkg.mod:fn",
@@ -35,6 +36,7 @@ def _full_spec() -> StreamQueueSpec:
                 "claimIdleMs": 5000,
                 "maxDeliveries": 3,
                 "deadLetterStream": "dead",
+                "deadLetterMaxLen": 500,
                 "errorReplies": False,
                 "streamReplies": True,
                 "replyMaxLen": 50,
@@ -104,6 +106,12 @@ def test_the_queue_shape_reaches_the_pod_whenever_the_spec_states_it() -> None:
     env = _env(render(OWNER, parse_spec({"partitions": 1, "ordering": "none"}), "img"))
     assert (env["STREAMQUEUE_PARTITIONS"]["value"], env["STREAMQUEUE_ORDERING"]["value"]) == ("1", "none")
     assert "STREAMQUEUE_REDIS_CLUSTER" not in env
+
+
+def test_group_start_id_reaches_the_pod_so_an_adopted_stream_is_not_replayed() -> None:
+    env = _env(render(OWNER, parse_spec({"groupStartId": "$"}), "img"))
+    assert env["STREAMQUEUE_GROUP_START_ID"]["value"] == "$"
+    assert WorkerSettings(group_start_id=env["STREAMQUEUE_GROUP_START_ID"]["value"]).group_start_id == "$"
 
 
 def test_defaults_set_only_what_the_worker_cannot_know() -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 from streamqueue_operator.decide import Decision
-from streamqueue_operator.models import WorkerSpec
+from streamqueue_operator.deployment import worker_refusal
+from streamqueue_operator.models import WorkerSpec, parse_spec
 from streamqueue_operator.observe import Observation
-from streamqueue_operator.status import Snapshot, build, limit_setting, worth_writing
+from streamqueue_operator.status import Snapshot, WorkerRefusal, build, limit_setting, worth_writing
 
 
 def snap(
@@ -127,3 +128,13 @@ def test_limit_setting_reads_the_worker_spec() -> None:
     assert limit_setting(worker, "TokensPerMinute") == "spec.worker.modelTokensPerMinute: 90000"
     assert limit_setting(worker, "RequestsPerMinute") is None  # set elsewhere (worker.env), or not at all
     assert limit_setting(worker, "RetryAfter") is None and limit_setting(worker, None) is None
+
+
+def test_a_spec_the_worker_refuses_is_reported_as_invalid_worker_spec() -> None:
+    """The operator keeps the Deployment and says the spec is to fix (handlers._ensure_deployment)."""
+    spec = parse_spec({"worker": {"env": [{"name": "STREAMQUEUE_HANDLER", "value": "nocolon"}]}})
+    refusal = worker_refusal(spec)
+    assert refusal is not None and refusal.startswith("STREAMQUEUE_HANDLER: String should match pattern")
+    s = build(snap(ok(), error=WorkerRefusal(refusal)), {})
+    ready = next(c for c in s["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "InvalidWorkerSpec", refusal)

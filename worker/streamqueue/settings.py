@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from . import wire
 from .connection import RedisSettings
@@ -24,7 +27,12 @@ HTTP_HANDLER = "streamqueue.handlers.http:handle"
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Ordering = Literal["none", "perUser"]
 Fairness = Literal["none", "perUser"]
+GroupStartId = Literal["0", "$"]
 ENV_PREFIX = "STREAMQUEUE_"
+# Field patterns are copied into the StreamQueue CRD with the fields, so the API server refuses what
+# the worker would (RE2, ECMAScript and Rust regex alike).
+HANDLER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"  # module:function (or attribute)
+HTTP_URL_PATTERN = r"^https?://[^\s/?#]+([/?#]\S*)?$"
 
 
 def env_name(field: str) -> str:
@@ -52,7 +60,9 @@ class WorkerSettings(RedisSettings):
     stream: str = Field(default=wire.DEFAULT_STREAM, min_length=1)
     """Input stream."""
     group: str = Field(default=wire.DEFAULT_GROUP, min_length=1)
-    """Consumer group (created at id 0 with MKSTREAM if missing)."""
+    """Consumer group (created with MKSTREAM at group_start_id if missing)."""
+    group_start_id: GroupStartId = Field(default="0")
+    """Where a new group starts: 0 serves the stream's whole history, $ only entries added after."""
     consumer: str = Field(default_factory=default_consumer, min_length=1)
     """Consumer name (default: $POD_NAME, else the host name); the operator matches pods."""
     reply_prefix: str = Field(default=wire.DEFAULT_REPLY_PREFIX, min_length=1)
@@ -65,9 +75,9 @@ class WorkerSettings(RedisSettings):
     """perUser: entries start round-robin across users, so one user's burst cannot hold back others'."""
     lease_ttl_ms: int = Field(default=5000, ge=500, le=600_000)
     """perUser: a partition's lease lapses this long after its worker stops renewing it."""
-    handler: str = Field(default=ECHO_HANDLER, max_length=512)
+    handler: str = Field(default=ECHO_HANDLER, max_length=512, pattern=HANDLER_PATTERN)
     """Python handler as module:function; the HTTP handler if only handler_url is set."""
-    handler_url: str | None = Field(default=None, max_length=2048)
+    handler_url: str | None = Field(default=None, max_length=2048, pattern=HTTP_URL_PATTERN)
     """Where the HTTP handler POSTs each message."""
     handler_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     """HTTP handler timeout per attempt."""
@@ -85,6 +95,8 @@ class WorkerSettings(RedisSettings):
     """Handler attempts before an entry is dead-lettered."""
     dead_letter_stream: str | None = Field(default=None, min_length=1, max_length=256)
     """Where invalid and poison entries go (default: <stream>:dead)."""
+    dead_letter_max_len: int = Field(default=100_000, ge=1, le=100_000_000)
+    """MAXLEN ~ of each dead-letter stream; entries trimmed off it are counted in a metric."""
     error_replies: bool = Field(default=True)
     """Tell the user (on their reply stream) when their message was dead-lettered."""
     stream_replies: bool = Field(default=True)
@@ -104,7 +116,7 @@ class WorkerSettings(RedisSettings):
     log_level: LogLevel = Field(default="INFO")
     """DEBUG, INFO, WARNING or ERROR."""
     # The model handler (streamqueue.handlers.openai:handle): an OpenAI-compatible chat server.
-    openai_base_url: str | None = Field(default=None, max_length=2048)
+    openai_base_url: str | None = Field(default=None, max_length=2048, pattern=HTTP_URL_PATTERN)
     """Model handler: the API's base URL, e.g. http://vllm:8000/v1 (POSTs <url>/chat/completions)."""
     openai_model: str | None = Field(default=None, max_length=256)
     """Model handler: the model name sent with each request."""
@@ -139,18 +151,9 @@ class WorkerSettings(RedisSettings):
     def _consistent(self) -> WorkerSettings:
         if "handler" not in self.model_fields_set and self.handler_url is not None:
             self.handler = HTTP_HANDLER
-        if ":" not in self.handler:
-            raise ValueError(f"handler must be module:function, got {self.handler!r}")
-        if self.dead_letter() == self.stream:
-            raise ValueError("dead_letter_stream must differ from the input stream")
-        if self.fairness == "perUser":
-            for stream in self.partition_streams:
-                wire.fair_key(stream)  # raises, saying why, if no key can share the stream's slot
-        if self.stream.startswith(self.reply_prefix):
-            raise ValueError(
-                f"input stream {self.stream!r} starts with reply_prefix {self.reply_prefix!r}: "
-                "replies would be written into the queue's key space"
-            )
+        broken = [rule.message for rule in RULES if not rule.holds(self)]
+        if broken:
+            raise ValueError("; ".join(broken))
         return self
 
     def dead_letter(self, partition: str | None = None) -> str:
@@ -167,6 +170,73 @@ class WorkerSettings(RedisSettings):
         return self.claim_idle_ms / 3000
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A rule across settings, declared once and checked twice with the same message: by the worker
+    on start (``holds``) and by the API server on admission (``cel``: the rule on the StreamQueue's
+    ``spec`` after defaulting; ``field_path``: the spec field the refusal names). So a StreamQueue
+    the API server accepts renders a worker that starts (tests/operator/test_admission_kube.py).
+    """
+
+    message: str
+    holds: Callable[[WorkerSettings], bool]
+    cel: str  # has() guards every field: the API server also checks the CRD's default, {}, as is
+    field_path: str
+
+
+def _fair_keys_share_slots(s: WorkerSettings) -> bool:
+    """perUser fairness keys each partition's queue in the partition's hash slot (``wire.fair_key``)."""
+    if s.fairness != "perUser":
+        return True
+    try:
+        for stream in s.partition_streams:
+            wire.fair_key(stream)
+    except ValueError:
+        return False
+    return True
+
+
+RULES = (
+    Rule(
+        "the input stream must not start with reply_prefix (spec.replyPrefix): "
+        "replies would be written into the queue's key space",
+        lambda s: not s.stream.startswith(s.reply_prefix),
+        "!has(self.stream) || !has(self.replyPrefix) || !self.stream.startsWith(self.replyPrefix)",
+        ".stream",
+    ),
+    Rule(
+        "dead_letter_stream (spec.worker.deadLetterStream) must differ from the input stream",
+        lambda s: s.dead_letter() != s.stream,
+        "!has(self.worker) || !has(self.worker.deadLetterStream) || !has(self.stream) || "
+        "self.worker.deadLetterStream != self.stream",
+        ".worker.deadLetterStream",
+    ),
+    Rule(
+        "with fairness perUser and one partition the input stream needs no braces or a Redis Cluster "
+        "hash tag such as {q}: the fair-queue keys must share its hash slot",
+        _fair_keys_share_slots,
+        # wire.same_slot_key: no brace at all, or a '}' at least two characters after the first '{'.
+        "!has(self.worker) || !has(self.worker.fairness) || self.worker.fairness != 'perUser' || "
+        "!has(self.stream) || (has(self.partitions) && self.partitions > 1) || "
+        "!self.stream.matches('[{}]') || self.stream.matches('(?s)^[^{]*[{].+[}]')",
+        ".stream",
+    ),
+)
+
+
+def from_environ(environ: Mapping[str, str]) -> WorkerSettings:
+    """The settings a worker started with exactly ``environ`` and no flags would have.
+
+    Parsed by pydantic-settings' own environment source, as in the pod, but from ``environ`` rather
+    than ``os.environ``: the operator checks a rendered pod's variables in-process with it.
+    """
+    source = EnvSettingsSource(WorkerSettings)
+    source.env_vars = parse_env_vars(
+        environ, source.case_sensitive, source.env_ignore_empty, source.env_parse_none_str
+    )
+    return WorkerSettings.model_validate(source())
+
+
 # The defaults the operator must know to render a pod (port to probe, grace to outlast).
 DEFAULT_HEALTH_PORT: int = WorkerSettings.model_fields["health_port"].default
 DEFAULT_SHUTDOWN_GRACE_SECONDS: float = WorkerSettings.model_fields["shutdown_grace_seconds"].default
@@ -176,7 +246,8 @@ DEFAULT_SHUTDOWN_GRACE_SECONDS: float = WorkerSettings.model_fields["shutdown_gr
 # that make no sense in a pod (health_host). A new worker setting is a new StreamQueue field without
 # further code.
 _OPERATORS = {
-    *("stream", "group", "consumer", "reply_prefix", "partitions", "ordering"),  # the queue's shape
+    *("stream", "group", "consumer", "reply_prefix"),  # the queue's shape
+    *("partitions", "ordering", "group_start_id"),
     *("health_port", "health_host"),
 }
 # Secrets reach the pod only as secretKeyRef variables, each from its own spec field.
