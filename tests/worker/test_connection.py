@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, ResponseError
-from streamqueue.connection import RedisConnection, connect, redact_url, socket_timeout_for
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from streamqueue.connection import RedisConnection, connect, redact_url, retry_transient, socket_timeout_for
 from streamqueue_harness.redis_server import RedisServer
 
 
@@ -101,3 +105,46 @@ async def test_a_rotated_password_file_is_used_by_new_connections(redis_server, 
         assert await r.acl_whoami() == "worker"  # reconnected with the new password, no restart
     finally:
         await r.aclose()
+
+
+class _Flaky:
+    """Fails with each of ``errors`` in turn, then returns ``"done"``."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "done"
+
+
+async def test_retry_transient_waits_out_connection_errors_with_the_backoff_delays() -> None:
+    operation = _Flaky(RedisConnectionError("down"), RedisTimeoutError("slow"), RedisConnectionError("down"))
+    seen: list[tuple[str, float]] = []
+    curve = ExponentialBackoff(cap=0.004, base=0.001)
+    result = await retry_transient(operation, lambda exc, d: seen.append((str(exc), d)), backoff=curve)
+    assert result == "done" and operation.calls == 4
+    assert seen == [("down", 0.001), ("slow", 0.002), ("down", 0.004)]  # the curve from the first failure
+
+
+async def test_retry_transient_passes_other_errors_through_at_once() -> None:
+    operation = _Flaky(ResponseError("WRONGTYPE"))
+    with pytest.raises(ResponseError):
+        await retry_transient(operation, lambda exc, delay: pytest.fail("no retry expected"))
+    assert operation.calls == 1
+
+
+async def test_retry_transient_ends_with_none_when_stopped_while_waiting() -> None:
+    stop = asyncio.Event()
+    operation = _Flaky(*[RedisConnectionError("down")] * 100)
+    started = time.monotonic()
+    result = await retry_transient(
+        operation, lambda exc, delay: stop.set(), stop=stop, backoff=ExponentialBackoff(cap=60, base=60)
+    )
+    assert result is None and operation.calls == 1
+    assert time.monotonic() - started < 30  # the stop cut the 60 s wait short
+    assert await retry_transient(operation, lambda exc, delay: None, stop=stop) is None  # no try once stopped
+    assert operation.calls == 1

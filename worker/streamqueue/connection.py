@@ -8,23 +8,26 @@ password must never reach a log line or a ``repr``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
+from redis.backoff import AbstractBackoff, EqualJitterBackoff, ExponentialWithJitterBackoff
 from redis.credentials import CredentialProvider
 from redis.driver_info import DriverInfo
 from redis.exceptions import ClusterError, RedisClusterException, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .aio import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ BLOCK_TIMEOUT_MARGIN_S = 5.0
 COMMAND_RETRIES = 3
 RETRY_BACKOFF_BASE_S = 0.05
 RETRY_BACKOFF_CAP_S = 2.0
+# The delays of our own retry loops (``retry_transient``) after successive failures.
+RETRY_BACKOFF = EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S)
 _SCHEMES = ("redis", "rediss")
 # Errors that mean "Redis is away for a moment": a lost connection, or a cluster without a primary
 # for a slot or moving one (CLUSTERDOWN, TRYAGAIN) while it fails over.
@@ -42,6 +47,7 @@ CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)  # the server did 
 _TRANSIENT = (*CONNECTION_ERRORS, ClusterError, TryAgainError, RedisClusterException)
 # What ``connect`` returns: the same commands, one server or a cluster of them.
 RedisClient = aioredis.Redis | aioredis.RedisCluster
+T = TypeVar("T")
 
 
 class RedisConnection(BaseModel):
@@ -169,24 +175,60 @@ def _raised_in_redis_py(exc: BaseException) -> bool:
     return tb is not None and f"{os.sep}redis{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
-class Backoff:
-    """Successive delays of redis-py's ``EqualJitterBackoff`` for our own retry loops.
+@overload
+async def retry_transient(
+    operation: Callable[[], Awaitable[T]],
+    on_error: Callable[[Exception, float], object],
+    *,
+    stop: None = None,
+    retryable: Callable[[BaseException], bool] = ...,
+    backoff: AbstractBackoff = ...,
+) -> T: ...
 
-    Delays double from ``base`` to ``cap``, each drawn from its upper half: the jitter keeps a fleet
-    from reconnecting in step, the floor keeps a retry from coming at once. ``reset`` after a success.
+
+@overload
+async def retry_transient(
+    operation: Callable[[], Awaitable[T]],
+    on_error: Callable[[Exception, float], object],
+    *,
+    stop: asyncio.Event,
+    retryable: Callable[[BaseException], bool] = ...,
+    backoff: AbstractBackoff = ...,
+) -> T | None: ...
+
+
+async def retry_transient(
+    operation: Callable[[], Awaitable[T]],
+    on_error: Callable[[Exception, float], object],
+    *,
+    stop: asyncio.Event | None = None,
+    retryable: Callable[[BaseException], bool] = transient,
+    backoff: AbstractBackoff = RETRY_BACKOFF,
+) -> T | None:
+    """Await ``operation()`` until it succeeds, waiting out the errors ``retryable`` accepts.
+
+    After each such error ``on_error(error, delay)`` counts or logs it and the next try comes
+    ``delay`` later. The delays are ``backoff``'s for the failures of this call, by default redis-py's
+    ``EqualJitterBackoff`` (doubling from 50 ms to 2 s, each drawn from its upper half: the jitter
+    keeps a fleet from reconnecting in step, the floor keeps a retry from coming at once); a success
+    ends the call, so the next one starts from the shortest delay again. Any other error propagates.
+    ``stop`` set before a try, or during a wait (which it cuts short), ends the call with None.
     """
-
-    def __init__(self, base: float = RETRY_BACKOFF_BASE_S, cap: float = RETRY_BACKOFF_CAP_S) -> None:
-        self._curve = EqualJitterBackoff(cap=cap, base=base)
-        self._failures = 0
-
-    def next_delay(self) -> float:
-        delay = self._curve.compute(self._failures)
-        self._failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self._failures = 0
+    failures = 0
+    while stop is None or not stop.is_set():
+        try:
+            return await operation()
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            delay = backoff.compute(failures)
+            failures += 1
+            on_error(exc, delay)
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            await wait_set(stop, delay)
+    return None
 
 
 class PasswordFileCredentials(CredentialProvider):

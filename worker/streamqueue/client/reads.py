@@ -25,18 +25,27 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from redis.typing import KeyT, StreamIdT
 
-from ..connection import CONNECTION_ERRORS, Backoff, RedisClient
+from ..connection import CONNECTION_ERRORS, RedisClient, retry_transient
 from ..wire import parse_entry_id
 from .replies import Reply
 
 log = logging.getLogger(__name__)
 
-_RECONNECT_BACKOFF_MAX_S = 2.0
+# What an XREAD returns: each stream's key and its entries (id and fields).
+_Entries = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 # Entries per stream and XREAD: a reader far behind catches up in a few reads.
 _READ_COUNT = 1000
 # Blocking reads in flight at once for one group of reply streams (each holds a connection): a read
 # is superseded by the next one, which covers its streams, and ends when it returns.
 _MAX_READS = 4
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    return isinstance(exc, CONNECTION_ERRORS)
+
+
+def _lost_redis(exc: Exception, delay: float) -> None:
+    log.warning("reply reader lost Redis (%s); retrying in %.2fs", exc, delay)
 
 
 @dataclass
@@ -139,27 +148,11 @@ class _GroupReads:
         try:
             if not await self._take_positions(joining):
                 return
-            backoff = Backoff(cap=_RECONNECT_BACKOFF_MAX_S)
             while self.readers:
-                number = self._reads = self._reads + 1
-                self._supersede()
-                self._in_flight[number] = (self._members, asyncio.current_task())
-                try:
-                    entries = await self._read()
-                except CONNECTION_ERRORS as exc:
-                    self._in_flight.pop(number, None)
-                    self._sweep(now=None)  # nobody waits on an idle reader: let it go at once
-                    if self._covered_after(number):
-                        return
-                    delay = backoff.next_delay()
-                    log.warning("reply reader lost Redis (%s); retrying in %.2fs", exc, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                except BaseException:
-                    self._in_flight.pop(number, None)
-                    raise
-                self._in_flight.pop(number, None)
-                backoff.reset()
+                read = await retry_transient(self._read_once, _lost_redis, retryable=_connection_lost)
+                if read is None:
+                    return
+                number, entries = read
                 for key, stream_entries in entries:
                     reader = self.readers.get(key)
                     if reader is not None:
@@ -173,6 +166,24 @@ class _GroupReads:
             log.error("reply reader failed: %s", exc)
             for reader in [*joining, *self.readers.values()]:
                 self._retire(reader, exc)
+
+    async def _read_once(self) -> tuple[int, _Entries] | None:
+        """One read of every stream, and its number; None once a later read covers them (or none is
+        left), so that this loop can end."""
+        if not self.readers:
+            return None
+        number = self._reads = self._reads + 1
+        self._supersede()
+        self._in_flight[number] = (self._members, asyncio.current_task())
+        try:
+            return number, await self._read()
+        except CONNECTION_ERRORS:
+            self._sweep(now=None)  # nobody waits on an idle reader: let it go at once
+            if self._covered_after(number):
+                return None
+            raise
+        finally:
+            self._in_flight.pop(number, None)
 
     def _covered_after(self, number: int) -> bool:
         """Whether a read sent after read ``number`` covers every stream (or none is left)."""
@@ -215,7 +226,7 @@ class _GroupReads:
             joined = True
         return joined
 
-    async def _read(self) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    async def _read(self) -> _Entries:
         """One blocking XREAD of every stream; if Redis refuses it, the streams one by one, so that only
         a stream it refuses (a key of another type) fails its reader."""
         readers = list(self.readers.values())
@@ -230,7 +241,7 @@ class _GroupReads:
         for reader in readers:
             pipe.xread({reader.key: reader.cursor}, count=_READ_COUNT)
         results = await pipe.execute(raise_on_error=False)
-        found: list[tuple[str, list[tuple[str, dict[str, str]]]]] = []
+        found: _Entries = []
         for reader, one in zip(readers, results, strict=True):
             if isinstance(one, ResponseError):
                 log.error("reply reader for %s failed: %s", reader.key, one)

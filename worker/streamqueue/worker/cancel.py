@@ -23,10 +23,11 @@ import logging
 import time
 from collections.abc import Iterable
 
+from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
 from .. import wire
-from ..connection import CONNECTION_ERRORS, Backoff, RedisClient
+from ..connection import CONNECTION_ERRORS, RedisClient, retry_transient
 
 log = logging.getLogger("streamqueue.worker")
 
@@ -127,27 +128,41 @@ class CancelWatch:
             flight.cancel()
 
     async def run(self) -> None:
-        """Listen on the cancel channel until cancelled, reconnecting with backoff."""
-        backoff = Backoff()
+        """Listen on the cancel channel until cancelled; a lost subscription is taken again at once,
+        then with backoff while that fails."""
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub = await retry_transient(self._subscribe, self._unsubscribed, retryable=_channel_lost)
             try:
-                await pubsub.subscribe(self.channel)
-                self.subscribed.set()
-                await self.check([f for flights in self._flights.values() for f in flights])
-                backoff.reset()
-                while True:
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=_LISTEN_WAKEUP_S
-                    )
-                    if message is not None and message.get("type") == "message":
-                        self.announced(str(message["data"]))
-            # ResponseError: e.g. an ACL without the channel
+                await self._listen(pubsub)
             except (*CONNECTION_ERRORS, ResponseError) as exc:
-                self.subscribed.clear()
-                delay = backoff.next_delay()
-                log.warning("cancel channel %s: %s; retrying in %.2fs", self.channel, exc, delay)
-                await asyncio.sleep(delay)
+                log.warning("cancel channel %s: %s; subscribing again", self.channel, exc)
             finally:
                 self.subscribed.clear()
                 await pubsub.aclose()
+
+    async def _subscribe(self) -> PubSub:
+        """Subscribe, then check everything tracked for the cancels announced while unsubscribed."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            self.subscribed.set()
+            await self.check([f for flights in self._flights.values() for f in flights])
+        except BaseException:
+            self.subscribed.clear()
+            await pubsub.aclose()
+            raise
+        return pubsub
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=_LISTEN_WAKEUP_S)
+            if message is not None and message.get("type") == "message":
+                self.announced(str(message["data"]))
+
+    def _unsubscribed(self, exc: Exception, delay: float) -> None:
+        log.warning("cancel channel %s: %s; retrying in %.2fs", self.channel, exc, delay)
+
+
+def _channel_lost(exc: BaseException) -> bool:
+    """Redis away, or refusing the channel (e.g. an ACL without it): wait and subscribe again."""
+    return isinstance(exc, (*CONNECTION_ERRORS, ResponseError))

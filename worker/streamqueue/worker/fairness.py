@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import wire
 from ..aio import wait_set
-from ..connection import Backoff, RedisClient, group_missing, transient
+from ..connection import RedisClient, group_missing, retry_transient, transient
 from .reclaim import Delivery, PendingOwnership
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,12 @@ return {cursor, claimed, counts}
 """
 
 
+def _waited_out(exc: BaseException) -> bool:
+    """Errors the fair intake waits out: Redis away, or the group not created yet (the consumer run
+    creates it)."""
+    return transient(exc) or group_missing(exc)
+
+
 def _deliveries(reply: Any) -> list[tuple[str, dict[str, str]]]:
     """XCLAIM's reply as returned through a script: ``[[id, [field, value, ...]], ...]``; an entry
     deleted while pending is left out (Redis 7 drops it; 6.2 returned it without fields)."""
@@ -153,20 +159,17 @@ class FairQueue:
         Every worker of the partition runs one; the script is atomic, so they share the work. Redis
         errors are waited out (the group may not exist yet: the consumer run creates it).
         """
-        backoff = Backoff()
         while not stop.is_set():
-            try:
-                newest = await self._move_all()
-                self._arrived.set()
-                await self._redis.xread({self._stream: newest}, count=1, block=self._block_ms)
-            except Exception as exc:
-                if not (transient(exc) or group_missing(exc)):
-                    raise
-                delay = backoff.next_delay()
-                log.debug("fair intake of %s waits %.2fs: %s", self._stream, delay, exc)
-                await wait_set(stop, delay)
-                continue
-            backoff.reset()
+            await retry_transient(self._intake_round, self._intake_waits, stop=stop, retryable=_waited_out)
+
+    async def _intake_round(self) -> None:
+        """Move what has arrived, then block until something more does (or the block time ends)."""
+        newest = await self._move_all()
+        self._arrived.set()
+        await self._redis.xread({self._stream: newest}, count=1, block=self._block_ms)
+
+    def _intake_waits(self, exc: Exception, delay: float) -> None:
+        log.debug("fair intake of %s waits %.2fs: %s", self._stream, delay, exc)
 
     async def _move_all(self) -> str:
         """Move everything undelivered; return the newest entry id seen."""

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ResponseError
 
-from ..connection import Backoff, RedisClient, group_missing, transient
+from ..connection import RedisClient, group_missing, retry_transient, transient
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
 from .fairness import FairPending, FairQueue
@@ -48,6 +48,8 @@ class Intake:
         self._takeover = takeover
         self.ready = False  # the group exists and Redis answered the last read
         self.reading = False  # an XREADGROUP/XAUTOCLAIM is on the wire
+        self._group_ready = False
+        self._reclaim_due = 0.0  # scan once at start: a restarted pod's orphans should not wait
         self.fair: FairQueue | None = None  # fairness: its own intake task moves entries into it
         if s.fairness == "perUser":
             self.fair = FairQueue(redis, stream, s.group, block_ms=s.block_ms)
@@ -56,51 +58,45 @@ class Intake:
             self.pending = PendingOwnership(redis, stream, s.group, s.consumer, s.claim_idle_ms)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fill free slots: reclaim idle pending entries when a scan is due, otherwise read new ones.
-
-        One loop does both so reclaiming never starves behind a reader that holds every free slot
-        while it blocks, and the in-flight limit holds exactly.
-        """
-        s = self.s
-        slots = self.inflight.slots
-        backoff = Backoff()
-        group_ready = False
-        reclaim_due = 0.0  # scan once at start: a restarted pod's orphans should not wait
+        """Fill free slots until ``stop``, waiting out Redis outages (the run is not ready meanwhile)."""
         while not stop.is_set():
-            if not group_ready:
-                group_ready = await self._redis_call(self._ensure_group, backoff)
-                continue
-            n = await slots.take(s.batch_size)
-            self.reading = True
-            try:
-                if time.monotonic() >= reclaim_due:
-                    entries, wrapped = await self._reclaim(n)
-                    if wrapped:
-                        self._takeover = False
-                        reclaim_due = time.monotonic() + self._reclaim_interval_s
-                else:
-                    entries = await self._read_new(n)
-                await self.inflight.check_cancels(entries)
-            except Exception as exc:
-                slots.give(n)
-                if group_missing(exc):
-                    log.warning("group %s on %s is gone (Redis restarted?); recreating", s.group, self.stream)
-                    group_ready = False
-                    continue
-                if not transient(exc):
-                    raise
-                await self._redis_down(exc, backoff)
-                continue
-            except BaseException:
-                slots.give(n)
-                raise
-            finally:
-                self.reading = False
-            backoff.reset()
+            entries = await retry_transient(self._take, self._redis_down, stop=stop)
+            if entries is None:
+                return
             self.ready = True
-            slots.give(n - len(entries))
             for entry in entries:
                 self._start(entry)
+
+    async def _take(self) -> list[Delivery]:
+        """One batch for the free slots (taken for it): idle pending entries when a reclaim scan is
+        due, otherwise new ones.
+
+        One loop does both so reclaiming never starves behind a reader that holds every free slot
+        while it blocks, and the in-flight limit holds exactly. A group Redis lost is created again.
+        """
+        if not self._group_ready:
+            await self._ensure_group()
+            self._group_ready = True
+        slots = self.inflight.slots
+        n = await slots.take(self.s.batch_size)
+        self.reading = True
+        try:
+            if time.monotonic() >= self._reclaim_due:
+                entries = await self._reclaim(n)
+            else:
+                entries = await self._read_new(n)
+            await self.inflight.check_cancels(entries)
+        except BaseException as exc:
+            slots.give(n)
+            if not group_missing(exc):
+                raise
+            log.warning("group %s on %s is gone (Redis restarted?); recreating", self.s.group, self.stream)
+            self._group_ready = False
+            return []
+        finally:
+            self.reading = False
+        slots.give(n - len(entries))
+        return entries
 
     async def renew_claims(self) -> None:
         """Keep the entries in flight from looking idle, so no other worker reclaims a long handler's."""
@@ -118,8 +114,9 @@ class Intake:
                 # Redis lost the group (restart without persistence): nothing of ours is pending any
                 # more; the intake loop recreates the group.
 
-    async def _reclaim(self, count: int) -> tuple[list[Delivery], bool]:
-        """Up to ``count`` idle pending entries, and whether the scan went round the whole list."""
+    async def _reclaim(self, count: int) -> list[Delivery]:
+        """Up to ``count`` idle pending entries; the next scan is due a while after this one went
+        round the whole list."""
         min_idle = 0 if self._takeover else None
         entries, wrapped = await self.pending.claim(count, mine=self.inflight.ids, min_idle_ms=min_idle)
         if entries:
@@ -128,7 +125,10 @@ class Intake:
                 "reclaimed %d idle entries (%s, delivery %d, ...)",
                 len(entries), entries[0].entry_id, entries[0].deliveries,
             )  # fmt: skip
-        return entries, wrapped
+        if wrapped:
+            self._takeover = False
+            self._reclaim_due = time.monotonic() + self._reclaim_interval_s
+        return entries
 
     @property
     def _reclaim_interval_s(self) -> float:
@@ -155,21 +155,7 @@ class Intake:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _redis_call(self, call: Callable[[], Awaitable[None]], backoff: Backoff) -> bool:
-        """Run ``call``; on a connection error back off and return False so the caller retries."""
-        try:
-            await call()
-        except Exception as exc:
-            if not transient(exc):
-                raise
-            await self._redis_down(exc, backoff)
-            return False
-        backoff.reset()
-        return True
-
-    async def _redis_down(self, exc: Exception, backoff: Backoff) -> None:
+    def _redis_down(self, exc: Exception, delay: float) -> None:
         self.ready = False
         self.metrics.redis_errors.inc()
-        delay = backoff.next_delay()
         log.warning("Redis unreachable (%s: %s); retrying in %.2fs", type(exc).__name__, exc, delay)
-        await asyncio.sleep(delay)

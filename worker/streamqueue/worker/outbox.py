@@ -36,13 +36,13 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 from redis.typing import EncodableT, FieldT
 
-from ..aio import wait_set
-from ..connection import Backoff, RedisClient, transient
+from ..connection import RedisClient, retry_transient, transient
 from ..metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,6 @@ class Outbox:
 
     async def run(self) -> None:
         """The flusher: commits whatever is queued, retrying through Redis outages."""
-        backoff = Backoff()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -125,26 +124,24 @@ class Outbox:
             if self._queue:
                 self._wake.set()
             while batch:
-                if self._abandon.is_set():
+                retry_failed = partial(self._commit_failed, len(batch))
+                try:
+                    committed = await retry_transient(
+                        partial(self._commit, batch), retry_failed, stop=self._abandon
+                    )
+                except Exception as exc:
+                    log.exception("reply/ack commit rejected by Redis")
+                    _report(batch, exc)
+                    break
+                if committed is None:  # abandoned
                     _report(batch, OutboxAbandoned("Redis unreachable at shutdown; entry left pending"))
                     break
-                try:
-                    committed = await self._commit(batch)
-                except Exception as exc:
-                    if not transient(exc):
-                        log.exception("reply/ack commit rejected by Redis")
-                        _report(batch, exc)
-                        break
-                    self._metrics.redis_errors.inc()
-                    delay = backoff.next_delay()
-                    log.warning(
-                        "reply/ack commit failed (%s); retrying %d entries in %.2fs", exc, len(batch), delay
-                    )
-                    await wait_set(self._abandon, delay)
-                    continue
-                backoff.reset()
                 _report(batch[:committed], None)
                 batch = batch[committed:]
+
+    def _commit_failed(self, entries: int, exc: Exception, delay: float) -> None:
+        self._metrics.redis_errors.inc()
+        log.warning("reply/ack commit failed (%s); retrying %d entries in %.2fs", exc, entries, delay)
 
     async def _commit(self, batch: list[_Queued]) -> int:
         """Write ``batch`` in order, with the XACK of its entries; returns how many of its items (from

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from functools import partial
 
 import redis.asyncio as aioredis
 
 from ..aio import cancel
-from ..connection import Backoff, RedisClient, transient
+from ..connection import RedisClient, retry_transient, transient
 from ..handlers import Handler
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
@@ -80,17 +81,11 @@ class Partitions:
         cluster client breaks when many tasks send their first commands while it initializes."""
         if not isinstance(self.redis, aioredis.RedisCluster):
             return
-        backoff = Backoff()
-        while not stop.is_set():
-            try:
-                await self.redis.initialize()
-                return
-            except Exception as exc:
-                if not transient(exc):
-                    raise
-                delay = backoff.next_delay()
-                log.warning("Redis Cluster unreachable (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
+
+        def unreachable(exc: Exception, delay: float) -> None:
+            log.warning("Redis Cluster unreachable (%s); retrying in %.2fs", exc, delay)
+
+        await retry_transient(self.redis.initialize, unreachable, stop=stop)
 
     def _start_run(self, partition: str, share: int, *, takeover: bool = False) -> None:
         """``share``: how many partitions this worker consumes now; each gets that part of its concurrency."""
@@ -127,31 +122,28 @@ class Partitions:
     async def _keep_leases(self) -> None:
         s = self.s
         leases = self._leases = Leases(self.redis, s.stream, s.partition_streams, s.consumer, s.lease_ttl_ms)
-        backoff = Backoff()
         while True:
-            self._check_runs()
-            try:
-                live = await leases.heartbeat()
-                await self._renew(leases)
-                target = assignment(s.partition_streams, live, s.consumer)
-                for partition in self._held - target - self._leaving.keys():
-                    self._leave_partition(partition, release=True)
-                for partition in target - self._held - self.runs.keys():
-                    if await leases.acquire(partition):
-                        log.info("took the lease of %s", partition)
-                        self._held.add(partition)
-                        self._start_run(partition, share=len(target), takeover=True)
-            except Exception as exc:
-                if not transient(exc):
-                    raise
-                self.redis_ok = False
-                delay = backoff.next_delay()
-                log.warning("lease upkeep: Redis unreachable (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
+            await retry_transient(partial(self._upkeep, leases), self._upkeep_failed)
             self.redis_ok = True
-            backoff.reset()
             await asyncio.sleep(s.lease_ttl_ms / 3000)
+
+    async def _upkeep(self, leases: Leases) -> None:
+        """One round: heartbeat, renew what is held, hand over what moved away, take what is ours."""
+        self._check_runs()
+        live = await leases.heartbeat()
+        await self._renew(leases)
+        target = assignment(self.s.partition_streams, live, self.s.consumer)
+        for partition in self._held - target - self._leaving.keys():
+            self._leave_partition(partition, release=True)
+        for partition in target - self._held - self.runs.keys():
+            if await leases.acquire(partition):
+                log.info("took the lease of %s", partition)
+                self._held.add(partition)
+                self._start_run(partition, share=len(target), takeover=True)
+
+    def _upkeep_failed(self, exc: Exception, delay: float) -> None:
+        self.redis_ok = False
+        log.warning("lease upkeep: Redis unreachable (%s); retrying in %.2fs", exc, delay)
 
     async def _renew(self, leases: Leases) -> None:
         """Renew every lease held, draining ones included; a lost one stops its partition now."""
