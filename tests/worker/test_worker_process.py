@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 
 import pytest
 from streamqueue_harness.eventually import eventually
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_harness.workerproc import WORKER_COMMAND
 
 from tests.worker.conftest import (
     GROUP,
@@ -82,9 +82,7 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(raw, worker_processes) -> 
 
 
 def test_help_lists_the_settings() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "streamqueue.worker", "--help"], capture_output=True, text=True, timeout=30
-    )
+    out = subprocess.run([*WORKER_COMMAND, "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
     for flag in (
         "--redis-url",
@@ -99,7 +97,7 @@ def test_help_lists_the_settings() -> None:
 
 def test_invalid_settings_exit_2_with_the_reason(redis_server) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "streamqueue.worker", "--batch-size", "0", "--redis-url", redis_server.url],
+        [*WORKER_COMMAND, "--batch-size", "0", "--redis-url", redis_server.url],
         capture_output=True,
         text=True,
         timeout=30,
@@ -110,7 +108,7 @@ def test_invalid_settings_exit_2_with_the_reason(redis_server) -> None:
 
 def test_unknown_handler_exits_2(redis_server) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "streamqueue.worker", "--handler", "no.such.module:handle"],
+        [*WORKER_COMMAND, "--handler", "no.such.module:handle"],
         capture_output=True,
         text=True,
         timeout=30,
