@@ -27,7 +27,7 @@ from kubernetes import config as k8s_config
 from streamqueue import Client
 
 from .controlplane import ControlPlane
-from .eventually import eventually
+from .eventually import eventually, eventually_async
 from .operatorproc import OperatorProcess, install_crd
 from .podrunner import WorkerPodRunner
 from .redis_server import RedisServer
@@ -212,15 +212,16 @@ async def run_load_and_watch(
 ) -> Observed:
     seen = Observed()
     screen = Screen()
-    deadline = seen.started + cfg.deadline_seconds
     async with Client(redis_url) as client:
         load = asyncio.create_task(send_bursts(client, cfg, seen))
-        while time.monotonic() < deadline:
+
+        async def back_to_zero() -> bool:
             await asyncio.to_thread(view.refresh, seen, runner)
             screen.show(seen, cfg, _phase(load.done(), seen))
-            if load.done() and seen.scaled_in_at is not None and seen.processes == 0:
-                break
-            await asyncio.sleep(0.5)
+            return load.done() and seen.scaled_in_at is not None and seen.processes == 0
+
+        with contextlib.suppress(TimeoutError):  # the verdict names what did not happen in time
+            await eventually_async(back_to_zero, "scale-in to zero", cfg.deadline_seconds, 0.5, TimeoutError)
         if load.done():
             load.result()
         else:

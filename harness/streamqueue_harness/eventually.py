@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -36,13 +36,33 @@ def eventually(
         time.sleep(interval)
 
 
+@overload
 async def eventually_async(
-    probe: Callable[[], T] | Callable[[], Awaitable[T]],
+    probe: Callable[[], Awaitable[T]],
+    what: str,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+    error: type[Exception] = ...,
+) -> T: ...
+
+
+@overload
+async def eventually_async(
+    probe: Callable[[], T],
+    what: str,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+    error: type[Exception] = ...,
+) -> T: ...
+
+
+async def eventually_async(
+    probe: Callable[[], Any],
     what: str,
     timeout: float = 30.0,  # noqa: ASYNC109 - the same signature as eventually, on purpose
     interval: float = 0.05,
     error: type[Exception] = AssertionError,
-) -> T:
+) -> Any:
     """``eventually`` for asyncio: an ``async def`` probe is awaited; a blocking one runs in a thread
     so the loop (the workers, the client under test) keeps running while it blocks."""
     deadline = time.monotonic() + timeout
@@ -55,10 +75,10 @@ async def eventually_async(
         await asyncio.sleep(interval)
 
 
-async def _probe_once(probe: Callable[[], T] | Callable[[], Awaitable[T]]) -> T:
+async def _probe_once(probe: Callable[[], Any]) -> Any:
     if inspect.iscoroutinefunction(probe):
-        return cast(T, await probe())
-    return cast(T, await asyncio.to_thread(probe))
+        return await probe()
+    return await asyncio.to_thread(probe)
 
 
 def _timed_out(what: str, timeout: float, last: object) -> str:
