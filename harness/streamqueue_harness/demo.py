@@ -92,7 +92,7 @@ def queue_manifest(redis_url: str, cfg: DemoConfig) -> dict[str, Any]:
     """The example StreamQueue, pointed at the demo's Redis and tuned so scaling is visible quickly."""
     manifest = yaml.safe_load((ROOT / "examples" / "streamqueue.yaml").read_text())
     spec = manifest["spec"]
-    spec["redis"]["url"] = redis_url
+    spec["redis"] = {"url": redis_url}  # the demo's redis-server has no password: no redis-auth Secret
     spec["worker"].update(
         handler="streamqueue_harness.demo_handler:handle",
         concurrency=4,

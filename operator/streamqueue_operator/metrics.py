@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prometheus_client import Counter, Gauge, start_http_server
 from streamqueue import wire
 
@@ -34,6 +36,9 @@ SCALE_EVENTS = Counter(
     "streamqueue_scale_events", "Replica changes made by the scaler.", (*_LABELS, "direction", "reason")
 )
 REDIS_ERRORS = Counter("streamqueue_redis_errors", "Polls that could not read Redis.", _LABELS)
+# The operation label of API_ERRORS: what the scaler was doing (a Literal, so mypy rejects any other and
+# the docs' lists are tested against it).
+ApiOperation = Literal["read", "scale", "status", "deletion_cost", "housekeeping"]
 API_ERRORS = Counter(
     "streamqueue_api_errors",
     "Kubernetes API requests that failed or timed out, by what the scaler was doing.",

@@ -150,7 +150,7 @@ class QueueScaler:
         self._patched = None
         return replicas.desired if actual is None else actual
 
-    def _api_error(self, operation: str, exc: Exception) -> None:
+    def _api_error(self, operation: metrics.ApiOperation, exc: Exception) -> None:
         metrics.API_ERRORS.labels(self.namespace, self.name, operation).inc()
         self.log.warning("Kubernetes API %s failed, holding and retrying: %s", operation, exc)
 

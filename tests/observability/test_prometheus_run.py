@@ -59,7 +59,7 @@ def queue(name: str, namespace: str, redis_url: str, **scaling: Any) -> dict[str
     manifest = yaml.safe_load((ROOT / "examples" / "streamqueue.yaml").read_text())
     manifest["metadata"] = {"name": name, "namespace": namespace}
     spec = manifest["spec"]
-    spec["redis"]["url"] = redis_url
+    spec["redis"] = {"url": redis_url}  # the test's redis-server has no password: no redis-auth Secret
     spec["worker"].update(
         handler="streamqueue_harness.demo_handler:handle",
         concurrency=4,

@@ -36,6 +36,7 @@ ALERTS = {
     "StreamQueueBacklogGrowing",
     "StreamQueueRedisUnreachable",
     "StreamQueueDeadLetters",
+    "StreamQueueDeadLettersTrimmed",
     "StreamQueueReplicasAtMax",
     "StreamQueueOperatorAPIErrors",
 }

@@ -95,6 +95,11 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        self.dead_letters_trimmed = Counter(
+            "streamqueue_dead_letters_trimmed",
+            "Dead letters removed by the dead-letter stream's MAXLEN (deadLetterMaxLen) to make room",
+            registry=r,
+        )
         self.reclaimed = Counter(
             "streamqueue_messages_reclaimed", "Idle pending entries taken over with XAUTOCLAIM", registry=r
         )

@@ -37,6 +37,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
@@ -57,12 +58,17 @@ CALLS_PER_FLUSH = 8
 @dataclass(frozen=True)
 class StreamWrite:
     """One XADD; ``maxlen`` trims approximately and ``ttl_s`` (re)sets the key's idle expiry, unless
-    the stream is read through a consumer group (then it is made persistent: see the module doc)."""
+    the stream is read through a consumer group (then it is made persistent: see the module doc).
+
+    ``count_trimmed``: the entries this XADD's trimming removes are counted in
+    ``streamqueue_dead_letters_trimmed_total`` (XLEN before and after; dead letters are rare, so the
+    two O(1) calls cost nothing, and nobody loses a dead letter silently)."""
 
     key: str
     fields: dict[str, str]
     maxlen: int | None = None
     ttl_s: int | None = None
+    count_trimmed: bool = False
 
 
 # Called once per entry with None when its writes and XACK are committed, else with the reason.
@@ -160,7 +166,7 @@ class Outbox:
         """One script call per ``MAX_BATCH`` items, all in one round trip."""
         calls = [batch[i : i + MAX_BATCH] for i in range(0, len(batch), MAX_BATCH)]
         if len(calls) == 1:  # the common case; a pipeline would first ask SCRIPT EXISTS, one more RTT
-            _log_rejected(await self._script(**self._script_call(batch), client=self._redis))
+            self._script_done(await self._script(**self._script_call(batch), client=self._redis))
             return len(batch)
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:  # redis-py queues a script on a pipeline (and loads it if missing); untyped
@@ -172,7 +178,7 @@ class Outbox:
                 if committed == 0:
                     raise result
                 break  # the calls before it stand; the rest is tried again
-            _log_rejected(result)
+            self._script_done(result)
             committed += len(call)
         return committed
 
@@ -184,19 +190,33 @@ class Outbox:
             for write in item.writes:
                 index = keys.setdefault(write.key, len(keys) + 1)
                 flat = [part for pair in write.fields.items() for part in pair]
-                flat_writes.append([index, write.maxlen or 0, write.ttl_s or 0, flat])
+                counted = int(write.count_trimmed)
+                flat_writes.append([index, write.maxlen or 0, write.ttl_s or 0, flat, counted])
         ack_ids = [item.entry_id for item in items if item.entry_id is not None]
         # One JSON argument instead of a dozen per reply: redis-py encodes each argument in Python,
         # json.dumps runs in C, and Redis decodes it in C (cjson).
         payload = json.dumps([flat_writes, ack_ids], separators=(",", ":"))
         return {"keys": list(keys), "args": [self._group, payload]}
 
+    def _script_done(self, result: list[Any]) -> None:
+        """Log the writes a script call reports rejected and count the dead letters it trimmed."""
+        failed, trimmed = result
+        _log_rejected(failed)
+        if trimmed:
+            self._metrics.dead_letters_trimmed.inc(trimmed)
+
     async def _write_pipeline(self, writes: list[StreamWrite], ack_ids: list[str]) -> None:
         expiries = {w.key: w.ttl_s for w in writes if w.ttl_s is not None}  # one step per key per batch
         grouped = await self._read_through_groups(list(expiries))
         pipe = self._redis.pipeline(transaction=False)
+        counted: list[int] = []  # where each counted write's XLEN-before sits in the results
         for write in writes:
+            if write.count_trimmed:
+                counted.append(len(pipe))
+                pipe.xlen(write.key)
             pipe.xadd(write.key, redis_fields(write.fields), maxlen=write.maxlen, approximate=True)
+            if write.count_trimmed:
+                pipe.xlen(write.key)
         for key, ttl_s in expiries.items():
             if key in grouped:
                 pipe.persist(key)
@@ -213,8 +233,23 @@ class Outbox:
                 raise result
             if isinstance(result, Exception):
                 log.error("Redis rejected a reply or dead-letter write: %s", result)
+        self._count_trimmed([results[i : i + 3] for i in counted])
         if ack_ids and self._two_step:
             await self._redis.xack(self._stream, self._group, *ack_ids)
+
+    def _count_trimmed(self, lengths: list[list[Any]]) -> None:
+        """Count what the counted XADDs trimmed, from [XLEN before, XADD, XLEN after] each.
+
+        A pipeline is not atomic: another worker's dead letter to the same stream between the three
+        commands shifts a drop from one count to the other, but the sum stays right unless both trim.
+        """
+        trimmed = sum(
+            max(before + 1 - after, 0)
+            for before, added, after in lengths
+            if isinstance(before, int) and isinstance(after, int) and not isinstance(added, Exception)
+        )
+        if trimmed:
+            self._metrics.dead_letters_trimmed.inc(trimmed)
 
     async def _read_through_groups(self, keys: list[str]) -> set[str]:
         """The keys that are streams with at least one consumer group (pipeline fallback only).
@@ -232,7 +267,9 @@ class Outbox:
 
 
 # KEYS: the input stream, then every key written. ARGV: the group, then JSON
-# [[[key index, maxlen or 0, ttl or 0, [field, value, ...]], ...], [entry id to XACK, ...]].
+# [[[key index, maxlen or 0, ttl or 0, [field, value, ...], count trimmed 0/1], ...],
+#  [entry id to XACK, ...]].
+# Returns [the rejected writes, the entries trimmed by the counted writes (XLEN before + 1 - after)].
 # A write Redis rejects (a key of another type) is reported and skipped; the batch is still acked,
 # exactly as a pipeline would behave. Each key written with a ttl gets one lifetime step: PERSIST if
 # some consumer group reads it (an expiry would delete the group), else EXPIRE. PERSIST runs under
@@ -242,9 +279,11 @@ _COMMIT_LUA = """
 local batch = cjson.decode(ARGV[2])
 local ttls = {}
 local failed = {}
+local trimmed = 0
 for _, w in ipairs(batch[1]) do
-  local key, maxlen, ttl, fields = KEYS[w[1]], w[2], w[3], w[4]
+  local key, maxlen, ttl, fields, count = KEYS[w[1]], w[2], w[3], w[4], w[5] == 1
   local ok
+  local before = count and redis.pcall('XLEN', key)
   if maxlen > 0 then
     ok = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(fields))
   else
@@ -252,8 +291,14 @@ for _, w in ipairs(batch[1]) do
   end
   if type(ok) == 'table' and ok.err then
     failed[#failed + 1] = key .. ': ' .. ok.err
-  elseif ttl > 0 then
-    ttls[key] = ttl
+  else
+    local after = count and redis.pcall('XLEN', key)
+    if type(before) == 'number' and type(after) == 'number' then
+      trimmed = trimmed + before + 1 - after
+    end
+    if ttl > 0 then
+      ttls[key] = ttl
+    end
   end
 end
 for key, ttl in pairs(ttls) do
@@ -270,7 +315,7 @@ local ids = batch[2]
 for i = 1, #ids, 1000 do
   redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, #ids)))
 end
-return failed
+return {failed, trimmed}
 """
 
 

@@ -72,7 +72,7 @@ class Failures:
             fields, reason=reason, error=error, deliveries=deliveries, source_id=entry.entry_id,
             source_stream=self.stream, consumer=s.consumer,
         )  # fmt: skip
-        writes = [StreamWrite(self.dead_letter_stream, record)]
+        writes = [StreamWrite(self.dead_letter_stream, record, s.dead_letter_max_len, count_trimmed=True)]
         user_id = fields.get(wire.USER_ID)
         if s.error_replies and wire.user_id_rejection(user_id) is None:
             reply = error_reply_fields(s.consumer, fields.get(wire.REQUEST_ID), f"{reason}: {error}")
