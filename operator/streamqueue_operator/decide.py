@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from .models import GROUP, ScalingSpec
 from .observe import Observation
@@ -41,6 +42,31 @@ MAX_PAUSED_REPLICAS = 1000  # maxReplicas' own upper bound
 
 RATE_WINDOW_SECONDS = 15.0
 MIN_RATE_SPAN_SECONDS = 2.0
+
+
+class Reason(StrEnum):
+    """Why a decision picked its count. The values are a contract: the ``Scaling`` condition's reason,
+    the ``reason`` label of ``streamqueue_scale_events_total``, the ScaledUp/Down Events and
+    ``lastScaleReason`` carry them, and docs/operator.md lists them (tested)."""
+
+    BACKLOG = "Backlog"
+    DRAIN_RATE = "DrainRate"
+    ACTIVATION = "Activation"
+    STABILIZED = "Stabilized"
+    IDLE = "Idle"
+    REDIS_UNAVAILABLE = "RedisUnavailable"
+    GROUP_MISSING = "GroupMissing"
+    COLD_START = "ColdStart"
+    LIMIT_BOUND = "LimitBound"
+    PAUSED = "Paused"
+    PAUSE_INVALID = "PauseInvalid"
+    DEPLOYMENT_ERROR = "DeploymentError"  # no decision: the worker Deployment cannot be scaled
+
+
+# The pause annotations set the count (validly or not).
+PAUSES = frozenset({Reason.PAUSED, Reason.PAUSE_INVALID})
+# The count is held against what the queue alone asks for: the decision's message says why.
+HOLDS = frozenset({Reason.STABILIZED, Reason.COLD_START, Reason.LIMIT_BOUND, *PAUSES})
 
 
 @dataclass(frozen=True)
@@ -88,7 +114,7 @@ class Rates:
 @dataclass(frozen=True)
 class Decision:
     desired: int
-    reason: str
+    reason: Reason
     message: str
     backlog_target: int | None = None
     drain_target: int | None = None
@@ -104,9 +130,9 @@ def _decide_without_data(policy: ScalingSpec, obs: Observation, current: int) ->
     if policy.fallback_replicas is not None:
         floor = max(floor, policy.fallback_replicas)
     if obs.error is not None:
-        reason, what = "RedisUnavailable", f"Redis unreachable ({obs.error})"
+        reason, what = Reason.REDIS_UNAVAILABLE, f"Redis unreachable ({obs.error})"
     else:
-        reason, what = "GroupMissing", "consumer group does not exist yet"
+        reason, what = Reason.GROUP_MISSING, "consumer group does not exist yet"
         if current == 0 and obs.stream_length > policy.activation_backlog:
             floor = max(floor, 1)
     desired = _clamp(floor, policy)
@@ -186,16 +212,18 @@ def decide(
     backlog_target, drain_target = _targets(policy, backlog, rates)
     detail = _describe(obs, backlog_target, drain_target, rates)
     raw = max(backlog_target, drain_target or 0)
-    reason = "DrainRate" if drain_target is not None and drain_target > backlog_target else "Backlog"
+    reason = (
+        Reason.DRAIN_RATE if drain_target is not None and drain_target > backlog_target else Reason.BACKLOG
+    )
 
     idle_for = now - last_active
     to_zero = False
     if current == 0 and backlog <= policy.activation_backlog:
-        raw, reason = 0, "Idle"
+        raw, reason = 0, Reason.IDLE
     elif current == 0:
-        raw, reason = max(raw, 1), "Activation"
+        raw, reason = max(raw, 1), Reason.ACTIVATION
     elif backlog == 0 and policy.min_replicas == 0 and idle_for >= policy.idle_cooldown_seconds:
-        raw, reason, to_zero = 0, "Idle", True
+        raw, reason, to_zero = 0, Reason.IDLE, True
         detail += f"; idle for {idle_for:.0f}s >= idleCooldownSeconds {policy.idle_cooldown_seconds}"
     else:
         raw = max(raw, 1)
@@ -217,12 +245,12 @@ def decide(
         if to_zero and stabilized <= 1:
             desired = 0
         elif desired > recommendation:
-            reason = "Stabilized"
+            reason = Reason.STABILIZED
             detail += (
                 f"; scale-down held at {desired} by the {policy.scale_down_stabilization_seconds}s "
                 "stabilization window"
             )
-    if _clamp(desired, policy) != desired or (desired == recommendation != raw and reason != "Idle"):
+    if _clamp(desired, policy) != desired or (desired == recommendation != raw and reason != Reason.IDLE):
         desired = _clamp(desired, policy)
         detail += f"; clamped to [{policy.min_replicas}, {policy.max_replicas}]"
     decision = Decision(desired, reason, detail, backlog_target, drain_target, rates)
@@ -246,7 +274,7 @@ def _limit_hold(policy: ScalingSpec, obs: Observation, decision: Decision, curre
         f"that limit, so more workers would not help: holding {held} instead of {decision.desired} "
         "while it lasts"
     )
-    return replace(decision, desired=held, reason="LimitBound", message=message)
+    return replace(decision, desired=held, reason=Reason.LIMIT_BOUND, message=message)
 
 
 def _cold_start_hold(
@@ -265,7 +293,7 @@ def _cold_start_hold(
         f"holding {held} instead of {decision.desired} until they are Ready "
         f"or coldStartSeconds {policy.cold_start_seconds} has passed"
     )
-    return replace(decision, desired=held, reason="ColdStart", message=message)
+    return replace(decision, desired=held, reason=Reason.COLD_START, message=message)
 
 
 def _paused(decision: Decision, pause: Pause | None, current: int) -> Decision:
@@ -273,14 +301,14 @@ def _paused(decision: Decision, pause: Pause | None, current: int) -> Decision:
         return decision
     if pause.invalid is not None:
         message = f"{pause.invalid}: holding {current} replica(s) until it is fixed or removed"
-        return replace(decision, desired=current, reason="PauseInvalid", message=message)
+        return replace(decision, desired=current, reason=Reason.PAUSE_INVALID, message=message)
     if pause.replicas is None:
         message = f"paused by annotation {PAUSED}: holding {current} replica(s) (would be {decision.desired})"
-        return replace(decision, desired=current, reason="Paused", message=message)
+        return replace(decision, desired=current, reason=Reason.PAUSED, message=message)
     message = (
         f"paused by annotation {PAUSED_REPLICAS}: {pause.replicas} replica(s) (would be {decision.desired})"
     )
-    return replace(decision, desired=pause.replicas, reason="Paused", message=message)
+    return replace(decision, desired=pause.replicas, reason=Reason.PAUSED, message=message)
 
 
 def _scaled_up(

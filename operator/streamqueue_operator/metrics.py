@@ -7,7 +7,7 @@ from typing import Literal
 from prometheus_client import Counter, Gauge, start_http_server
 from streamqueue import wire
 
-from .decide import Decision
+from .decide import PAUSES, Decision, Reason
 from .observe import UNKNOWN_LIMIT, Observation
 
 _LABELS = ("namespace", "name")
@@ -87,10 +87,10 @@ def record_replicas(
     CURRENT.labels(namespace, name).set(current)
     READY.labels(namespace, name).set(ready)
     MAX.labels(namespace, name).set(max_replicas)
-    PAUSED.labels(namespace, name).set(int(decision.reason in ("Paused", "PauseInvalid")))
+    PAUSED.labels(namespace, name).set(int(decision.reason in PAUSES))
 
 
-def record_scale(namespace: str, name: str, before: int, after: int, reason: str) -> None:
+def record_scale(namespace: str, name: str, before: int, after: int, reason: Reason) -> None:
     SCALE_EVENTS.labels(namespace, name, "up" if after > before else "down", reason).inc()
 
 

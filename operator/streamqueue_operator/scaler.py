@@ -22,7 +22,7 @@ from streamqueue.connection import RedisClient
 
 from . import deletion_cost, housekeeping, metrics, redis_access, status
 from .kubeapi import API_ERRORS, Cluster, NotLeader
-from .decide import Decision, ScalerState, decide, parse_pause
+from .decide import PAUSES, Decision, Reason, ScalerState, decide, parse_pause
 from .deployment import deployment_name, selector_labels
 from .models import RedisSpec, StreamQueueSpec, parse_spec
 from .observe import Observation, consumer_loads, observe
@@ -47,11 +47,11 @@ EventCallback = Callable[[str, str, str], None]
 HOLD_EVENT_REPEAT_SECONDS = 300.0
 # A hold's Event reason, and whether it is a Warning.
 HOLD_EVENTS = {
-    "Stabilized": ("ScaleDownDelayed", False),
-    "ColdStart": ("ColdStartHold", False),
-    "LimitBound": ("LimitBound", False),
-    "Paused": ("Paused", False),
-    "PauseInvalid": ("InvalidPauseAnnotation", True),
+    Reason.STABILIZED: ("ScaleDownDelayed", False),
+    Reason.COLD_START: ("ColdStartHold", False),
+    Reason.LIMIT_BOUND: ("LimitBound", False),
+    Reason.PAUSED: ("Paused", False),
+    Reason.PAUSE_INVALID: ("InvalidPauseAnnotation", True),
 }
 
 
@@ -75,8 +75,8 @@ class QueueScaler:
         self._last_housekeeping = time.monotonic()
         self._last_scale: tuple[str | None, str | None] = (None, None)
         self._status_write: asyncio.Task[None] | None = None
-        self._hold: str | None = None
-        self._hold_announced: dict[str, float] = {}
+        self._hold: Reason | None = None
+        self._hold_announced: dict[Reason, float] = {}
 
     def spec(self, body: Mapping[str, Any]) -> StreamQueueSpec:
         generation = body["metadata"].get("generation", 0)
@@ -173,7 +173,7 @@ class QueueScaler:
         now = obs.at
         if replicas is None:  # not created yet, or not ours to scale (deployment_error says why)
             if self.deployment_error:
-                held = Decision(0, "DeploymentError", self.deployment_error)
+                held = Decision(0, Reason.DEPLOYMENT_ERROR, self.deployment_error)
                 await self._write_status(body, spec, obs, held, current=0, ready=0)
             return spec.scaling.poll_interval_seconds
         current = await self._current(replicas, now)
@@ -201,12 +201,12 @@ class QueueScaler:
         when a pause ends: on change only, and the same hold at most every few minutes, so a flapping
         decision cannot flood the Events."""
         hold = decision.reason if decision.reason in HOLD_EVENTS and decision.desired == current else None
-        if decision.reason in ("Paused", "PauseInvalid"):
+        if decision.reason in PAUSES:
             hold = decision.reason  # paused-replicas: its scale is a ScaledUp/Down Event, the pause its own
         previous, self._hold = self._hold, hold
         if hold == previous or on_event is None:
             return
-        if previous in ("Paused", "PauseInvalid") and hold not in ("Paused", "PauseInvalid"):
+        if previous in PAUSES and hold not in PAUSES:
             on_event(
                 "Normal",
                 "Resumed",
@@ -215,11 +215,7 @@ class QueueScaler:
         if hold is None:
             return
         last = self._hold_announced.get(hold)
-        if (
-            hold not in ("Paused", "PauseInvalid")
-            and last is not None
-            and now - last < HOLD_EVENT_REPEAT_SECONDS
-        ):
+        if hold not in PAUSES and last is not None and now - last < HOLD_EVENT_REPEAT_SECONDS:
             return
         self._hold_announced[hold] = now
         reason, warning = HOLD_EVENTS[hold]

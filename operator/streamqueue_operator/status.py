@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from streamqueue import wire
 
-from .decide import Decision
+from .decide import HOLDS, PAUSES, Decision, Reason
 from .models import Condition, StreamQueueStatus, WorkerSpec
 from .observe import UNKNOWN_LIMIT, Observation
 
@@ -24,9 +24,6 @@ SCALING = "Scaling"
 LAG_ESTIMATED = "LagEstimated"
 PAUSED = "Paused"
 LIMIT_BOUND = "LimitBound"
-
-# Decisions that hold the count against what the backlog alone asks for: their message says why.
-HOLDS = ("Stabilized", "ColdStart", "LimitBound", "Paused", "PauseInvalid")
 
 # The spec.worker field that configures each limit the workers report (RetryAfter is the model API's own).
 LIMIT_FIELDS = {
@@ -89,9 +86,10 @@ def _ready(s: Snapshot) -> tuple[bool, str, str]:
         reason = INVALID_WORKER_SPEC if isinstance(s.deployment_error, WorkerRefusal) else "DeploymentError"
         return False, reason, s.deployment_error
     if o.error:
-        return False, "RedisUnavailable", "cannot observe the queue; replicas are held"
+        return False, Reason.REDIS_UNAVAILABLE, "cannot observe the queue; replicas are held"
     if o.group_missing:
-        return False, "GroupMissing", "the consumer group does not exist yet (workers create it on start)"
+        why = "the consumer group does not exist yet (workers create it on start)"
+        return False, Reason.GROUP_MISSING, why
     if s.decision.desired == 0:
         return True, "ScaledToZero", "idle; a new message wakes a worker"
     if s.ready == 0:
@@ -138,10 +136,10 @@ def _limit_condition(s: Snapshot, prev: list[Condition]) -> Condition:
 
 
 def _paused_condition(d: Decision, gen: int, prev: list[Condition]) -> Condition:
-    if d.reason == "PauseInvalid":
+    if d.reason == Reason.PAUSE_INVALID:
         return _condition(PAUSED, True, "InvalidAnnotation", d.message, gen, prev)
-    if d.reason == "Paused":
-        return _condition(PAUSED, True, "Paused", d.message, gen, prev)
+    if d.reason == Reason.PAUSED:
+        return _condition(PAUSED, True, Reason.PAUSED, d.message, gen, prev)
     return _condition(PAUSED, False, "NotPaused", "no pause annotation: replicas follow the queue", gen, prev)
 
 
@@ -199,7 +197,7 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
             "current_replicas": s.current,
             "replicas": f"{s.current}/{d.desired}",
             "ready_replicas": s.ready,
-            "paused": d.reason in ("Paused", "PauseInvalid"),
+            "paused": d.reason in PAUSES,
             "last_scale_time": s.last_scale_time,
             "last_scale_reason": s.last_scale_reason,
         }

@@ -10,6 +10,7 @@ from streamqueue import wire
 from streamqueue_operator.decide import (
     Pause,
     Rates,
+    Reason,
     Sample,
     ScalerState,
     decide,
@@ -39,7 +40,7 @@ def obs(at: float, lag: int = 0, pending: int = 0, added: int = 0, read: int | N
 
 def test_backlog_target_scales_up_in_one_step() -> None:
     d, _ = decide(policy(), ScalerState.seeded(0, 1), obs(1, lag=40, pending=7), current=1, ready=1)
-    assert d.desired == 10 and d.reason == "Backlog"
+    assert d.desired == 10 and d.reason == Reason.BACKLOG
     assert "backlog 47" in d.message
 
 
@@ -53,7 +54,7 @@ def test_wakes_from_zero_on_first_message_and_on_pending_only() -> None:
     assert decide(p, ScalerState(), obs(1, lag=1), current=0, ready=0)[0].desired == 1
     # KEDA's pending-count mode cannot wake on pending alone; a dead consumer's pending entries need a worker.
     d, _ = decide(p, ScalerState(), obs(1, pending=3), current=0, ready=0)
-    assert d.desired == 1 and d.reason == "Activation"
+    assert d.desired == 1 and d.reason == Reason.ACTIVATION
 
 
 def test_activation_threshold_keeps_zero_until_exceeded() -> None:
@@ -68,7 +69,7 @@ def test_scale_down_waits_for_stabilization_window() -> None:
     d, state = decide(p, state, obs(0, lag=50), current=2, ready=2)
     assert d.desired == 10
     d, state = decide(p, state, obs(10, lag=5), current=10, ready=10)
-    assert d.desired == 10 and d.reason == "Stabilized"
+    assert d.desired == 10 and d.reason == Reason.STABILIZED
     d, state = decide(p, state, obs(29, lag=5), current=10, ready=10)
     assert d.desired == 10
     d, state = decide(p, state, obs(31, lag=5), current=10, ready=10)
@@ -83,7 +84,7 @@ def test_scale_to_zero_only_after_idle_cooldown() -> None:
         d, state = decide(p, state, obs(t, added=3, read=3), current=1, ready=1)
         assert d.desired == 1, t
     d, state = decide(p, state, obs(61, added=3, read=3), current=1, ready=1)
-    assert d.desired == 0 and d.reason == "Idle"
+    assert d.desired == 0 and d.reason == Reason.IDLE
 
 
 def test_new_arrivals_reset_idle_cooldown_even_if_drained_between_polls() -> None:
@@ -104,7 +105,7 @@ def test_restart_seed_prevents_early_scale_down() -> None:
 def test_redis_error_holds_and_fallback_only_raises() -> None:
     err = Observation(at=5, error="ConnectionError: refused")
     d, state = decide(policy(), ScalerState.seeded(0, 3), err, current=3, ready=3)
-    assert d.desired == 3 and d.reason == "RedisUnavailable" and "holding 3" in d.message
+    assert d.desired == 3 and d.reason == Reason.REDIS_UNAVAILABLE and "holding 3" in d.message
     assert state.recommendations == ((0, 3), (5, 3)) and state.samples == ()
     assert decide(policy(fallback_replicas=5), ScalerState(), err, current=3, ready=3)[0].desired == 5
     assert decide(policy(fallback_replicas=2), ScalerState(), err, current=3, ready=3)[0].desired == 3
@@ -115,7 +116,7 @@ def test_missing_group_holds_but_wakes_a_worker_for_a_non_empty_stream() -> None
     missing = Observation(at=1, group_missing=True, stream_length=4)
     assert decide(policy(), ScalerState(), missing, current=0, ready=0)[0].desired == 1
     d, _ = decide(policy(), ScalerState(), missing, current=4, ready=4)
-    assert d.desired == 4 and d.reason == "GroupMissing"
+    assert d.desired == 4 and d.reason == Reason.GROUP_MISSING
     empty = Observation(at=1, group_missing=True, stream_length=0)
     assert decide(policy(), ScalerState(), empty, current=0, ready=0)[0].desired == 0
 
@@ -128,7 +129,7 @@ def test_drain_target_uses_saturated_service_rate() -> None:
     _, state = decide(p, state, obs(0, lag=500, added=1000, read=400, pending=10), current=2, ready=2)
     d, _ = decide(p, state, obs(10, lag=590, added=1300, read=600, pending=10), current=2, ready=2)
     assert d.rates == Rates(arrival=30.0, service_per_replica=10.0)
-    assert d.drain_target == 5 and d.desired == 5 and d.reason == "DrainRate"
+    assert d.drain_target == 5 and d.desired == 5 and d.reason == Reason.DRAIN_RATE
 
 
 def test_no_service_rate_when_workers_were_not_saturated() -> None:
@@ -139,25 +140,25 @@ def test_no_service_rate_when_workers_were_not_saturated() -> None:
 def test_cold_start_holds_further_scale_up_until_pods_are_ready() -> None:
     p = policy(max_replicas=50, cold_start_seconds=60)
     d, state = decide(p, ScalerState.seeded(0, 1), obs(1, lag=20), current=1, ready=1)
-    assert d.desired == 4 and d.reason == "Backlog"
+    assert d.desired == 4 and d.reason == Reason.BACKLOG
     # backlog keeps growing while the 3 new pods start: they were added for it
     for t, lag in ((2, 30), (10, 60), (20, 90)):
         d, state = decide(p, state, obs(t, lag=lag), current=4, ready=1)
-        assert d.desired == 4 and d.reason == "ColdStart", t
+        assert d.desired == 4 and d.reason == Reason.COLD_START, t
         assert "3 of 4 pod(s) not Ready yet" in d.message
     d, state = decide(p, state, obs(21, lag=90), current=4, ready=4)  # ready: the policy applies again
-    assert d.desired == 18 and d.reason == "Backlog"
+    assert d.desired == 18 and d.reason == Reason.BACKLOG
 
 
 def test_cold_start_hold_is_bounded_in_time_and_never_from_zero() -> None:
     p = policy(max_replicas=50, cold_start_seconds=30)
     _, state = decide(p, ScalerState.seeded(0, 1), obs(1, lag=20), current=1, ready=1)
     d, _ = decide(p, state, obs(30, lag=60), current=4, ready=1)
-    assert d.reason == "ColdStart"
+    assert d.reason == Reason.COLD_START
     d, _ = decide(p, state, obs(31, lag=60), current=4, ready=3)  # a pod stuck starting: 30 s is enough
-    assert d.desired == 12 and d.reason == "Backlog"
+    assert d.desired == 12 and d.reason == Reason.BACKLOG
     d, _ = decide(p, ScalerState(), obs(1, lag=20), current=0, ready=0)
-    assert d.desired == 4 and d.reason == "Activation"
+    assert d.desired == 4 and d.reason == Reason.ACTIVATION
     off = policy(max_replicas=50, cold_start_seconds=0)
     _, state = decide(off, ScalerState.seeded(0, 1), obs(1, lag=20), current=1, ready=1)
     assert decide(off, state, obs(2, lag=60), current=4, ready=1)[0].desired == 12
@@ -185,11 +186,11 @@ def test_pause_holds_sets_or_refuses_and_history_keeps_advancing() -> None:
     p = policy(max_replicas=50)
     state = ScalerState.seeded(0, 2)
     d, state = decide(p, state, obs(1, lag=100), current=2, ready=2, pause=Pause())
-    assert (d.desired, d.reason) == (2, "Paused") and "would be 20" in d.message
+    assert (d.desired, d.reason) == (2, Reason.PAUSED) and "would be 20" in d.message
     d, state = decide(p, state, obs(2, lag=100), current=2, ready=2, pause=Pause(replicas=0))
-    assert (d.desired, d.reason) == (0, "Paused")
+    assert (d.desired, d.reason) == (0, Reason.PAUSED)
     d, state = decide(p, state, obs(3, lag=100), current=0, ready=0, pause=Pause(invalid="bad"))
-    assert (d.desired, d.reason) == (0, "PauseInvalid") and "bad" in d.message
+    assert (d.desired, d.reason) == (0, Reason.PAUSE_INVALID) and "bad" in d.message
     d, _ = decide(p, state, obs(4, lag=100), current=0, ready=0)  # removed: resumes at once
     assert d.desired == 20
     d, _ = decide(p, state, Observation(at=4, error="down"), current=2, ready=2, pause=Pause(replicas=5))
@@ -203,23 +204,23 @@ def bound(o: Observation, reason: str = wire.LIMIT_REQUESTS) -> Observation:
 def test_limit_bound_holds_a_scale_up_and_says_why() -> None:
     p = policy(max_replicas=50)
     d, state = decide(p, ScalerState.seeded(0, 4), bound(obs(1, lag=100)), current=4, ready=4)
-    assert (d.desired, d.reason) == (4, "LimitBound")
+    assert (d.desired, d.reason) == (4, Reason.LIMIT_BOUND)
     assert "limit-bound (RequestsPerMinute)" in d.message and "holding 4 instead of 20" in d.message
     assert "backlog 100" in d.message
     d, _ = decide(p, state, obs(2, lag=100), current=4, ready=4)  # the key expired: the policy again
-    assert (d.desired, d.reason) == (20, "Backlog")
+    assert (d.desired, d.reason) == (20, Reason.BACKLOG)
 
 
 def test_limit_bound_changes_nothing_that_is_not_a_scale_up() -> None:
     p = policy(scale_down_stabilization_seconds=0, idle_cooldown_seconds=0)
     d, _ = decide(p, ScalerState.seeded(0, 4), bound(obs(1, lag=10)), current=4, ready=4)
-    assert (d.desired, d.reason) == (2, "Backlog")  # scale-down as usual
+    assert (d.desired, d.reason) == (2, Reason.BACKLOG)  # scale-down as usual
     d, _ = decide(p, ScalerState.seeded(0, 4), bound(obs(1, lag=20)), current=4, ready=4)
-    assert (d.desired, d.reason) == (4, "Backlog")  # settled: nothing held
+    assert (d.desired, d.reason) == (4, Reason.BACKLOG)  # settled: nothing held
     d, _ = decide(p, ScalerState(last_active_at=0), bound(obs(1)), current=1, ready=1)
-    assert (d.desired, d.reason) == (0, "Idle")  # to zero as usual
+    assert (d.desired, d.reason) == (0, Reason.IDLE)  # to zero as usual
     d, _ = decide(p, ScalerState(), bound(obs(1, lag=30)), current=0, ready=0)
-    assert (d.desired, d.reason) == (1, "LimitBound")  # wakes from zero: the limit needs a worker
+    assert (d.desired, d.reason) == (1, Reason.LIMIT_BOUND)  # wakes from zero: the limit needs a worker
     d, _ = decide(policy(min_replicas=3), ScalerState(), bound(obs(1, lag=30)), current=2, ready=2)
     assert d.desired == 3  # minReplicas is the user's floor, bound or not
 
@@ -228,9 +229,9 @@ def test_limit_bound_with_cold_start_pause_and_missing_data() -> None:
     p = policy(max_replicas=50, cold_start_seconds=60, fallback_replicas=6)
     _, state = decide(p, ScalerState.seeded(0, 1), obs(1, lag=20), current=1, ready=1)
     d, _ = decide(p, state, bound(obs(2, lag=60)), current=4, ready=1)
-    assert (d.desired, d.reason) == (4, "LimitBound")  # both hold; the reason that outlasts the other
+    assert (d.desired, d.reason) == (4, Reason.LIMIT_BOUND)  # both hold; the reason that outlasts the other
     d, _ = decide(p, state, bound(obs(2, lag=60)), current=4, ready=4, pause=Pause(replicas=9))
-    assert (d.desired, d.reason) == (9, "Paused")  # a pause is the user's word
+    assert (d.desired, d.reason) == (9, Reason.PAUSED)  # a pause is the user's word
     err = bound(Observation(at=2, error="ConnectionError: refused"))
     assert decide(p, state, err, current=4, ready=4)[0].desired == 6  # unreadable: fallback as before
     missing = bound(Observation(at=2, group_missing=True, stream_length=3))

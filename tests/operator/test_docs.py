@@ -1,12 +1,15 @@
-"""docs/operator.md covers every StreamQueue field, metric and permission (fails when one is added)."""
+"""docs/operator.md covers every StreamQueue field, metric, permission and decision reason (fails when one is
+added)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 from streamqueue_operator import crdgen, metrics, permissions
+from streamqueue_operator.decide import HOLDS, Reason
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "operator.md").read_text()
 
@@ -41,3 +44,17 @@ def test_every_metric_and_permission_is_documented() -> None:
     assert not [n for n in names if f"`{n}" not in DOC], "document every metric in docs/operator.md"
     for _, resource, verbs, _ in permissions.RULES:
         assert f"| `{resource}` | {', '.join(verbs)} |" in DOC, resource
+
+
+def _listed(pattern: str) -> set[str]:
+    """The backquoted names in the part of the doc ``pattern`` matches (across line breaks)."""
+    found = re.search(pattern, DOC, re.DOTALL)
+    assert found, pattern
+    return set(re.findall(r"`(\w+)`", found.group(1)))
+
+
+def test_every_decision_reason_is_documented() -> None:
+    """The reasons are what users see in the Scaling condition, Events and metric labels: the doc's
+    list is exactly the enum, and so is its list of the holds whose message says why."""
+    assert _listed(r"Decision reasons: (.*?)\. ") == set(Reason)
+    assert _listed(r"For the holds \((.*?)\)") == HOLDS

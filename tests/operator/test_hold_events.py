@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamqueue_operator.decide import Decision
-from streamqueue_operator.scaler import QueueScaler
+from streamqueue_operator.decide import HOLDS, Decision, Reason
+from streamqueue_operator.scaler import HOLD_EVENTS, QueueScaler
 from streamqueue_operator.settings import OperatorSettings
 
 
@@ -13,23 +13,23 @@ def test_holds_are_announced_on_change_only() -> None:
     scaler = QueueScaler(Any, OperatorSettings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
     sent: list[tuple[str, str]] = []
 
-    def poll(reason: str, desired: int, current: int, at: float) -> None:
+    def poll(reason: Reason, desired: int, current: int, at: float) -> None:
         scaler._announce_hold(
             Decision(desired, reason, "why"), current, at, lambda t, r, m: sent.append((t, r))
         )
 
     for t in range(5):
-        poll("Stabilized", 4, 4, t)  # waiting for the window, poll after poll
-    poll("Backlog", 5, 4, 5)
-    poll("Stabilized", 5, 5, 6)  # flapping back within a few minutes: not again
+        poll(Reason.STABILIZED, 4, 4, t)  # waiting for the window, poll after poll
+    poll(Reason.BACKLOG, 5, 4, 5)
+    poll(Reason.STABILIZED, 5, 5, 6)  # flapping back within a few minutes: not again
     for t in range(7, 10):
-        poll("ColdStart", 5, 5, t)
-    poll("LimitBound", 5, 5, 10)
-    poll("LimitBound", 5, 5, 10.5)
+        poll(Reason.COLD_START, 5, 5, t)
+    poll(Reason.LIMIT_BOUND, 5, 5, 10)
+    poll(Reason.LIMIT_BOUND, 5, 5, 10.5)
     for t in range(10, 13):
-        poll("Paused", 5, 5, t)
-    poll("PauseInvalid", 5, 5, 13)
-    poll("Backlog", 5, 5, 14)
+        poll(Reason.PAUSED, 5, 5, t)
+    poll(Reason.PAUSE_INVALID, 5, 5, 13)
+    poll(Reason.BACKLOG, 5, 5, 14)
     assert sent == [
         ("Normal", "ScaleDownDelayed"),
         ("Normal", "ColdStartHold"),
@@ -38,3 +38,7 @@ def test_holds_are_announced_on_change_only() -> None:
         ("Warning", "InvalidPauseAnnotation"),
         ("Normal", "Resumed"),
     ]
+
+
+def test_every_hold_has_its_event() -> None:
+    assert set(HOLD_EVENTS) == HOLDS

@@ -128,7 +128,8 @@ def test_pause_holds_sets_refuses_and_resumes(sq: Queues, start_operator: Any) -
     )
     eventually(lambda: sq.replicas("held") == 5, "scaling resumes: 5 for a backlog of 25", timeout=15)
     eventually(lambda: events(sq, "held", "Resumed"), "a Resumed Event", timeout=15)
-    assert sq.condition("held", "Paused")["status"] == "False"
+    # the poll posts its Events before it writes the status
+    eventually(lambda: sq.condition("held", "Paused")["status"] == "False", "Paused=False", timeout=15)
     assert len(events(sq, "held", "Paused")) == 1  # on change only, not per poll
 
 

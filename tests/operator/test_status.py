@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from streamqueue_operator.decide import Decision
+from streamqueue_operator.decide import Decision, Reason
 from streamqueue_operator.deployment import worker_refusal
 from streamqueue_operator.models import WorkerSpec, parse_spec
 from streamqueue_operator.observe import Observation
@@ -16,7 +16,7 @@ def snap(
 ) -> Snapshot:
     return Snapshot(
         generation=3, deployment="q-worker", deployment_error=error, observation=obs,
-        decision=Decision(desired, "Backlog", "msg"), current=current, ready=ready,
+        decision=Decision(desired, Reason.BACKLOG, "msg"), current=current, ready=ready,
         last_scale_time=None, last_scale_reason=None,
     )  # fmt: skip
 
@@ -87,19 +87,19 @@ def test_holds_say_why_in_the_scaling_condition_and_pause_in_its_own() -> None:
         base = snap(ok())
         return build(Snapshot(**{**base.__dict__, "decision": decision}), {})
 
-    held = with_decision(Decision(4, "ColdStart", "3 of 4 pod(s) not Ready yet"))
+    held = with_decision(Decision(4, Reason.COLD_START, "3 of 4 pod(s) not Ready yet"))
     scaling = next(c for c in held["conditions"] if c["type"] == "Scaling")
     assert scaling["reason"] == "ColdStart" and "3 of 4 pod(s) not Ready yet" in scaling["message"]
-    paused = with_decision(Decision(2, "Paused", "paused by annotation streamqueue.io/paused"))
+    paused = with_decision(Decision(2, Reason.PAUSED, "paused by annotation streamqueue.io/paused"))
     assert conditions(paused)["Paused"] == ("True", "Paused") and paused["paused"] is True
-    invalid = with_decision(Decision(2, "PauseInvalid", "streamqueue.io/paused-replicas: '-1'"))
+    invalid = with_decision(Decision(2, Reason.PAUSE_INVALID, "streamqueue.io/paused-replicas: '-1'"))
     assert conditions(invalid)["Paused"] == ("True", "InvalidAnnotation")
 
 
 def test_limit_bound_condition_names_the_limit_its_setting_and_the_hold() -> None:
     def bound_status(reason: str | None, setting: str | None, previous: dict) -> dict:
         base = snap(replace(ok(), limit_bound=reason), desired=4, current=4)
-        held = Decision(4, "LimitBound", "holding 4 instead of 20") if reason else base.decision
+        held = Decision(4, Reason.LIMIT_BOUND, "holding 4 instead of 20") if reason else base.decision
         return build(replace(base, decision=held, limit_setting=setting), previous)
 
     free = bound_status(None, None, {})
