@@ -21,9 +21,9 @@ from streamqueue import wire
 from streamqueue.connection import RedisClient
 
 from . import deletion_cost, housekeeping, metrics, redis_access, status
-from .kubeapi import API_ERRORS, Cluster, NotLeader
 from .decide import PAUSES, Decision, Reason, ScalerState, decide, parse_pause
 from .deployment import deployment_name, selector_labels
+from .kubeapi import API_ERRORS, Cluster, NotLeader
 from .models import RedisSpec, StreamQueueSpec, parse_spec
 from .observe import Observation, consumer_loads, observe
 from .settings import OperatorSettings

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from streamqueue_operator.kubeapi import HASH_ANNOTATION, DeploymentConflict, adoption_patch, template_hash
 from streamqueue_operator.deployment import render
+from streamqueue_operator.kubeapi import HASH_ANNOTATION, DeploymentConflict, adoption_patch, template_hash
 from streamqueue_operator.models import StreamQueueSpec
 
 OWNER = {"metadata": {"name": "chat", "namespace": "team", "uid": "u-1"}}
