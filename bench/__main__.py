@@ -10,6 +10,7 @@ BENCHMARKS = [
     "partitioned",
     "client_latency",
     "model_stream",
+    "stream_cost",
     "cancel_latency",
     "fairness",
     "operator_reaction",

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -105,9 +105,15 @@ async def _run(
         return ttfc, gaps, elapsed, {name: after[name] - before[name] for name in after}
 
 
-def _worker(
-    redis_url: str, base_url: str, concurrency: int, max_tokens: int, log: Path
+def worker_process(
+    redis_url: str,
+    base_url: str,
+    concurrency: int,
+    max_tokens: int,
+    log: Path,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
+    """A worker process running the model handler against ``base_url`` (``env``: its base environment)."""
     settings = {
         "handler": "streamqueue.handlers.openai:handle",
         "openai_base_url": base_url,
@@ -116,7 +122,7 @@ def _worker(
         "batch_size": "200",
         **({"openai_max_tokens": str(max_tokens)} if max_tokens else {}),
     }
-    return spawn_worker(redis_url, "bench", log, **settings)
+    return spawn_worker(redis_url, "bench", log, env, **settings)
 
 
 def _measure(
@@ -131,7 +137,7 @@ def _measure(
     """One worker process and redis-server for one configuration; adds what it measured to ``into``."""
     with RedisServer() as redis:
         log = workdir / f"worker-{concurrency}-{len(os.listdir(workdir))}.log"
-        worker = _worker(redis.url, base_url, concurrency, max_tokens, log)
+        worker = worker_process(redis.url, base_url, concurrency, max_tokens, log)
         cpu = partial(_cpu, worker.pid, redis.client(), server_pid)
         try:
             into.add(*asyncio.run(_run(redis.url, concurrency, rounds, cpu)))
@@ -150,12 +156,12 @@ def _cpu(worker_pid: int, redis: Redis, server_pid: int | None) -> dict[str, flo
     return cpu
 
 
-def _serve_stub(port: int) -> None:
-    """The stub server process (``--stub-server PORT``)."""
+def _serve_stub(port: int, words: int) -> None:
+    """The stub server process (``--stub-server PORT``): ``words`` deltas, ``STUB_INTERVAL_S`` apart."""
 
     async def respond(request: web.Request) -> web.StreamResponse:
         await request.read()
-        return await stream_completion(request, [f"w{i} " for i in range(STUB_WORDS)], STUB_INTERVAL_S)
+        return await stream_completion(request, [f"w{i} " for i in range(words)], STUB_INTERVAL_S)
 
     async def serve() -> None:
         app = web.Application()
@@ -175,9 +181,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="stub: runs of each configuration")
     parser.add_argument("--llama-concurrency", type=int, default=4)
     parser.add_argument("--stub-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--stub-words", type=int, default=STUB_WORDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stub_server:
-        _serve_stub(args.stub_server)
+        _serve_stub(args.stub_server, args.stub_words)
         return
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-model-"))
     cores = os.cpu_count() or 1

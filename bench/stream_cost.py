@@ -1,0 +1,184 @@
+"""CPU per streamed token: worker + client + redis-server, each process measured on its own (issue 20).
+
+200 concurrent requests (``--concurrency``) through the model handler, one worker process; a stub
+OpenAI server in its own process streams 50 deltas (``--tokens``) 20 ms apart to each; the project's
+``Client`` reads them with ``request_stream`` in a process of its own. CPU is read from
+``/proc/<pid>/stat`` of the worker, the client and redis-server over the streaming window only (after a
+warm-up request), and divided by the tokens delivered (deltas the client got, counted in the text, so a
+coalesced chunk counts as the tokens it holds). Latencies at the client: TTFT (request sent -> first
+text), and the gap between successive chunks of one reply.
+
+``--baseline-tree DIR`` (a ``git worktree`` of an older commit) runs the same measurement with that
+tree's ``streamqueue`` for the worker and the client, alternating with this tree's, so "before" and
+"after" come from the same run on the same, shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streamqueue_harness.ports import free_port
+from streamqueue_harness.processes import spawn, stop_groups
+from streamqueue_harness.redis_server import RedisServer
+
+from bench.common import percentile, print_table, process_cpu_seconds
+from bench.model_stream import worker_process
+
+TOKENS = 50
+INTERVAL_S = 0.02
+PROCESSES = ("worker", "client", "redis")
+THIS_TREE = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Measured:
+    """One tree's figures, pooled over its repeats."""
+
+    label: str
+    tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PROCESSES, 0.0))
+    runs: list[dict[str, float]] = field(default_factory=list)  # µs per token of each run
+
+    def add(self, result: dict[str, list[float] | int], cpu_s: dict[str, float]) -> None:
+        tokens = int(result["tokens"])  # type: ignore[arg-type]
+        self.tokens += tokens
+        self.ttft += result["ttft"]  # type: ignore[arg-type]
+        self.gaps += result["gaps"]  # type: ignore[arg-type]
+        for name, seconds in cpu_s.items():
+            self.cpu_s[name] += seconds
+        self.runs.append({name: seconds * 1e6 / tokens for name, seconds in cpu_s.items()})
+
+    def us_per_token(self, name: str) -> float:
+        return self.cpu_s[name] * 1e6 / self.tokens
+
+    def row(self) -> list[object]:
+        total = sum(self.us_per_token(name) for name in PROCESSES)
+        spread = [sum(run.values()) for run in self.runs]
+        return [
+            self.label, self.tokens, *(self.us_per_token(name) for name in PROCESSES), total,
+            f"{min(spread):.0f}-{max(spread):.0f}", percentile(self.ttft, 0.5), percentile(self.ttft, 0.99),
+            percentile(self.gaps, 0.5), percentile(self.gaps, 0.99),
+        ]  # fmt: skip
+
+
+async def _client(redis_url: str, concurrency: int) -> None:
+    """The client process (``--client``): warm up, say ``ready``, stream on ``go``, print the figures."""
+    from streamqueue import Client
+
+    async with Client(redis_url, max_readers=concurrency + 10) as client:
+        await client.request("warmup", "hi", timeout=120)
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        ttft: list[float] = []
+        gaps: list[float] = []
+        texts: list[str] = []
+
+        async def user(u: int) -> None:
+            last = time.perf_counter()
+            parts: list[str] = []
+            async for chunk in client.request_stream(f"u{u}", "tell me a story", timeout=120):
+                now = time.perf_counter()
+                (gaps if parts else ttft).append((now - last) * 1000)
+                last = now
+                parts.append(chunk)
+            texts.append("".join(parts))
+
+        await asyncio.gather(*(user(u) for u in range(concurrency)))
+    tokens = sum(len(text.split()) for text in texts)
+    print(json.dumps({"tokens": tokens, "ttft": ttft, "gaps": gaps}), flush=True)
+
+
+def _tree_env(tree: Path) -> dict[str, str]:
+    """This environment with ``tree``'s streamqueue first on the path (bench and harness stay ours)."""
+    paths = [str(tree / "worker"), str(THIS_TREE)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
+
+
+def _measure(tree: Path, base_url: str, concurrency: int, workdir: Path, into: Measured) -> None:
+    """One redis-server, worker process and client process with ``tree``'s code; adds to ``into``."""
+    env = _tree_env(tree)
+    with RedisServer() as redis:
+        log = workdir / f"worker-{into.label}-{len(into.runs)}.log"
+        worker = worker_process(redis.url, base_url, concurrency, 0, log, env)
+        command = [sys.executable, "-m", "bench.stream_cost", "--client", redis.url]
+        client = subprocess.Popen(
+            [*command, "--concurrency", str(concurrency)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=THIS_TREE,
+            text=True,
+        )
+        assert client.stdin is not None and client.stdout is not None and redis.proc is not None
+        pids = {"worker": worker.pid, "client": client.pid, "redis": redis.proc.pid}
+        try:
+            if client.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the client process failed (worker log: {log})")
+            before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            result = json.loads(client.stdout.readline())
+            after = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+            client.wait(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+            stop_groups([(worker.pid, worker)], grace=10)
+    into.add(result, {name: after[name] - before[name] for name in pids})
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="deltas per reply, 20 ms apart")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline-tree", type=Path, help="a worktree of the code to compare against")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client:
+        asyncio.run(_client(args.client, args.concurrency))
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="sq-bench-cost-"))
+    print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
+    trees = [(Measured("this tree"), THIS_TREE)]
+    if args.baseline_tree is not None:
+        trees.append((Measured(f"baseline {args.baseline_tree}"), args.baseline_tree.resolve()))
+    port = free_port()
+    stub_args = ["--stub-server", str(port), "--stub-words", str(args.tokens)]
+    stub = spawn([sys.executable, "-m", "bench.model_stream", *stub_args], log=workdir / "stub.log")
+    try:
+        for repeat in range(args.repeats):
+            for measured, tree in trees if repeat % 2 == 0 else trees[::-1]:
+                _measure(tree, f"http://127.0.0.1:{port}/v1", args.concurrency, workdir, measured)
+                print(f"  repeat {repeat + 1}: {measured.label} done", flush=True)
+    finally:
+        stop_groups([(stub.pid, stub)], grace=5)
+    print()
+    print_table(
+        [
+            "code", "tokens", *(f"{name} µs/token" for name in PROCESSES), "all µs/token", "all, per run",
+            "TTFT p50 ms", "TTFT p99 ms", "gap p50 ms", "gap p99 ms",
+        ],
+        [measured.row() for measured, _ in trees],
+    )  # fmt: skip
+    print(
+        f"{args.concurrency} concurrent x {args.tokens} tokens {INTERVAL_S * 1000:.0f} ms apart, one worker "
+        f"process; CPU of each process over the streaming window / tokens delivered; {args.repeats} runs "
+        "each. Targets (issue 20): all <= 60 µs/token, redis <= 10, gap p99 <= 60 ms."
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
