@@ -2,14 +2,16 @@
 # Build the streamqueue container images with whichever engine this machine has, with no container
 # registry needed (docs/images.md):
 #
-#   bash hack/images.sh [build]        worker + operator + pause images (what `make images` runs)
+#   bash hack/images.sh [build]        worker, operator, pause, coredns and redis images (`make images`)
 #   bash hack/images.sh base-image     the local Python base from Debian packages (mmdebstrap)
 #   bash hack/images.sh pause          only the sandbox ("pause") image: FROM scratch + static catatonit
+#   bash hack/images.sh coredns        only the cluster DNS image: FROM scratch + hack/tools.sh's CoreDNS
+#   bash hack/images.sh redis          only the Redis image: FROM scratch + Debian's redis-server
 #   bash hack/images.sh wheelhouse     only the host-side wheelhouse (wheelhouse/*.whl)
-#   bash hack/images.sh export DIR     build if needed, then write DIR/{worker,operator,pause}.tar as
+#   bash hack/images.sh export DIR     build if needed, then write DIR/{worker,operator,pause,coredns,redis}.tar as
 #                                      docker archives named docker.io/<IMAGE_REPO>/<name>:<VERSION>,
 #                                      ready for `ctr -n k8s.io images import DIR/worker.tar`
-#   bash hack/images.sh names          print the three image references (as the kubelet names them)
+#   bash hack/images.sh names          print the five image references (as the kubelet names them)
 #   bash hack/images.sh push           push the built worker and operator images to the registry
 #                                      IMAGE_REPO names (log in with the engine first; docs/release.md)
 #
@@ -46,6 +48,8 @@ mkdir -p "$CACHE"
 worker_image() { echo "$IMAGE_REPO/worker:$VERSION"; }
 operator_image() { echo "$IMAGE_REPO/operator:$VERSION"; }
 pause_image() { echo "$IMAGE_REPO/pause:$VERSION"; }
+coredns_image() { echo "$IMAGE_REPO/coredns:$VERSION"; }
+redis_image() { echo "$IMAGE_REPO/redis:$VERSION"; }
 
 # The name the kubelet asks containerd for: `streamqueue/worker:0.1.0` is normalised to
 # `docker.io/streamqueue/worker:0.1.0`; a reference whose first component is a host stays as is.
@@ -311,7 +315,6 @@ human() {  # bytes -> 185MB; buildah already reports "184 MB"
 # pause role is: be PID 1 of the pod, reap zombies, sleep until killed. `catatonit -P` does exactly
 # that; Debian's catatonit is statically linked, so the image is that one file FROM scratch (~1 MB).
 build_pause() {
-  local tag; tag="$(pause_image)"
   local bin="${CATATONIT:-/usr/bin/catatonit}"
   [ -x "$bin" ] || { apt_install catatonit; bin=/usr/bin/catatonit; }
   if ldd "$bin" >/dev/null 2>&1; then die "$bin is dynamically linked: a FROM scratch image needs a static one"; fi
@@ -323,15 +326,64 @@ COPY catatonit /catatonit
 USER 65535:65535
 ENTRYPOINT ["/catatonit", "-P"]
 EOF
-  local hash; hash="$( (cat "$dir/Containerfile" "$dir/catatonit"; echo "$VERSION"; declare -f build_pause) \
-    | sha256sum | cut -c1-16)"
+  build_context_image "$(pause_image)" "$dir" streamqueue-pause "pod sandbox: catatonit -P as PID 1"
+}
+
+# --- coredns image ----------------------------------------------------------------------------------
+# The node's cluster DNS (docs/node.md). hack/tools.sh builds a static CoreDNS with only the plugins
+# cluster DNS uses; the image is that one file FROM scratch, as CoreDNS's own image is.
+build_coredns() {
+  local bin="$ROOT/.tools/bin/coredns"
+  [ -x "$bin" ] || bash "$ROOT/hack/tools.sh" coredns
+  local dir; dir="$(mktemp -d "$CACHE/coredns.XXXXXX")"
+  cp -L "$bin" "$dir/coredns"
+  cat > "$dir/Containerfile" <<'EOF'
+FROM scratch
+COPY coredns /coredns
+USER 65532:65532
+ENTRYPOINT ["/coredns"]
+EOF
+  build_context_image "$(coredns_image)" "$dir" streamqueue-coredns "cluster DNS: CoreDNS with the kubernetes plugin"
+}
+
+# --- redis image ------------------------------------------------------------------------------------
+# The Redis the node's queue uses, run as users run it (a StatefulSet). No registry serves redis:7
+# here, so: Debian's redis-server (the package the tests' own Redis comes from) and exactly the shared
+# libraries it loads, at their paths, FROM scratch. No shell, no redis-cli; runs as uid 999.
+build_redis() {
+  [ -x /usr/bin/redis-server ] || apt_install redis-server
+  local bin lib; bin="$(readlink -f /usr/bin/redis-server)"
+  local dir; dir="$(mktemp -d "$CACHE/redis.XXXXXX")"
+  mkdir -p "$dir/root/usr/bin" "$dir/root/data"
+  cp "$bin" "$dir/root/usr/bin/redis-server"  # by this name: the binary picks its mode from argv[0]
+  for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+    mkdir -p "$dir/root$(dirname "$lib")"
+    cp -L "$lib" "$dir/root$lib"
+  done
+  cat > "$dir/Containerfile" <<'EOF'
+FROM scratch
+COPY root/ /
+USER 999:999
+WORKDIR /data
+ENTRYPOINT ["/usr/bin/redis-server"]
+EOF
+  build_context_image "$(redis_image)" "$dir" streamqueue-redis \
+    "Debian's $(dpkg-query -W -f '${Package} ${Version}' redis-server) and its libraries"
+}
+
+# An image whose whole build context is `dir` (a Containerfile and what it copies), which is removed
+# afterwards: rebuilt only when a file in it, the version or this recipe changes.
+build_context_image() {  # tag dir title description
+  local tag="$1" dir="$2" title="$3" description="$4" hash
+  hash="$( (cd "$dir" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; \
+    echo "$VERSION"; declare -f build_context_image) | sha256sum | cut -c1-16)"
   if up_to_date "$tag" "$hash"; then
     log "$tag is up to date"
   else
-    log "building $tag (FROM scratch + $bin)"
+    log "building $tag ($description)"
     build_image "$tag" "$dir/Containerfile" "$dir" --label "$LABEL=$hash" \
-      --label "org.opencontainers.image.title=streamqueue-pause" \
-      --label "org.opencontainers.image.description=pod sandbox: catatonit -P as PID 1" \
+      --label "org.opencontainers.image.title=$title" \
+      --label "org.opencontainers.image.description=$description" \
       --label "org.opencontainers.image.version=$VERSION" >&2
   fi
   rm -rf "$dir"
@@ -345,7 +397,9 @@ build_all() {
   build_app worker Dockerfile.worker "streamqueue worker: the Redis Streams consumer-group loop"
   build_app operator Dockerfile.operator "streamqueue operator: scales workers on the Redis backlog"
   build_pause
-  log "images ready in $((SECONDS - start))s: $(worker_image) $(operator_image) $(pause_image)"
+  build_coredns
+  build_redis
+  log "images ready in $((SECONDS - start))s: $(worker_image) $(operator_image) $(pause_image) $(coredns_image) $(redis_image)"
 }
 
 # --- export -----------------------------------------------------------------------------------------
@@ -382,7 +436,9 @@ export_all() {
   export_one "$(worker_image)" "$dir" worker
   export_one "$(operator_image)" "$dir" operator
   export_one "$(pause_image)" "$dir" pause
-  log "import with: ctr -n k8s.io images import $dir/<name>.tar  (worker, operator, pause)"
+  export_one "$(coredns_image)" "$dir" coredns
+  export_one "$(redis_image)" "$dir" redis
+  log "import with: ctr -n k8s.io images import $dir/<name>.tar  (worker, operator, pause, coredns, redis)"
 }
 
 # --- push -------------------------------------------------------------------------------------------
@@ -410,9 +466,11 @@ case "${1:-build}" in
   build) build_all ;;
   base-image) pick_engine; build_base ;;
   pause) pick_engine; build_pause ;;
+  coredns) pick_engine; build_coredns ;;
+  redis) pick_engine; build_redis ;;
   wheelhouse) build_wheelhouse ;;
   export) shift; export_all "$@" ;;
   push) push_all ;;
-  names) for i in "$(worker_image)" "$(operator_image)" "$(pause_image)"; do qualified "$i"; done ;;
-  *) die "unknown command $1 (build, base-image, pause, wheelhouse, export DIR, names, push)" ;;
+  names) for i in "$(worker_image)" "$(operator_image)" "$(pause_image)" "$(coredns_image)" "$(redis_image)"; do qualified "$i"; done ;;
+  *) die "unknown command $1 (build, base-image, pause, coredns, redis, wheelhouse, export DIR, names, push)" ;;
 esac

@@ -1,6 +1,7 @@
 """The container images a real node runs, as archives containerd can import (built by ``hack/images.sh``).
 
-No registry is reachable here, so the node gets the worker, operator and sandbox images from archives.
+No registry is reachable here, so the node gets its images from archives: the worker and operator, the
+sandbox (pause) image, CoreDNS for cluster DNS and Redis for the queue's ``redis`` StatefulSet.
 ``hack/images.sh export`` builds what is out of date (a warm run takes seconds) and names each archive's
 image as the kubelet will ask for it (``docker.io/streamqueue/worker:<version>``). A cold build needs
 Debian's mirror, which a private network namespace cannot reach: ``make images`` runs before the tests.
@@ -23,11 +24,17 @@ class ImagesMissingError(RuntimeError):
     """The images could not be built or exported; the message has the script's explanation."""
 
 
+# The archive names `hack/images.sh export` writes, in the order `hack/images.sh names` prints them.
+ARCHIVES = ("worker", "operator", "pause", "coredns", "redis")
+
+
 @dataclass(frozen=True)
 class Images:
     worker: str
     operator: str
     sandbox: str
+    coredns: str
+    redis: str
     archives: tuple[Path, ...]
 
 
@@ -53,8 +60,8 @@ def _script(*args: str, timeout: float) -> str:
 
 
 def image_archives(directory: Path = DEFAULT_DIR, timeout: float = 1800.0) -> Images:
-    """Export (building first if needed) the three images into ``directory``."""
+    """Export (building first if needed) the node's images into ``directory``."""
     _script("export", str(directory), timeout=timeout)
-    worker, operator, sandbox = _script("names", timeout=60).split()
-    archives = tuple(directory / f"{name}.tar" for name in ("worker", "operator", "pause"))
-    return Images(worker=worker, operator=operator, sandbox=sandbox, archives=archives)
+    worker, operator, sandbox, coredns, redis = _script("names", timeout=60).split()
+    archives = tuple(directory / f"{name}.tar" for name in ARCHIVES)
+    return Images(worker, operator, sandbox, coredns, redis, archives)

@@ -126,8 +126,9 @@ def test_export_writes_archives_named_as_the_kubelet_asks(engine: str, tmp_path:
         ["bash", "hack/images.sh", "export", str(tmp_path)], cwd=ROOT, env=env, check=True, timeout=600
     )
     names = subprocess.check_output(["bash", "hack/images.sh", "names"], cwd=ROOT, env=env, text=True).split()
-    assert names == [f"docker.io/{REPO}/{name}:{VERSION}" for name in ("worker", "operator", "pause")]
-    for name, reference in zip(("worker", "operator", "pause"), names, strict=True):
+    archives = ("worker", "operator", "pause", "coredns", "redis")
+    assert names == [f"docker.io/{REPO}/{name}:{VERSION}" for name in archives]
+    for name, reference in zip(archives, names, strict=True):
         with tarfile.open(tmp_path / f"{name}.tar") as archive:
             manifest = json.load(archive.extractfile("manifest.json"))  # type: ignore[arg-type]
         # docker save writes `streamqueue/worker:0.1.0`, buildah the qualified name: containerd's import
