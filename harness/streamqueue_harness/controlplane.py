@@ -55,10 +55,11 @@ CONTROLLERS = (
     "serviceaccount-token-controller",
     "clusterrole-aggregation-controller",
     "root-ca-certificate-publisher-controller",
+    "disruption-controller",  # PodDisruptionBudget status: the API server's evictions check it
 )
 # With a real node: the not-ready taint comes off when the kubelet reports Ready, and Services get
 # EndpointSlices for kube-proxy.
-NODE_CONTROLLERS = ("node-lifecycle-controller", "endpointslice-controller")
+NODE_CONTROLLERS = ("node-lifecycle-controller", "endpointslice-controller", "statefulset-controller")
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 STATE_FILE = "processes.json"

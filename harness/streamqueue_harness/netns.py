@@ -81,5 +81,10 @@ def add_bridge(name: str, address: str) -> None:
     _run("ip", "link", "set", name, "up")
 
 
+def add_route(destination: str, device: str) -> None:
+    """Route ``destination`` (CIDR) out of ``device``: how the namespace reaches addresses no link has."""
+    _run("ip", "route", "add", destination, "dev", device)
+
+
 def delete_link(name: str) -> None:
     _run("ip", "link", "del", name)

@@ -1,19 +1,23 @@
 """A StreamQueue on the real node, driven as a user drives it: `helm install`, `kubectl apply`, XADD.
 
 Shared by the node's end-to-end test and the cold-start benchmark. The queue is the README's example
-(`examples/streamqueue.yaml`) pointed at a Redis the pods can reach, with its password in a Secret,
-and the HTTP handler calling ``ModelStandIn``: a stand-in for the model server an AI worker awaits,
-so messages take real time and a burst builds a backlog the operator must scale out for.
+(`examples/streamqueue.yaml`) with its Redis at the example's `redis://redis:6379/0`: a Redis
+StatefulSet behind the Service `redis` (``deploy_redis``), found through cluster DNS, with its password
+in the Secret the example references; the HTTP handler calls ``ModelStandIn``, a stand-in for the
+model server an AI worker awaits, so messages take real time and a burst builds a backlog the
+operator must scale out for.
 """
 
 from __future__ import annotations
 
 import json
+import string
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, cast
 
 import kubernetes.client
@@ -26,6 +30,7 @@ from .helm import CHART, helm
 from .ports import free_port
 
 EXAMPLE = REPO_ROOT / "examples" / "streamqueue.yaml"
+REDIS_MANIFEST = Path(__file__).with_name("manifests") / "redis.yaml"
 RELEASE = "streamqueue"
 OPERATOR_NAMESPACE = "streamqueue-system"
 NAMESPACE = "default"
@@ -52,13 +57,33 @@ def create_redis_secret(plane: ControlPlane, password: str) -> None:
     )
 
 
+def deploy_redis(plane: ControlPlane, image: str, timeout_s: int = 120) -> str:
+    """The Redis StatefulSet and Service ``redis`` (password from the Secret), Ready; returns the ClusterIP.
+
+    The test process reaches Redis at that Service IP: it runs in the node's network namespace, where
+    kube-proxy's rules translate Service IPs for local processes as they do for pods.
+    """
+    manifest = string.Template(REDIS_MANIFEST.read_text()).substitute(image=image)
+    apply(plane, manifest)
+    plane.kubectl(
+        "rollout", "status", "statefulset/redis", "-n", NAMESPACE, f"--timeout={timeout_s}s",
+        timeout=timeout_s + 30,
+    )  # fmt: skip
+    return plane.kubectl(
+        "get", "service", "redis", "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout
+
+
 def example_queue(
-    redis_url: str, handler_url: str, worker: dict[str, Any], scaling: dict[str, Any]
+    redis_url: str | None, handler_url: str, worker: dict[str, Any], scaling: dict[str, Any]
 ) -> dict[str, Any]:
-    """The example StreamQueue, pointed at ``redis_url`` (password from the Secret) and the stand-in."""
+    """The example StreamQueue with its password from the Secret, calling the stand-in; ``redis_url``
+    replaces the example's ``redis://redis:6379/0`` (None keeps it)."""
     manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     spec = manifest["spec"]
-    spec["redis"] = {"url": redis_url, "passwordSecretRef": {"name": REDIS_SECRET}}
+    spec["redis"] = {**spec["redis"], "passwordSecretRef": {"name": REDIS_SECRET, "key": "password"}}
+    if redis_url is not None:
+        spec["redis"]["url"] = redis_url
     spec["worker"] = {
         **spec["worker"],
         "handler": "streamqueue.handlers.http:handle",
@@ -69,8 +94,10 @@ def example_queue(
     return manifest
 
 
-def apply(plane: ControlPlane, manifest: dict[str, Any]) -> None:
-    plane.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(manifest))
+def apply(plane: ControlPlane, manifest: dict[str, Any] | str) -> None:
+    """``kubectl apply`` in the queue's namespace: an object, or YAML text (several documents)."""
+    text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+    plane.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=text)
 
 
 def get_queue_row(plane: ControlPlane) -> dict[str, str]:

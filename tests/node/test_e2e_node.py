@@ -3,11 +3,14 @@
 Every pod runs from the images built here (`make images`) under containerd + runc, scheduled by
 kube-scheduler and run by a real kubelet: the operator under the chart's ServiceAccount and RBAC,
 reaching the API server through the `kubernetes` Service; the workers non-root, with a read-only root
-filesystem, readiness and liveness probes, and their Redis password from a Secret. Users write the
-article's wire format to Redis; the workers' HTTP handler calls a model stand-in that takes half a
-second per message, so the burst builds a backlog that needs many pods. Mid-burst a busy worker is
-deleted gracefully and another forcibly; at the end the queue scales back to zero through the
-kubelet's SIGTERM. Nothing may be lost, and every user must see exactly their own replies.
+filesystem, readiness and liveness probes, and their Redis password from a Secret. Redis runs as users
+run it, a StatefulSet behind the Service `redis`, and the queue names it as the README example does,
+`redis://redis:6379/0`: the workers find it through cluster DNS (CoreDNS, the `kube-dns` Service) and
+the operator, in its own namespace, as `redis.default.svc`. Users write the article's wire format
+to Redis; the workers' HTTP handler calls a model stand-in that takes half a second per message,
+so the burst builds a backlog that needs many pods. Mid-burst a busy worker is deleted gracefully
+and another forcibly; at the end the queue scales back to zero through the kubelet's SIGTERM.
+Nothing may be lost, and every user must see exactly their own replies.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from streamqueue_harness import nodequeue as q
 from streamqueue_harness.controlplane import REPO_ROOT
 from streamqueue_harness.eventually import eventually
 from streamqueue_harness.node import NODE_IP, Node
-from streamqueue_harness.redis_server import RedisServer
 
 # Its first test also starts the node (images import, kubelet) and may build the images on a cold run.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -40,10 +42,18 @@ REPORT = REPO_ROOT / ".cluster" / "e2e-node.txt"
 
 
 @pytest.fixture
-def pod_redis() -> Iterator[RedisServer]:
-    """A password-protected redis-server the pods reach at the node IP."""
-    with RedisServer(password=secrets.token_hex(16), also_bind=(NODE_IP,)) as server:
-        yield server
+def cluster_redis(node_cluster: Node) -> Iterator[redis.Redis]:
+    """The Redis StatefulSet and Service ``redis`` with its password in the Secret; a client for the test.
+
+    The test reaches it through the Service's ClusterIP (kube-proxy's rules apply to the node's own
+    processes too), as pods do; only the name is theirs alone.
+    """
+    password = secrets.token_hex(16)
+    q.create_redis_secret(node_cluster.plane, password)
+    service_ip = q.deploy_redis(node_cluster.plane, node_cluster.images.redis)
+    client = redis.Redis(host=service_ip, port=6379, password=password, decode_responses=True)
+    yield client
+    client.close()
 
 
 @pytest.fixture
@@ -65,15 +75,16 @@ def _all_answered(client: redis.Redis, expected: dict[str, int]) -> bool:
 
 
 def test_helm_install_burst_scales_out_and_back_to_zero_losing_nothing(
-    node_cluster: Node, pod_redis: RedisServer, model: q.ModelStandIn
+    node_cluster: Node, cluster_redis: redis.Redis, model: q.ModelStandIn
 ) -> None:
     plane = node_cluster.plane
+    client = cluster_redis
     q.install_operator(plane)
-    q.create_redis_secret(plane, str(pod_redis.password))
-    q.apply(plane, q.example_queue(f"redis://{NODE_IP}:{pod_redis.port}/0", model.url, WORKER, SCALING))
+    queue = q.example_queue(None, model.url, WORKER, SCALING)
+    assert queue["spec"]["redis"]["url"] == "redis://redis:6379/0"
+    q.apply(plane, queue)
     pods = q.PodWatch(plane)
     plane.kubectl("wait", "--for=create", f"deployment/{q.DEPLOYMENT}", "-n", q.NAMESPACE, "--timeout=60s")
-    client = pod_redis.client(decode_responses=True)
 
     # The first message finds no worker at all: operator, scheduler, kubelet and container start.
     q.send(client, [(USERS[0], "cold", "hello from zero")])
