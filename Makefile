@@ -18,7 +18,7 @@ help: ## list the targets
 setup: ## install Debian packages (redis-server, containerd, runc, CNI plugins), the venv, the pinned tools
 	bash hack/setup.sh
 
-tools: ## build (or reuse) etcd, the Kubernetes control plane and node binaries, kubectl, helm, kind
+tools: ## build (or reuse) etcd, the Kubernetes control plane and node binaries, kubectl, CoreDNS, helm, kind
 	bash hack/tools.sh
 
 test: setup images ## set up and run every test (unit, Redis, control plane, the real node end to end)
@@ -53,7 +53,7 @@ demo: ## local demo: Redis + control plane + operator + workers, scale out and b
 	SKIP_LLAMA=1 bash hack/setup.sh  # the demo needs no model server
 	$(PY) -m streamqueue_harness.demo $(DEMO_ARGS)
 
-images: ## build the worker, operator and pause images (docker, podman or buildah; no registry needed)
+images: ## build the worker, operator, pause, coredns and redis images (docker, podman or buildah; no registry needed)
 	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) BASE=$(IMAGE_BASE) bash hack/images.sh build
 
 base-image: ## build the local Python base image from Debian packages (mmdebstrap)
