@@ -98,6 +98,19 @@ def worker_refusal(spec: StreamQueueSpec) -> str | None:
     return None
 
 
+def spec_refusal(exc: ValidationError) -> str:
+    """Why a spec the operator's own model refuses is not rolled out, naming each field (``spec.worker.
+    handler: ...``). The API server refuses such specs already; an older, looser CRD lets them in."""
+    errors = "; ".join(_spec_error_text(error) for error in exc.errors())
+    return f"not rolled out: the operator cannot read the spec: {errors}"
+
+
+def _spec_error_text(error: Any) -> str:
+    """``spec.<field>: <message>``; the model reports fields by their camelCase (CRD) names."""
+    field = ".".join(("spec", *(str(part) for part in error["loc"])))
+    return f"{field}: {str(error['msg']).removeprefix('Value error, ')}"
+
+
 def _error_text(error: Any) -> str:
     """``<ENV_VARIABLE>: <message>``, or the bare message for a rule across settings."""
     field = ".".join(str(part) for part in error["loc"])

@@ -19,13 +19,14 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
+from pydantic import ValidationError
 
 from . import settings as operator_settings
 from .decide import Decision
-from .deployment import render, worker_refusal
+from .deployment import render, spec_refusal, worker_refusal
 from .kubeapi import Cluster, DeploymentConflict, NotLeader, load_api_client
 from .leader import Lease, Timing
 from .models import GROUP, PLURAL, QUEUE_LABEL, VERSION, parse_spec
@@ -93,14 +94,14 @@ def worker_replicas(
 
 async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo) -> None:
     meta = body["metadata"]
-    spec = parse_spec(dict(body.get("spec") or {}))
     scaler = _scaler(memo, meta["namespace"], meta["name"])
+    try:
+        spec = parse_spec(dict(body.get("spec") or {}))
+    except ValidationError as exc:  # let in by an older CRD; the scaler holds the Deployment meanwhile
+        _refuse(body, scaler, spec_refusal(exc))
     refusal = worker_refusal(spec)
-    if refusal is not None:  # its pods would crash-loop: keep the Deployment as it is
-        message = f"not rolled out: the worker would refuse to start: {refusal}"
-        scaler.deployment_error = WorkerRefusal(message)
-        kopf.event(body, type="Warning", reason=INVALID_WORKER_SPEC, message=message[:1000])
-        raise kopf.PermanentError(message)
+    if refusal is not None:
+        _refuse(body, scaler, f"not rolled out: the worker would refuse to start: {refusal}")
     owner = {"metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}}
     manifest = render(owner, spec, memo.config.worker_image)
     previous = (body.get("status") or {}).get("currentReplicas")
@@ -119,6 +120,14 @@ async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo) -> None:
     elif applied.changed:
         message = f"updated Deployment {manifest['metadata']['name']} (pod template)"
         kopf.event(body, type="Normal", reason="DeploymentUpdated", message=message)
+
+
+def _refuse(body: kopf.Body, scaler: QueueScaler, message: str) -> NoReturn:
+    """Keep the Deployment as it is (its pods would crash-loop): Ready says why, and one Warning Event
+    per generation (the caller retries only when the spec changes)."""
+    scaler.deployment_error = WorkerRefusal(message)
+    kopf.event(body, type="Warning", reason=INVALID_WORKER_SPEC, message=message[:1000])
+    raise kopf.PermanentError(message)
 
 
 def _replicas(index: kopf.Index, namespace: str, deployment: str) -> Replicas | None:

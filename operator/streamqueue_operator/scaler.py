@@ -17,14 +17,15 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from pydantic import ValidationError
 from streamqueue import wire
 from streamqueue.connection import RedisClient
 
 from . import deletion_cost, housekeeping, metrics, redis_access, status
 from .decide import PAUSES, Decision, Reason, ScalerState, decide, parse_pause
-from .deployment import deployment_name, selector_labels
+from .deployment import deployment_name, selector_labels, spec_refusal
 from .kubeapi import API_ERRORS, Cluster, NotLeader
-from .models import RedisSpec, StreamQueueSpec, parse_spec
+from .models import RedisSpec, ScalingSpec, StreamQueueSpec, parse_spec
 from .observe import Observation, consumer_loads, observe
 from .settings import OperatorSettings
 
@@ -167,7 +168,10 @@ class QueueScaler:
         on_event: EventCallback | None = None,
     ) -> float:
         """One step; returns the poll interval to sleep before the next."""
-        spec = self.spec(body)
+        try:
+            spec = self.spec(body)
+        except ValidationError as exc:
+            return self._hold_unreadable(body, exc)
         obs = await self._observe(spec)
         metrics.record_observation(self.namespace, self.name, obs)
         now = obs.at
@@ -193,6 +197,14 @@ class QueueScaler:
         if obs.ok:
             await self._housekeeping(spec, now)
         return spec.scaling.poll_interval_seconds
+
+    def _hold_unreadable(self, body: Mapping[str, Any], exc: ValidationError) -> float:
+        """A spec the operator cannot read (an older, looser CRD let it in): no observing and no
+        scaling, so the Deployment keeps its template and replicas until the spec is fixed; Ready says
+        which field is wrong (the handlers post the Event, once per generation)."""
+        generation = body["metadata"].get("generation", 0)
+        self._offer_status(status.refused(self._written or {}, generation, spec_refusal(exc)))
+        return ScalingSpec().poll_interval_seconds
 
     def _announce_hold(
         self, decision: Decision, current: int, now: float, on_event: EventCallback | None
@@ -293,8 +305,11 @@ class QueueScaler:
             last_scale_reason=self._last_scale[1],
             limit_setting=status.limit_setting(spec.worker, obs.limit_bound),
         )
+        self._offer_status(status.build(snapshot, self._written or {}))
+
+    def _offer_status(self, new: dict[str, Any]) -> None:
+        """Write ``new`` if it is worth writing (``status.worth_writing``) and no write is in flight."""
         previous = self._written or {}
-        new = status.build(snapshot, previous)
         now = time.monotonic()
         if self._written is not None and not status.worth_writing(
             previous, new, now - self._last_write, self.settings.status_min_interval

@@ -205,6 +205,17 @@ def build(s: Snapshot, previous: dict[str, Any]) -> dict[str, Any]:
     return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def refused(previous: dict[str, Any], generation: int, message: str) -> dict[str, Any]:
+    """The last status with Ready=False ``InvalidWorkerSpec``: for a spec the operator cannot read,
+    which it neither observes nor scales by, so everything else stays as last written."""
+    last = StreamQueueStatus.model_validate(previous)
+    prev = last.conditions or []
+    ready = _condition(READY, False, INVALID_WORKER_SPEC, message, generation, prev)
+    conditions = [ready, *(c for c in prev if c.type != READY)]
+    status = last.model_copy(update={"observed_generation": generation, "conditions": conditions})
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 def _essence(status: dict[str, Any]) -> dict[str, Any]:
     core = {k: v for k, v in status.items() if k not in (*_VOLATILE, "conditions")}
     core["conditions"] = sorted((c["type"], c["status"], c["reason"]) for c in status.get("conditions") or [])

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+from pydantic import ValidationError
 from streamqueue_operator.decide import Decision, Reason
-from streamqueue_operator.deployment import worker_refusal
+from streamqueue_operator.deployment import spec_refusal, worker_refusal
 from streamqueue_operator.models import WorkerSpec, parse_spec
 from streamqueue_operator.observe import Observation
-from streamqueue_operator.status import Snapshot, WorkerRefusal, build, limit_setting, worth_writing
+from streamqueue_operator.status import (
+    Snapshot,
+    WorkerRefusal,
+    build,
+    limit_setting,
+    refused,
+    worth_writing,
+)
 
 
 def snap(
@@ -138,3 +147,25 @@ def test_a_spec_the_worker_refuses_is_reported_as_invalid_worker_spec() -> None:
     s = build(snap(ok(), error=WorkerRefusal(refusal)), {})
     ready = next(c for c in s["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"], ready["message"]) == ("False", "InvalidWorkerSpec", refusal)
+
+
+def test_a_spec_the_operator_cannot_read_keeps_the_last_status_but_ready() -> None:
+    """Let in by an older CRD: nothing is observed or scaled, Ready names the field (scaler.poll)."""
+    with pytest.raises(ValidationError) as caught:
+        parse_spec({"worker": {"handler": "nocolon"}})
+    message = spec_refusal(caught.value)
+    assert message.startswith(
+        "not rolled out: the operator cannot read the spec: spec.worker.handler: String should match pattern"
+    )
+    before = build(snap(ok()), {})
+    s = refused(before, 4, message)
+    ready = next(c for c in s["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "InvalidWorkerSpec", message)
+    assert s["observedGeneration"] == 4
+    assert [c for c in s["conditions"] if c["type"] != "Ready"] == before["conditions"][1:]
+    assert {k: v for k, v in s.items() if k not in ("conditions", "observedGeneration")} == {
+        k: v for k, v in before.items() if k not in ("conditions", "observedGeneration")
+    }
+    assert worth_writing(before, s, since_last_write=0.1, min_interval=10)
+    assert not worth_writing(s, refused(s, 4, message), since_last_write=100, min_interval=10)
+    assert conditions(refused({}, 1, message)) == {"Ready": ("False", "InvalidWorkerSpec")}

@@ -113,6 +113,7 @@ def test_cli_flags_override_env(monkeypatch) -> None:
         ({"openai_base_url": "ftp://x/v1"}, "openai_base_url\n.*should match pattern"),
         ({"fairness": "perUser", "stream": "q{"}, "hash tag"),
         ({"dead_letter_stream": "user_messages_queue"}, "must differ"),
+        ({"partitions": 4, "dead_letter_stream": "user_messages_queue:{3}"}, "every partition stream"),
         ({"reply_prefix": "user_"}, "reply_prefix"),
         ({"redis_url": "http://localhost:6379"}, "redis://"),
         ({"redis_password": "a", "redis_password_file": "/tmp/p"}, "not both"),
@@ -121,6 +122,13 @@ def test_cli_flags_override_env(monkeypatch) -> None:
 def test_invalid_values_are_rejected_clearly(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         WorkerSettings(**overrides)
+
+
+def test_a_dead_letter_stream_may_look_like_a_partition_that_does_not_exist() -> None:
+    """Only the partitions the queue reads are refused (``wire.partition_stream``)."""
+    assert WorkerSettings(partitions=4, dead_letter_stream="user_messages_queue:{4}")
+    assert WorkerSettings(partitions=4, dead_letter_stream="user_messages_queue:{03}")
+    assert WorkerSettings(dead_letter_stream="user_messages_queue:{0}")  # one partition: the stream itself
 
 
 def test_docs_list_every_setting() -> None:

@@ -101,6 +101,9 @@ class WorkerSettings(RedisSettings):
     """Tell the user (on their reply stream) when their message was dead-lettered."""
     stream_replies: bool = Field(default=True)
     """Write chunk entries as an async-iterator handler yields them; false: final reply only."""
+    chunk_flush_ms: int = Field(default=20, ge=0, le=1000)
+    """Chunks wait up to this long to be written together; one reply's chunks that wait together
+    become one entry. 0: every chunk is its own entry, written at once."""
     reply_maxlen: int = Field(default=1000, ge=1, le=10_000_000)
     """MAXLEN ~ of each reply stream."""
     reply_ttl_seconds: int = Field(default=3600, ge=1, le=31_536_000)
@@ -209,6 +212,22 @@ RULES = (
         lambda s: s.dead_letter() != s.stream,
         "!has(self.worker) || !has(self.worker.deadLetterStream) || !has(self.stream) || "
         "self.worker.deadLetterStream != self.stream",
+        ".worker.deadLetterStream",
+    ),
+    Rule(
+        "dead_letter_stream (spec.worker.deadLetterStream) must differ from every partition stream "
+        "(<stream>:{0} to <stream>:{partitions-1}): dead letters would be fed back into the queue",
+        lambda s: s.partitions == 1 or s.dead_letter() not in s.partition_streams,
+        # wire.partition_stream: the stream, ':{', a partition number below partitions (no leading
+        # zero, at most four digits as partitions <= 1024), '}'.
+        "!has(self.worker) || !has(self.worker.deadLetterStream) || !has(self.stream) || "
+        "!has(self.partitions) || self.partitions == 1 || "
+        "!self.worker.deadLetterStream.startsWith(self.stream + ':{') || "
+        "!self.worker.deadLetterStream.endsWith('}') || "
+        "!self.worker.deadLetterStream.substring(size(self.stream) + 2, "
+        "size(self.worker.deadLetterStream) - 1).matches('^(0|[1-9][0-9]{0,3})$') || "
+        "int(self.worker.deadLetterStream.substring(size(self.stream) + 2, "
+        "size(self.worker.deadLetterStream) - 1)) >= self.partitions",
         ".worker.deadLetterStream",
     ),
     Rule(
