@@ -48,6 +48,8 @@ def _type(schema: dict[str, Any]) -> str:
         return f"[]{_type(schema.get('items', {}))}"
     if schema.get("x-kubernetes-preserve-unknown-fields"):
         return "object (Kubernetes)"
+    if schema.get("x-kubernetes-int-or-string"):
+        return "integer or string"
     return str(schema.get("type", "object"))
 
 

@@ -29,16 +29,19 @@ _EXCLUSIVE = {"exclusiveMinimum": "minimum", "exclusiveMaximum": "maximum"}
 
 
 def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    """Inline ``$ref``s and collapse ``Optional`` unions into the Kubernetes structural form."""
+    """Inline ``$ref``s; collapse ``Optional`` and ``int | str`` unions into the structural form."""
     node = dict(schema)
     if "$ref" in node:
         target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
         node = {**target, **node}
     if "anyOf" in node:
         variants = [v for v in node.pop("anyOf") if v.get("type") != "null"]
-        if len(variants) != 1:
-            raise ValueError(f"unions other than Optional[X] have no structural form: {schema}")
-        node = {**structural(variants[0], defs), **node}
+        if sorted(v.get("type", "") for v in variants) == ["integer", "string"]:
+            node["x-kubernetes-int-or-string"] = True  # Kubernetes' IntOrString: no type, no anyOf needed
+        elif len(variants) != 1:
+            raise ValueError(f"unions other than Optional[X] or int | str have no structural form: {schema}")
+        else:
+            node = {**structural(variants[0], defs), **node}
         if node.get("default", 0) is None:
             del node["default"]
     out: dict[str, Any] = {}

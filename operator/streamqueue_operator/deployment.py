@@ -31,6 +31,8 @@ GRACE_MARGIN_SECONDS = 15
 CA_DIR = "/etc/streamqueue/redis-ca"
 CONTAINER = "worker"
 MANAGED_BY = "streamqueue-operator"
+# Surge a quarter (at least one pod) and never take a Ready pod away before its replacement is Ready.
+ROLLING_UPDATE = {"maxSurge": "25%", "maxUnavailable": 0}
 DEFAULT_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 
@@ -221,14 +223,34 @@ def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render(owner: dict[str, Any], spec: StreamQueueSpec, default_image: str) -> dict[str, Any]:
-    """The worker Deployment for a StreamQueue object (``owner``), without ``spec.replicas``."""
-    queue = owner["metadata"]["name"]
-    labels = {
+def _labels(queue: str) -> dict[str, str]:
+    return {
         **selector_labels(queue),
         "app.kubernetes.io/instance": queue,
         "app.kubernetes.io/managed-by": MANAGED_BY,
     }
+
+
+def _metadata(owner: dict[str, Any], name: str) -> dict[str, Any]:
+    """An object of the queue's, owned by it: deleted with the StreamQueue by the garbage collector."""
+    meta = owner["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": _labels(meta["name"]),
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def render(owner: dict[str, Any], spec: StreamQueueSpec, default_image: str) -> dict[str, Any]:
+    """The worker Deployment for a StreamQueue object (``owner``), without ``spec.replicas``.
+
+    Rollouts (any change of ``spec.worker``) surge: a new pod starts before an old one is told to
+    drain, and no old pod stops before its replacement is Ready (maxUnavailable 0), so the queue's
+    capacity never drops below the scaler's count while the pods change.
+    """
+    queue = owner["metadata"]["name"]
+    labels = _labels(queue)
     pod_labels = {**(spec.worker.pod_labels or {}), **labels}
     template_meta: dict[str, Any] = {"labels": pod_labels}
     if spec.worker.pod_annotations:
@@ -236,16 +258,33 @@ def render(owner: dict[str, Any], spec: StreamQueueSpec, default_image: str) -> 
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": deployment_name(queue),
-            "namespace": owner["metadata"]["namespace"],
-            "labels": labels,
-            "ownerReferences": [owner_reference(owner)],
-        },
+        "metadata": _metadata(owner, deployment_name(queue)),
         "spec": {
             "selector": {"matchLabels": selector_labels(queue)},
             "revisionHistoryLimit": 3,
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": ROLLING_UPDATE},
             "template": {"metadata": template_meta, "spec": _pod_spec(spec, default_image)},
+        },
+    }
+
+
+def render_disruption_budget(owner: dict[str, Any], spec: StreamQueueSpec) -> dict[str, Any]:
+    """The PodDisruptionBudget of a StreamQueue's workers: a node drain evicts them a few at a time.
+
+    ``maxUnavailable``, not ``minAvailable``: it scales with the Deployment and never blocks a drain
+    (at one replica one eviction is allowed; at zero there is nothing to protect), where
+    ``minAvailable: 1`` would refuse to evict a single worker forever. Workers that are not Ready
+    serve nothing, so ``AlwaysAllow`` lets a drain evict them whatever the budget says (a
+    crash-looping queue must not hold up a node). An evicted worker drains on SIGTERM like any other.
+    """
+    queue = owner["metadata"]["name"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, deployment_name(queue)),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(queue)},
+            "maxUnavailable": spec.disruption.max_unavailable,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 
 from . import settings as operator_settings
 from .decide import Decision
-from .deployment import render, spec_refusal, worker_refusal
-from .kubeapi import Cluster, DeploymentConflict, NotLeader, load_api_client
+from .deployment import render, render_disruption_budget, spec_refusal, worker_refusal
+from .kubeapi import API_ERRORS, BudgetConflict, Cluster, DeploymentConflict, NotLeader, load_api_client
 from .leader import Lease, Timing
 from .models import GROUP, PLURAL, QUEUE_LABEL, VERSION, parse_spec
 from .scaler import QueueScaler, Replicas
@@ -120,6 +120,7 @@ async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo) -> None:
     elif applied.changed:
         message = f"updated Deployment {manifest['metadata']['name']} (pod template)"
         kopf.event(body, type="Normal", reason="DeploymentUpdated", message=message)
+    await _ensure_disruption_budget(body, memo, render_disruption_budget(owner, spec))
 
 
 def _refuse(body: kopf.Body, scaler: QueueScaler, message: str) -> NoReturn:
@@ -128,6 +129,22 @@ def _refuse(body: kopf.Body, scaler: QueueScaler, message: str) -> NoReturn:
     scaler.deployment_error = WorkerRefusal(message)
     kopf.event(body, type="Warning", reason=INVALID_WORKER_SPEC, message=message[:1000])
     raise kopf.PermanentError(message)
+
+
+async def _ensure_disruption_budget(body: kopf.Body, memo: kopf.Memo, manifest: dict[str, Any]) -> None:
+    """The workers' PodDisruptionBudget, after their Deployment: scaling never waits for it, and
+    a failure (an older chart's RBAC without it, another owner) says so and is retried."""
+    name = manifest["metadata"]["name"]
+    try:
+        applied = await memo.cluster.apply_disruption_budget(manifest)
+    except (BudgetConflict, *API_ERRORS) as exc:
+        message = f"PodDisruptionBudget {name} not ensured (node drains are not limited): {exc}"
+        kopf.event(body, type="Warning", reason="DisruptionBudgetFailed", message=message[:1000])
+        raise kopf.TemporaryError(message, delay=30) from exc
+    if applied.changed:
+        budget = f"maxUnavailable {manifest['spec']['maxUnavailable']}"
+        message = f"{'created' if applied.created else 'updated'} PodDisruptionBudget {name} ({budget})"
+        kopf.event(body, type="Normal", reason="DisruptionBudgetApplied", message=message)
 
 
 def _replicas(index: kopf.Index, namespace: str, deployment: str) -> Replicas | None:

@@ -46,6 +46,10 @@ class DeploymentConflict(Exception):
     """The Deployment exists but cannot be adopted (another controller owns it, or its selector differs)."""
 
 
+class BudgetConflict(Exception):
+    """The workers' PodDisruptionBudget exists but another controller owns it."""
+
+
 @dataclass(frozen=True)
 class Applied:
     created: bool
@@ -60,22 +64,23 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def adoption_patch(existing: dict[str, Any], manifest: dict[str, Any], digest: str) -> list[dict[str, Any]]:
-    """JSON Patch that makes ``existing`` match ``manifest`` everywhere except ``spec.replicas``."""
+def _adopt_metadata(
+    existing: dict[str, Any], manifest: dict[str, Any], digest: str, conflict: type[Exception]
+) -> list[dict[str, Any]]:
+    """JSON Patch operations that make ``existing`` ours: labels, the hash, our owner reference.
+
+    Raises ``conflict`` when another controller owns the object; the test on ``resourceVersion``
+    makes the whole patch fail if the object changed since it was read.
+    """
     meta = existing["metadata"]
     ours = manifest["metadata"]["ownerReferences"][0]
     others = [r for r in meta.get("ownerReferences") or [] if r.get("uid") != ours["uid"]]
     controllers = [r for r in others if r.get("controller")]
     if controllers:
         c = controllers[0]
-        raise DeploymentConflict(
-            f"Deployment {meta['name']} is controlled by {c.get('kind')}/{c.get('name')}; "
+        raise conflict(
+            f"{manifest['kind']} {meta['name']} is controlled by {c.get('kind')}/{c.get('name')}; "
             "delete it or rename the StreamQueue"
-        )
-    if existing["spec"]["selector"] != manifest["spec"]["selector"]:
-        raise DeploymentConflict(
-            f"Deployment {meta['name']} has selector {existing['spec']['selector']}, expected "
-            f"{manifest['spec']['selector']} (selectors are immutable): delete the Deployment"
         )
     labels = {**(meta.get("labels") or {}), **manifest["metadata"]["labels"]}
     annotations = {**(meta.get("annotations") or {}), HASH_ANNOTATION: digest}
@@ -84,6 +89,26 @@ def adoption_patch(existing: dict[str, Any], manifest: dict[str, Any], digest: s
         {"op": "add", "path": "/metadata/labels", "value": labels},
         {"op": "add", "path": "/metadata/annotations", "value": annotations},
         {"op": "add", "path": "/metadata/ownerReferences", "value": [*others, ours]},
+    ]
+
+
+def budget_patch(existing: dict[str, Any], manifest: dict[str, Any], digest: str) -> list[dict[str, Any]]:
+    """JSON Patch that makes an existing PodDisruptionBudget ``manifest`` (its whole spec is mutable)."""
+    spec = {"op": "replace", "path": "/spec", "value": manifest["spec"]}
+    return [*_adopt_metadata(existing, manifest, digest, BudgetConflict), spec]
+
+
+def adoption_patch(existing: dict[str, Any], manifest: dict[str, Any], digest: str) -> list[dict[str, Any]]:
+    """JSON Patch that makes ``existing`` match ``manifest`` everywhere except ``spec.replicas``."""
+    meta = existing["metadata"]
+    adopt = _adopt_metadata(existing, manifest, digest, DeploymentConflict)
+    if existing["spec"]["selector"] != manifest["spec"]["selector"]:
+        raise DeploymentConflict(
+            f"Deployment {meta['name']} has selector {existing['spec']['selector']}, expected "
+            f"{manifest['spec']['selector']} (selectors are immutable): delete the Deployment"
+        )
+    return [
+        *adopt,
         {"op": "replace", "path": "/spec/template", "value": manifest["spec"]["template"]},
         {"op": "replace", "path": "/spec/strategy", "value": manifest["spec"]["strategy"]},
         {
@@ -116,9 +141,10 @@ def load_api_client(connections: int) -> k8s.ApiClient:
 class Cluster:
     """The operator's API calls; see docs/operator.md "Permissions" for the verbs they need.
 
-    Every write to a worker Deployment, a StreamQueue's status or a Pod goes through ``fence``
-    first: with leader election, ``leading`` is the elector's clock-based check, so a replica that
-    is not (or no longer) the leader sends nothing, whatever its caller decided a moment ago.
+    Every write to a worker Deployment or PodDisruptionBudget, a StreamQueue's status or a Pod goes
+    through ``fence`` first: with leader election, ``leading`` is the elector's clock-based check, so
+    a replica that is not (or no longer) the leader sends nothing, whatever its caller decided a
+    moment ago.
     """
 
     def __init__(
@@ -134,6 +160,7 @@ class Cluster:
         self.core = k8s.CoreV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
         self.coordination = k8s.CoordinationV1Api(api_client)
+        self.policy = k8s.PolicyV1Api(api_client)
 
     def fence(self) -> None:
         if not self.leading():
@@ -146,27 +173,53 @@ class Cluster:
 
     async def apply_deployment(self, manifest: dict[str, Any], initial_replicas: int) -> Applied:
         """Create the worker Deployment, or adopt and update an existing one (template only)."""
+        apps = self.apps
+        body = {**manifest, "spec": {**manifest["spec"], "replicas": initial_replicas}}
+        verbs = (
+            apps.read_namespaced_deployment,
+            apps.create_namespaced_deployment,
+            apps.patch_namespaced_deployment,
+        )
+        return await self._apply(manifest, body, verbs, adoption_patch)
+
+    async def apply_disruption_budget(self, manifest: dict[str, Any]) -> Applied:
+        """Create the workers' PodDisruptionBudget, or adopt and update an existing one."""
+        policy = self.policy
+        verbs = (
+            policy.read_namespaced_pod_disruption_budget,
+            policy.create_namespaced_pod_disruption_budget,
+            policy.patch_namespaced_pod_disruption_budget,
+        )
+        return await self._apply(manifest, manifest, verbs, budget_patch)
+
+    async def _apply(
+        self,
+        manifest: dict[str, Any],
+        create_body: dict[str, Any],
+        verbs: tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]],
+        patch_for: Callable[[dict[str, Any], dict[str, Any], str], list[dict[str, Any]]],
+    ) -> Applied:
+        """Create ``create_body`` (``manifest`` plus what only creation sets), or, when the object
+        exists and its hash annotation differs from ``manifest``'s, send ``patch_for``'s JSON Patch."""
+        read, create, patch = verbs
         meta = manifest["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         digest = template_hash(manifest)
         try:
-            existing = self._sanitized(await _call(self.apps.read_namespaced_deployment, name, namespace))
+            existing = self._sanitized(await _call(read, name, namespace))
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            body = {**manifest, "spec": {**manifest["spec"], "replicas": initial_replicas}}
-            body["metadata"] = {**meta, "annotations": {HASH_ANNOTATION: digest}}
+            body = {**create_body, "metadata": {**meta, "annotations": {HASH_ANNOTATION: digest}}}
             self.fence()
-            await _call(self.apps.create_namespaced_deployment, namespace, body, field_manager=self.manager)
+            await _call(create, namespace, body, field_manager=self.manager)
             return Applied(created=True, changed=True)
         annotations = existing["metadata"].get("annotations") or {}
         if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
             return Applied(created=False, changed=False)
-        patch = adoption_patch(existing, manifest, digest)
+        operations = patch_for(existing, manifest, digest)
         self.fence()
-        await _call(
-            self.apps.patch_namespaced_deployment, name, namespace, patch, field_manager=self.manager
-        )
+        await _call(patch, name, namespace, operations, field_manager=self.manager)
         return Applied(created=False, changed=True)
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:

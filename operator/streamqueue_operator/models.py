@@ -8,9 +8,10 @@ server applies are the ones the code sees. Cross-field rules are CEL expressions
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.alias_generators import to_camel
 from streamqueue import wire
 from streamqueue.settings import RULES, TUNING_FIELDS, WorkerSettings
@@ -261,6 +262,40 @@ class HousekeepingSpec(_Model):
     interval_seconds: int = Field(default=30, ge=5, le=3600)
 
 
+PERCENT_PATTERN = r"^(100|[1-9][0-9]?)%$"
+
+
+class DisruptionSpec(_Model):
+    """Voluntary disruptions of the workers (node drains, evictions): docs/upgrading.md."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _rule(
+                    "type(self.maxUnavailable) == string ? "
+                    f"self.maxUnavailable.matches('{PERCENT_PATTERN}') : self.maxUnavailable >= 1",
+                    "disruption.maxUnavailable must be at least 1 or a percentage from 1% to 100%: "
+                    "0 would block every node drain",
+                    field_path=".maxUnavailable",
+                ),
+            ]
+        }
+    )
+
+    max_unavailable: int | str = 1
+    """Workers evictions may take down at once (the PodDisruptionBudget's): >= 1, or 1%-100% rounded up."""
+
+    @field_validator("max_unavailable")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        """The CEL rule above, for specs the operator reads without the API server (tests, older CRDs)."""
+        if isinstance(value, str) and not re.match(PERCENT_PATTERN, value):
+            raise ValueError(f"{value!r} is not a percentage from 1% to 100%")
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1: 0 would block every node drain")
+        return value
+
+
 # The queue's shape, declared once by the worker: the operator renders them into the pods and observes
 # every partition.
 _QUEUE_SHAPE = ("partitions", "ordering", "group_start_id")
@@ -297,6 +332,7 @@ class StreamQueueSpec(_QueueShape):  # type: ignore[misc, valid-type]
     worker: Annotated[WorkerSpec, Field(json_schema_extra={"default": {}})] = WorkerSpec()
     scaling: Annotated[ScalingSpec, Field(json_schema_extra={"default": {}})] = ScalingSpec()
     housekeeping: Annotated[HousekeepingSpec, Field(json_schema_extra={"default": {}})] = HousekeepingSpec()
+    disruption: Annotated[DisruptionSpec, Field(json_schema_extra={"default": {}})] = DisruptionSpec()
 
 
 class Condition(_Model):

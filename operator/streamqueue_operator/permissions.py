@@ -24,6 +24,12 @@ RULES: list[tuple[str, str, tuple[str, ...], str]] = [
         "worker Deployments: create, adopt, scale",
     ),
     (
+        "policy",
+        "poddisruptionbudgets",
+        ("get", "create", "patch"),
+        "one PodDisruptionBudget per queue's workers: node drains evict them a few at a time",
+    ),
+    (
         "",
         "pods",
         ("list", "patch"),

@@ -1,12 +1,20 @@
-"""Adopting an existing worker Deployment: a JSON Patch that never touches replicas, or a clear refusal."""
+"""Adopting an existing worker Deployment (a JSON Patch that never touches replicas) or
+PodDisruptionBudget, or a clear refusal."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from streamqueue_operator.deployment import render
-from streamqueue_operator.kubeapi import HASH_ANNOTATION, DeploymentConflict, adoption_patch, template_hash
+from streamqueue_operator.deployment import render, render_disruption_budget
+from streamqueue_operator.kubeapi import (
+    HASH_ANNOTATION,
+    BudgetConflict,
+    DeploymentConflict,
+    adoption_patch,
+    budget_patch,
+    template_hash,
+)
 from streamqueue_operator.models import StreamQueueSpec
 
 OWNER = {"metadata": {"name": "chat", "namespace": "team", "uid": "u-1"}}
@@ -53,3 +61,16 @@ def test_template_hash_changes_with_the_spec() -> None:
     a = render(OWNER, StreamQueueSpec(), "img")
     b = render(OWNER, StreamQueueSpec.model_validate({"worker": {"concurrency": 3}}), "img")
     assert template_hash(a) == template_hash(render(OWNER, StreamQueueSpec(), "img")) != template_hash(b)
+
+
+def test_a_disruption_budget_is_replaced_whole_but_not_taken_from_another_controller() -> None:
+    manifest = render_disruption_budget(
+        OWNER, StreamQueueSpec.model_validate({"disruption": {"maxUnavailable": 2}})
+    )
+    theirs = {"metadata": {"name": "chat-worker", "resourceVersion": "7"}, "spec": {"minAvailable": 1}}
+    ops = {op["path"]: op["value"] for op in budget_patch(theirs, manifest, "h")}
+    assert ops["/spec"] == manifest["spec"]  # minAvailable gone: one of the two, never both
+    assert ops["/metadata/ownerReferences"] == manifest["metadata"]["ownerReferences"]
+    other = [{"apiVersion": "v1", "kind": "Foo", "name": "bar", "uid": "u-2", "controller": True}]
+    with pytest.raises(BudgetConflict, match="PodDisruptionBudget chat-worker is controlled by Foo/bar"):
+        budget_patch({**theirs, "metadata": {**theirs["metadata"], "ownerReferences": other}}, manifest, "h")

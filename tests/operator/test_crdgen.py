@@ -35,7 +35,7 @@ def test_schema_is_structural() -> None:
     version = crdgen.build_crd()["spec"]["versions"][0]
     for path, node in _walk(version["schema"]["openAPIV3Schema"]):
         assert not {"$ref", "$defs", "anyOf", "allOf", "title"} & node.keys(), path
-        assert "type" in node, f"{path} has no type"
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
         assert node.get("additionalProperties") is not True, path
         for bound in ("exclusiveMinimum", "exclusiveMaximum"):
             assert node.get(bound, True) is True, f"{path}: Kubernetes wants a boolean {bound}"

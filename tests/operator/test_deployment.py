@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
 from streamqueue.settings import ENV_PREFIX, TUNING_FIELDS, WorkerSettings
-from streamqueue_operator.deployment import render, termination_grace
+from streamqueue_operator.deployment import render, render_disruption_budget, termination_grace
 from streamqueue_operator.models import StreamQueueSpec, parse_spec
 
 OWNER = {"metadata": {"name": "chat", "namespace": "team", "uid": "1234"}}
@@ -162,6 +164,30 @@ def test_no_replicas_and_owned_by_the_streamqueue() -> None:
     ]
     assert manifest["spec"]["selector"]["matchLabels"]["streamqueue.io/queue"] == "chat"
     assert manifest["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_a_rollout_never_takes_capacity_away() -> None:
+    strategy = render(OWNER, StreamQueueSpec(), "img")["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}}
+
+
+def test_the_disruption_budget_covers_exactly_the_workers_and_belongs_to_the_queue() -> None:
+    deployment = render(OWNER, StreamQueueSpec(), "img")
+    budget = render_disruption_budget(OWNER, StreamQueueSpec())
+    assert budget["metadata"] == deployment["metadata"]
+    assert budget["spec"] == {
+        "selector": deployment["spec"]["selector"],
+        "maxUnavailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+    }
+    percent = parse_spec({"disruption": {"maxUnavailable": "50%"}})
+    assert render_disruption_budget(OWNER, percent)["spec"]["maxUnavailable"] == "50%"
+
+
+@pytest.mark.parametrize("value", [0, -1, "0%", "101%", "1", "12.5%", "all"])
+def test_a_budget_that_would_block_every_drain_or_is_no_amount_is_refused(value: object) -> None:
+    with pytest.raises(ValidationError, match=r"disruption\.maxUnavailable"):
+        parse_spec({"disruption": {"maxUnavailable": value}})
 
 
 def test_termination_grace_outlasts_the_worker_default() -> None:

@@ -46,6 +46,8 @@ def test_invalid_streamqueues_are_rejected_with_what_to_fix(
         "negative-min": ({"scaling": {"minReplicas": -1}}, "spec.scaling.minReplicas"),
         "bad-scheme": ({"redis": {"url": "http://redis:6379"}}, "spec.redis.url"),
         "bad-enum": ({"worker": {"logLevel": "LOUD"}}, "supported values"),
+        "budget-zero": ({"disruption": {"maxUnavailable": 0}}, "0 would block every node drain"),
+        "budget-no-percent": ({"disruption": {"maxUnavailable": "1"}}, "a percentage from 1% to 100%"),
     }  # fmt: skip
     for name, (spec, message) in cases.items():
         manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "StreamQueue",
