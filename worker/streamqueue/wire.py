@@ -67,6 +67,10 @@ DL_SOURCE_ID = "dl_source_id"
 DL_SOURCE_STREAM = "dl_source_stream"
 DL_CONSUMER = "dl_consumer"
 DL_AT = "dl_at"
+# Set on an entry put back into the queue from the dead letters (``streamqueue.deadletters``): how
+# often it was redriven. A dead letter keeps it with the original fields, so a redriven entry that
+# fails again shows its history.
+REDRIVES = "redrives"
 
 # Reasons recorded in DL_REASON.
 REASON_MISSING_USER_ID = "missing_user_id"

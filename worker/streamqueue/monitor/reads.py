@@ -22,22 +22,24 @@ _SCAN_BATCH = 1000
 async def observe(redis: RedisClient, settings: MonitorSettings) -> Snapshot:
     """Read everything shown in one refresh: per queue (all its partitions at once) two or three
     pipelined round trips per node, then the reply-stream SCAN."""
-    queues = [await _observe_queue(redis, name, settings) for name in settings.stream]
+    queues = [
+        await observe_queue(redis, name, settings.partitions, settings.dead_letter_stream)
+        for name in settings.stream
+    ]
     count, complete = await count_streams(redis, settings.reply_prefix, settings.scan_limit)
     return Snapshot(time.time(), queues, settings.reply_prefix, count, complete)
 
 
-def _dead_letter(settings: MonitorSettings, stream: str) -> str:
-    return settings.dead_letter_stream or wire.dead_letter_stream(stream)
-
-
-async def _observe_queue(redis: RedisClient, name: str, settings: MonitorSettings) -> QueueView:
-    partitions = settings.partitions
+async def observe_queue(
+    redis: RedisClient, name: str, partitions: int | None, dead_letter_stream: str | None
+) -> QueueView:
+    """One queue, all its partitions (``None``: detected); also ``kubectl sq status``'s Redis part."""
     detected = partitions is None
     if partitions is None:
         partitions = await detect_partitions(redis, name)
     keys = wire.partition_streams(name, partitions)
-    parts, totals = await _observe_streams(redis, keys, [_dead_letter(settings, key) for key in keys])
+    dead_letters = [dead_letter_stream or wire.dead_letter_stream(key) for key in keys]
+    parts, totals = await _observe_streams(redis, keys, dead_letters)
     return QueueView(name, partitions, detected, parts, totals)
 
 
