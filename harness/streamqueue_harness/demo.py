@@ -25,6 +25,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from streamqueue import Client
+from streamqueue_operator.models import GROUP, PLURAL, VERSION
 
 from .controlplane import ControlPlane
 from .eventually import eventually, eventually_async
@@ -35,7 +36,6 @@ from .redis_server import RedisServer
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "demo"
 QUEUE = "chat"
-GROUP, VERSION, PLURAL = "streamqueue.io", "v1alpha1", "streamqueues"
 
 
 @dataclass(frozen=True)

@@ -123,17 +123,22 @@ def build_crd() -> dict[str, Any]:
                 "singular": models.SINGULAR,
                 "shortNames": models.SHORT_NAMES,
             },
-            "versions": [
-                {
-                    "name": models.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": _printer_columns(),
-                    "schema": {"openAPIV3Schema": root},
-                }
-            ],
+            # Identical schemas: the API server converts by rewriting apiVersion (docs/upgrading.md).
+            "conversion": {"strategy": "None"},
+            "versions": [_version(name, root) for name in models.SERVED_VERSIONS],
         },
+    }
+
+
+def _version(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """One served version; ``models.VERSION`` is the storage version."""
+    return {
+        "name": name,
+        "served": True,
+        "storage": name == models.VERSION,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": _printer_columns(),
+        "schema": {"openAPIV3Schema": schema},
     }
 
 

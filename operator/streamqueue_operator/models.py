@@ -17,7 +17,11 @@ from streamqueue import wire
 from streamqueue.settings import RULES, TUNING_FIELDS, WorkerSettings
 
 GROUP = "streamqueue.io"
-VERSION = "v1alpha1"
+# The API version the operator reads and writes, the CRD's storage version and the one kubectl prefers.
+VERSION = "v1beta1"
+# Every version the CRD serves, oldest first. The schemas are identical (conversion strategy None:
+# the API server only rewrites apiVersion), so an object written as one reads as any other.
+SERVED_VERSIONS = ("v1alpha1", VERSION)
 KIND = "StreamQueue"
 PLURAL = "streamqueues"
 SINGULAR = "streamqueue"

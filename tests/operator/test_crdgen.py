@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streamqueue_operator import crdgen
+from streamqueue_operator import crdgen, models
 
 
 def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -64,3 +64,16 @@ def test_printer_columns_and_status_subresource() -> None:
         "Age",
     ]
     assert version["subresources"] == {"status": {}}
+
+
+def test_versions_share_one_schema_and_the_operator_s_version_is_stored() -> None:
+    """Conversion strategy None is only sound when every served version has the same schema."""
+    crd = crdgen.build_crd()["spec"]
+    versions = {v["name"]: v for v in crd["versions"]}
+    assert list(versions) == ["v1alpha1", "v1beta1"]
+    assert crd["conversion"] == {"strategy": "None"}
+    assert [name for name, v in versions.items() if v["storage"]] == [models.VERSION] == ["v1beta1"]
+    assert all(v["served"] for v in versions.values())
+    first, *others = versions.values()
+    for other in others:
+        assert {**other, "name": "", "storage": False} == {**first, "name": "", "storage": False}

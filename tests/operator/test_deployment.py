@@ -155,7 +155,7 @@ def test_no_replicas_and_owned_by_the_streamqueue() -> None:
     assert "replicas" not in manifest["spec"]
     assert manifest["metadata"]["ownerReferences"] == [
         {
-            "apiVersion": "streamqueue.io/v1alpha1",
+            "apiVersion": "streamqueue.io/v1beta1",
             "kind": "StreamQueue",
             "name": "chat",
             "uid": "1234",
