@@ -32,22 +32,32 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="act on at most this many")
 
 
-def add_dlq_commands(dlq: argparse.ArgumentParser) -> None:
-    """``list``, ``show``, ``redrive`` and ``purge`` under ``dlq``."""
+def add_dlq_commands(dlq: argparse.ArgumentParser, *parents: argparse.ArgumentParser) -> None:
+    """``list``, ``show``, ``redrive`` and ``purge`` under ``dlq``; ``parents``' arguments come first
+    (``kubectl sq`` adds the queue's name and its own options)."""
     commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="{list,show,redrive,purge}")
-    listing = commands.add_parser("list", help="dead letters, oldest first", description="List dead letters.")
-    add_filters(listing)
+    listing = commands.add_parser(
+        "list",
+        parents=parents,
+        help="dead letters, oldest first",
+        description="List dead letters, oldest first.",
+    )
     show = commands.add_parser(
-        "show", help="one dead letter, every field", description="Show one dead letter."
+        "show", parents=parents, help="one dead letter, every field", description="Show one dead letter."
     )
     show.add_argument("entry_id", metavar="ID")
-    for name, what in (("redrive", "put back into the queue"), ("purge", "delete")):
-        sub = commands.add_parser(
+    changes = [
+        commands.add_parser(
             name,
+            parents=parents,
             help=f"{what} the matching dead letters",
-            description=f"{what.capitalize()} the matching dead letters.",
+            description=f"{what.capitalize()} the matching dead letters (--all if no filter is given).",
         )
+        for name, what in (("redrive", "put back into the queue"), ("purge", "delete"))
+    ]
+    for sub in (listing, *changes):
         add_filters(sub)
+    for sub in changes:
         sub.add_argument("--dry-run", action="store_true", help="only list what would be done")
         sub.add_argument("--all", action="store_true", help="required when no filter is given")
 

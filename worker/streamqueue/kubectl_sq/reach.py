@@ -1,0 +1,119 @@
+"""How ``kubectl sq`` reaches a queue's Redis: the sqtool commands in a short-lived pod inside the
+cluster (the default), or in this process (``--direct``).
+
+The pod is the worker Deployment's pod template cut down: the same image, environment (Secrets
+included, as references), volumes, service account and security settings, so it reaches Redis
+exactly as the workers do; ``python -m streamqueue.sqtool`` instead of the worker, no probes or
+ports, no labels (a ReplicaSet must not adopt it), ``restartPolicy: Never``, deleted when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from ..settings import env_name, from_environ
+from ..sqtool.__main__ import run as run_sqtool
+from ..sqtool.args import parser as sqtool_parser
+from .kube import Kubectl, KubectlError, Queue
+
+SQTOOL = ["python", "-m", "streamqueue.sqtool"]
+RedisSide = Callable[[Queue, list[str]], dict[str, Any]]
+
+
+class SqtoolError(RuntimeError):
+    """The Redis side answered with an error (or not at all)."""
+
+
+def direct(kubectl: Kubectl, redis_url: str | None) -> RedisSide:
+    """Run the commands here, with the worker's environment resolved from the Deployment (Secrets read
+    through kubectl) and ``redis_url`` instead of the queue's own when given (e.g. a port-forward)."""
+
+    def call(queue: Queue, argv: list[str]) -> dict[str, Any]:
+        env = worker_environment(kubectl, queue.worker_container())
+        if redis_url:
+            env[env_name("redis_url")] = redis_url
+        try:
+            return asyncio.run(run_sqtool(from_environ(env), sqtool_parser().parse_args(argv)))
+        except (RedisError, LookupError, ValueError) as exc:
+            raise SqtoolError(f"{type(exc).__name__}: {exc}") from exc
+
+    return call
+
+
+def worker_environment(kubectl: Kubectl, container: dict[str, Any]) -> dict[str, str]:
+    """The container's variables with values: plain ones, and Secret or ConfigMap keys read now.
+    Downward-API ones (the pod name) have no value outside a pod and are left out."""
+    env: dict[str, str] = {}
+    for var in container.get("env") or []:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        source = var.get("valueFrom") or {}
+        for kind, ref in (
+            ("secret", source.get("secretKeyRef")),
+            ("configmap", source.get("configMapKeyRef")),
+        ):
+            if ref:
+                data = kubectl.get(kind, ref["name"]).get("data") or {}
+                if ref["key"] in data:
+                    value = data[ref["key"]]
+                    env[var["name"]] = base64.b64decode(value).decode() if kind == "secret" else value
+    return env
+
+
+def in_pod(kubectl: Kubectl, timeout: float) -> RedisSide:
+    """Run the commands in a pod from the queue's worker image (``kubectl run --rm -i``)."""
+
+    def call(queue: Queue, argv: list[str]) -> dict[str, Any]:
+        name = f"{queue.name}-sq-{secrets.token_hex(3)}"[-63:].lstrip("-")
+        container = queue.worker_container()
+        overrides = {"apiVersion": "v1", "spec": tool_pod_spec(queue, name, argv)}
+        try:
+            out = kubectl.run(
+                "run", name, "--rm", "-i", "--quiet", "--restart=Never", f"--image={container['image']}",
+                f"--pod-running-timeout={int(timeout)}s", f"--overrides={json.dumps(overrides)}",
+                timeout=timeout + 30,
+            )  # fmt: skip
+        except KubectlError as exc:
+            out = str(exc)  # the tool's JSON error (exit status 1) comes with kubectl's complaint
+        return parse_output(out)
+
+    return call
+
+
+def tool_pod_spec(queue: Queue, name: str, argv: list[str]) -> dict[str, Any]:
+    template = queue.deployment["spec"]["template"]["spec"] if queue.deployment else {}
+    worker = queue.worker_container()
+    keep = ("image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext")
+    container = {k: worker[k] for k in keep if k in worker}
+    container |= {
+        "name": name, "command": SQTOOL, "args": argv, "stdin": True, "stdinOnce": True,
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+    }  # fmt: skip
+    spec = {
+        k: v
+        for k, v in template.items()
+        if k not in ("containers", "initContainers", "terminationGracePeriodSeconds")
+    }
+    return spec | {"containers": [container], "restartPolicy": "Never", "terminationGracePeriodSeconds": 1}
+
+
+def parse_output(out: str) -> dict[str, Any]:
+    """The tool's one JSON line among whatever kubectl printed around it."""
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            try:
+                result: dict[str, Any] = json.loads(line)
+            except ValueError:
+                continue
+            if "error" in result:
+                raise SqtoolError(result["error"])
+            return result
+    raise SqtoolError(f"no answer from the sqtool pod: {out.strip()[-2000:]}")
