@@ -37,6 +37,7 @@ def _full_spec() -> StreamQueueSpec:
                 "blockMs": 1000,
                 "claimIdleMs": 5000,
                 "maxDeliveries": 3,
+                "maxQueueAgeSeconds": 90.5,
                 "deadLetterStream": "dead",
                 "deadLetterMaxLen": 500,
                 "errorReplies": False,

@@ -95,6 +95,12 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        self.expired = Counter(
+            "streamqueue_messages_expired",
+            "Entries answered with an expired reply instead of the handler, by the limit they were past",
+            ["reason"],
+            registry=r,
+        )
         self.dead_letters_trimmed = Counter(
             "streamqueue_dead_letters_trimmed",
             "Dead letters removed by the dead-letter stream's MAXLEN (deadLetterMaxLen) to make room",

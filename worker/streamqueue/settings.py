@@ -93,6 +93,8 @@ class WorkerSettings(RedisSettings):
     """Pending entries idle this long are reclaimed (XAUTOCLAIM)."""
     max_deliveries: int = Field(default=5, ge=1, le=1000)
     """Handler attempts before an entry is dead-lettered."""
+    max_queue_age_seconds: float | None = Field(default=None, gt=0, le=31_536_000)
+    """Entries older than this (from their id's time, set at XADD) get an expired reply, not the handler."""
     dead_letter_stream: str | None = Field(default=None, min_length=1, max_length=256)
     """Where invalid and poison entries go (default: <stream>:dead)."""
     dead_letter_max_len: int = Field(default=100_000, ge=1, le=100_000_000)

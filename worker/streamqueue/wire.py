@@ -22,6 +22,9 @@ USER_ID = "user_id"
 MESSAGE = "message"
 TIMESTAMP = "timestamp"
 REQUEST_ID = "request_id"  # optional, echoed on every reply entry for correlation
+# Optional: Unix time in milliseconds (an integer) after which the request is not worth answering;
+# a worker that reads it later writes an EXPIRED reply instead of calling the handler.
+DEADLINE = "deadline"
 
 # Reply entry (``<reply_prefix><user_id>``). A streamed reply writes chunk entries (CHUNK, SEQ)
 # before the final entry, which always carries the whole RESPONSE so article clients still work.
@@ -32,6 +35,11 @@ SEQ = "seq"
 ERROR = "error"  # set on an error reply sent to the user when a message is dead-lettered
 CANCELLED = "cancelled"  # "1" on the final entry of a cancelled request (its RESPONSE is empty)
 CANCELLED_YES = "1"
+# The final entry of a request whose time ran out before a worker ran it (its RESPONSE is empty);
+# the value says which limit: the queue's maxQueueAgeSeconds or the request's own DEADLINE.
+EXPIRED = "expired"
+EXPIRED_QUEUE_AGE = "max_queue_age"
+EXPIRED_DEADLINE = "deadline"
 
 # Cancel (docs/ai.md, "Cancel"): a client records ``<user_id>:<request_id>`` in the sorted set
 # ``<stream>:cancelled`` (score: the time in ms; members older than the client's TTL are trimmed)
@@ -78,10 +86,13 @@ REASON_INVALID_USER_ID = "invalid_user_id"
 REASON_MESSAGE_TOO_LARGE = "message_too_large"
 REASON_MISSING_MESSAGE = "missing_message"
 REASON_MAX_DELIVERIES = "max_deliveries_exceeded"
+REASON_INVALID_DEADLINE = "invalid_deadline"
 
 MAX_USER_ID_LENGTH = 128
 # user_id becomes part of a Redis key: keep it to a conservative, unambiguous character set.
 _USER_ID_RE = re.compile(r"[A-Za-z0-9_.@-]+")
+# A DEADLINE below this (2001-09-09 in ms) is almost surely seconds: it would expire every request.
+_MIN_DEADLINE_MS = 1_000_000_000_000
 
 
 def reply_stream(prefix: str, user_id: str) -> str:
@@ -231,6 +242,23 @@ def validate_request(fields: dict[str, str], max_message_bytes: int) -> Rejectio
     size = len(message.encode("utf-8", "surrogateescape"))
     if size > max_message_bytes:
         return Rejection(REASON_MESSAGE_TOO_LARGE, f"message is {size} bytes, limit {max_message_bytes}")
+    deadline = fields.get(DEADLINE)
+    if deadline is not None:
+        return deadline_rejection(deadline)
+    return None
+
+
+def deadline_rejection(deadline: str) -> Rejection | None:
+    """A Rejection unless ``deadline`` is Unix time in milliseconds, as a decimal integer.
+
+    Refused rather than ignored: a producer that means a deadline but writes it wrong would
+    otherwise have every request answered however late, or (seconds for ms) none at all.
+    """
+    if not (deadline.isascii() and deadline.isdigit()) or len(deadline) > 16:
+        detail = f"deadline must be Unix time in ms (a decimal integer), not {deadline[:40]!r}"
+        return Rejection(REASON_INVALID_DEADLINE, detail)
+    if int(deadline) < _MIN_DEADLINE_MS:
+        return Rejection(REASON_INVALID_DEADLINE, f"deadline {deadline} looks like seconds; it must be in ms")
     return None
 
 

@@ -8,7 +8,7 @@
 
 from ..wire import parse_entry_id as entry_key  # its public name here, kept for callers
 from .api import DEFAULT_BLOCK_MS, Client
-from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled
+from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled, RequestExpired
 
 __all__ = [
     "DEFAULT_BLOCK_MS",
@@ -18,5 +18,6 @@ __all__ = [
     "Reply",
     "ReplyError",
     "RequestCancelled",
+    "RequestExpired",
     "entry_key",
 ]

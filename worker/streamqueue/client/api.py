@@ -7,6 +7,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -16,7 +17,7 @@ from redis.typing import EncodableT, FieldT
 from .. import wire
 from ..connection import RedisClient, RedisConnection, connect_any
 from .reads import ReplyReaders, UserReader, Waiter
-from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled
+from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled, RequestExpired
 from .sends import BatchedSends
 
 # How long one reader XREAD blocks; an idle reader notices it has nobody to serve after at most this.
@@ -108,9 +109,20 @@ class Client:
         await self._sends.finish()
         await self.redis.aclose()
 
-    async def send(self, user_id: str, message: str, request_id: str | None = None) -> str:
+    async def send(
+        self,
+        user_id: str,
+        message: str,
+        request_id: str | None = None,
+        *,
+        deadline: float | datetime | None = None,
+    ) -> str:
         """Append one request to the user's partition of the input stream (the article's plain XADD;
-        with one partition, the input stream itself) and return its entry id."""
+        with one partition, the input stream itself) and return its entry id.
+
+        ``deadline``: seconds from now, or an aware ``datetime``, after which the request is not
+        worth answering: a worker that reads it later answers ``expired`` instead of running it
+        (written as the ``deadline`` field, Unix time in ms)."""
         self._check(user_id, message)
         fields: dict[FieldT, EncodableT] = {
             wire.USER_ID: user_id,
@@ -119,6 +131,8 @@ class Client:
         }
         if request_id is not None:
             fields[wire.REQUEST_ID] = request_id
+        if deadline is not None:
+            fields[wire.DEADLINE] = str(_deadline_ms(deadline))
         key = wire.partition_stream(self.stream, wire.partition_of(user_id, self.partitions), self.partitions)
         return await self._sends.add(key, fields)
 
@@ -156,14 +170,17 @@ class Client:
         *,
         timeout: float = 30.0,  # noqa: ASYNC109 -- a per-request deadline is the API callers expect
         request_id: str | None = None,
+        deadline: float | datetime | None = None,
     ) -> Reply:
-        """Send a request and return its final reply; raises ``ReplyError`` on an error reply and
-        ``TimeoutError`` when no reply arrives within ``timeout`` seconds."""
+        """Send a request and return its final reply; raises ``ReplyError`` on an error reply
+        (``RequestExpired`` when its ``deadline``, see ``send``, or the queue's maxQueueAgeSeconds
+        passed before a worker ran it) and ``TimeoutError`` when no reply arrives within ``timeout``
+        seconds."""
         request_id = request_id or uuid.uuid4().hex
         reader, waiter = self._expect(user_id, request_id, chunks=False)
         try:
             async with asyncio.timeout(timeout):
-                await self._send_when_ready(reader, user_id, message, request_id)
+                await self._send_when_ready(reader, user_id, message, request_id, deadline)
                 return _final(await waiter.queue.get())
         finally:
             reader.waiters.pop(request_id, None)
@@ -176,20 +193,21 @@ class Client:
         timeout: float = 30.0,  # noqa: ASYNC109 -- a per-request deadline is the API callers expect
         request_id: str | None = None,
         after: str | None = None,
+        deadline: float | datetime | None = None,
     ) -> AsyncIterator[Chunk]:
         """Send a request and yield its reply chunks in order, ending with the final reply.
 
         Each chunk is a ``Chunk``: a ``str`` with the ``entry_id`` it was read from. ``timeout`` bounds
         the wait for each next chunk, not the whole answer. A handler that does not stream yields its
         whole response as one chunk. Chunks repeated by a redelivered request are skipped by sequence
-        number.
+        number. ``deadline``: as for ``send``; an expired request raises ``RequestExpired``.
 
         Resume: with ``after`` (the ``entry_id`` of the last chunk seen, or ``"0-0"`` for "from the
-        start"), the request, sent earlier with this ``request_id``, is NOT sent again (``message`` is
-        ignored); the chunks that follow ``after`` are yielded, each exactly once and in order, whether
-        they were written while nobody listened or are still to come. Nothing is yielded when
-        ``after`` is the final entry. Chunks trimmed from the reply stream (``reply_maxlen``) or expired
-        with it (``reply_ttl_seconds``) cannot be resumed.
+        start"), the request, sent earlier with this ``request_id``, is NOT sent again (``message`` and
+        ``deadline`` are ignored); the chunks that follow ``after`` are yielded, each exactly once and
+        in order, whether they were written while nobody listened or are still to come. Nothing is
+        yielded when ``after`` is the final entry. Chunks trimmed from the reply stream
+        (``reply_maxlen``) or expired with it (``reply_ttl_seconds``) cannot be resumed.
         """
         if after is not None and request_id is None:
             raise ValueError("resuming (after=...) needs the request_id of the request being resumed")
@@ -202,7 +220,7 @@ class Client:
             backlog: list[Reply] = []
             async with asyncio.timeout(timeout):
                 if after is None:
-                    await self._send_when_ready(reader, user_id, message, request_id)
+                    await self._send_when_ready(reader, user_id, message, request_id, deadline)
                 else:
                     await self._ready(reader)
                     last, backlog = await self._since(reader.key, after)
@@ -294,10 +312,17 @@ class Client:
         reader.waiters[request_id] = waiter
         return reader, waiter
 
-    async def _send_when_ready(self, reader: UserReader, user_id: str, message: str, request_id: str) -> None:
+    async def _send_when_ready(
+        self,
+        reader: UserReader,
+        user_id: str,
+        message: str,
+        request_id: str,
+        deadline: float | datetime | None,
+    ) -> None:
         """Send only once the reader's cursor predates the request, so its reply cannot be missed."""
         await self._ready(reader)
-        await self.send(user_id, message, request_id)
+        await self.send(user_id, message, request_id, deadline=deadline)
 
     def _reader_for(self, user_id: str) -> UserReader:
         return self._readers.reader_for(wire.reply_stream(self.reply_prefix, user_id))
@@ -319,6 +344,17 @@ async def _next(queue: asyncio.Queue[Reply | BaseException], wait_s: float) -> R
         return await queue.get()
 
 
+def _deadline_ms(deadline: float | datetime) -> int:
+    """``deadline`` (seconds from now, or an aware datetime) as the wire's Unix time in ms."""
+    if isinstance(deadline, datetime):
+        if deadline.tzinfo is None:
+            raise ValueError("a deadline datetime must be timezone-aware")
+        return int(deadline.timestamp() * 1000)
+    if not deadline > 0:
+        raise ValueError(f"deadline must be a number of seconds from now above 0, not {deadline}")
+    return int((time.time() + deadline) * 1000)
+
+
 def _final(item: Reply | BaseException) -> Reply:
     """Turn what a waiter received into the reply, raising reader failures and error replies."""
     if isinstance(item, BaseException):
@@ -327,4 +363,6 @@ def _final(item: Reply | BaseException) -> Reply:
         raise ReplyError(item)
     if item.cancelled:
         raise RequestCancelled(item)
+    if item.expired is not None:
+        raise RequestExpired(item)
     return item

@@ -25,6 +25,17 @@ class RequestCancelled(ReplyError):
         self.reply = reply
 
 
+class RequestExpired(ReplyError):
+    """The request's time ran out before a worker ran it (the queue's maxQueueAgeSeconds or the
+    request's ``deadline``): its final entry says ``expired``, and ``reason`` which limit
+    (``wire.EXPIRED_QUEUE_AGE`` or ``wire.EXPIRED_DEADLINE``)."""
+
+    def __init__(self, reply: Reply) -> None:
+        Exception.__init__(self, f"request {reply.request_id} expired before it ran ({reply.expired})")
+        self.reply = reply
+        self.reason = reply.expired
+
+
 @dataclass(frozen=True)
 class Reply:
     """One entry of a user's reply stream: a final reply, an error reply or a streamed chunk."""
@@ -48,6 +59,12 @@ class Reply:
     def cancelled(self) -> bool:
         """The final entry of a cancelled request (its ``response`` is empty)."""
         return self.fields.get(wire.CANCELLED) == wire.CANCELLED_YES
+
+    @property
+    def expired(self) -> str | None:
+        """On the final entry of an expired request (its ``response`` is empty): which limit it was
+        past, ``wire.EXPIRED_QUEUE_AGE`` or ``wire.EXPIRED_DEADLINE``; else None."""
+        return self.fields.get(wire.EXPIRED)
 
     @property
     def worker_id(self) -> str | None:

@@ -1,5 +1,6 @@
 """One entry's processing: check it, run the handler on it (cancellable, its chunks streamed) and
-say what to commit for it: the reply, a ``cancelled`` reply or a dead letter (None: it failed)."""
+say what to commit for it: the reply, a ``cancelled`` or ``expired`` reply or a dead letter (None:
+it failed)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -18,10 +19,11 @@ from ..settings import WorkerSettings
 from .cancel import Flight, cancelled_fields
 from .chunks import ChunkWriter
 from .commit import Commit
+from .expiry import expired_reason
 from .inflight import InFlight
 from .outbox import StreamWrite
 from .reclaim import Delivery
-from .replies import reply_fields
+from .replies import expired_fields, reply_fields
 from .retry import Failures
 
 log = logging.getLogger("streamqueue.worker")
@@ -48,9 +50,17 @@ class EntryProcessor:
         self.chunks = chunks
         self.inflight = inflight
         self.failures = failures
+        self._max_age_ms = (
+            None if settings.max_queue_age_seconds is None else settings.max_queue_age_seconds * 1000
+        )
 
     async def process(self, entry: Delivery) -> Commit | None:
-        """What to commit for this entry (writes, then a step to run once committed), or None."""
+        """What to commit for this entry (writes, then a step to run once committed), or None.
+
+        Every delivery comes here (new, reclaimed, retried in place), so each is checked for
+        expiry before its handler runs. An expired entry is answered ``expired`` even past
+        maxDeliveries: its user is gone, and a dead letter would only be redriven to expire again.
+        """
         s = self.s
         entry_id, fields = entry.entry_id, entry.fields
         rejection = wire.validate_request(fields, s.max_message_bytes)
@@ -59,6 +69,10 @@ class EntryProcessor:
         flight = self.inflight.flight(entry_id)
         if flight is not None and flight.cancelled:
             return self._cancelled(entry, ran=False)
+        if self._max_age_ms is not None or wire.DEADLINE in fields:
+            reason = expired_reason(entry_id, fields, self._max_age_ms, time.time() * 1000)
+            if reason is not None:
+                return self._expired(entry, reason)
         exhausted = self.failures.exhausted(entry)
         if exhausted is not None:
             return exhausted
@@ -109,19 +123,36 @@ class EntryProcessor:
 
     def _cancelled(self, entry: Delivery, *, ran: bool) -> Commit:
         """The ``cancelled`` final reply, committed with the entry's XACK."""
-        s = self.s
-        fields = entry.fields
-        key = wire.reply_stream(s.reply_prefix, fields[wire.USER_ID])
-        reply = cancelled_fields(s.consumer, fields.get(wire.REQUEST_ID))
+        request_id = entry.fields.get(wire.REQUEST_ID)
 
         def cancelled() -> None:
-            self.failures.forget(entry.entry_id)
             log.info(
                 "entry %s (request %s) cancelled %s",
-                entry.entry_id, fields.get(wire.REQUEST_ID), "while running" if ran else "before it ran",
+                entry.entry_id, request_id, "while running" if ran else "before it ran",
             )  # fmt: skip
 
-        return [StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds)], cancelled
+        return self._unanswered(entry, cancelled_fields(self.s.consumer, request_id), cancelled)
+
+    def _expired(self, entry: Delivery, reason: str) -> Commit:
+        """The ``expired`` final reply, committed with the entry's XACK; counted once committed."""
+        request_id = entry.fields.get(wire.REQUEST_ID)
+
+        def expired() -> None:
+            self.metrics.expired.labels(reason).inc()
+            log.info("entry %s (request %s) expired (%s) before it ran", entry.entry_id, request_id, reason)
+
+        return self._unanswered(entry, expired_fields(self.s.consumer, request_id, reason), expired)
+
+    def _unanswered(self, entry: Delivery, reply: dict[str, str], done: Callable[[], None]) -> Commit:
+        """A final reply in place of the handler's; ``done`` runs once it is committed."""
+        s = self.s
+        key = wire.reply_stream(s.reply_prefix, entry.fields[wire.USER_ID])
+
+        def committed() -> None:
+            self.failures.forget(entry.entry_id)
+            done()
+
+        return [StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds)], committed
 
     def _answered(self, entry_id: str) -> None:
         self.failures.forget(entry_id)

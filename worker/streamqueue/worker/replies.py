@@ -40,6 +40,12 @@ def error_reply_fields(worker_id: str, request_id: str | None, error: str) -> di
     return {wire.ERROR: error, wire.RESPONSE: f"Error: {error}", **_base(worker_id, request_id)}
 
 
+def expired_fields(worker_id: str, request_id: str | None, reason: str) -> dict[str, str]:
+    """The final entry of a request whose time ran out (``reason``: ``wire.EXPIRED_*``); its
+    ``response`` is empty, so the article's clients (which wait for ``response``) stop waiting too."""
+    return {wire.RESPONSE: "", wire.EXPIRED: reason, **_base(worker_id, request_id)}
+
+
 def dead_letter_fields(
     original: Mapping[str, str],
     *,
