@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import pytest
+import yaml
 from streamqueue.kubectl_sq import kube, reach, render
 from streamqueue.kubectl_sq.cli import parser as plugin_parser
 from streamqueue.kubectl_sq.report import REDACTED, redact
@@ -125,3 +128,18 @@ def test_the_tools_answer_is_found_among_kubectls_lines() -> None:
         reach.parse_output('{"error": "ResponseError: NOGROUP"}\n')
     with pytest.raises(reach.SqtoolError, match="ImagePullBackOff"):
         reach.parse_output("error: ImagePullBackOff")
+
+
+def test_the_krew_manifest_installs_the_shim_at_the_projects_version() -> None:
+    root = Path(__file__).parents[2]
+    manifest = yaml.safe_load((root / "plugins" / "krew" / "sq.yaml").read_text())
+    assert (manifest["kind"], manifest["metadata"]["name"]) == ("Plugin", "sq")
+    version = (root / "VERSION").read_text().strip()
+    assert (
+        manifest["spec"]["version"] == f"v{version}"
+        and f"streamqueue=={version}" in manifest["spec"]["caveats"]
+    )
+    [platform] = manifest["spec"]["platforms"]
+    shim = root / "plugins" / "krew" / platform["files"][0]["from"]
+    assert platform["bin"] == "kubectl-sq" and os.access(shim, os.X_OK)
+    assert 'python3}" -m streamqueue.kubectl_sq' in shim.read_text()
