@@ -5,14 +5,18 @@ alone; on a partitioned queue, with the request on one of two workers."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 import redis
 from streamqueue import Client, wire
+from streamqueue.aio import cancel
 from streamqueue.client import RequestCancelled
+from streamqueue.connection import RedisConnection, connect
 from streamqueue.handlers import Message
 from streamqueue.worker import Worker
+from streamqueue.worker.cancel import CancelWatch
 from streamqueue_harness.eventually import eventually_async
 
 from tests.worker.conftest import group_settled, replies
@@ -182,3 +186,26 @@ async def test_old_cancels_are_trimmed(redis_server, raw) -> None:
     async with Client(redis_server.url, cancel_ttl_seconds=60) as client:
         await client.cancel("alice", "r1")
     assert raw.zrange(key, 0, -1) == ["alice:r1"]
+
+
+def _subscribe_denials(r: redis.Redis, user: str) -> int:
+    """How often ``user`` was refused SUBSCRIBE: Redis counts repeats of one denial in one ACL LOG entry."""
+    return sum(e["count"] for e in r.acl_log() if e["username"] == user and e["object"] == "subscribe")
+
+
+async def test_a_refused_subscription_backs_off_instead_of_retrying_at_once(redis_server, raw) -> None:
+    """A user without SUBSCRIBE: the watch retries on the backoff's schedule (at least 1.5 s from the first
+    refusal to the seventh: 25 ms, 50 ms, ... doubling), not in a loop (it once made ~35 tries a second)."""
+    raw.acl_setuser("nosub", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                    commands=["+@all", "-subscribe"])  # fmt: skip
+    watch = CancelWatch(connect(RedisConnection(url=redis_server.url, username="nosub", password="pw")), "q")
+    running = asyncio.create_task(watch.run())
+    try:
+        await eventually_async(lambda: _subscribe_denials(raw, "nosub") >= 1, "the first refusal")
+        first = time.monotonic()
+        await eventually_async(lambda: _subscribe_denials(raw, "nosub") >= 7, "the seventh refusal")
+        assert time.monotonic() - first > 1.0
+        assert not watch.subscribed.is_set()
+    finally:
+        await cancel(running)
+        await watch.redis.aclose()

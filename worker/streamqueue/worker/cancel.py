@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 
 from redis.asyncio.client import PubSub
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from .. import wire
 from ..connection import CONNECTION_ERRORS, RedisClient, retry_transient
@@ -33,6 +33,8 @@ log = logging.getLogger("streamqueue.worker")
 
 _RECANCEL_S = 0.1  # a handler still running this long after its cancel is cancelled again
 _LISTEN_WAKEUP_S = 1.0  # get_message returns this often when nothing is published (no Redis call)
+_CONFIRM_TIMEOUT_S = 10.0  # Redis answers a SUBSCRIBE at once; silence this long is a lost connection
+_DENIED_LOG_EVERY_S = 60.0  # a refused subscription (an ACL without SUBSCRIBE) is logged this often
 
 
 def cancelled_fields(worker_id: str, request_id: str | None) -> dict[str, str]:
@@ -87,6 +89,7 @@ class CancelWatch:
         self.channel = wire.cancel_channel(stream)
         self.subscribed = asyncio.Event()  # set while the Pub/Sub connection listens
         self._flights: dict[str, list[Flight]] = {}
+        self._denied_logged_at: float | None = None  # when a refused subscription was last logged
 
     def track(self, user_id: str | None, request_id: str | None) -> Flight | None:
         """Start watching an entry; None for one that cannot be cancelled (no request_id)."""
@@ -141,11 +144,17 @@ class CancelWatch:
                 await pubsub.aclose()
 
     async def _subscribe(self) -> PubSub:
-        """Subscribe, then check everything tracked for the cancels announced while unsubscribed."""
+        """Subscribe, then check everything tracked for the cancels announced while unsubscribed.
+
+        redis-py's ``subscribe`` only sends the command: Redis's answer is awaited here, so a refusal
+        (NOPERM) fails this call, which ``retry_transient`` backs off, instead of the first read after
+        it, which would subscribe again at once, in a hot loop."""
         pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(self.channel)
+            await _confirmed(pubsub)
             self.subscribed.set()
+            self._denied_logged_at = None
             await self.check([f for flights in self._flights.values() for f in flights])
         except BaseException:
             self.subscribed.clear()
@@ -160,9 +169,28 @@ class CancelWatch:
                 self.announced(str(message["data"]))
 
     def _unsubscribed(self, exc: Exception, delay: float) -> None:
-        log.warning("cancel channel %s: %s; retrying in %.2fs", self.channel, exc, delay)
+        if not isinstance(exc, NoPermissionError):
+            log.warning("cancel channel %s: %s; retrying in %.2fs", self.channel, exc, delay)
+            return
+        now = time.monotonic()
+        if self._denied_logged_at is None or now - self._denied_logged_at >= _DENIED_LOG_EVERY_S:
+            self._denied_logged_at = now
+            log.error(
+                "cancel channel %s: the Redis user may not SUBSCRIBE to it (its ACL needs +subscribe "
+                "and &%s): %s; cancels of running requests are missed until it may; retrying",
+                self.channel, self.channel, exc,
+            )  # fmt: skip
+
+
+async def _confirmed(pubsub: PubSub) -> None:
+    """Wait for Redis's reply to the SUBSCRIBE just sent: raises its error (e.g. NOPERM)."""
+    async with asyncio.timeout(_CONFIRM_TIMEOUT_S):
+        while True:
+            message = await pubsub.get_message(timeout=_CONFIRM_TIMEOUT_S)
+            if message is not None and message.get("type") == "subscribe":
+                return
 
 
 def _channel_lost(exc: BaseException) -> bool:
-    """Redis away, or refusing the channel (e.g. an ACL without it): wait and subscribe again."""
-    return isinstance(exc, (*CONNECTION_ERRORS, ResponseError))
+    """Redis away or silent, or refusing the channel (e.g. an ACL without it): wait and subscribe again."""
+    return isinstance(exc, (*CONNECTION_ERRORS, ResponseError, TimeoutError))
