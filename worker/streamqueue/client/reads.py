@@ -14,7 +14,6 @@ connection and a command per chunk each.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -321,7 +320,9 @@ class ReplyReaders:
         tasks = [task for group in self._groups.values() for task in group.tasks]
         for group in self._groups.values():
             group.close(exc)
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # gather, not ``await task``: a close() that is itself cancelled ends with that cancellation
+        # (a suppressed CancelledError of the awaited task would have swallowed it).
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                raise result
         self._readers.clear()
