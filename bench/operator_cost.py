@@ -1,27 +1,40 @@
-"""Operator cost with many queues: CPU, Redis calls/s and API writes/s for 200 StreamQueues.
+"""Operator cost with many queues: CPU, Redis commands and round trips, API writes, wake-up time.
 
-One operator (default 1 s poll) watches 200 StreamQueues on one redis-server. Two phases are
-measured: idle (every queue empty and steady) and busy (one new message per queue per second, no
-workers, so backlogs grow and queues scale to maxReplicas 2). Redis calls are the server's own
-command counters minus the benchmark's XADDs; API writes are the apiserver's request counters for
+One operator (default 1 s poll) watches ``--queues`` StreamQueues (2,000) on one redis-server, all
+at minReplicas 0. Two phases are measured: idle (every queue empty and at zero) and mixed (a
+``--busy-fraction`` of them get one new message per second, no workers, so their backlogs grow and
+they scale to maxReplicas 2; the rest stay idle). Then ``--wake-trials`` idle queues (at rest: only
+checked, see docs/operator.md) each get one message, timed until their Deployment's replicas go
+0 -> 1. Redis commands are the server's own counters minus the benchmark's XADDs; round trips are
+the server's socket reads (``total_reads_processed``: an upper bound, a big pipeline can take two),
+including the benchmark's own few per second; API writes are the apiserver's request counters for
 StreamQueues and Deployments (the operator's objects). Figures only; nothing is asserted.
 
-    python -m bench operator_cost [--queues 200] [--seconds 30]
+``--baseline DIR`` first runs the same measurement with the operator (and worker package) of another
+source tree, e.g. a ``git worktree`` of an older commit, and prints both in one table.
+
+    python -m bench.operator_cost [--queues 2000] [--seconds 30] [--baseline /tmp/wt-old]
+    python -m bench.operator_cost --queues 100 --seconds 10 --wake-trials 3   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import urllib3
 import yaml
 from kubernetes import client as k8s
+from kubernetes import watch
 from streamqueue_harness.eventually import eventually
 from streamqueue_operator.models import GROUP, VERSION
 
@@ -37,6 +50,7 @@ class Counters:
     at: float
     cpu_seconds: float
     redis_calls: int
+    redis_reads: int
     xadds: int
     api_writes: int
 
@@ -63,14 +77,15 @@ def _api_writes(env: Environment) -> int:
 
 
 def snapshot(env: Environment, xadds: int) -> Counters:
-    stats = env.redis.client().info("commandstats")
-    calls = sum(int(v["calls"]) for v in stats.values())
-    return Counters(time.monotonic(), _cpu_seconds(env.operator.pid), calls, xadds, _api_writes(env))
+    r = env.redis.client()
+    calls = sum(int(v["calls"]) for v in r.info("commandstats").values())
+    reads = int(r.info("stats")["total_reads_processed"])
+    return Counters(time.monotonic(), _cpu_seconds(env.operator.pid), calls, reads, xadds, _api_writes(env))
 
 
 def create_queues(env: Environment, count: int) -> list[str]:
     r = env.redis.client()
-    names = [f"q{i:03d}" for i in range(count)]
+    names = [f"q{i:04d}" for i in range(count)]
     for name in names:
         r.xgroup_create(f"{name}-stream", CGROUP, id="0", mkstream=True)
     docs = [
@@ -81,7 +96,8 @@ def create_queues(env: Environment, count: int) -> list[str]:
             "spec": {
                 "redis": {"url": env.redis.url},
                 "stream": f"{name}-stream",
-                "scaling": {"minReplicas": 0, "maxReplicas": 2},
+                # No pod ever starts here: coldStartSeconds 0 keeps the cold-start hold out of it.
+                "scaling": {"minReplicas": 0, "maxReplicas": 2, "coldStartSeconds": 0},
             },
         }
         for name in names
@@ -128,47 +144,136 @@ class Writer:
         self._thread.join()
 
 
-def _row(phase: str, a: Counters, b: Counters, queues: int) -> list[object]:
+class DeploymentsUp:
+    """When each worker Deployment of the namespace was first seen with replicas > 0 (one watch)."""
+
+    def __init__(self, api: k8s.ApiClient) -> None:
+        self.up: dict[str, float] = {}
+        self._cond = threading.Condition()
+        self._watch = watch.Watch()
+        self._stream = self._watch.stream(k8s.AppsV1Api(api).list_namespaced_deployment, NAMESPACE)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):  # the cluster stops at the end
+            for event in self._stream:
+                obj = event.get("object") if event else None  # None once the watch is stopped
+                if obj is not None and obj.spec.replicas:
+                    with self._cond:
+                        self.up.setdefault(obj.metadata.name, time.perf_counter())
+                        self._cond.notify_all()
+
+    def wait(self, deployment: str, timeout: float) -> float:
+        with self._cond:
+            if not self._cond.wait_for(lambda: deployment in self.up, timeout):
+                raise TimeoutError(f"{deployment} never scaled up within {timeout}s")
+            return self.up[deployment]
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+
+def wake_times(env: Environment, names: list[str]) -> list[float]:
+    """Seconds from one message on an idle queue at zero to its Deployment's replicas above zero.
+
+    The messages land at evenly spread points of the poll cycle (golden-ratio sequence), as in
+    operator_reaction, so lucky and unlucky phases both count.
+    """
+    r, ups, times = env.redis.client(), DeploymentsUp(env.api), []
+    try:
+        for trial, name in enumerate(names, 1):
+            time.sleep(1.0 + (trial * 0.6180339887) % 1.0)
+            r.xadd(f"{name}-stream", {"user_id": "u", "message": "m", "timestamp": "0"})
+            written = time.perf_counter()
+            times.append(ups.wait(f"{name}-worker", timeout=60) - written)
+    finally:
+        ups.stop()
+    return times
+
+
+@dataclass(frozen=True)
+class Result:
+    operator: str
+    idle: tuple[Counters, Counters]
+    mixed: tuple[Counters, Counters]
+    wakes: list[float]
+
+
+def measure(label: str, args: argparse.Namespace) -> Result:
+    """One operator's run: create the queues, then the idle phase, the mixed phase and the wake trials."""
+    busy = round(args.queues * args.busy_fraction)
+    with environment() as env:
+        names = create_queues(env, args.queues)
+        ready_after = wait_all_observed(env, args.queues)
+        print(f"{label}: {args.queues} StreamQueues created and observed in {ready_after:.0f}s", flush=True)
+        time.sleep(10)  # let creation-time writes settle
+        idle = snapshot(env, 0)
+        time.sleep(args.seconds)
+        idle_end = snapshot(env, 0)
+        with Writer(env, names[:busy]) as writer:
+            time.sleep(5)
+            mixed = snapshot(env, writer.sent)
+            time.sleep(args.seconds)
+            mixed_end = snapshot(env, writer.sent)
+        wakes = wake_times(env, names[busy : busy + args.wake_trials])
+    return Result(label, (idle, idle_end), (mixed, mixed_end), wakes)
+
+
+def _row(result: Result, phase: str, queues: int) -> list[object]:
+    a, b = result.idle if phase == "idle" else result.mixed
     span = b.at - a.at
-    redis_calls = (b.redis_calls - a.redis_calls) - (b.xadds - a.xadds) - 2  # minus INFO calls
+    redis_calls = (b.redis_calls - a.redis_calls) - (b.xadds - a.xadds) - 4  # minus the INFO calls
     return [
+        result.operator,
         phase,
         f"{100 * (b.cpu_seconds - a.cpu_seconds) / span:.1f}",
-        f"{redis_calls / span:.0f}",
         f"{redis_calls / span / queues:.2f}",
+        f"{(b.redis_reads - a.redis_reads) / span / queues:.3f}",
         f"{(b.api_writes - a.api_writes) / span:.2f}",
-        f"{span:.0f}",
     ]
+
+
+@contextlib.contextmanager
+def source_tree(tree: Path) -> Iterator[None]:
+    """Run the operator subprocess from ``tree``'s packages (PYTHONPATH wins over the editable installs)."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(str(tree / p) for p in ("operator", "worker"))
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench operator_cost", description="operator cost at scale"
+        prog="python -m bench operator_cost", description="operator cost at scale (see module doc)"
     )
-    parser.add_argument("--queues", type=int, default=200)
+    parser.add_argument("--queues", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each measured phase")
+    parser.add_argument("--busy-fraction", type=float, default=0.1, help="queues loaded in the mixed phase")
+    parser.add_argument("--wake-trials", type=int, default=10, help="idle queues woken by one message")
+    parser.add_argument("--baseline", type=Path, help="source tree whose operator is measured first")
     args = parser.parse_args(argv)
-    with environment() as env:
-        names = create_queues(env, args.queues)
-        ready_after = wait_all_observed(env, args.queues)
-        print(f"{args.queues} StreamQueues created and observed in {ready_after:.0f}s")
-        time.sleep(10)  # let creation-time writes settle
-        idle_a = snapshot(env, 0)
-        time.sleep(args.seconds)
-        idle_b = snapshot(env, 0)
-        with Writer(env, names) as writer:
-            time.sleep(5)
-            busy_a = snapshot(env, writer.sent)
-            time.sleep(args.seconds)
-            busy_b = snapshot(env, writer.sent)
+    results = []
+    if args.baseline:
+        with source_tree(args.baseline):
+            results.append(measure(f"baseline ({args.baseline.name})", args))
+    results.append(measure("this tree", args))
+    print(f"{args.queues} queues, {round(args.queues * args.busy_fraction)} busy in the mixed phase")
+    rows = [_row(r, phase, args.queues) for r in results for phase in ("idle", "mixed")]
     print_table(
-        ["phase", "operator CPU %", "Redis calls/s", "per queue", "API writes/s", "seconds"],
-        [_row("idle", idle_a, idle_b, args.queues), _row("busy", busy_a, busy_b, args.queues)],
+        ["operator", "phase", "CPU %", "Redis cmds/queue/s", "round trips/queue/s", "API writes/s"], rows
     )
-    print(
-        "API writes: StreamQueue patches (status, finalizer, annotations) + Deployment create/patch (scale)"
-    )
-    print(f"poll-rate x queues would be {args.queues} status writes/s without the meaningful-change rule")
+    wake_rows = [
+        [r.operator, len(r.wakes), f"{statistics.median(r.wakes):.2f}", f"{max(r.wakes):.2f}"]
+        for r in results
+        if r.wakes
+    ]
+    print_table(["operator", "wake trials", "median s", "max s"], wake_rows)
+    print("API writes: StreamQueue patches (status, finalizer, annotations) + Deployment create/patch")
     return 0
 
 

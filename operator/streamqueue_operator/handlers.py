@@ -30,9 +30,9 @@ from .deployment import render, render_disruption_budget, spec_refusal, worker_r
 from .kubeapi import API_ERRORS, BudgetConflict, Cluster, DeploymentConflict, NotLeader, load_api_client
 from .leader import Lease, Timing
 from .models import GROUP, PLURAL, QUEUE_LABEL, VERSION, parse_spec
+from .redis_hub import RedisHub, until_next_tick
 from .scaler import QueueScaler, Replicas
 from .settings import OperatorSettings
-from .stagger import RolloutDeferred, RolloutStagger
 from .status import INVALID_WORKER_SPEC, WorkerRefusal
 
 MISSING_DEPLOYMENT_GRACE_SECONDS = 10.0
@@ -62,7 +62,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     identity = memo.config.identity()
     memo.cluster = Cluster(load_api_client(API_THREADS), manager=f"streamqueue-operator_{identity}")
     memo.scalers = {}
-    memo.rollouts = RolloutStagger(memo.config.rollout_stagger_seconds)
+    memo.redis_hub = RedisHub()  # one client per Redis, shared by the queues on it
     memo.lease = None
     if memo.config.leader_election:
         config: OperatorSettings = memo.config
@@ -82,7 +82,7 @@ async def release_lease(memo: kopf.Memo, **_: Any) -> None:
 def _scaler(memo: kopf.Memo, namespace: str, name: str) -> QueueScaler:
     key = (namespace, name)
     if key not in memo.scalers:
-        memo.scalers[key] = QueueScaler(memo.cluster, memo.config, namespace, name)
+        memo.scalers[key] = QueueScaler(memo.cluster, memo.config, namespace, name, memo.redis_hub)
     return memo.scalers[key]
 
 
@@ -94,9 +94,7 @@ def worker_replicas(
     return {(namespace, name): Replicas(spec.get("replicas", 1), status.get("readyReplicas") or 0)}
 
 
-async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo, staggered: bool) -> None:
-    """Create or update the queue's Deployment; ``staggered``: a change waits for its turn in
-    ``memo.rollouts`` (the change is the operator's own, not a spec edit)."""
+async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo) -> None:
     meta = body["metadata"]
     scaler = _scaler(memo, meta["namespace"], meta["name"])
     try:
@@ -111,13 +109,8 @@ async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo, staggered: bool) 
     previous = (body.get("status") or {}).get("currentReplicas")
     initial = spec.scaling.min_replicas if previous is None else previous
     initial = min(max(initial, spec.scaling.min_replicas), spec.scaling.max_replicas)
-    key = (meta["namespace"], meta["name"])
-    turn = (lambda: memo.rollouts.take(key, time.monotonic())) if staggered else None
     try:
-        applied = await memo.cluster.apply_deployment(manifest, initial, before_rollout=turn)
-    except RolloutDeferred as exc:
-        kopf.event(body, type="Normal", reason="RolloutDeferred", message=str(exc))
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+        applied = await memo.cluster.apply_deployment(manifest, initial)
     except DeploymentConflict as exc:
         scaler.deployment_error = str(exc)
         kopf.event(body, type="Warning", reason="DeploymentConflict", message=str(exc))
@@ -161,10 +154,10 @@ def _replicas(index: kopf.Index, namespace: str, deployment: str) -> Replicas | 
     return next(iter(store), None) if store else None
 
 
-async def _converge(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, staggered: bool) -> float:
+async def _converge(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger) -> float:
     """Ensure the Deployment; 0 when done, else seconds until it is worth trying again."""
     try:
-        await _ensure_deployment(body, memo, staggered)
+        await _ensure_deployment(body, memo)
     except kopf.TemporaryError as exc:
         return exc.delay or POLL_ERROR_BACKOFF_SECONDS
     except kopf.PermanentError as exc:  # its own Event says why; retried when the spec changes
@@ -224,9 +217,6 @@ async def _lead(
             kopf.event(body, type=kind, reason=reason, message=message[:1000])
 
     ensured: int | None = None  # the generation last ensured (or tried)
-    # Until the spec changes under this leader, a template change is the operator's own (an upgrade:
-    # new default image or rendering) and waits for its turn; a spec edit rolls out at once.
-    staggered = True
     retry_at: float | None = None  # when a failed ensure is due again
     missing_since: float | None = None
     while memo.cluster.leading():
@@ -238,9 +228,8 @@ async def _lead(
             if ensured != generation or ((retry_at or missing) and now >= (retry_at or 0.0)):
                 if missing and ensured == generation:
                     logger.warning("Deployment %s is missing: recreating it", scaler.deployment)
-                staggered = staggered and ensured in (None, generation)
                 ensured, missing_since = generation, None
-                delay = await _converge(body, memo, logger, staggered)
+                delay = await _converge(body, memo, logger)
                 retry_at = now + delay if delay else None
             interval = await scaler.poll(body, replicas, on_scale, on_event)
         except NotLeader:
@@ -251,4 +240,4 @@ async def _lead(
             # Keep scaling the queue through transient API errors; the traceback says what failed.
             logger.exception("poll failed; retrying in %.0fs", POLL_ERROR_BACKOFF_SECONDS)
             interval = POLL_ERROR_BACKOFF_SECONDS
-        await asyncio.sleep(interval)
+        await asyncio.sleep(until_next_tick(interval, asyncio.get_running_loop().time()))  # with the others

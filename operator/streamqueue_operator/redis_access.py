@@ -96,18 +96,22 @@ def operator_url(url: str, namespace: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc}" if userinfo else netloc))
 
 
-def connect(spec: RedisSpec, credentials: Credentials, namespace: str) -> RedisClient:
-    """A client through the shared ``streamqueue.connection`` rules, with the operator's short timeout.
+def dialled(spec: RedisSpec, credentials: Credentials, namespace: str) -> RedisConnection:
+    """The connection the operator dials for a queue of ``namespace``, with its short timeout.
 
     The host is qualified with the queue's ``namespace`` (``operator_url``); for a Redis Cluster that
     is the seed node, the others are dialled at the addresses the cluster announces. The CA bundle
     goes to redis-py as data, so the operator writes no file.
     """
     connection = spec_connection(spec, password=credentials.password, tls_ca_data=credentials.ca_pem)
-    dialled = connection.model_copy(
+    return connection.model_copy(
         update={"url": operator_url(spec.url, namespace), "socket_timeout": SOCKET_TIMEOUT_SECONDS}
     )
-    return connect_any(dialled)
+
+
+def connect(spec: RedisSpec, credentials: Credentials, namespace: str) -> RedisClient:
+    """A client through the shared ``streamqueue.connection`` rules (see ``dialled``)."""
+    return connect_any(dialled(spec, credentials, namespace))
 
 
 def _is_ip(host: str) -> bool:

@@ -19,18 +19,27 @@ import redis
 import redis.asyncio
 from pydantic import ValidationError
 from streamqueue import wire
-from streamqueue.connection import RedisClient
 
-from . import deletion_cost, housekeeping, metrics, redis_access, status
+from . import deletion_cost, housekeeping, metrics, redis_access, redis_hub, status
 from .decide import PAUSES, Decision, Reason, ScalerState, decide, parse_pause
 from .deployment import deployment_name, selector_labels, spec_refusal
 from .kubeapi import API_ERRORS, Cluster, NotLeader
 from .models import RedisSpec, ScalingSpec, StreamQueueSpec, parse_spec
-from .observe import Observation, consumer_loads, observe
+from .observe import Observation, at_rest, consumer_loads, observe_with
 from .settings import OperatorSettings
 
 RECONNECT_INTERVAL_SECONDS = 5.0
 PATCH_TRUST_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Rest:
+    """A queue at rest (``QueueScaler._settled``): until ``until``, or until ``kube`` (what the cluster
+    said then) changes, each poll is only the check of ``observe.at_rest``, which wakes it at the
+    first message within one poll interval."""
+
+    until: float
+    kube: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -59,14 +68,24 @@ HOLD_EVENTS = {
 class QueueScaler:
     """Per-StreamQueue state across polls; ``poll`` runs one observe → decide → act step."""
 
-    def __init__(self, cluster: Cluster, settings: OperatorSettings, namespace: str, name: str) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        settings: OperatorSettings,
+        namespace: str,
+        name: str,
+        hub: redis_hub.RedisHub | None = None,
+    ) -> None:
         self.cluster, self.settings = cluster, settings
+        self.hub = hub or redis_hub.RedisHub()  # the operator's, shared by all queues; a test's own
         self.namespace, self.name = namespace, name
         self.deployment = deployment_name(name)
         self.deployment_error: str | None = None
         self.log = logging.getLogger(f"streamqueue.scaler.{namespace}.{name}")
         self._spec: tuple[int, StreamQueueSpec] | None = None
-        self._client: tuple[RedisSpec, RedisClient] | None = None
+        self._client: tuple[RedisSpec, redis_hub.Shared] | None = None
+        self._rest: Rest | None = None
+        self._offered: dict[str, Any] | None = None
         self._client_error: str | None = None
         self._last_connect = -RECONNECT_INTERVAL_SECONDS
         self._state: ScalerState | None = None
@@ -91,7 +110,8 @@ class QueueScaler:
         await self._drop_client()
         metrics.forget(self.namespace, self.name)
 
-    async def _redis(self, spec: RedisSpec) -> RedisClient | None:
+    async def _redis(self, spec: RedisSpec) -> redis_hub.Shared | None:
+        """The queue's share of the client for ``spec`` (None while it cannot connect)."""
         if self._client is not None and self._client[0] == spec:
             return self._client[1]
         now = time.monotonic()
@@ -105,24 +125,26 @@ class QueueScaler:
             self._client_error = str(exc)
             return None
         self._client_error = None
-        self._client = (spec, redis_access.connect(spec, credentials, self.namespace))
-        return self._client[1]
+        shared = self.hub.acquire(redis_access.dialled(spec, credentials, self.namespace))
+        self._client = (spec, shared)
+        return shared
 
     async def _observe(self, spec: StreamQueueSpec) -> Observation:
-        client = await self._redis(spec.redis)
+        shared = await self._redis(spec.redis)
         at = time.monotonic()
-        if client is None:
+        if shared is None:
             return Observation(at=at, error=self._client_error or "waiting to reconnect")
         streams = wire.partition_streams(spec.stream, spec.partitions)
-        obs = await observe(client, streams, spec.group, at, limit_key=wire.limit_bound_key(spec.stream))
+        run = shared.pipeline.execute
+        obs = await observe_with(run, streams, spec.group, at, limit_key=wire.limit_bound_key(spec.stream))
         if obs.error and "auth" in obs.error.lower():
             await self._drop_client()  # re-read the Secret on the next attempt: the password may have rotated
         return obs
 
     async def _drop_client(self) -> None:
         if self._client is not None:
-            await self._client[1].aclose()
-            self._client = None
+            shared, self._client = self._client[1], None
+            await self.hub.release(shared)
 
     async def _current(self, replicas: Replicas, now: float) -> int:
         """The Deployment's replicas; our own patch wins until the watch has caught up with it.
@@ -172,6 +194,10 @@ class QueueScaler:
             spec = self.spec(body)
         except ValidationError as exc:
             return self._hold_unreadable(body, exc)
+        if self._rest is not None:
+            if await self._still_at_rest(body, spec, replicas):
+                return spec.scaling.poll_interval_seconds
+            self._rest = None
         obs = await self._observe(spec)
         metrics.record_observation(self.namespace, self.name, obs)
         now = obs.at
@@ -196,7 +222,50 @@ class QueueScaler:
         await self._write_status(body, spec, obs, decision, current, replicas.ready)
         if obs.ok:
             await self._housekeeping(spec, now)
+        if self._settled(spec, obs, decision, current, replicas):
+            self._rest = Rest(self._rest_until(spec, now), self._kube_view(body, replicas))
         return spec.scaling.poll_interval_seconds
+
+    def _settled(
+        self, spec: StreamQueueSpec, obs: Observation, decision: Decision, current: int, replicas: Replicas
+    ) -> bool:
+        """Whether full polls would change nothing until the queue or its objects do: no backlog (the
+        lag known, not estimated), the count at minReplicas (or paused) with every pod ready, and
+        nothing owed to the API server (no unconfirmed scale, the last status written)."""
+        return (
+            obs.ok
+            and obs.backlog == 0
+            and not obs.lag_estimated
+            and decision.desired == current == replicas.desired == replicas.ready
+            and (current == spec.scaling.min_replicas or decision.reason in PAUSES)
+            and self._patched is None
+            and self._offered == self._written
+        )
+
+    def _rest_until(self, spec: StreamQueueSpec, now: float) -> float:
+        """The next full poll of a queue at rest at the latest: housekeeping runs in full polls only."""
+        housekeeping_due = self._last_housekeeping + spec.housekeeping.interval_seconds
+        return min(now + self.settings.rest_max_seconds, housekeeping_due)
+
+    def _kube_view(self, body: Mapping[str, Any], replicas: Replicas | None) -> tuple[Any, ...]:
+        """What a rest depends on besides Redis: the spec's generation, the pause annotations among the
+        others, the Deployment's counts and whether it could be ensured."""
+        meta = body["metadata"]
+        return meta.get("generation", 0), dict(meta.get("annotations") or {}), replicas, self.deployment_error
+
+    async def _still_at_rest(
+        self, body: Mapping[str, Any], spec: StreamQueueSpec, replicas: Replicas | None
+    ) -> bool:
+        """The check that stands in for a full poll at rest: the same objects, not yet due, and every
+        partition's group with lag 0 and nothing pending (one XINFO GROUPS each, in the shared
+        pipeline). Anything else ends the rest, and this same poll then runs in full."""
+        rest, shared = self._rest, self._client
+        if rest is None or shared is None or time.monotonic() >= rest.until:
+            return False
+        if rest.kube != self._kube_view(body, replicas):
+            return False
+        streams = wire.partition_streams(spec.stream, spec.partitions)
+        return await at_rest(shared[1].pipeline.execute, streams, spec.group)
 
     def _hold_unreadable(self, body: Mapping[str, Any], exc: ValidationError) -> float:
         """A spec the operator cannot read (an older, looser CRD let it in): no observing and no
@@ -245,7 +314,7 @@ class QueueScaler:
             return
         streams = wire.partition_streams(spec.stream, spec.partitions)
         try:
-            loads = await consumer_loads(self._client[1], streams, spec.group)
+            loads = await consumer_loads(self._client[1].client, streams, spec.group)
             pods = await self.cluster.pod_annotation(
                 self.namespace, self._selector(), deletion_cost.ANNOTATION
             )
@@ -309,6 +378,7 @@ class QueueScaler:
 
     def _offer_status(self, new: dict[str, Any]) -> None:
         """Write ``new`` if it is worth writing (``status.worth_writing``) and no write is in flight."""
+        self._offered = new
         previous = self._written or {}
         now = time.monotonic()
         if self._written is not None and not status.worth_writing(
@@ -339,7 +409,7 @@ class QueueScaler:
         if now - self._last_housekeeping < rules.interval_seconds or self._client is None:
             return
         self._last_housekeeping = now
-        client = self._client[1]
+        client = self._client[1].client
         streams = wire.partition_streams(spec.stream, spec.partitions)  # each its own group, slot
         try:
             if rules.dead_consumer_cleanup:

@@ -49,11 +49,6 @@ class OperatorSettings:
         shown="`streamqueue/worker:<version>`",
     )
     status_min_interval: float = _setting(10.0, "seconds between status writes that only refresh counters")
-    rollout_stagger_seconds: float = _setting(
-        30.0,
-        "seconds between two queues' worker rollouts that the operator causes itself (a new default "
-        "worker image or Deployment rendering after an upgrade), not a spec change; `0`: all at once",
-    )
     leader_election: bool = _setting(
         True, "elect one active replica through a Lease; off: this process always acts (one replica only)"
     )
@@ -76,6 +71,11 @@ class OperatorSettings:
         10.0, "seconds after its last successful renewal at which a leader stops writing (< lease duration)"
     )
     retry_period: float = _setting(2.0, "seconds between attempts to acquire or renew the Lease")
+    rest_max_seconds: float = _setting(
+        30.0,
+        "seconds at most between full polls of a queue at rest (no backlog, replicas at minReplicas); "
+        "meanwhile one XINFO GROUPS per partition each poll interval still wakes it at its first message",
+    )
 
     def __post_init__(self) -> None:
         if not self.retry_period * 1.2 < self.renew_deadline < self.lease_duration:

@@ -31,11 +31,10 @@ class Queues:
         name: str,
         housekeeping: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
-        version: str = VERSION,
         **scaling: Any,
     ) -> None:
         manifest = {
-            "apiVersion": f"{GROUP}/{version}",
+            "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "StreamQueue",
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": {

@@ -74,7 +74,7 @@ class NoSecrets:
 async def test_a_queue_scaler_connects_through_its_own_namespace() -> None:
     scaler = QueueScaler(NoSecrets(), OperatorSettings(status_min_interval=10), "team-a", "q")  # type: ignore[arg-type]
     try:
-        client = await scaler._redis(parse_spec({}).redis)
-        assert client is not None and _host(client) == "redis.team-a.svc"
+        shared = await scaler._redis(parse_spec({}).redis)
+        assert shared is not None and _host(shared.client) == "redis.team-a.svc"
     finally:
         await scaler.close()
