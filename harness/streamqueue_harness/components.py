@@ -64,10 +64,14 @@ class Components:
         *,
         name: str | None = None,
         env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> Component:
+        """Start ``binary``; ``prefix`` is a launcher that execs it (``nsenter``: the recorded
+        program stays ``binary``, which is what ``down`` checks before it stops a pid)."""
         name = name or binary.name
         log = self.workdir / "logs" / f"{name}.log"
-        popen = spawn([str(binary), *args], log=log, detach=self.detach, cwd=self.workdir, env=env)
+        command = [*prefix, str(binary), *args]
+        popen = spawn(command, log=log, detach=self.detach, cwd=self.workdir, env=env)
         component = Component(name, popen, log, os.path.realpath(binary))
         self.started.append(component)
         self.write_state()

@@ -57,9 +57,20 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
     "disruption-controller",  # PodDisruptionBudget status: the API server's evictions check it
 )
-# With a real node: the not-ready taint comes off when the kubelet reports Ready, and Services get
+# With a real node: the not-ready taint comes off when the kubelet reports Ready, a node that stops
+# reporting is tainted and its pods evicted once their toleration runs out, and Services get
 # EndpointSlices for kube-proxy.
-NODE_CONTROLLERS = ("node-lifecycle-controller", "endpointslice-controller", "statefulset-controller")
+NODE_CONTROLLERS = (
+    "node-lifecycle-controller",
+    "taint-eviction-controller",
+    "endpointslice-controller",
+    "statefulset-controller",
+)
+# A node whose kubelet stopped renewing its Lease is NotReady (and tainted unreachable) after this,
+# instead of the default 50 s: in the tests a lost node is noticed before the operator's standby
+# takes over (its lease duration is 15 s), so nothing new is scheduled onto the dead node. The
+# kubelets renew every 2.5 s (node.kube: nodeLeaseDurationSeconds 10); checked every 2 s, not 5 s.
+NODE_MONITOR_ARGS = ("--node-monitor-grace-period=10s", "--node-monitor-period=2s")
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 STATE_FILE = "processes.json"
@@ -270,6 +281,7 @@ class ControlPlane:
         return [
             f"--kubeconfig={kubeconfig}",
             f"--controllers={','.join(CONTROLLERS + (NODE_CONTROLLERS if self.node_ip else ()))}",
+            *(NODE_MONITOR_ARGS if self.node_ip else ()),
             # Each controller acts as its own ServiceAccount, under the RBAC roles a real cluster uses.
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={pki.service_account_key}",

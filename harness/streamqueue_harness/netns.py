@@ -17,6 +17,7 @@ import ctypes
 import os
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -88,3 +89,35 @@ def add_route(destination: str, device: str) -> None:
 
 def delete_link(name: str) -> None:
     _run("ip", "link", "del", name)
+
+
+def new_network_namespace(path: Path) -> None:
+    """A new network namespace kept alive by a bind mount on ``path`` (no process needs to stay in it).
+
+    The mount is in the run's private mount namespace, so the namespace vanishes with the run, like
+    the run's own; no name is registered under the host's /run/netns.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    _run("unshare", f"--net={path}", "true")
+
+
+def add_veth_pair(here: str, there: str, namespace: Path) -> None:
+    """A veth pair: ``here`` in this namespace, ``there`` in the one bound on ``namespace``."""
+    _run("ip", "link", "add", here, "type", "veth", "peer", "name", there, "netns", str(namespace))
+
+
+def in_namespace(namespace: Path | None) -> list[str]:
+    """The command prefix that runs a program in the network namespace bound on ``namespace`` (None:
+    this one), keeping the mount namespace: containerd and the kubelet must see each other's mounts."""
+    return [] if namespace is None else ["nsenter", f"--net={namespace}", "--"]
+
+
+def run_in_namespace(namespace: Path | None, *args: str) -> None:
+    _run(*in_namespace(namespace), *args)
+
+
+def delete_network_namespace(path: Path) -> None:
+    """Release a namespace made by ``new_network_namespace``: it ends once no process is left in it."""
+    _run("umount", str(path))
+    path.unlink()

@@ -34,8 +34,12 @@ class OperatorProcess(Supervised):
 
     stop_grace = 20.0
 
-    def __init__(self, kubeconfig: Path, scope: str, log_dir: Path, *extra: str) -> None:
+    def __init__(
+        self, kubeconfig: Path, scope: str, log_dir: Path, *extra: str, pythonpath: tuple[Path, ...] = ()
+    ) -> None:
+        """``pythonpath``: directories searched before the installed packages (another release's code)."""
         self.kubeconfig, self.scope, self.extra = kubeconfig, scope, extra
+        self.pythonpath = pythonpath
         self.log_dir = log_dir
         self.starts = 0
 
@@ -53,6 +57,8 @@ class OperatorProcess(Supervised):
         ports = ["--metrics-port=0", "--liveness-port=0"]  # callers that want one pass it in ``extra``
         cmd = [sys.executable, "-m", "streamqueue_operator", self.scope, *ports, *self.extra]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONWARNINGS": "ignore"}
+        if self.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(map(str, self.pythonpath))
         self.proc = spawn(cmd, log=self.log_path, env=env)
         return self
 

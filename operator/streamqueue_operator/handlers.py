@@ -33,6 +33,7 @@ from .models import GROUP, PLURAL, QUEUE_LABEL, VERSION, parse_spec
 from .redis_hub import RedisHub, until_next_tick
 from .scaler import QueueScaler, Replicas
 from .settings import OperatorSettings
+from .stagger import RolloutDeferred, RolloutStagger
 from .status import INVALID_WORKER_SPEC, WorkerRefusal
 
 MISSING_DEPLOYMENT_GRACE_SECONDS = 10.0
@@ -63,6 +64,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.cluster = Cluster(load_api_client(API_THREADS), manager=f"streamqueue-operator_{identity}")
     memo.scalers = {}
     memo.redis_hub = RedisHub()  # one client per Redis, shared by the queues on it
+    memo.rollouts = RolloutStagger(memo.config.rollout_stagger_seconds)
     memo.lease = None
     if memo.config.leader_election:
         config: OperatorSettings = memo.config
@@ -94,7 +96,9 @@ def worker_replicas(
     return {(namespace, name): Replicas(spec.get("replicas", 1), status.get("readyReplicas") or 0)}
 
 
-async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo) -> None:
+async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo, staggered: bool) -> None:
+    """Create or update the queue's Deployment; ``staggered``: a change waits for its turn in
+    ``memo.rollouts`` (the change is the operator's own, not a spec edit)."""
     meta = body["metadata"]
     scaler = _scaler(memo, meta["namespace"], meta["name"])
     try:
@@ -109,8 +113,13 @@ async def _ensure_deployment(body: kopf.Body, memo: kopf.Memo) -> None:
     previous = (body.get("status") or {}).get("currentReplicas")
     initial = spec.scaling.min_replicas if previous is None else previous
     initial = min(max(initial, spec.scaling.min_replicas), spec.scaling.max_replicas)
+    key = (meta["namespace"], meta["name"])
+    turn = (lambda: memo.rollouts.take(key, time.monotonic())) if staggered else None
     try:
-        applied = await memo.cluster.apply_deployment(manifest, initial)
+        applied = await memo.cluster.apply_deployment(manifest, initial, before_rollout=turn)
+    except RolloutDeferred as exc:
+        kopf.event(body, type="Normal", reason="RolloutDeferred", message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
     except DeploymentConflict as exc:
         scaler.deployment_error = str(exc)
         kopf.event(body, type="Warning", reason="DeploymentConflict", message=str(exc))
@@ -154,10 +163,10 @@ def _replicas(index: kopf.Index, namespace: str, deployment: str) -> Replicas | 
     return next(iter(store), None) if store else None
 
 
-async def _converge(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger) -> float:
+async def _converge(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, staggered: bool) -> float:
     """Ensure the Deployment; 0 when done, else seconds until it is worth trying again."""
     try:
-        await _ensure_deployment(body, memo)
+        await _ensure_deployment(body, memo, staggered)
     except kopf.TemporaryError as exc:
         return exc.delay or POLL_ERROR_BACKOFF_SECONDS
     except kopf.PermanentError as exc:  # its own Event says why; retried when the spec changes
@@ -217,6 +226,9 @@ async def _lead(
             kopf.event(body, type=kind, reason=reason, message=message[:1000])
 
     ensured: int | None = None  # the generation last ensured (or tried)
+    # Until the spec changes under this leader, a template change is the operator's own (an upgrade:
+    # new default image or rendering) and waits for its turn; a spec edit rolls out at once.
+    staggered = True
     retry_at: float | None = None  # when a failed ensure is due again
     missing_since: float | None = None
     while memo.cluster.leading():
@@ -228,8 +240,9 @@ async def _lead(
             if ensured != generation or ((retry_at or missing) and now >= (retry_at or 0.0)):
                 if missing and ensured == generation:
                     logger.warning("Deployment %s is missing: recreating it", scaler.deployment)
+                staggered = staggered and ensured in (None, generation)
                 ensured, missing_since = generation, None
-                delay = await _converge(body, memo, logger)
+                delay = await _converge(body, memo, logger, staggered)
                 retry_at = now + delay if delay else None
             interval = await scaler.poll(body, replicas, on_scale, on_event)
         except NotLeader:

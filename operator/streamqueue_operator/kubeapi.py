@@ -171,8 +171,18 @@ class Cluster:
     def _sanitized(self, obj: Any) -> dict[str, Any]:
         return self._api.sanitize_for_serialization(obj)
 
-    async def apply_deployment(self, manifest: dict[str, Any], initial_replicas: int) -> Applied:
-        """Create the worker Deployment, or adopt and update an existing one (template only)."""
+    async def apply_deployment(
+        self,
+        manifest: dict[str, Any],
+        initial_replicas: int,
+        before_rollout: Callable[[], None] | None = None,
+    ) -> Applied:
+        """Create the worker Deployment, or adopt and update an existing one (template only).
+
+        ``before_rollout`` runs only when the update would change the pod template, that is restart
+        the workers (a server-side dry run of the patch tells, defaults and all); raising stops the
+        update (the operator's rollout stagger). Other changes (labels, owner reference) go through.
+        """
         apps = self.apps
         body = {**manifest, "spec": {**manifest["spec"], "replicas": initial_replicas}}
         verbs = (
@@ -180,7 +190,7 @@ class Cluster:
             apps.create_namespaced_deployment,
             apps.patch_namespaced_deployment,
         )
-        return await self._apply(manifest, body, verbs, adoption_patch)
+        return await self._apply(manifest, body, verbs, adoption_patch, before_rollout)
 
     async def apply_disruption_budget(self, manifest: dict[str, Any]) -> Applied:
         """Create the workers' PodDisruptionBudget, or adopt and update an existing one."""
@@ -198,6 +208,7 @@ class Cluster:
         create_body: dict[str, Any],
         verbs: tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]],
         patch_for: Callable[[dict[str, Any], dict[str, Any], str], list[dict[str, Any]]],
+        before_rollout: Callable[[], None] | None = None,
     ) -> Applied:
         """Create ``create_body`` (``manifest`` plus what only creation sets), or, when the object
         exists and its hash annotation differs from ``manifest``'s, send ``patch_for``'s JSON Patch."""
@@ -218,6 +229,10 @@ class Cluster:
         if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
             return Applied(created=False, changed=False)
         operations = patch_for(existing, manifest, digest)
+        if before_rollout is not None:
+            preview = await _call(patch, name, namespace, operations, dry_run="All")
+            if self._sanitized(preview)["spec"]["template"] != existing["spec"]["template"]:
+                before_rollout()
         self.fence()
         await _call(patch, name, namespace, operations, field_manager=self.manager)
         return Applied(created=False, changed=True)

@@ -49,6 +49,11 @@ class OperatorSettings:
         shown="`streamqueue/worker:<version>`",
     )
     status_min_interval: float = _setting(10.0, "seconds between status writes that only refresh counters")
+    rollout_stagger_seconds: float = _setting(
+        30.0,
+        "seconds between two queues' worker rollouts that the operator causes itself (a new default "
+        "worker image or Deployment rendering after an upgrade), not a spec change; `0`: all at once",
+    )
     leader_election: bool = _setting(
         True, "elect one active replica through a Lease; off: this process always acts (one replica only)"
     )

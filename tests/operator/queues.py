@@ -31,10 +31,11 @@ class Queues:
         name: str,
         housekeeping: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
+        version: str = VERSION,
         **scaling: Any,
     ) -> None:
         manifest = {
-            "apiVersion": f"{GROUP}/{VERSION}",
+            "apiVersion": f"{GROUP}/{version}",
             "kind": "StreamQueue",
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": {

@@ -47,9 +47,10 @@ async def stream_all(client: Client, users: list[str], rounds: int) -> dict[str,
     return got
 
 
-def check_reply_streams(r: Any, users: list[str], rounds: int) -> None:
+def check_reply_streams(r: Any, users: list[str], rounds: int, coalesced: bool = False) -> None:
     """What any reader of the streams sees: per request its chunks in order, once each, then the final
-    entry with the whole text; nothing of another user's."""
+    entry with the whole text; nothing of another user's. ``coalesced``: an entry may hold several
+    chunks (numbered entry by entry, each with the reply's characters before it as ``offset``)."""
     for name in users:
         entries = [fields for _, fields in r.xrange(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, name))]
         mine = {f"{name}-{n}" for n in range(rounds)}
@@ -57,20 +58,33 @@ def check_reply_streams(r: Any, users: list[str], rounds: int) -> None:
         for request_id in mine:
             own = [f for f in entries if f[wire.REQUEST_ID] == request_id]
             chunks, final = own[:-1], own[-1]
-            assert [f[wire.CHUNK] for f in chunks] == expected(request_id)
-            assert [int(f[wire.SEQ]) for f in chunks] == list(range(CHUNKS))
+            texts = [f[wire.CHUNK] for f in chunks]
+            if coalesced:
+                assert "".join(texts) == "".join(expected(request_id))
+            else:
+                assert texts == expected(request_id)
+            assert [int(f[wire.SEQ]) for f in chunks] == list(range(len(chunks)))
+            offsets = [len("".join(texts[:i])) for i in range(len(texts))]
+            assert [int(f[wire.OFFSET]) for f in chunks] == offsets
             assert final[wire.RESPONSE] == "".join(expected(request_id))
 
 
+@pytest.mark.parametrize("flush_ms", [0, 20])
 async def test_chunks_of_many_concurrent_replies_arrive_complete_in_order_once(
-    settings, workers, raw
+    settings, workers, raw, flush_ms
 ) -> None:
-    await workers.start(settings(concurrency=300, batch_size=100), handler=interleaved)
+    """Coalescing (``chunk_flush_ms`` > 0) joins chunks into fewer entries: the same text, in order."""
+    await workers.start(
+        settings(concurrency=300, batch_size=100, chunk_flush_ms=flush_ms), handler=interleaved
+    )
     users = [f"u{u}" for u in range(300)]
     async with Client(settings().redis_url) as client:
         got = await stream_all(client, users, rounds=2)
-    assert got == {f"{u}-{n}": expected(f"{u}-{n}") for u in users for n in range(2)}
-    check_reply_streams(raw, users, rounds=2)
+    joined = {request_id: "".join(chunks) for request_id, chunks in got.items()}
+    assert joined == {f"{u}-{n}": "".join(expected(f"{u}-{n}")) for u in users for n in range(2)}
+    if not flush_ms:
+        assert got == {f"{u}-{n}": expected(f"{u}-{n}") for u in users for n in range(2)}
+    check_reply_streams(raw, users, rounds=2, coalesced=bool(flush_ms))
     assert all(0 < raw.ttl(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, u)) <= 3600 for u in users)
 
 
@@ -159,8 +173,9 @@ async def test_chunks_on_a_redis_cluster_arrive_complete_and_in_order(redis_clus
     finally:
         worker.request_stop()
         await asyncio.wait_for(running, 30)
-    assert got == {f"{u}-{n}": expected(f"{u}-{n}") for u in users for n in range(2)}
+    joined = {request_id: "".join(chunks) for request_id, chunks in got.items()}
+    assert joined == {f"{u}-{n}": "".join(expected(f"{u}-{n}")) for u in users for n in range(2)}
     r = redis_cluster.client(decode_responses=True)
-    check_reply_streams(r, users, rounds=2)
+    check_reply_streams(r, users, rounds=2, coalesced=True)
     keys = [wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, u) for u in users]
     assert len({redis_cluster.primary_for(key) for key in keys}) == 3  # every node had some

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from hypothesis import given
 from hypothesis import strategies as st
-from streamqueue.client import ChunkOrder
+from streamqueue.client import Chunk, ChunkOrder
+from streamqueue.client.replies import TextOrder
 
 
 @st.composite
@@ -39,3 +42,38 @@ def test_nothing_is_released_until_the_gap_is_filled() -> None:
     assert order.add(2, "c") == []
     assert order.add(1, "b") == []
     assert order.add(0, "a") == ["a", "b", "c"]
+
+
+@st.composite
+def cut_twice(draw: st.DrawFn) -> tuple[str, list[tuple[int, str]]]:
+    """A reply's text and the entries two deliveries wrote, each cut at its own places (a worker
+    joins the chunks that wait together), the first delivery stopping anywhere; arrival order:
+    the first delivery's entries, then the second's."""
+    text = draw(st.text(min_size=1, max_size=40))
+
+    def entries(until: int) -> list[tuple[int, str]]:
+        cuts = sorted(set(draw(st.lists(st.integers(1, max(until - 1, 1)), max_size=8))) - {until})
+        bounds = [0, *[c for c in cuts if c < until], until]
+        return [(a, text[a:b]) for a, b in pairwise(bounds) if b > a]
+
+    first = entries(draw(st.integers(0, len(text))))
+    return text, first + entries(len(text))
+
+
+@given(cut_twice())
+def test_text_order_gives_each_character_once_across_differently_cut_deliveries(
+    case: tuple[str, list[tuple[int, str]]],
+) -> None:
+    text, arrivals = case
+    order = TextOrder()
+    out = [c for offset, part in arrivals for c in order.add(offset, Chunk(part, f"{offset}-0"))]
+    assert "".join(out) == text
+    assert order.next_offset == len(text)
+
+
+def test_text_order_holds_text_back_until_the_gap_is_filled() -> None:
+    order = TextOrder()
+    assert order.add(3, Chunk("def", "2-0")) == []
+    assert order.add(0, Chunk("abcd", "1-0")) == ["abcd", "ef"]  # the overlap is given once
+    assert order.add(0, Chunk("ab", "1-1")) == []
+    assert order.add(4, Chunk("efg", "3-0")) == ["g"]

@@ -442,6 +442,7 @@ async def test_real_llama_server_with_every_limit_on(llama, settings, workers, r
         model_requests_per_minute=600,
         model_tokens_per_minute=tpm,
         model_concurrent_calls=2,
+        chunk_flush_ms=0,  # an entry per streamed chunk: the estimate below counts them
     )
     metrics = WorkerMetrics()
     handler = load_handler(MODEL_HANDLER, s, metrics=metrics)

@@ -65,7 +65,11 @@ async def handlers() -> AsyncIterator[Callable[..., OpenAIHandler]]:
 
 async def test_real_llama_server_streams_chunks_through_a_worker(llama, settings, workers, raw) -> None:
     s = settings(
-        handler=MODEL_HANDLER, openai_base_url=llama.base_url, openai_model="tiny", openai_max_tokens=8
+        handler=MODEL_HANDLER,
+        openai_base_url=llama.base_url,
+        openai_model="tiny",
+        openai_max_tokens=8,
+        chunk_flush_ms=0,  # an entry per token: the tiny model's 8 come within a few ms
     )
     await workers.start(s)
     async with Client(s.redis_url) as client:

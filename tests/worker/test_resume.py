@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from streamqueue import Client, wire
-from streamqueue.client import entry_key
+from streamqueue.client import Chunk, entry_key
 from streamqueue.handlers import Message
 from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.ports import free_port
@@ -21,6 +21,15 @@ from streamqueue_harness.ports import free_port
 from tests.worker.conftest import replies
 
 WORDS = [f"w{i} " for i in range(9)]
+TEXT = "".join(WORDS)
+
+
+async def read_until(chunks: AsyncIterator[str], got: list[str], text: str) -> None:
+    """Append chunks to ``got`` until they spell ``text``: the worker may join chunks that wait
+    together into one entry (``chunk_flush_ms``), so the number of chunks is not fixed, the text is."""
+    while len("".join(got)) < len(text):
+        got.append(await anext(chunks))
+    assert "".join(got) == text
 
 
 class GatedHandler:
@@ -63,18 +72,18 @@ async def test_request_stream_resumes_after_a_dropped_connection(settings, worke
     await workers.start(s, handler=handler)
     async with Client(s.redis_url) as first:
         stream = first.request_stream("alice", "tell me", request_id="r1", timeout=30)
-        got = [await anext(stream) for _ in range(3)]
-        await stream.aclose()  # the connection drops after three chunks
+        got: list[Chunk] = []
+        await read_until(stream, got, "".join(WORDS[:3]))
+        await stream.aclose()  # the connection drops after the first three words
     last = got[-1].entry_id
     handler.gates[0].set()  # three more chunks are written while nobody listens
     await asyncio.wait_for(handler.waiting[1].wait(), 30)
     async with Client(s.redis_url) as second:
         resumed = second.request_stream("alice", "", request_id="r1", after=last, timeout=30)
-        for _ in range(3):  # from the backlog
-            got.append(await anext(resumed))
+        await read_until(resumed, got, "".join(WORDS[:6]))  # from the backlog
         handler.gates[1].set()  # the rest arrives live
         got += [chunk async for chunk in resumed]
-    assert got == WORDS
+    assert "".join(got) == TEXT
     assert [c.entry_id for c in got] == sorted(
         {c.entry_id for c in got}, key=entry_key
     )  # once each, in order
@@ -136,7 +145,7 @@ async def test_sse_front_end_resumes_with_last_event_id(settings, workers, raw) 
             async with http.get(events_url) as response:
                 async for event in _sse_events(response):
                     got.append(event)
-                    if len(got) == 3:
+                    if "".join(json.loads(e["data"]) for e in got) == "".join(WORDS[:3]):
                         break  # leaving the block drops the connection mid-stream
             handler.gates[0].set()
             await asyncio.wait_for(handler.waiting[1].wait(), 30)
@@ -153,6 +162,6 @@ async def test_sse_front_end_resumes_with_last_event_id(settings, workers, raw) 
     finally:
         await runner.cleanup()
     chunks, done = got[:-1], got[-1]
-    assert [json.loads(e["data"]) for e in chunks] == WORDS
-    assert len({e["id"] for e in chunks}) == len(WORDS)
+    assert "".join(json.loads(e["data"]) for e in chunks) == TEXT
+    assert len({e["id"] for e in chunks}) == len(chunks)
     assert done["event"] == "done" and "id" not in done

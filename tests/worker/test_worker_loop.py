@@ -201,7 +201,7 @@ async def test_chunks_are_written_only_when_streaming_is_on(raw, settings, worke
         {wire.RESPONSE: "abc", wire.WORKER_ID: "w1", wire.TIMESTAMP: replies(raw, "dave")[0][wire.TIMESTAMP]}
     ]
     await workers.stop(worker)
-    await workers.start(settings(stream_replies=True), words)
+    await workers.start(settings(stream_replies=True, chunk_flush_ms=0), words)  # an entry per chunk
     send(raw, "erin", "a b c")
     await eventually_async(lambda: group_settled(raw), "the streamed reply", timeout=15)
     got = replies(raw, "erin")
@@ -312,7 +312,9 @@ async def test_chunks_of_a_failed_stream_still_expire(raw, settings, workers) ->
         yield "answer"
         raise RuntimeError("model went away")
 
-    worker = await workers.start(settings(stream_replies=True, reply_ttl_seconds=60), breaks_halfway)
+    worker = await workers.start(
+        settings(stream_replies=True, reply_ttl_seconds=60, chunk_flush_ms=0), breaks_halfway
+    )
     send(raw, "olga", "tell me")
     await eventually_async(
         lambda: worker.metrics.registry.get_sample_value("streamqueue_handler_failures_total") == 1,

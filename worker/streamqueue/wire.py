@@ -31,7 +31,10 @@ DEADLINE = "deadline"
 RESPONSE = "response"
 WORKER_ID = "worker_id"
 CHUNK = "chunk"
-SEQ = "seq"
+SEQ = "seq"  # the chunk entry's number within one delivery of the request: 0, 1, 2, ...
+# Chunk entry format 2 (docs/worker.md, "Chunk entries"): the characters of the reply before this
+# entry's text; an entry may hold several of the handler's chunks.
+OFFSET = "offset"
 ERROR = "error"  # set on an error reply sent to the user when a message is dead-lettered
 CANCELLED = "cancelled"  # "1" on the final entry of a cancelled request (its RESPONSE is empty)
 CANCELLED_YES = "1"

@@ -14,7 +14,7 @@ cluster DNS addon), ``host`` (what the node changes on the host and its teardown
 (``Node``, ``running_node``, ``stop_node``), ``cli`` (``python -m streamqueue_harness.node``).
 """
 
-from .lifecycle import NODE_NAME, Node, running_node, stop_node
+from .lifecycle import NODE_NAME, Node, running_cluster, running_node, stop_node
 from .network import CLUSTER_DNS_IP, CLUSTER_DOMAIN, NODE_IP
 from .prerequisites import NodeError
 
@@ -25,6 +25,7 @@ __all__ = [
     "NODE_NAME",
     "Node",
     "NodeError",
+    "running_cluster",
     "running_node",
     "stop_node",
 ]

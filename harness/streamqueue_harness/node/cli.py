@@ -16,7 +16,7 @@ from ..controlplane import ControlPlane, ToolsMissingError, check_tools, default
 from ..controlplane import shutdown_phases as control_plane_phases
 from ..images import ImagesMissingError, image_archives
 from ..netns import NamespaceError, enter_private_namespaces
-from .lifecycle import STATE_FILE, Node, stop_node
+from .lifecycle import STATE_FILE, node_dir, start_node, stop_node
 from .network import NODE_IP, add_node_network
 from .prerequisites import NodeError
 
@@ -28,8 +28,8 @@ def _node_pid(workdir: Path) -> int:
     return int(processes[0]["pid"])
 
 
-def _up(workdir: Path, timeout: float) -> int:
-    if running_components(workdir, STATE_FILE):
+def _up(workdir: Path, nodes: int, timeout: float) -> int:
+    if running_components(workdir / "node", STATE_FILE):
         print(f"node already running: python -m streamqueue_harness.node exec --dir {workdir} -- bash")
         return 0
     try:
@@ -38,7 +38,9 @@ def _up(workdir: Path, timeout: float) -> int:
         enter_private_namespaces()
         add_node_network()
         plane = ControlPlane(workdir, detach=True, node_ip=NODE_IP).start(timeout=timeout)
-        node = Node(plane, workdir / "node", images, detach=True).start(timeout=timeout)
+        started = [
+            start_node(plane, workdir, images, index, detach=True, timeout=timeout) for index in range(nodes)
+        ]
     except (
         ToolsMissingError,
         ImagesMissingError,
@@ -50,17 +52,34 @@ def _up(workdir: Path, timeout: float) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:  # on any failure, nothing half-started stays behind
-        if not running_components(workdir / "node", STATE_FILE):
-            stop_recorded(workdir, CONTROL_PLANE_STATE, control_plane_phases)
-    print(f"node {node.name} Ready in {node.start_seconds:.1f}s beside the control plane at {plane.server}")
+        if len(_running_nodes(workdir)) < nodes:
+            _down(workdir)
+    for node in started:
+        print(
+            f"node {node.name} Ready in {node.start_seconds:.1f}s beside the control plane at {plane.server}"
+        )
     print("  it lives in a network namespace of its own; run commands there with:")
     print(f"  python -m streamqueue_harness.node exec --dir {workdir} -- kubectl get nodes -o wide")
     print("  stop it with: make cluster-down")
     return 0
 
 
+def _running_nodes(workdir: Path) -> list[Path]:
+    return [d for d in _node_dirs(workdir) if running_components(d, STATE_FILE)]
+
+
+def _node_dirs(workdir: Path) -> list[Path]:
+    """Every node directory ``up`` may have made, the first node's first."""
+    return [node_dir(workdir, 0), *sorted(workdir.glob("node-*"))]
+
+
 def _down(workdir: Path) -> int:
-    node = stop_node(workdir / "node")
+    """Stop the nodes, the last first (each restores the host sysctls it found), then the control plane.
+
+    A joined node's network namespace and veth need no step here: they live in the namespaces of the
+    run that made them, which end with its last process.
+    """
+    node = sum(stop_node(directory) for directory in reversed(_node_dirs(workdir)))
     plane = stop_recorded(workdir, CONTROL_PLANE_STATE, control_plane_phases)
     print(f"stopped {node} node and {plane} control-plane process(es) from {workdir}")
     return 0
@@ -96,6 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start control plane and node in the background")
     up.add_argument("--dir", type=Path, required=True, help="work directory (state, certificates, logs)")
+    up.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="how many nodes (each after the first in a network namespace of its own)",
+    )
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     down = commands.add_parser("down", help="stop what `up --dir DIR` started and clean the host")
     down.add_argument("--dir", type=Path, required=True)
@@ -106,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     workdir = args.dir.resolve()
     if args.command == "up":
-        return _up(workdir, args.timeout)
+        return _up(workdir, args.nodes, args.timeout)
     if args.command == "down":
         return _down(workdir)
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

@@ -14,17 +14,22 @@ from ..controlplane import ControlPlane
 from ..kubeconfig import write_kubeconfig
 from ..pki import signed_certificate
 from ..ports import free_port
-from .network import CLUSTER_DNS_IP, CLUSTER_DOMAIN, NODE_IP, POD_SUBNET
+from .network import CLUSTER_CIDR, CLUSTER_DNS_IP, CLUSTER_DOMAIN
 
 
-def component_kubeconfig(plane: ControlPlane, pki_dir: Path, name: str, subject: str) -> Path:
-    """A client certificate from the cluster CA: its subject is what RBAC and the Node authorizer see."""
+def component_kubeconfig(
+    plane: ControlPlane, pki_dir: Path, name: str, subject: str, server: str | None = None
+) -> Path:
+    """A client certificate from the cluster CA: its subject is what RBAC and the Node authorizer see.
+
+    ``server`` replaces the control plane's loopback URL for a node in another network namespace.
+    """
     pki_dir.mkdir(parents=True, exist_ok=True)
     pki = plane.pki
     cert = signed_certificate(pki_dir, pki.ca, name, subject, "clientAuth")
     return write_kubeconfig(
         pki_dir / f"{name}.kubeconfig",
-        server=plane.server,
+        server=server or plane.server,
         ca_cert=pki.ca.cert,
         user=subject.rsplit("CN=", 1)[-1],
         client_cert=cert.cert,
@@ -32,12 +37,14 @@ def component_kubeconfig(plane: ControlPlane, pki_dir: Path, name: str, subject:
     )
 
 
-def kubelet_config(*, ca_cert: Path, socket: Path, cgroup_root: str, pod_logs: Path) -> dict[str, Any]:
+def kubelet_config(
+    *, node_ip: str, ca_cert: Path, socket: Path, cgroup_root: str, pod_logs: Path
+) -> dict[str, Any]:
     """KubeletConfiguration for this VM: cgroup v1, swap, no CAP_SYS_RESOURCE, images never pulled."""
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
-        "address": NODE_IP,  # logs and exec: the apiserver calls the kubelet at its InternalIP
+        "address": node_ip,  # logs and exec: the apiserver calls the kubelet at its InternalIP
         "readOnlyPort": 0,
         "healthzBindAddress": "127.0.0.1",
         "authentication": {
@@ -69,10 +76,13 @@ def kubelet_config(*, ca_cert: Path, socket: Path, cgroup_root: str, pod_logs: P
         },
         "staticPodPath": "",
         "shutdownGracePeriod": "0s",
+        # The Lease the node-lifecycle controller watches, renewed every quarter of this (2.5 s): with
+        # the control plane's 10 s --node-monitor-grace-period, a stopped node is NotReady in ~10-12 s.
+        "nodeLeaseDurationSeconds": 10,
     }
 
 
-def proxy_config(kubeconfig: Path, node_name: str) -> dict[str, Any]:
+def proxy_config(kubeconfig: Path, node_name: str, node_ip: str) -> dict[str, Any]:
     """KubeProxyConfiguration: iptables mode, changing no global sysctl."""
     return {
         "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
@@ -80,11 +90,11 @@ def proxy_config(kubeconfig: Path, node_name: str) -> dict[str, Any]:
         "mode": "iptables",
         "clientConnection": {"kubeconfig": str(kubeconfig)},
         "hostnameOverride": node_name,
-        "clusterCIDR": POD_SUBNET,
-        "bindAddress": NODE_IP,
+        "clusterCIDR": CLUSTER_CIDR,
+        "bindAddress": node_ip,
         "healthzBindAddress": f"127.0.0.1:{free_port()}",
         "metricsBindAddress": f"127.0.0.1:{free_port()}",
-        "nodePortAddresses": [f"{NODE_IP}/32"],
+        "nodePortAddresses": [f"{node_ip}/32"],
         "iptables": {"localhostNodePorts": False},  # would set route_localnet; nothing here needs it
         # Zero leaves the global conntrack sysctls as they are.
         "conntrack": {

@@ -17,7 +17,7 @@ from redis.typing import EncodableT, FieldT
 from .. import wire
 from ..connection import RedisClient, RedisConnection, connect_any
 from .reads import ReplyReaders, UserReader, Waiter
-from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled, RequestExpired
+from .replies import Chunk, Reply, ReplyError, ReplyOrder, RequestCancelled, RequestExpired
 from .sends import BatchedSends
 
 # How long one reader XREAD blocks; an idle reader notices it has nobody to serve after at most this.
@@ -199,8 +199,9 @@ class Client:
 
         Each chunk is a ``Chunk``: a ``str`` with the ``entry_id`` it was read from. ``timeout`` bounds
         the wait for each next chunk, not the whole answer. A handler that does not stream yields its
-        whole response as one chunk. Chunks repeated by a redelivered request are skipped by sequence
-        number. ``deadline``: as for ``send``; an expired request raises ``RequestExpired``.
+        whole response as one chunk. Text repeated by a redelivered request is skipped by its offset
+        in the reply (by sequence number from workers writing chunk entry format 1). ``deadline``: as
+        for ``send``; an expired request raises ``RequestExpired``.
 
         Resume: with ``after`` (the ``entry_id`` of the last chunk seen, or ``"0-0"`` for "from the
         start"), the request, sent earlier with this ``request_id``, is NOT sent again (``message`` and
@@ -214,9 +215,9 @@ class Client:
         request_id = request_id or uuid.uuid4().hex
         reader, waiter = self._expect(user_id, request_id, chunks=True)
         try:
-            # Resuming behind an entry that is gone (trimmed), the next sequence number is unknown:
+            # Resuming behind an entry that is gone (trimmed), where the reply goes on is unknown:
             # the first chunk that comes sets it.
-            order: ChunkOrder[Chunk] | None = ChunkOrder() if after in (None, "0", "0-0") else None
+            order = ReplyOrder(from_start=after in (None, "0", "0-0"))
             backlog: list[Reply] = []
             async with asyncio.timeout(timeout):
                 if after is None:
@@ -228,7 +229,7 @@ class Client:
                     if last is not None and last.request_id == request_id:
                         if not last.is_chunk:
                             return  # the final entry was seen already
-                        order = ChunkOrder((last.seq or 0) + 1)
+                        order = ReplyOrder.after(last)
             seen = backlog[-1].entry_id if backlog else after
             pending = iter(backlog)
             while True:
@@ -240,12 +241,10 @@ class Client:
                     if seen is not None and wire.parse_entry_id(reply.entry_id) <= wire.parse_entry_id(seen):
                         continue  # already read by the catch-up above
                 if not reply.is_chunk:
-                    if order is not None and order.next_seq == 0:
+                    if order.final_is_whole:
                         yield Chunk(reply.response or "", reply.entry_id)
                     return
-                if order is None:
-                    order = ChunkOrder(reply.seq or 0)
-                for chunk in order.add(reply.seq, Chunk(reply.chunk or "", reply.entry_id)):
+                for chunk in order.add(reply):
                     yield chunk
         finally:
             reader.waiters.pop(request_id, None)

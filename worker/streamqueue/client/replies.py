@@ -80,6 +80,12 @@ class Reply:
         return int(raw) if raw is not None else None
 
     @property
+    def offset(self) -> int | None:
+        """Characters of the reply before this chunk entry's text (format 2; None from older workers)."""
+        raw = self.fields.get(wire.OFFSET)
+        return int(raw) if raw is not None else None
+
+    @property
     def is_chunk(self) -> bool:
         """Chunk entries precede the final entry; the final one carries the whole response (or the error)."""
         return (
@@ -124,4 +130,74 @@ class ChunkOrder(Generic[S]):
         while self.next_seq in self._early:
             ready.append(self._early.pop(self.next_seq))
             self.next_seq += 1
+        return ready
+
+
+class TextOrder:
+    """Puts chunk entries of format 2 back together by ``offset``: each character of the reply once, in
+    order.
+
+    A worker joins chunks that wait together into one entry, so a redelivered request (which streams
+    again from the start) may cut its text differently: an entry that overlaps what was yielded gives
+    only its new tail.
+    """
+
+    def __init__(self, next_offset: int = 0) -> None:
+        self.next_offset = next_offset
+        self.started = next_offset > 0  # something was yielded (or skipped, on resume)
+        self._early: dict[int, Chunk] = {}
+
+    def add(self, offset: int, chunk: Chunk) -> list[Chunk]:
+        """Record one entry's text and return the chunks now ready, in order (empty text adds nothing)."""
+        if offset + len(chunk) > self.next_offset:
+            kept = self._early.get(offset)
+            if kept is None or len(chunk) > len(kept):
+                self._early[offset] = chunk
+        ready: list[Chunk] = []
+        while True:
+            start = next((o for o in self._early if o <= self.next_offset), None)
+            if start is None:
+                return ready
+            chunk = self._early.pop(start)
+            skip = self.next_offset - start
+            if skip < len(chunk):
+                ready.append(chunk if skip == 0 else Chunk(chunk[skip:], chunk.entry_id))
+                self.next_offset += len(chunk) - skip
+                self.started = True
+
+
+class ReplyOrder:
+    """The chunks of one streamed reply, in order and once each: by ``offset`` (entry format 2), or by
+    ``seq`` for entries of workers that write format 1."""
+
+    def __init__(self, from_start: bool) -> None:
+        """``from_start``: the reply is read from its beginning (else the first entry sets where)."""
+        self._by_seq: ChunkOrder[Chunk] | None = ChunkOrder() if from_start else None
+        self._by_offset: TextOrder | None = TextOrder() if from_start else None
+        # A reply whose handler streamed nothing yields its final response as its one chunk.
+        self.final_is_whole = from_start
+
+    @classmethod
+    def after(cls, last: Reply) -> ReplyOrder:
+        """Resuming right behind chunk entry ``last``."""
+        order = cls(from_start=False)
+        order._by_seq = ChunkOrder((last.seq or 0) + 1)
+        if last.offset is not None:
+            order._by_offset = TextOrder(last.offset + len(last.chunk or ""))
+        return order
+
+    def add(self, reply: Reply) -> list[Chunk]:
+        """Record chunk entry ``reply``; the chunks now ready, in order."""
+        chunk = Chunk(reply.chunk or "", reply.entry_id)
+        offset = reply.offset
+        if offset is None:
+            if self._by_seq is None:
+                self._by_seq = ChunkOrder(reply.seq or 0)
+            ready = self._by_seq.add(reply.seq, chunk)
+            self.final_is_whole = self.final_is_whole and self._by_seq.next_seq == 0
+            return ready
+        if self._by_offset is None:
+            self._by_offset = TextOrder(offset)
+        ready = self._by_offset.add(offset, chunk)
+        self.final_is_whole = self.final_is_whole and not self._by_offset.started
         return ready

@@ -14,13 +14,22 @@ back instead of growing the worker's memory.
 
 The first chunk of a reply carries the reply's TTL, so its stream gets the lifetime rule a reply gets
 (expire, or PERSIST if a group reads it) in the same flush: a handler that fails halfway leaves no
-stream without a TTL behind.
+stream without a TTL behind; the later chunks carry none (no lifetime work per chunk).
+
+Coalescing (``chunk_flush_ms`` > 0): the outbox holds chunks up to that long so that one flush carries
+many; a chunk whose reply already has an entry waiting in the queue is appended to that entry instead
+of making one more. A model streaming a token every 20 ms then costs one entry per flush window, not
+per token, and each entry's ``offset`` (characters of the reply before it) lets a reader put a
+redelivered reply's differently cut entries together exactly once (chunk entry format 2,
+docs/worker.md "Chunk entries").
 """
 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
+from .. import wire
 from .outbox import Outbox, StreamWrite
 from .replies import chunk_fields
 
@@ -67,8 +76,8 @@ class ChunkWriter:
             return True
         return self.queued < self.max_chunks and self.queued_text + size <= self.max_text
 
-    def _release(self, size: int) -> None:
-        self.queued -= 1
+    def _release(self, chunks: int, size: int) -> None:
+        self.queued -= chunks
         self.queued_text -= size
         self._room.set()
 
@@ -91,33 +100,51 @@ class ReplyChunks:
         self._request_id = request_id
         self._maxlen = maxlen
         self._ttl_s = ttl_s
-        self.count = 0  # chunks written or queued; the next chunk's sequence number
+        self.count = 0  # entries written or queued; the next entry's sequence number
+        self._offset = 0  # characters of the reply queued so far
+        self._open: _OpenEntry | None = None  # the entry still waiting in the queue, open to more text
         self._unconfirmed = 0
         self._error: BaseException | None = None
         self._confirmed = asyncio.Event()
         self._confirmed.set()
 
     async def write(self, text: str) -> None:
-        """Queue the next chunk, once there is room; raises if an earlier chunk could not be written."""
+        """Queue the next chunk, once there is room; raises if an earlier chunk could not be written.
+
+        With coalescing on, a chunk joins this reply's entry that still waits in the queue, if any.
+        """
         self._raise_failure()
         size = len(text)
         await self._writer._reserve(size)
-        fields = chunk_fields(self._worker_id, self._request_id, text, self.count)
+        self._offset += size
+        if self._open is not None:
+            self._open.add(text, size)
+            return
+        fields = chunk_fields(self._worker_id, self._request_id, text, self.count, self._offset - size)
         # The first chunk sets the stream's lifetime; the final reply renews it.
         ttl_s = self._ttl_s if self.count == 0 else None
         self.count += 1
         self._unconfirmed += 1
         self._confirmed.clear()
         write = StreamWrite(self._key, fields, self._maxlen, ttl_s)
-        self._writer.outbox.send(write, lambda error: self._done(size, error))
+        entry = _OpenEntry(fields, text, size)
+        if self._writer.outbox.chunk_flush_s > 0:
+            self._open = entry
+        self._writer.outbox.send(write, partial(self._done, entry), self._taken)
+
+    def _taken(self) -> None:
+        """A flush took the open entry: its text is final, the next chunk starts a new entry."""
+        if self._open is not None:
+            self._open.close()
+            self._open = None
 
     async def written(self) -> None:
         """Wait until every chunk queued is written; raises why one was not (the entry stays pending)."""
         await self._confirmed.wait()
         self._raise_failure()
 
-    def _done(self, size: int, error: BaseException | None) -> None:
-        self._writer._release(size)
+    def _done(self, entry: _OpenEntry, error: BaseException | None) -> None:
+        self._writer._release(entry.chunks, entry.size)
         if error is not None and self._error is None:
             self._error = error
         self._unconfirmed -= 1
@@ -127,6 +154,26 @@ class ReplyChunks:
     def _raise_failure(self) -> None:
         if self._error is not None:
             raise ChunkWriteFailed(f"a chunk of this reply was not written: {self._error}") from self._error
+
+
+class _OpenEntry:
+    """One chunk entry and the chunks it holds: more join it until a flush takes it (``close``)."""
+
+    def __init__(self, fields: dict[str, str], text: str, size: int) -> None:
+        self.fields = fields
+        self.parts = [text]
+        self.chunks = 1
+        self.size = size
+
+    def add(self, text: str, size: int) -> None:
+        self.parts.append(text)
+        self.chunks += 1
+        self.size += size
+
+    def close(self) -> None:
+        if self.chunks > 1:
+            self.fields[wire.CHUNK] = "".join(self.parts)
+        self.parts = []
 
 
 class ChunkWriteFailed(RuntimeError):

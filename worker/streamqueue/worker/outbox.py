@@ -32,6 +32,7 @@ without gets EXPIRE; ``XINFO GROUPS`` decides, once per stream per batch, inside
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -80,18 +81,32 @@ class _Queued:
     entry_id: str | None  # None: writes without an XACK (a streamed chunk)
     writes: list[StreamWrite]
     on_done: Done
+    taken: Callable[[], None] | None = None  # told when a flush takes it: its writes are final now
 
 
 class Outbox:
     """Commits finished entries in batches: their writes, then their XACK."""
 
-    def __init__(self, redis: RedisClient, stream: str, group: str, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        stream: str,
+        group: str,
+        metrics: WorkerMetrics,
+        *,
+        chunk_flush_s: float = 0.0,
+    ) -> None:
+        """``chunk_flush_s``: how long streamed chunks may wait for others before a flush, unless an
+        entry waits to be committed (see ``send``)."""
         self._redis = redis
         self._stream = stream
         self._group = group
         self._metrics = metrics
+        self.chunk_flush_s = chunk_flush_s
         self._queue: list[_Queued] = []
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()  # an entry to commit is queued, or a flush's worth of chunks
+        self._queued_since = 0.0  # loop time when the queue last went from empty to not empty
         self._abandon = asyncio.Event()
         self._script = redis.register_script(_COMMIT_LUA)
         self._two_step = isinstance(redis, aioredis.RedisCluster)
@@ -105,30 +120,47 @@ class Outbox:
         """
         self._queue.append(_Queued(entry_id, writes, on_done))
         self._wake.set()
+        self._urgent.set()
 
-    def send(self, write: StreamWrite, on_done: Done) -> None:
+    def send(self, write: StreamWrite, on_done: Done, taken: Callable[[], None] | None = None) -> None:
         """Queue one write that acknowledges nothing (a streamed chunk), in order with everything else.
 
         ``on_done`` gets None once it is written (a write Redis rejects, such as a reply key of another
-        type, is logged and counts as done, as for replies), else why it was not.
+        type, is logged and counts as done, as for replies), else why it was not. Until ``taken`` is
+        called (when a flush takes the write) the sender may still change the write's fields: that is
+        how one reply's chunks that wait together become one entry. Queued chunks wait up to
+        ``chunk_flush_s`` for more before they are flushed, so one script call and one wake-up of each
+        reader carry many replies' chunks, unless an entry is to be committed (that flush takes them).
         """
-        self._queue.append(_Queued(None, [write], on_done))
+        if not self._queue:
+            self._queued_since = asyncio.get_running_loop().time()
+        self._queue.append(_Queued(None, [write], on_done, taken))
         self._wake.set()
+        if len(self._queue) >= MAX_BATCH * CALLS_PER_FLUSH:
+            self._urgent.set()
 
     def abandon(self) -> None:
         """Stop retrying: queued and future entries fail with ``OutboxAbandoned``."""
         self._abandon.set()
         self._wake.set()
+        self._urgent.set()
 
     async def run(self) -> None:
         """The flusher: commits whatever is queued, retrying through Redis outages."""
         while True:
             await self._wake.wait()
+            await self._hold_chunks()
             self._wake.clear()
             size = MAX_BATCH * CALLS_PER_FLUSH
             batch, self._queue = self._queue[:size], self._queue[size:]
+            self._urgent.clear()
             if self._queue:
                 self._wake.set()
+                if len(self._queue) >= size or any(item.entry_id is not None for item in self._queue):
+                    self._urgent.set()
+            for item in batch:
+                if item.taken is not None:
+                    item.taken()
             while batch:
                 retry_failed = partial(self._commit_failed, len(batch))
                 try:
@@ -144,6 +176,15 @@ class Outbox:
                     break
                 _report(batch[:committed], None)
                 batch = batch[committed:]
+
+    async def _hold_chunks(self) -> None:
+        """Let streamed chunks gather until the oldest has waited ``chunk_flush_s`` (chunks queued
+        during the previous flush may be due at once), unless something urgent is queued."""
+        if self.chunk_flush_s <= 0 or self._urgent.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(self._queued_since + self.chunk_flush_s):
+                await self._urgent.wait()
 
     def _commit_failed(self, entries: int, exc: Exception, delay: float) -> None:
         self._metrics.redis_errors.inc()

@@ -66,7 +66,7 @@ class PartitionRun:
         self.inflight = InFlight(concurrency, cancels)
         self.order = UserOrder() if s.ordering == "perUser" else None
         self.consumers: ConsumerPool[Delivery] = ConsumerPool(self._entry, "streamqueue-consumer")
-        self.outbox = Outbox(redis, stream, s.group, metrics)
+        self.outbox = Outbox(redis, stream, s.group, metrics, chunk_flush_s=s.chunk_flush_ms / 1000)
         self.intake = Intake(
             s, redis, metrics, stream=stream, inflight=self.inflight, start=self._start, takeover=takeover
         )

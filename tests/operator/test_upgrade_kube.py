@@ -1,0 +1,272 @@
+"""Upgrades on the real control plane: the previous release to this one with queues live, and the
+rollout stagger when the operator's default worker image changes (docs/upgrading.md).
+
+The previous release: v0.1.0 was never tagged (VERSION has said 0.1.0 since the first commit), so
+the commit before this release's API and upgrade changes stands in for it. Its operator runs as a
+process from its own sources (``git archive``, on PYTHONPATH ahead of the installed packages), its
+chart and CRD are installed with helm, exactly as a user of that release has them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+from streamqueue_harness.controlplane import REPO_ROOT
+from streamqueue_harness.eventually import eventually
+from streamqueue_harness.helm import CHART, helm
+from streamqueue_harness.operatorproc import OperatorProcess, install_crd
+from streamqueue_operator.models import GROUP, PLURAL
+
+from tests.operator.queues import Queues, push
+
+PREVIOUS_RELEASE = "5f9ab40fe33f8b18b937fb78e4d146371af7ec3d"
+CRD = f"{PLURAL}.{GROUP}"
+QUEUES = ("alpha", "beta", "gamma")
+RELEASE = "sq"
+
+
+def _previous_release(into: Path) -> Path:
+    """The previous release's sources (operator, worker, chart, CRD) extracted from git."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", PREVIOUS_RELEASE, "operator", "worker", "charts", "crds"],
+        capture_output=True,
+        check=True,
+    )
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def _workers(api: k8s.ApiClient, namespace: str) -> dict[str, Any]:
+    """What tells whether workers restarted: pod templates, rollout revisions, ReplicaSets, Pod UIDs.
+
+    Not ``metadata.generation``: a Deployment counts an annotation change too (the operator's hash
+    annotation changes with the owner reference's apiVersion), and those start no rollout.
+    """
+    apps, core = k8s.AppsV1Api(api), k8s.CoreV1Api(api)
+    deployments = apps.list_namespaced_deployment(namespace, label_selector=f"{GROUP}/queue").items
+    replica_sets = apps.list_namespaced_replica_set(namespace, label_selector=f"{GROUP}/queue").items
+    pods = core.list_namespaced_pod(namespace, label_selector=f"{GROUP}/queue").items
+    return {
+        "templates": {d.metadata.name: api.sanitize_for_serialization(d.spec.template) for d in deployments},
+        "revisions": {
+            d.metadata.name: (d.metadata.annotations or {}).get("deployment.kubernetes.io/revision")
+            for d in deployments
+        },
+        "replicas": {d.metadata.name: d.spec.replicas for d in deployments},
+        "replica_sets": sorted(rs.metadata.uid for rs in replica_sets),
+        "pods": sorted(p.metadata.uid for p in pods),
+    }
+
+
+def _settled(workers: dict[str, Any]) -> dict[str, Any] | None:
+    """``workers`` once every queue runs 2 replicas whose pods exist, in a rollout revision; else None."""
+    scaled = workers["replicas"] == {f"{q}-worker": 2 for q in QUEUES}
+    revised = len(workers["revisions"]) == len(QUEUES) and None not in workers["revisions"].values()
+    return workers if scaled and revised and len(workers["pods"]) == 2 * len(QUEUES) else None
+
+
+@contextmanager
+def _replica_watch(plane: Any, namespace: str) -> Iterator[list[str]]:
+    """Every ``<deployment> <spec.replicas>`` the API server reports while the block runs."""
+    template = '{.metadata.name} {.spec.replicas}{"\\n"}'
+    cmd = [str(plane.bin_dir / "kubectl"), "--kubeconfig", str(plane.kubeconfig), "-n", namespace]
+    cmd += ["get", "deployments", "-l", f"{GROUP}/queue", "--watch", "-o", f"jsonpath={template}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    try:
+        yield seen
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+        seen.extend(line for line in out.splitlines() if line.strip())
+
+
+def _owner_versions(api: k8s.ApiClient, namespace: str) -> set[str]:
+    deployments = k8s.AppsV1Api(api).list_namespaced_deployment(namespace, label_selector=f"{GROUP}/queue")
+    return {ref.api_version for d in deployments.items for ref in d.metadata.owner_references or []}
+
+
+def test_helm_upgrade_from_the_previous_release_keeps_every_worker(
+    control_plane: Any, kube_namespace: str, sq: Queues, api: k8s.ApiClient, tmp_path: Path
+) -> None:
+    previous = _previous_release(tmp_path / "previous")
+    ns, kubeconfig = kube_namespace, control_plane.kubeconfig
+    scope = f"--namespace={ns}"
+    values = ["--namespace", ns, "--set", f"watchNamespaces={{{ns}}}"]
+    old = OperatorProcess(
+        kubeconfig,
+        scope,
+        tmp_path,
+        "--status-min-interval=1",
+        pythonpath=(previous / "operator", previous / "worker"),
+    )
+    new = OperatorProcess(kubeconfig, scope, tmp_path, "--status-min-interval=1")
+    # A cluster that has only ever had the previous release: helm creates its CRD from crds/.
+    control_plane.kubectl("delete", "crd", CRD, "--ignore-not-found", "--wait=true")
+    try:
+        helm(
+            "install",
+            RELEASE,
+            str(previous / "charts" / "streamqueue-operator"),
+            *values,
+            kubeconfig=kubeconfig,
+        )
+        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s")
+        old.start()
+        r = sq.stream(backlog=4)
+        for name in QUEUES:
+            sq.apply(name, version="v1alpha1", targetBacklogPerReplica=2, maxReplicas=4)
+        before = eventually(
+            lambda: _settled(_workers(api, ns)),
+            "each queue scaled to ceil(4/2) = 2 by the previous release, its pods created",
+            timeout=60,
+        )
+        events_before = {q: sq.scale_events(q) for q in QUEUES}
+
+        with _replica_watch(control_plane, ns) as seen:
+            # The upgrade, as docs/upgrading.md tells the user: the CRD first (helm never upgrades crds/) ...
+            # helm created it, so helm owns .spec.versions: a plain server-side apply is refused.
+            apply = ("apply", "--server-side", "-f", str(REPO_ROOT / "crds" / f"{CRD}.yaml"))
+            refused = control_plane.kubectl(*apply, check=False)
+            assert refused.returncode != 0 and 'conflict with "helm"' in refused.stderr, refused.stderr
+            control_plane.kubectl(*apply, "--force-conflicts")
+            control_plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s")
+            # ... then the chart. Its operator Deployment rolls (a new pod, then the old one stops,
+            # handing the Lease over): here the new process starts, then the old one is stopped.
+            helm("upgrade", RELEASE, str(CHART), *values, kubeconfig=kubeconfig)
+            new.start()
+            old.stop()
+            eventually(
+                lambda: _owner_versions(api, ns) == {f"{GROUP}/v1beta1"},
+                "the new operator has ensured every Deployment (its owner references name v1beta1)",
+                timeout=60,
+            )
+        after = _workers(api, ns)
+        assert after == before, "an upgrade that does not change the pod template restarted workers"
+        assert {line.split()[1] for line in seen} == {"2"}, f"replicas changed during the upgrade: {seen}"
+        assert {q: sq.scale_events(q) for q in QUEUES} == events_before
+        assert "RolloutDeferred" not in control_plane.kubectl("get", "events", "-n", ns).stdout
+
+        # Both versions serve the same objects; v1beta1 is the storage version from now on.
+        for version in ("v1alpha1", "v1beta1"):
+            listed = control_plane.kubectl(
+                "get", f"{PLURAL}.{version}.{GROUP}", "-n", ns, "-o", "name"
+            ).stdout
+            assert sorted(listed.split()) == [f"streamqueue.{GROUP}/{q}" for q in QUEUES], version
+        assert _stored_versions(control_plane) == ["v1alpha1", "v1beta1"]
+        _migrate_storage(control_plane, ns)
+        assert _stored_versions(control_plane) == ["v1beta1"]
+        assert _workers(api, ns) == before
+
+        push(r, 4)  # the new operator scales the queues it took over
+        eventually(lambda: sq.replicas(QUEUES[0]) == 4, "ceil(8/2) = 4 replicas", timeout=30)
+    finally:
+        new.stop()
+        old.stop()
+        helm("uninstall", RELEASE, "--namespace", ns, "--wait", kubeconfig=kubeconfig, check=False)
+        install_crd(control_plane)  # the session's other tests expect this release's CRD
+
+
+def _stored_versions(plane: Any) -> list[str]:
+    crd = json.loads(plane.kubectl("get", "crd", CRD, "-o", "json").stdout)
+    return sorted(crd["status"]["storedVersions"])
+
+
+def _migrate_storage(plane: Any, namespace: str) -> None:
+    """docs/upgrading.md's storage migration: rewrite every object, then drop v1alpha1 from storedVersions.
+
+    A rewrite (``kubectl replace`` of the object as read) stores it in the storage version even when
+    nothing changed: the API server writes whenever the encoding differs (a new resourceVersion).
+    """
+    listed = json.loads(plane.kubectl("get", PLURAL, "-n", namespace, "-o", "json").stdout)
+    before = {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in listed["items"]}
+    plane.kubectl("replace", "-f", "-", input=json.dumps(listed))
+    rewritten = json.loads(plane.kubectl("get", PLURAL, "-n", namespace, "-o", "json").stdout)
+    after = {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in rewritten["items"]}
+    assert all(after[name] != version for name, version in before.items()), "an object was not rewritten"
+    patch = json.dumps({"status": {"storedVersions": ["v1beta1"]}})
+    plane.kubectl("patch", "crd", CRD, "--subresource=status", "--type=merge", "-p", patch)
+
+
+def test_a_new_default_worker_image_rolls_out_one_queue_at_a_time(
+    sq: Queues, start_operator: Any, api: k8s.ApiClient
+) -> None:
+    stagger = 3.0
+    sq.stream(backlog=2)
+    for name in QUEUES:
+        sq.apply(name, targetBacklogPerReplica=2)
+    first = start_operator(
+        "--worker-image=streamqueue/worker:previous", f"--rollout-stagger-seconds={stagger}"
+    )
+    eventually(
+        lambda: _images(api, sq.namespace) == dict.fromkeys(QUEUES, "previous"), "Deployments", timeout=60
+    )
+    first.stop()
+
+    start_operator("--worker-image=streamqueue/worker:next", f"--rollout-stagger-seconds={stagger}")
+    rolled: dict[str, float] = {}
+
+    def all_rolled() -> bool:
+        for queue, tag in _images(api, sq.namespace).items():
+            if tag == "next":
+                rolled.setdefault(queue, time.monotonic())
+        return len(rolled) == len(QUEUES)
+
+    eventually(all_rolled, "every queue on the new default image", timeout=60, interval=0.05)
+    times = sorted(rolled.values())
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(gap > stagger - 0.5 for gap in gaps), gaps
+    deferred = sq.plane.kubectl(
+        "get", "events", "-n", sq.namespace, "--field-selector=reason=RolloutDeferred", "-o", "name"
+    ).stdout.split()
+    assert len(deferred) >= len(QUEUES) - 1
+
+
+def _images(api: k8s.ApiClient, namespace: str) -> dict[str, str]:
+    """Queue -> tag of its workers' image, for the queues whose Deployment exists."""
+    deployments = k8s.AppsV1Api(api).list_namespaced_deployment(namespace, label_selector=f"{GROUP}/queue")
+    return {
+        d.metadata.name.removesuffix("-worker"): d.spec.template.spec.containers[0].image.rsplit(":", 1)[1]
+        for d in deployments.items
+    }
+
+
+def test_a_spec_edit_rolls_out_at_once_while_the_operator_s_own_change_waits(
+    sq: Queues, start_operator: Any, api: k8s.ApiClient
+) -> None:
+    queues = QUEUES[:2]
+    sq.stream(backlog=2)
+    for name in queues:
+        sq.apply(name, targetBacklogPerReplica=2)
+    first = start_operator("--worker-image=streamqueue/worker:previous")
+    eventually(
+        lambda: _images(api, sq.namespace) == dict.fromkeys(queues, "previous"), "Deployments", timeout=60
+    )
+    first.stop()
+
+    start_operator("--worker-image=streamqueue/worker:next", "--rollout-stagger-seconds=600")
+    waiting = eventually(lambda: _deferred(sq), "a queue waiting for its turn", timeout=60)
+    assert sorted(_images(api, sq.namespace).values()) == ["next", "previous"]
+    # The user's own change to the waiting queue is not the operator's to delay (and takes the image along).
+    sq.apply(waiting, targetBacklogPerReplica=2, worker={"podAnnotations": {"edited": "yes"}})
+    eventually(
+        lambda: _images(api, sq.namespace)[waiting] == "next", "the edited queue rolled out", timeout=30
+    )
+
+
+def _deferred(sq: Queues) -> str | None:
+    """The queue with a RolloutDeferred Event, if any."""
+    out = sq.plane.kubectl(
+        "get", "events", "-n", sq.namespace, "--field-selector=reason=RolloutDeferred",
+        "-o", "jsonpath={.items[*].involvedObject.name}",
+    ).stdout.split()  # fmt: skip
+    return out[0] if out else None
