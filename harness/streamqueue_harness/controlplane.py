@@ -199,6 +199,7 @@ class ControlPlane:
         assert pki is not None
         self.server = f"https://127.0.0.1:{ports.apiserver}"
         etcd_url = f"http://127.0.0.1:{ports.etcd_client}"
+        self.etcd_url = etcd_url  # for tests that check what is stored (etcd's JSON gateway, /v3/kv/range)
         self._launch("etcd", self._etcd_args(ports))
         self._components.wait(deadline, "etcd /health", lambda: _http_ok(f"{etcd_url}/health"))
         self._launch("kube-apiserver", self._apiserver_args(pki, ports.apiserver, etcd_url))

@@ -9,10 +9,12 @@ chart and CRD are installed with helm, exactly as a user of that release has the
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,19 @@ PREVIOUS_RELEASE = "5f9ab40fe33f8b18b937fb78e4d146371af7ec3d"
 CRD = f"{PLURAL}.{GROUP}"
 QUEUES = ("alpha", "beta", "gamma")
 RELEASE = "sq"
+# A StreamQueue that no operator here watches, so nothing rewrites it but the storage migration.
+UNWATCHED = ("default", "upgrade-unwatched")
+# docs/upgrading.md, "API versions"
+REWRITE_EVERY_QUEUE = """
+kubectl get streamqueues -A -o custom-columns=NS:.metadata.namespace,NAME:.metadata.name --no-headers |
+  while read -r ns name; do kubectl patch streamqueue -n "$ns" "$name" --type=merge -p '{}'; done
+"""
+UNWATCHED_QUEUE = {
+    "apiVersion": f"{GROUP}/v1alpha1",
+    "kind": "StreamQueue",
+    "metadata": {"namespace": UNWATCHED[0], "name": UNWATCHED[1]},
+    "spec": {},
+}
 
 
 def _previous_release(into: Path) -> Path:
@@ -125,6 +140,7 @@ def test_helm_upgrade_from_the_previous_release_keeps_every_worker(
         r = sq.stream(backlog=4)
         for name in QUEUES:
             sq.apply(name, version="v1alpha1", targetBacklogPerReplica=2, maxReplicas=4)
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(UNWATCHED_QUEUE))
         before = eventually(
             lambda: _settled(_workers(api, ns)),
             "each queue scaled to ceil(4/2) = 2 by the previous release, its pods created",
@@ -162,16 +178,22 @@ def test_helm_upgrade_from_the_previous_release_keeps_every_worker(
                 "get", f"{PLURAL}.{version}.{GROUP}", "-n", ns, "-o", "name"
             ).stdout
             assert sorted(listed.split()) == [f"streamqueue.{GROUP}/{q}" for q in QUEUES], version
-        assert _stored_versions(control_plane) == ["v1alpha1", "v1beta1"]
-        _migrate_storage(control_plane, ns)
-        assert _stored_versions(control_plane) == ["v1beta1"]
-        assert _workers(api, ns) == before
-
         push(r, 4)  # the new operator scales the queues it took over
         eventually(lambda: sq.replicas(QUEUES[0]) == 4, "ceil(8/2) = 4 replicas", timeout=30)
+
+        # Storage: the operator's status writes stored its queues as v1beta1 already; the one it
+        # does not watch is still stored as v1alpha1 until the migration rewrites it.
+        assert _stored_versions(control_plane) == ["v1alpha1", "v1beta1"]
+        assert _stored_as(control_plane)[UNWATCHED] == f"{GROUP}/v1alpha1"
+        _migrate_storage(control_plane)
+        assert set(_stored_as(control_plane).values()) == {f"{GROUP}/v1beta1"}
+        assert _stored_versions(control_plane) == ["v1beta1"]
+        for version in ("v1alpha1", "v1beta1"):  # still served, both
+            control_plane.kubectl("get", f"{PLURAL}.{version}.{GROUP}", "-n", ns, QUEUES[0])
     finally:
         new.stop()
         old.stop()
+        control_plane.kubectl("delete", PLURAL, "-n", UNWATCHED[0], UNWATCHED[1], "--ignore-not-found")
         helm("uninstall", RELEASE, "--namespace", ns, "--wait", kubeconfig=kubeconfig, check=False)
         install_crd(control_plane)  # the session's other tests expect this release's CRD
 
@@ -181,18 +203,30 @@ def _stored_versions(plane: Any) -> list[str]:
     return sorted(crd["status"]["storedVersions"])
 
 
-def _migrate_storage(plane: Any, namespace: str) -> None:
-    """docs/upgrading.md's storage migration: rewrite every object, then drop v1alpha1 from storedVersions.
+def _stored_as(plane: Any) -> dict[tuple[str, str], str]:
+    """(namespace, name) -> the apiVersion each StreamQueue is stored as, read from etcd itself."""
+    prefix = f"/registry/{GROUP}/{PLURAL}/"
+    query = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0")}  # every key under the prefix
+    request = urllib.request.Request(f"{plane.etcd_url}/v3/kv/range", json.dumps(query).encode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        kvs = json.load(response).get("kvs", [])
+    stored = {}
+    for kv in kvs:
+        namespace, name = base64.b64decode(kv["key"]).decode().removeprefix(prefix).split("/")
+        stored[(namespace, name)] = json.loads(base64.b64decode(kv["value"]))["apiVersion"]
+    return stored
 
-    A rewrite (``kubectl replace`` of the object as read) stores it in the storage version even when
-    nothing changed: the API server writes whenever the encoding differs (a new resourceVersion).
-    """
-    listed = json.loads(plane.kubectl("get", PLURAL, "-n", namespace, "-o", "json").stdout)
-    before = {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in listed["items"]}
-    plane.kubectl("replace", "-f", "-", input=json.dumps(listed))
-    rewritten = json.loads(plane.kubectl("get", PLURAL, "-n", namespace, "-o", "json").stdout)
-    after = {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in rewritten["items"]}
-    assert all(after[name] != version for name, version in before.items()), "an object was not rewritten"
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _migrate_storage(plane: Any) -> None:
+    """docs/upgrading.md's storage migration, its shell loop as written there: rewrite every object
+    (an empty patch), then drop v1alpha1 from storedVersions."""
+    assert REWRITE_EVERY_QUEUE.strip() in (REPO_ROOT / "docs" / "upgrading.md").read_text()
+    env = {"PATH": f"{plane.bin_dir}:/usr/bin:/bin", "KUBECONFIG": str(plane.kubeconfig)}
+    subprocess.run(["bash", "-euo", "pipefail", "-c", REWRITE_EVERY_QUEUE], env=env, check=True, timeout=120)
     patch = json.dumps({"status": {"storedVersions": ["v1beta1"]}})
     plane.kubectl("patch", "crd", CRD, "--subresource=status", "--type=merge", "-p", patch)
 
