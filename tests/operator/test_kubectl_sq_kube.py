@@ -105,7 +105,7 @@ def _dead_letters(sq: Queues) -> None:
 
 
 def _pause_and_resume(sq: Queues, apps: k8s.AppsV1Api) -> None:
-    kubectl_sq(sq, "pause", "chat", "--replicas", "0")
+    assert "paused at 0" in as_json(sq, "pause", "chat", "--replicas", "0")["message"]
     eventually(lambda: sq.replicas("chat") == 0, "paused at 0", timeout=30)
     assert (
         as_json(sq, "status", "chat")["queue"]["paused"]

@@ -154,7 +154,8 @@ def _run(kubectl: Kubectl, queue: Queue, args: argparse.Namespace) -> str:
                 out.write(text + "\n")
             return f"report written to {args.file}"
         return text
-    return _scale(kubectl, queue, args, redis_side)
+    done = _scale(kubectl, queue, args, redis_side)
+    return json.dumps({"queue": queue.name, "message": done}) if as_json else done
 
 
 def _scale(kubectl: Kubectl, queue: Queue, args: argparse.Namespace, redis_side: Any) -> str:
