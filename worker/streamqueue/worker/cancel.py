@@ -37,20 +37,6 @@ _CONFIRM_TIMEOUT_S = 10.0  # Redis answers a SUBSCRIBE at once; silence this lon
 _DENIED_LOG_EVERY_S = 60.0  # a refused subscription (an ACL without SUBSCRIBE) is logged this often
 
 
-def cancelled_fields(worker_id: str, request_id: str | None) -> dict[str, str]:
-    """The final entry of a cancelled request; its ``response`` is empty, so the article's clients
-    (which wait for ``response``) stop waiting too."""
-    fields = {
-        wire.RESPONSE: "",
-        wire.CANCELLED: wire.CANCELLED_YES,
-        wire.WORKER_ID: worker_id,
-        wire.TIMESTAMP: f"{time.time():.6f}",
-    }
-    if request_id is not None:
-        fields[wire.REQUEST_ID] = request_id
-    return fields
-
-
 class Flight:
     """One entry taken from Redis, for as long as this worker holds it."""
 

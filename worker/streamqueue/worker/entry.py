@@ -16,14 +16,14 @@ from .. import wire
 from ..handlers import Handler, Message
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
-from .cancel import Flight, cancelled_fields
+from .cancel import Flight
 from .chunks import ChunkWriter
 from .commit import Commit
 from .expiry import expired_reason
 from .inflight import InFlight
 from .outbox import StreamWrite
 from .reclaim import Delivery
-from .replies import expired_fields, reply_fields
+from .replies import reply_fields, unanswered_fields
 from .retry import Failures
 
 log = logging.getLogger("streamqueue.worker")
@@ -131,7 +131,8 @@ class EntryProcessor:
                 entry.entry_id, request_id, "while running" if ran else "before it ran",
             )  # fmt: skip
 
-        return self._unanswered(entry, cancelled_fields(self.s.consumer, request_id), cancelled)
+        reply = unanswered_fields(self.s.consumer, request_id, wire.CANCELLED, wire.CANCELLED_YES)
+        return self._unanswered(entry, reply, cancelled)
 
     def _expired(self, entry: Delivery, reason: str) -> Commit:
         """The ``expired`` final reply, committed with the entry's XACK; counted once committed."""
@@ -141,7 +142,8 @@ class EntryProcessor:
             self.metrics.expired.labels(reason).inc()
             log.info("entry %s (request %s) expired (%s) before it ran", entry.entry_id, request_id, reason)
 
-        return self._unanswered(entry, expired_fields(self.s.consumer, request_id, reason), expired)
+        reply = unanswered_fields(self.s.consumer, request_id, wire.EXPIRED, reason)
+        return self._unanswered(entry, reply, expired)
 
     def _unanswered(self, entry: Delivery, reply: dict[str, str], done: Callable[[], None]) -> Commit:
         """A final reply in place of the handler's; ``done`` runs once it is committed."""

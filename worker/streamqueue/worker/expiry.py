@@ -1,5 +1,5 @@
 """Requests whose time ran out: which entries are too old to be worth a model call (their user gets
-``replies.expired_fields`` instead).
+``replies.unanswered_fields`` instead).
 
 Two limits, either may be unset: the queue's ``max_queue_age_seconds`` (``spec.worker.
 maxQueueAgeSeconds``) and the request's own ``deadline`` field (``wire.DEADLINE``: Unix time in ms,

@@ -43,10 +43,11 @@ def error_reply_fields(worker_id: str, request_id: str | None, error: str) -> di
     return {wire.ERROR: error, wire.RESPONSE: f"Error: {error}", **_base(worker_id, request_id)}
 
 
-def expired_fields(worker_id: str, request_id: str | None, reason: str) -> dict[str, str]:
-    """The final entry of a request whose time ran out (``reason``: ``wire.EXPIRED_*``); its
+def unanswered_fields(worker_id: str, request_id: str | None, why: str, value: str) -> dict[str, str]:
+    """The final entry of a request the handler never answered: cancelled (``why`` = ``wire.CANCELLED``,
+    ``value`` = ``wire.CANCELLED_YES``) or expired (``wire.EXPIRED``, a ``wire.EXPIRED_*`` reason). Its
     ``response`` is empty, so the article's clients (which wait for ``response``) stop waiting too."""
-    return {wire.RESPONSE: "", wire.EXPIRED: reason, **_base(worker_id, request_id)}
+    return {wire.RESPONSE: "", why: value, **_base(worker_id, request_id)}
 
 
 def dead_letter_fields(
