@@ -59,7 +59,8 @@ def _shown(value: Any) -> str:
         return ""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+    # One line however long: PyYAML wraps at 80 columns, which would split a table row.
+    text = yaml.safe_dump(value, default_flow_style=True, width=sys.maxsize).strip().removesuffix("\n...")
     return f"`{text}`"
 
 
@@ -72,11 +73,22 @@ def _default(path: str, schema: dict[str, Any]) -> str:
     return f"worker's {shown}" if shown else ""
 
 
+def _cell(text: object) -> str:
+    """``text`` as one Markdown table cell: a docstring wrapped over lines would end the row at its
+    first newline, and a ``|`` would start another column."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _rows(schema: dict[str, Any], path: str) -> Iterator[tuple[str, str, str, str, str]]:
     for name, sub in schema.get("properties", {}).items():
         here = f"{path}.{name}" if path else name
-        description = " ".join(str(sub.get("description", "")).split())
-        yield here, _type(sub), _default(here, sub), _validation(sub), description
+        yield (
+            here,
+            _type(sub),
+            _default(here, sub),
+            _cell(_validation(sub)),
+            _cell(sub.get("description", "")),
+        )
         if sub.get("type") == "object" and "properties" in sub:
             yield from _rows(sub, here)
         if isinstance(sub.get("items"), dict) and "properties" in sub["items"]:
@@ -110,7 +122,7 @@ def settings_section() -> list[str]:
     lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
     for name, info in WorkerSettings.model_fields.items():
         default = _shown(info.default) or "—"
-        lines.append(f"| `{env_name(name)}` | {default} | {info.description} |")
+        lines.append(f"| `{env_name(name)}` | {default} | {_cell(info.description)} |")
     return lines
 
 

@@ -52,6 +52,8 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[key] = {name: structural(sub, defs) for name, sub in value.items()}
         elif key in ("items", "additionalProperties") and isinstance(value, dict):
             out[key] = structural(value, defs)
+        elif key == "description":  # a field's docstring, wrapped over lines in the source
+            out[key] = " ".join(str(value).split())
         elif key in _EXCLUSIVE and not isinstance(value, bool):  # JSON Schema number -> OpenAPI boolean
             out[_EXCLUSIVE[key]] = value
             out[key] = True
