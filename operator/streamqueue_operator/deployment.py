@@ -231,14 +231,21 @@ def _labels(queue: str) -> dict[str, str]:
     }
 
 
-def _metadata(owner: dict[str, Any], name: str) -> dict[str, Any]:
-    """An object of the queue's, owned by it: deleted with the StreamQueue by the garbage collector."""
+def _over_workers(owner: dict[str, Any], api_version: str, kind: str, **spec: Any) -> dict[str, Any]:
+    """An object over the queue's worker pods, named after the queue's Deployment and selecting the pods
+    by their labels; owned by the queue, so the garbage collector deletes it with the StreamQueue."""
     meta = owner["metadata"]
+    queue = meta["name"]
     return {
-        "name": name,
-        "namespace": meta["namespace"],
-        "labels": _labels(meta["name"]),
-        "ownerReferences": [owner_reference(owner)],
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": deployment_name(queue),
+            "namespace": meta["namespace"],
+            "labels": _labels(queue),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {"selector": {"matchLabels": selector_labels(queue)}, **spec},
     }
 
 
@@ -255,17 +262,14 @@ def render(owner: dict[str, Any], spec: StreamQueueSpec, default_image: str) -> 
     template_meta: dict[str, Any] = {"labels": pod_labels}
     if spec.worker.pod_annotations:
         template_meta["annotations"] = dict(spec.worker.pod_annotations)
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _metadata(owner, deployment_name(queue)),
-        "spec": {
-            "selector": {"matchLabels": selector_labels(queue)},
-            "revisionHistoryLimit": 3,
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": ROLLING_UPDATE},
-            "template": {"metadata": template_meta, "spec": _pod_spec(spec, default_image)},
-        },
-    }
+    return _over_workers(
+        owner,
+        "apps/v1",
+        "Deployment",
+        revisionHistoryLimit=3,
+        strategy={"type": "RollingUpdate", "rollingUpdate": ROLLING_UPDATE},
+        template={"metadata": template_meta, "spec": _pod_spec(spec, default_image)},
+    )
 
 
 def render_disruption_budget(owner: dict[str, Any], spec: StreamQueueSpec) -> dict[str, Any]:
@@ -277,14 +281,10 @@ def render_disruption_budget(owner: dict[str, Any], spec: StreamQueueSpec) -> di
     serve nothing, so ``AlwaysAllow`` lets a drain evict them whatever the budget says (a
     crash-looping queue must not hold up a node). An evicted worker drains on SIGTERM like any other.
     """
-    queue = owner["metadata"]["name"]
-    return {
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": _metadata(owner, deployment_name(queue)),
-        "spec": {
-            "selector": {"matchLabels": selector_labels(queue)},
-            "maxUnavailable": spec.disruption.max_unavailable,
-            "unhealthyPodEvictionPolicy": "AlwaysAllow",
-        },
-    }
+    return _over_workers(
+        owner,
+        "policy/v1",
+        "PodDisruptionBudget",
+        maxUnavailable=spec.disruption.max_unavailable,
+        unhealthyPodEvictionPolicy="AlwaysAllow",
+    )
