@@ -31,15 +31,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import urllib3
 import yaml
 from kubernetes import client as k8s
-from kubernetes import watch
 from streamqueue_harness.eventually import eventually
 from streamqueue_operator.models import GROUP, VERSION
 
-from bench.common import print_table
-from bench.operator_reaction import CGROUP, NAMESPACE, Environment, environment
+from bench.common import print_table, process_cpu_seconds
+from bench.operator_reaction import CGROUP, NAMESPACE, DeploymentWatch, Environment, environment
 
 WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
 _SAMPLE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
@@ -53,11 +51,6 @@ class Counters:
     redis_reads: int
     xadds: int
     api_writes: int
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _api_writes(env: Environment) -> int:
@@ -80,7 +73,9 @@ def snapshot(env: Environment, xadds: int) -> Counters:
     r = env.redis.client()
     calls = sum(int(v["calls"]) for v in r.info("commandstats").values())
     reads = int(r.info("stats")["total_reads_processed"])
-    return Counters(time.monotonic(), _cpu_seconds(env.operator.pid), calls, reads, xadds, _api_writes(env))
+    return Counters(
+        time.monotonic(), process_cpu_seconds(env.operator.pid), calls, reads, xadds, _api_writes(env)
+    )
 
 
 def create_queues(env: Environment, count: int) -> list[str]:
@@ -144,42 +139,14 @@ class Writer:
         self._thread.join()
 
 
-class DeploymentsUp:
-    """When each worker Deployment of the namespace was first seen with replicas > 0 (one watch)."""
-
-    def __init__(self, api: k8s.ApiClient) -> None:
-        self.up: dict[str, float] = {}
-        self._cond = threading.Condition()
-        self._watch = watch.Watch()
-        self._stream = self._watch.stream(k8s.AppsV1Api(api).list_namespaced_deployment, NAMESPACE)
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):  # the cluster stops at the end
-            for event in self._stream:
-                obj = event.get("object") if event else None  # None once the watch is stopped
-                if obj is not None and obj.spec.replicas:
-                    with self._cond:
-                        self.up.setdefault(obj.metadata.name, time.perf_counter())
-                        self._cond.notify_all()
-
-    def wait(self, deployment: str, timeout: float) -> float:
-        with self._cond:
-            if not self._cond.wait_for(lambda: deployment in self.up, timeout):
-                raise TimeoutError(f"{deployment} never scaled up within {timeout}s")
-            return self.up[deployment]
-
-    def stop(self) -> None:
-        self._watch.stop()
-
-
 def wake_times(env: Environment, names: list[str]) -> list[float]:
     """Seconds from one message on an idle queue at zero to its Deployment's replicas above zero.
 
     The messages land at evenly spread points of the poll cycle (golden-ratio sequence), as in
     operator_reaction, so lucky and unlucky phases both count.
     """
-    r, ups, times = env.redis.client(), DeploymentsUp(env.api), []
+    r, times = env.redis.client(), []
+    ups = DeploymentWatch(env.api, lambda d: d.metadata.name if d.spec.replicas else None)  # first > 0
     try:
         for trial, name in enumerate(names, 1):
             time.sleep(1.0 + (trial * 0.6180339887) % 1.0)

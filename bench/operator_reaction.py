@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,32 +71,35 @@ def apply_queue(env: Environment, name: str, stream: str, **scaling: Any) -> Non
     env.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
 
-class ReplicaWatch:
-    """Records when each ``spec.replicas`` value of one Deployment was first seen (watch, not polling)."""
+class DeploymentWatch:
+    """When each value ``key`` reads off the namespace's Deployments was first seen (one watch, not
+    polling). ``key`` maps a Deployment to what is recorded, or None for a state not worth recording."""
 
-    def __init__(self, api: k8s.ApiClient, deployment: str) -> None:
-        self.seen: dict[int, float] = {}
+    def __init__(self, api: k8s.ApiClient, key: Callable[[Any], Hashable | None], **selectors: str) -> None:
+        self.seen: dict[Hashable, float] = {}
+        self._key = key
         self._cond = threading.Condition()
         self._watch = watch.Watch()
         apps = k8s.AppsV1Api(api)
-        self._stream = self._watch.stream(
-            apps.list_namespaced_deployment, NAMESPACE, field_selector=f"metadata.name={deployment}"
-        )
+        self._stream = self._watch.stream(apps.list_namespaced_deployment, NAMESPACE, **selectors)
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):  # the cluster stops at the end
             for event in self._stream:
-                replicas = event["object"].spec.replicas
-                with self._cond:
-                    self.seen.setdefault(replicas, time.perf_counter())
-                    self._cond.notify_all()
+                obj = event.get("object") if event else None  # None once the watch is stopped
+                value = self._key(obj) if obj is not None else None
+                if value is not None:
+                    with self._cond:
+                        self.seen.setdefault(value, time.perf_counter())
+                        self._cond.notify_all()
 
-    def wait(self, replicas: int, timeout: float) -> float:
+    def wait(self, value: Hashable, timeout: float) -> float:
+        """The perf_counter time ``value`` was first seen; TimeoutError if not within ``timeout`` seconds."""
         with self._cond:
-            if not self._cond.wait_for(lambda: replicas in self.seen, timeout):
-                raise TimeoutError(f"replicas never reached {replicas} within {timeout}s")
-            return self.seen[replicas]
+            if not self._cond.wait_for(lambda: value in self.seen, timeout):
+                raise TimeoutError(f"no Deployment reached {value!r} within {timeout}s")
+            return self.seen[value]
 
     def stop(self) -> None:
         self._watch.stop()
@@ -112,7 +115,9 @@ def measure(env: Environment, name: str, trials: int, poll: float) -> list[float
     apply_queue(
         env, name, stream, minReplicas=1, maxReplicas=trials + 1, pollIntervalSeconds=poll, coldStartSeconds=0
     )
-    watcher = ReplicaWatch(env.api, f"{name}-worker")
+    # Each spec.replicas value of this queue's Deployment, when first seen.
+    deployment = f"metadata.name={name}-worker"
+    watcher = DeploymentWatch(env.api, lambda d: d.spec.replicas, field_selector=deployment)
     try:
         watcher.wait(1, timeout=60)
         _push(
