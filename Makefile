@@ -9,8 +9,9 @@ IMAGE_REPO ?= streamqueue
 # no registry ever asked; auto = python:3.11-slim-bookworm when it is present or can be pulled.
 IMAGE_BASE ?= offline
 PYTEST_ARGS ?=
+NODES ?= 1
 
-.PHONY: help setup tools test test-fast bench lint crds cluster node cluster-down demo images base-image push-images e2e-node e2e-kind clean
+.PHONY: help setup tools test test-fast bench lint crds cluster node cluster-down demo images base-image push-images e2e-node e2e-cluster e2e-kind clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -43,8 +44,8 @@ crds: ## regenerate crds/ and the chart's CRD from the pydantic models
 cluster: setup ## start the local control plane in the background (.cluster/kubeconfig)
 	$(PY) -m streamqueue_harness.controlplane up --dir .cluster
 
-node: setup images ## control plane + a real node (containerd, kubelet) in a namespace of its own, in the background
-	$(PY) -m streamqueue_harness.node up --dir .cluster
+node: setup images ## control plane + a real node (containerd, kubelet) in a namespace of its own, in the background; NODES=2 for two
+	$(PY) -m streamqueue_harness.node up --dir .cluster --nodes $(NODES)
 
 cluster-down: ## stop what `make cluster` or `make node` started; leaves no process, mount or namespace
 	$(PY) -m streamqueue_harness.node down --dir .cluster
@@ -66,6 +67,11 @@ e2e-node: setup images ## helm install, a burst from 20 users, scale out and bac
 	rm -f .cluster/e2e-node.txt
 	$(PY) -m pytest tests/node -s $(PYTEST_ARGS)
 	@cat .cluster/e2e-node.txt
+
+e2e-cluster: setup images ## two nodes, the HA operator: leader killed, a node drained, the leader's node lost; nothing lost
+	rm -f .cluster/e2e-cluster.txt
+	$(PY) -m pytest tests/cluster -s $(PYTEST_ARGS)
+	@cat .cluster/e2e-cluster.txt
 
 e2e-kind: ## full-cluster test on kind (needs Docker): install chart, drive load, assert scaling
 	bash hack/e2e-kind.sh

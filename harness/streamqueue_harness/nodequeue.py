@@ -57,13 +57,20 @@ def create_redis_secret(plane: ControlPlane, password: str) -> None:
     )
 
 
-def deploy_redis(plane: ControlPlane, image: str, timeout_s: int = 120) -> str:
+def deploy_redis(plane: ControlPlane, image: str, timeout_s: int = 120, node: str | None = None) -> str:
     """The Redis StatefulSet and Service ``redis`` (password from the Secret), Ready; returns the ClusterIP.
 
     The test process reaches Redis at that Service IP: it runs in the node's network namespace, where
-    kube-proxy's rules translate Service IPs for local processes as they do for pods.
+    kube-proxy's rules translate Service IPs for local processes as they do for pods. ``node`` pins
+    Redis there (its data is an emptyDir: a test that drains or stops another node keeps it).
     """
     manifest = string.Template(REDIS_MANIFEST.read_text()).substitute(image=image)
+    if node is not None:
+        documents = list(yaml.safe_load_all(manifest))
+        for document in documents:
+            if document["kind"] == "StatefulSet":
+                document["spec"]["template"]["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
+        manifest = yaml.safe_dump_all(documents)
     apply(plane, manifest)
     plane.kubectl(
         "rollout", "status", "statefulset/redis", "-n", NAMESPACE, f"--timeout={timeout_s}s",
@@ -172,15 +179,28 @@ class PodWatch:
             with self.plane.api_client() as api:
                 core = kubernetes.client.CoreV1Api(api)
                 while not self._stop.is_set():
+                    # List, then watch from the list's version: a pod deleted between two watches
+                    # sends no DELETED event to either, so each list also forgets the pods it lacks.
+                    listing = core.list_namespaced_pod(NAMESPACE, label_selector=POD_SELECTOR)
+                    self._forget_all_but({str(p.metadata.name) for p in listing.items if p.metadata})
+                    for pod in listing.items:
+                        self._record("MODIFIED", pod)
                     stream = kubernetes.watch.Watch().stream(
-                        core.list_namespaced_pod, NAMESPACE, label_selector=POD_SELECTOR, timeout_seconds=2
-                    )
+                        core.list_namespaced_pod, NAMESPACE, label_selector=POD_SELECTOR, timeout_seconds=2,
+                        resource_version=listing.metadata.resource_version if listing.metadata else None,
+                    )  # fmt: skip
                     for event in stream:
                         self._record(event["type"], event["object"])
         except Exception as exc:  # surfaced by wait(): a dead watch must not look like a slow cluster
             with self._changed:
                 self.error = exc
                 self._changed.notify_all()
+
+    def _forget_all_but(self, names: set[str]) -> None:
+        with self._changed:
+            self.alive &= names
+            self.ready &= names
+            self._changed.notify_all()
 
     def _record(self, kind: str, pod: kubernetes.client.V1Pod) -> None:
         name = str(pod.metadata.name if pod.metadata else "")
