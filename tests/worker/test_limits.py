@@ -472,10 +472,10 @@ async def test_settings_build_limits_and_size_the_connection_pool() -> None:
     try:
         assert isinstance(handler, OpenAIHandler) and handler.limits is not None
         assert (handler.limits.rpm, handler.limits.tpm, handler.limits.concurrent) == (0, 0, 7)
-        assert handler.connections == 7
+        assert handler.pool.connections == 7
         # No limit set: still a ModelLimits, so a 429 pauses the whole queue.
         assert isinstance(unset, OpenAIHandler) and unset.limits is not None and not unset.limits.limited
-        assert unset.connections == 50
+        assert unset.pool.connections == 50
     finally:
         await close_handler(handler)
         await close_handler(unset)

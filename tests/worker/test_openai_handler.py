@@ -327,7 +327,7 @@ def test_model_handler_settings_and_secret() -> None:
     handler = load_handler(MODEL_HANDLER, s)
     assert isinstance(handler, OpenAIHandler)
     assert handler.url == "http://127.0.0.1:1/v1/chat/completions"
-    assert handler.headers["Authorization"] == "Bearer sk-secret"
+    assert handler.pool.headers["Authorization"] == "Bearer sk-secret"
 
 
 def test_tiny_model_generator_is_a_plain_script() -> None:

@@ -23,6 +23,7 @@ from redis.backoff import ExponentialBackoff
 
 from ..limits import Call, ModelLimits, Retryable, back_off, retry_after_seconds
 from . import HandlerFactory, Message
+from .pool import Pool
 
 if TYPE_CHECKING:
     from ..settings import WorkerSettings
@@ -50,11 +51,9 @@ class HttpHandler:
         connections: int = 100,
     ) -> None:
         self.url = url
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.retries = retries
         self.limits = limits
-        self.connections = connections
-        self._session: aiohttp.ClientSession | None = None
+        self.pool = Pool(connections, aiohttp.ClientTimeout(total=timeout_s))
 
     async def __call__(self, msg: Message) -> str:
         body = _request_body(msg)
@@ -70,11 +69,8 @@ class HttpHandler:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _post(self, body: dict[str, Any]) -> str:
-        if self._session is None:
-            pool = aiohttp.TCPConnector(limit=self.connections)
-            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=pool)
         try:
-            async with self._session.post(self.url, json=body) as response:
+            async with self.pool.post(self.url, body) as response:
                 text = await response.text()
                 if response.status == 429:
                     retry_after = retry_after_seconds(response.headers.get("Retry-After"))
@@ -88,9 +84,7 @@ class HttpHandler:
             raise Retryable(f"{type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.aclose()
         if self.limits is not None:
             await self.limits.aclose()
 

@@ -52,6 +52,7 @@ from redis.backoff import ExponentialBackoff
 from ..limits import Call, ModelLimits, Retryable, back_off, retry_after_seconds
 from ..wire import memory_key
 from . import HandlerFactory, Message
+from .pool import Pool
 
 if TYPE_CHECKING:
     from ..connection import RedisClient
@@ -123,13 +124,12 @@ class OpenAIHandler:
         self.retries = retries
         self.memory = memory
         self.limits = limits
-        self.connections = connections
-        # No total: a long answer may stream for minutes; each wait (connect, next bytes) is bounded.
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
-        self.headers = {"Accept": "text/event-stream"}
+        headers = {"Accept": "text/event-stream"}
         if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
-        self._session: aiohttp.ClientSession | None = None
+            headers["Authorization"] = f"Bearer {api_key}"
+        # No total: a long answer may stream for minutes; each wait (connect, next bytes) is bounded.
+        timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
+        self.pool = Pool(connections, timeout, headers)
 
     async def __call__(self, msg: Message) -> AsyncIterator[str]:
         history = await self.memory.load(msg.user_id) if self.memory is not None else []
@@ -178,11 +178,8 @@ class OpenAIHandler:
 
     async def _stream(self, body: dict[str, Any], usage: _Usage) -> AsyncIterator[str]:
         """One attempt: yield the content deltas; raise ``Retryable`` or a ``ModelRequestError``."""
-        if self._session is None:
-            pool = aiohttp.TCPConnector(limit=self.connections)
-            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers, connector=pool)
         try:
-            async with self._session.post(self.url, json=body) as response:
+            async with self.pool.post(self.url, body) as response:
                 if response.status >= 400:
                     raise _status_error(response.status, await response.text(), response.headers)
                 usage.answered = True
@@ -210,9 +207,7 @@ class OpenAIHandler:
             raise Retryable(f"{type(exc).__name__}: {exc or 'timed out'}") from exc
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.aclose()
         if self.memory is not None:
             await self.memory.aclose()
         if self.limits is not None:
