@@ -145,6 +145,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tokens", type=int, default=TOKENS, help="deltas per reply, 20 ms apart")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--baseline-tree", type=Path, help="a worktree of the code to compare against")
+    parser.add_argument("--tree", type=Path, default=THIS_TREE, help="the tree measured as 'this tree'")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
@@ -152,7 +153,7 @@ def main(argv: list[str]) -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-cost-"))
     print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
-    trees = [(Measured("this tree"), THIS_TREE)]
+    trees = [(Measured("this tree"), args.tree.resolve())]
     if args.baseline_tree is not None:
         trees.append((Measured(f"baseline {args.baseline_tree}"), args.baseline_tree.resolve()))
     port = free_port()

@@ -7,6 +7,12 @@ its own consumer group, timed from start until the group has nothing pending and
 
 Targets (issue 2): no-op handler >= 20x the baseline; 50 ms handler >= 50x and >= 1,000 msg/s.
 Figures are printed, never asserted: the machine's load decides them.
+
+Then the worker as a pod runs it (issue 20): ``python -m streamqueue.worker`` in a process of its own,
+default flags (batch 50, concurrency 100), the echo handler, 400 users; timed from its first delivery
+until the group is drained, against the article's loop in the same run (target >= 60,000 msg/s and
+>= 25x). ``--baseline-tree DIR`` (a ``git worktree`` of an older commit) runs that tree's worker too,
+alternating with this one.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import asyncio
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from streamqueue import wire
@@ -26,11 +34,17 @@ from streamqueue.connection import RedisConnection, connect
 from streamqueue.handlers import Message
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
+from streamqueue_harness.eventually import eventually_async
+from streamqueue_harness.processes import stop_groups
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_harness.workerproc import spawn_worker
 
-from bench.common import load_requests, print_table, wait_drained
+from bench.common import load_requests, print_table, process_cpu_seconds, wait_drained
 
 USERS = 100
+PROCESS_USERS = 400
+PROCESS_MESSAGES = 60_000
+THIS_TREE = Path(__file__).resolve().parents[1]
 
 
 async def noop(msg: Message) -> str:
@@ -155,6 +169,90 @@ async def run_worker(url: str, case: Case, stream: str, batch_size: int, concurr
         await redis.aclose()
 
 
+async def run_worker_process(
+    url: str, redis_pid: int, stream: str, tree: Path, workdir: Path
+) -> tuple[float, float, float]:
+    """``tree``'s worker as its own process, default flags, echo handler: msg/s from its first
+    delivery, and the worker's and redis-server's CPU µs per message meanwhile (hardly moved by the
+    machine's load)."""
+    redis = connect(RedisConnection(url=url))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tree / "worker"), os.environ.get("PYTHONPATH", "")]),
+    }
+    try:
+        await load_requests(redis, stream, PROCESS_MESSAGES, PROCESS_USERS)
+        await redis.xgroup_create(stream, "streamqueue", id="0")
+        log = workdir / f"{stream.replace(':', '-')}.log"
+        worker = spawn_worker(url, "bench-worker", log, env, stream=stream, group="streamqueue")
+        try:
+
+            async def started() -> tuple[float, float] | None:
+                info = next(g for g in await redis.xinfo_groups(stream) if g["name"] == "streamqueue")
+                if not (info["pending"] or info["entries-read"]):
+                    return None
+                return time.perf_counter(), process_cpu_seconds(worker.pid), process_cpu_seconds(redis_pid)
+
+            start, cpu, redis_cpu = await eventually_async(
+                started, "the first delivery", 60, 0.002, TimeoutError
+            )
+            end = await wait_drained(redis, stream, "streamqueue")
+            cpu = process_cpu_seconds(worker.pid) - cpu
+            redis_cpu = process_cpu_seconds(redis_pid) - redis_cpu
+        finally:
+            stop_groups([(worker.pid, worker)], grace=10)
+        per_msg = 1e6 / PROCESS_MESSAGES
+        return PROCESS_MESSAGES / (end - start), cpu * per_msg, redis_cpu * per_msg
+    finally:
+        await redis.aclose()
+
+
+async def measure_process(url: str, redis_pid: int, args: argparse.Namespace) -> list[list[object]]:
+    """The worker process (and ``--baseline-tree``'s) against the article's loop, alternating rounds."""
+    trees = [("this tree", args.tree.resolve())]
+    if args.baseline_tree is not None:
+        trees.append((f"baseline {args.baseline_tree}", args.baseline_tree.resolve()))
+    workdir = Path(tempfile.mkdtemp(prefix="sq-bench-throughput-"))
+    rates: dict[str, list[float]] = {name: [] for name, _ in trees}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in trees}
+    redis_cpu: dict[str, list[float]] = {name: [] for name, _ in trees}
+    articles = []
+    for r in range(args.rounds):
+        articles.append(await run_baseline(url, CASES[0], f"bench:p:{r}:article"))
+        for name, tree in trees if r % 2 == 0 else trees[::-1]:
+            stream = f"bench:p:{r}:{name[:4]}"
+            rate, us_per_msg, redis_us = await run_worker_process(url, redis_pid, stream, tree, workdir)
+            rates[name].append(rate)
+            cpu[name].append(us_per_msg)
+            redis_cpu[name].append(redis_us)
+        done = ", ".join(
+            f"{name} {rates[name][-1]:,.0f} msg/s ({cpu[name][-1]:.1f} µs CPU/msg)" for name, _ in trees
+        )
+        print(
+            f"[worker process] round {r + 1}/{args.rounds}: {done}; article {articles[-1].per_second:,.0f}/s"
+        )
+    article = _median(articles).per_second
+    rows: list[list[object]] = []
+    for name, _ in trees:
+        rate = statistics.median(rates[name])
+        met = rate >= 60_000 and rate / article >= 25
+        spread = f"{min(rates[name]):,.0f}-{max(rates[name]):,.0f}"
+        rows.append(
+            [
+                f"no-op, worker process ({name})",
+                article,
+                rate,
+                f"{rate / article:.1f}x",
+                ">= 25x, >= 60,000/s",
+                "yes" if met else "NO",
+                spread,
+                statistics.median(cpu[name]),
+                statistics.median(redis_cpu[name]),
+            ]
+        )
+    return rows
+
+
 async def measure_case(
     url: str, case: Case, index: int, args: argparse.Namespace
 ) -> tuple[Throughput, Throughput]:
@@ -190,7 +288,7 @@ async def run(args: argparse.Namespace) -> None:
             f"{args.concurrency}; {args.rounds} rounds; load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
-        for index, case in enumerate(CASES):
+        for index, case in enumerate([] if args.process_only else CASES):
             baseline, worker = await measure_case(server.url, case, index, args)
             ratio = worker.per_second / baseline.per_second
             met = ratio >= case.target_ratio and worker.per_second >= case.target_rate
@@ -209,9 +307,29 @@ async def run(args: argparse.Namespace) -> None:
                     f"{cpu_ratio:.1f}x",
                 ]
             )
+        assert server.proc is not None
+        process_rows = await measure_process(server.url, server.proc.pid, args)
     print(f"\nmedians of {args.rounds} rounds; load average at the end {os.getloadavg()[0]:.2f}")
     print_table(
         ["handler", "article msg/s", "worker msg/s", "ratio", "target", "met", "per-CPU-second ratio"], rows
+    )
+    print(
+        f"\nThe worker as its own process, default flags, {PROCESS_USERS} users, "
+        f"{PROCESS_MESSAGES:,} messages:"
+    )
+    print_table(
+        [
+            "handler",
+            "article msg/s",
+            "worker msg/s",
+            "ratio",
+            "target",
+            "met",
+            "worker msg/s, per round",
+            "worker CPU µs/msg",
+            "redis CPU µs/msg",
+        ],
+        process_rows,
     )
 
 
@@ -220,6 +338,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=500, help="worker XREADGROUP COUNT")
     parser.add_argument("--concurrency", type=int, default=1000, help="worker messages in flight")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per case (median)")
+    parser.add_argument("--baseline-tree", type=Path, help="worker process: also this worktree's code")
+    parser.add_argument("--process-only", action="store_true", help="only the worker-process rows")
+    parser.add_argument("--tree", type=Path, default=THIS_TREE, help="worker process: the tree to measure")
     asyncio.run(run(parser.parse_args(argv)))
 
 

@@ -26,7 +26,8 @@ ever read from a position its reader keeps, so it can expire after an idle TTL a
 next reply. A stream read through a consumer group (the article's user client creates one) must not:
 the group lives inside the key, so an expiry would delete it and its reader would get NOGROUP forever.
 So a stream with a group gets PERSIST (which also clears a TTL set before the group existed) and one
-without gets EXPIRE; ``XINFO GROUPS`` decides, once per stream per batch, inside the same script.
+without gets EXPIRE; ``XINFO GROUPS`` decides, inside the same script, for the streams whose step is
+due (``lifetimes``: once per stream per tenth of its TTL, at most a minute, not in every batch).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from redis.typing import EncodableT, FieldT
 
 from ..connection import RedisClient, retry_transient, transient
 from ..metrics import WorkerMetrics
+from .lifetimes import LifetimeSteps
 
 log = logging.getLogger(__name__)
 # Entries per script call: a script blocks Redis while it runs, so one call stays within a few
@@ -107,6 +109,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()  # an entry to commit is queued, or a flush's worth of chunks
         self._queued_since = 0.0  # loop time when the queue last went from empty to not empty
+        self._lifetimes = LifetimeSteps()
         self._abandon = asyncio.Event()
         self._script = redis.register_script(_COMMIT_LUA)
         self._two_step = isinstance(redis, aioredis.RedisCluster)
@@ -193,25 +196,30 @@ class Outbox:
     async def _commit(self, batch: list[_Queued]) -> int:
         """Write ``batch`` in order, with the XACK of its entries; returns how many of its items (from
         the first) are committed, and raises if not even the first is."""
+        writes = [w for item in batch for w in item.writes]
+        due = self._lifetimes.due(writes)  # the streams whose lifetime step runs in this commit
+        committed = len(batch)
         if self._use_script:
             try:
-                return await self._commit_scripts(batch)
+                committed = await self._commit_scripts(batch, due)
             except NoPermissionError as exc:
                 log.warning("cannot run the commit script (%s); committing with pipelines instead", exc)
                 self._use_script = False
-        writes = [w for item in batch for w in item.writes]
-        await self._write_pipeline(writes, [item.entry_id for item in batch if item.entry_id is not None])
-        return len(batch)
+        if not self._use_script:
+            acks = [item.entry_id for item in batch if item.entry_id is not None]
+            await self._write_pipeline(writes, acks, due)
+        self._lifetimes.done((w for item in batch[:committed] for w in item.writes), due)
+        return committed
 
-    async def _commit_scripts(self, batch: list[_Queued]) -> int:
+    async def _commit_scripts(self, batch: list[_Queued], due: set[str]) -> int:
         """One script call per ``MAX_BATCH`` items, all in one round trip."""
         calls = [batch[i : i + MAX_BATCH] for i in range(0, len(batch), MAX_BATCH)]
         if len(calls) == 1:  # the common case; a pipeline would first ask SCRIPT EXISTS, one more RTT
-            self._script_done(await self._script(**self._script_call(batch), client=self._redis))
+            self._script_done(await self._script(**self._script_call(batch, due), client=self._redis))
             return len(batch)
         pipe = self._redis.pipeline(transaction=False)
         for call in calls:  # redis-py queues a script on a pipeline (and loads it if missing); untyped
-            await self._script(**self._script_call(call), client=pipe)  # type: ignore[arg-type]
+            await self._script(**self._script_call(call, due), client=pipe)  # type: ignore[arg-type]
         results = await pipe.execute(raise_on_error=False)
         committed = 0
         for call, result in zip(calls, results, strict=True):
@@ -223,8 +231,8 @@ class Outbox:
             committed += len(call)
         return committed
 
-    def _script_call(self, items: list[_Queued]) -> dict[str, list[str]]:
-        """The keys and arguments of one commit script call for ``items``."""
+    def _script_call(self, items: list[_Queued], due: set[str]) -> dict[str, list[str]]:
+        """The keys and arguments of one commit script call for ``items`` (a TTL only where ``due``)."""
         keys: dict[str, int] = {self._stream: 1}
         flat_writes = []
         for item in items:
@@ -232,7 +240,8 @@ class Outbox:
                 index = keys.setdefault(write.key, len(keys) + 1)
                 flat = [part for pair in write.fields.items() for part in pair]
                 counted = int(write.count_trimmed)
-                flat_writes.append([index, write.maxlen or 0, write.ttl_s or 0, flat, counted])
+                ttl_s = write.ttl_s if write.key in due else 0
+                flat_writes.append([index, write.maxlen or 0, ttl_s or 0, flat, counted])
         ack_ids = [item.entry_id for item in items if item.entry_id is not None]
         # One JSON argument instead of a dozen per reply: redis-py encodes each argument in Python,
         # json.dumps runs in C, and Redis decodes it in C (cjson).
@@ -246,8 +255,9 @@ class Outbox:
         if trimmed:
             self._metrics.dead_letters_trimmed.inc(trimmed)
 
-    async def _write_pipeline(self, writes: list[StreamWrite], ack_ids: list[str]) -> None:
-        expiries = {w.key: w.ttl_s for w in writes if w.ttl_s is not None}  # one step per key per batch
+    async def _write_pipeline(self, writes: list[StreamWrite], ack_ids: list[str], due: set[str]) -> None:
+        # One lifetime step per due key per batch.
+        expiries = {w.key: w.ttl_s for w in writes if w.ttl_s is not None and w.key in due}
         grouped = await self._read_through_groups(list(expiries))
         pipe = self._redis.pipeline(transaction=False)
         counted: list[int] = []  # where each counted write's XLEN-before sits in the results
