@@ -69,19 +69,16 @@ class HttpHandler:
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _post(self, body: dict[str, Any]) -> str:
-        try:
-            async with self.pool.post(self.url, body) as response:
-                text = await response.text()
-                if response.status == 429:
-                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-                    raise Retryable("HTTP 429", retry_after, rate_limited=True)
-                if response.status >= 500:
-                    raise Retryable(f"HTTP {response.status}")
-                if response.status >= 400:
-                    raise HttpHandlerError(f"{self.url}: HTTP {response.status}: {text[:200]}")
-                return text
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+        async with self.pool.post(self.url, body) as response:
+            text = await response.text()
+            if response.status == 429:
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                raise Retryable("HTTP 429", retry_after, rate_limited=True)
+            if response.status >= 500:
+                raise Retryable(f"HTTP {response.status}")
+            if response.status >= 400:
+                raise HttpHandlerError(f"{self.url}: HTTP {response.status}: {text[:200]}")
+            return text
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -178,33 +178,30 @@ class OpenAIHandler:
 
     async def _stream(self, body: dict[str, Any], usage: _Usage) -> AsyncIterator[str]:
         """One attempt: yield the content deltas; raise ``Retryable`` or a ``ModelRequestError``."""
-        try:
-            async with self.pool.post(self.url, body) as response:
-                if response.status >= 400:
-                    raise _status_error(response.status, await response.text(), response.headers)
-                usage.answered = True
-                tail = b""
-                # Whatever arrived, at once (one await per network read, not per line: a line
-                # through aiohttp's readline costs several times more than the split here).
-                async for block in response.content.iter_any():
-                    lines = (tail + block).split(b"\n")
-                    tail = lines.pop()
-                    for raw in lines:
-                        event = _sse_data(raw)
-                        if event is None:
-                            continue
-                        if event == "[DONE]":
-                            return
-                        content, tokens = _event_parts(event)
-                        if tokens is not None:
-                            usage.reported = tokens
-                        if content:
-                            usage.chunks += 1
-                            yield content
-                if _sse_data(tail) != "[DONE]":  # a last line without its newline still counts
-                    raise Retryable("the event stream ended without data: [DONE]")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Retryable(f"{type(exc).__name__}: {exc or 'timed out'}") from exc
+        async with self.pool.post(self.url, body) as response:
+            if response.status >= 400:
+                raise _status_error(response.status, await response.text(), response.headers)
+            usage.answered = True
+            tail = b""
+            # Whatever arrived, at once (one await per network read, not per line: a line
+            # through aiohttp's readline costs several times more than the split here).
+            async for block in response.content.iter_any():
+                lines = (tail + block).split(b"\n")
+                tail = lines.pop()
+                for raw in lines:
+                    event = _sse_data(raw)
+                    if event is None:
+                        continue
+                    if event == "[DONE]":
+                        return
+                    content, tokens = _event_parts(event)
+                    if tokens is not None:
+                        usage.reported = tokens
+                    if content:
+                        usage.chunks += 1
+                        yield content
+            if _sse_data(tail) != "[DONE]":  # a last line without its newline still counts
+                raise Retryable("the event stream ended without data: [DONE]")
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -1,13 +1,14 @@
-"""The HTTP connection pool a handler POSTs through: one aiohttp session for all of its calls."""
+"""The HTTP connection pool a model-API handler POSTs through: one aiohttp session for all its calls."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 
-if TYPE_CHECKING:
-    from aiohttp.client import _RequestContextManager
+from ..limits import Retryable
 
 
 class Pool:
@@ -23,14 +24,21 @@ class Pool:
         self.headers = headers or {}
         self._session: aiohttp.ClientSession | None = None
 
-    def post(self, url: str, body: dict[str, Any]) -> _RequestContextManager:
-        """``session.post(url, json=body)``: use it as ``async with pool.post(...) as response``."""
+    @contextlib.asynccontextmanager
+    async def post(self, url: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """``async with pool.post(url, body) as response``: POST ``body`` as JSON. A connection error or
+        a timeout, in the POST or while the block reads the response, is ``Retryable``: a later
+        attempt may get through."""
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.connections)
             self._session = aiohttp.ClientSession(
                 timeout=self.timeout, headers=self.headers, connector=connector
             )
-        return self._session.post(url, json=body)
+        try:
+            async with self._session.post(url, json=body) as response:
+                yield response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Retryable(f"{type(exc).__name__}: {exc or 'timed out'}") from exc
 
     async def aclose(self) -> None:
         if self._session is not None:
