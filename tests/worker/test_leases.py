@@ -1,17 +1,24 @@
-"""Partition leases and their rendezvous assignment: pure properties, then the lease keys on a real Redis."""
+"""Partition leases and their rendezvous assignment: pure properties, then the lease keys on a real Redis,
+then a worker's stop when releasing its leases fails."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
 from streamqueue import wire
+from streamqueue.settings import WorkerSettings
 from streamqueue.worker.leases import Leases, assignment, owner
+from streamqueue_harness.eventually import eventually_async
+
+from tests.worker.conftest import STREAM, RunningWorkers, acl_user
 
 PARTITIONS = wire.partition_streams("q", 16)
 workers = st.sets(st.from_regex(r"w-[a-z0-9]{1,8}", fullmatch=True), min_size=1, max_size=12)
@@ -93,3 +100,22 @@ async def test_the_registry_lists_live_workers_and_forgets_those_that_stop_heart
     assert await a.heartbeat() == ["w-a"]
     await a.leave()
     assert await client.zcard(wire.registry_key("q")) == 0
+
+
+async def test_a_stop_whose_lease_release_is_refused_still_stops_the_cancel_watch(
+    workers: RunningWorkers,
+    settings: Callable[..., WorkerSettings],
+    raw: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The release is refused (the user lost DEL, which the release script calls); the worker
+    logs it, leaves the lease to its TTL, and stops everything else, the cancel watch included."""
+    worker = await workers.start(settings(ordering="perUser", **acl_user(raw, "norelease")))
+    lease = wire.lease_key(STREAM)
+    await eventually_async(lambda: raw.get(lease) == "w1", "the worker holds its lease")
+    raw.execute_command("ACL", "SETUSER", "norelease", "-del")
+    with caplog.at_level(logging.ERROR, logger="streamqueue.worker"):
+        await workers.stop(worker)
+    assert "could not release leases" in caplog.text
+    assert raw.get(lease) == "w1"
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "streamqueue-cancels"] == []

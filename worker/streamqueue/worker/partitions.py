@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from functools import partial
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -66,15 +67,25 @@ class Partitions:
             name="streamqueue-partitions",
         )
         stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([stopper, keeper], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        failure = keeper.exception() if keeper.done() and not keeper.cancelled() else None
-        await cancel(keeper)
-        await asyncio.gather(*(self._stop_run(p) for p in list(self.runs) if p not in self._leaving))
-        await self._leave()
-        await cancel(watch)
+        try:
+            await asyncio.wait([stopper, keeper], return_when=asyncio.FIRST_COMPLETED)
+            failure = keeper.exception() if keeper.done() and not keeper.cancelled() else None
+        finally:
+            await self._wind_down(stopper, keeper, watch)
         if failure is not None:
             raise RuntimeError("worker partitions failed") from failure
+
+    async def _wind_down(
+        self, stopper: asyncio.Task[Any], keeper: asyncio.Task[Any], watch: asyncio.Task[Any]
+    ) -> None:
+        """Stop the keeper, drain the runs, release the leases, then stop the cancel watch: the last
+        whatever the steps before it raised (a release refused with NOPERM left it running before)."""
+        try:
+            await cancel(stopper, keeper)
+            await asyncio.gather(*(self._stop_run(p) for p in list(self.runs) if p not in self._leaving))
+            await self._leave()
+        finally:
+            await cancel(watch)
 
     async def _cluster_ready(self, stop: asyncio.Event) -> None:
         """A cluster client learns the slot map once, before the runs use it: redis-py's asyncio
@@ -177,7 +188,6 @@ class Partitions:
             for partition in list(self._held):
                 await self._leases.release(partition)
             await self._leases.leave()
-        except Exception as exc:
-            if not transient(exc):
-                raise
-            log.warning("could not release leases (they lapse after %d ms): %s", self.s.lease_ttl_ms, exc)
+        except Exception as exc:  # the worker stops anyway: its leases lapse after their TTL
+            level = logging.WARNING if transient(exc) else logging.ERROR  # an ERROR: e.g. the ACL lacks +eval
+            log.log(level, "could not release leases (they lapse after %d ms): %s", self.s.lease_ttl_ms, exc)
