@@ -134,6 +134,7 @@ SECTIONS = (
     ("docs/operator.md", "OPERATOR SETTINGS", operator_settings.docs_table),
     ("docs/worker.md", "WORKER ACL", acl.worker_docs_table),
     ("docs/operator.md", "OPERATOR ACL", acl.operator_docs_table),
+    ("docs/kubectl-sq.md", "TOOL ACL", acl.tool_docs_table),
 )
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from streamqueue import deadletters, wire
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
+from streamqueue import acl, deadletters, wire
 from streamqueue.connection import RedisConnection, connect_any
 from streamqueue.settings import WorkerSettings
 from streamqueue.sqtool.__main__ import run
@@ -97,7 +99,7 @@ async def test_redrive_keeps_the_request_counts_the_redrive_and_routes_to_the_us
 async def test_two_redrives_at_once_send_each_dead_letter_once(where, redis_server, request) -> None:
     """Both redrives list every dead letter first, then race to move them (one oldest first, the other
     newest first, so they collide in the middle): each moves a share, none is sent twice. On the
-    cluster the dead-letter stream is in another slot than the queue (take by XDEL, then XADD)."""
+    cluster the dead-letter stream is in another slot than the queue (claim, XADD, then XDEL)."""
     if where == "cluster":
         cluster = request.getfixturevalue("redis_cluster")
         connection, dead = RedisConnection(url=cluster.url, cluster=True), "dlq-elsewhere"
@@ -129,6 +131,48 @@ async def test_two_redrives_at_once_send_each_dead_letter_once(where, redis_serv
     assert sorted(request_ids) == sorted(f"r{i}" for i in range(count))  # every one once
     assert sum(moved) == count and min(moved) > 0  # both took part
     assert r.xlen(dead) == 0
+    assert not r.keys(wire.redrive_claim_key(dead, "*"))  # no claim left behind
+
+
+@pytest.mark.parametrize("dies", ["before its XADD", "after its XADD"])
+async def test_a_redrive_across_slots_that_dies_midway_leaves_the_dead_letter_to_send_again(
+    dies, redis_cluster, monkeypatch
+) -> None:
+    """The tool dies (its connection, its pod) around the add to the partition. The dead letter stays
+    (never lost); a redrive meanwhile leaves it to the claim of the one that died; once that claim
+    has expired a redrive sends it: once in all, or twice with the same request_id."""
+    r, dead = redis_cluster.client(decode_responses=True), "dlq-elsewhere"
+    r.delete(STREAM, dead)
+    write_dead_letter(r, dead, "ada", "r1", wire.REASON_MAX_DELIVERIES)
+    client = connect_any(RedisConnection(url=redis_cluster.url, cluster=True))
+    try:
+        [letter] = await deadletters.find(client, [dead], deadletters.Filter())
+        real_xadd = client.xadd
+
+        async def dying_xadd(*args: Any, **kwargs: Any) -> Any:
+            if dies == "after its XADD":
+                await real_xadd(*args, **kwargs)
+            raise ConnectionError("the tool died")
+
+        monkeypatch.setattr(client, "xadd", dying_xadd)
+        with pytest.raises(ConnectionError):
+            await deadletters.redrive(client, letter, STREAM)
+        monkeypatch.undo()
+        assert r.xlen(dead) == 1  # still there to redrive
+        assert await deadletters.redrive(client, letter, STREAM) is None  # the claim holds it
+        claim = wire.redrive_claim_key(dead, letter.entry_id)
+        assert 0 < r.pttl(claim) <= deadletters.CLAIM_MS
+        r.pexpire(claim, 1)  # the claim's minute is up
+
+        async def redriven() -> str | None:
+            return await deadletters.redrive(client, letter, STREAM)
+
+        await eventually_async(redriven, "redriven once the claim expired", timeout=10)
+    finally:
+        await client.aclose()
+    sent = [fields[wire.REQUEST_ID] for _, fields in r.xrange(STREAM)]
+    assert sent == ["r1"] * (2 if dies == "after its XADD" else 1)
+    assert r.xlen(dead) == 0 and not r.exists(claim)
 
 
 async def test_a_redriven_message_that_fails_again_lands_back_counted_twice(
@@ -164,3 +208,35 @@ async def test_a_redriven_message_that_fails_again_lands_back_counted_twice(
     assert again["deliveries"] == first["deliveries"] == 1  # counted afresh after the redrive
     assert "RuntimeError: model is down" in again["error"]
     assert raw.xlen(DEAD) == 1
+
+
+async def test_the_tools_acl_rules_cover_status_and_every_dlq_command_on_a_cluster(redis_cluster) -> None:
+    """As a user with exactly ``acl.tool_rules`` (on every node): status, list, show, purge and a redrive
+    across slots (a single-partition queue's ``<stream>:dead`` and ``<stream>`` are in different slots).
+    Without ``+set`` the redrive is refused before it adds anything, and the dead letter stays."""
+    r, dead, user = redis_cluster.client(decode_responses=True), wire.dead_letter_stream(STREAM), "sq-tool"
+    assert key_slot(dead.encode()) != key_slot(STREAM.encode())
+    r.delete(STREAM, dead)
+    granted = acl.tool_rules(acl.QueueKeys(STREAM, cluster=True))
+    r.execute_command("ACL", "SETUSER", user, "reset", "on", ">pw", *granted, target_nodes=r.ALL_NODES)
+    first = write_dead_letter(r, dead, "ada", "r1", wire.REASON_MAX_DELIVERIES)
+    write_dead_letter(r, dead, "bo", "r2", wire.REASON_INVALID_USER_ID)
+    s = WorkerSettings(
+        redis_url=redis_cluster.url, redis_cluster=True, redis_username=user, redis_password="pw",
+        consumer="w1", health_port=0,
+    )  # fmt: skip
+    try:
+        assert (await sqtool(s, "status"))["dead_letters"] == 2
+        assert (await sqtool(s, "dlq", "show", first))["dead_letter"]["request_id"] == "r1"
+        assert len((await sqtool(s, "dlq", "list"))["dead_letters"]) == 2
+        r.execute_command("ACL", "SETUSER", user, "-set", target_nodes=r.ALL_NODES)
+        with pytest.raises(ResponseError, match="can't run this command"):
+            await sqtool(s, "dlq", "redrive", "--user", "ada")
+        assert r.xlen(dead) == 2 and r.xlen(STREAM) == 0
+        r.execute_command("ACL", "SETUSER", user, "+set", target_nodes=r.ALL_NODES)
+        [done] = (await sqtool(s, "dlq", "redrive", "--user", "ada"))["redriven"]
+        assert done["new_id"] is not None and r.xlen(STREAM) == 1
+        assert (await sqtool(s, "dlq", "purge", "--all"))["purged"] == 1
+    finally:
+        r.execute_command("ACL", "DELUSER", user, target_nodes=r.ALL_NODES)
+    assert r.xlen(dead) == 0

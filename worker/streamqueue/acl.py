@@ -1,4 +1,5 @@
-"""Least-privilege Redis ACL rules for a queue's workers and for the operator, from the queue's key names.
+"""Least-privilege Redis ACL rules for a queue's workers, the operator and ``kubectl sq``'s Redis side
+(``python -m streamqueue.sqtool``), from the queue's key names.
 
 One place says which commands each component issues and on which keys (named by ``streamqueue.wire``),
 so the docs, an operator setting up Redis and the test that runs a whole flow under these users (and
@@ -51,6 +52,14 @@ OPERATOR_COMMANDS = (
     "xinfo|groups", "xinfo|consumers", "xinfo|stream", "xpending", "get", "xgroup|delconsumer", "eval",
     "xtrim",
 )  # fmt: skip
+# kubectl sq status (``sqtool status``): the partitions, their groups and consumers, leases, the limit
+# bound, dead-letter counts.
+TOOL_STATUS_COMMANDS = ("xinfo|stream", "xinfo|groups", "xinfo|consumers", "xlen", "get")
+# kubectl sq dlq: list/show (XRANGE), purge (XDEL), redrive (scripts: XDEL + XADD in one slot; across
+# slots a claim, SET NX PX + XRANGE, then XADD, then XDEL + DEL).
+TOOL_DLQ_COMMANDS = ("xrange", "xdel", "xadd", "eval", "set", "del")
+# A Redis Cluster client (redis-py's) reads the slot map and, once, the commands' key positions.
+CLUSTER_CLIENT_COMMANDS = ("cluster|slots", "command")
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class QueueKeys:
     fairness: bool = False  # fairness: perUser
     model_calls: bool = True  # the HTTP or model handler: the limits scripts run on every call
     memory: bool = False  # the model handler with memory
+    cluster: bool = False  # Redis Cluster: each component's client also learns the slot map
 
     def partition_streams(self) -> list[str]:
         return wire.partition_streams(self.stream, self.partitions)
@@ -112,14 +122,32 @@ def worker_grants(q: QueueKeys) -> list[Grant]:
     if q.memory:
         memory = [wire.memory_key(q.stream, "")]
         grants.append(Grant("the model handler's memory", WORKER_MEMORY_COMMANDS, prefixes=memory))
-    return grants
+    return [*grants, *_cluster_client(q)]
 
 
 def operator_grants(q: QueueKeys) -> list[Grant]:
     """What the operator needs for ``q``: it reads the partitions, their groups and the limit-bound key,
     deletes dead consumers and trims processed entries (a script)."""
     keys = [*q.partition_streams(), wire.limit_bound_key(q.stream)]
-    return [Grant("observation, pod ranking, housekeeping", OPERATOR_COMMANDS, keys)]
+    observation = Grant("observation, pod ranking, housekeeping", OPERATOR_COMMANDS, keys)
+    return [observation, *_cluster_client(q)]
+
+
+def tool_grants(q: QueueKeys) -> list[Grant]:
+    """What ``kubectl sq`` needs in Redis for ``q``: it runs with the worker's environment (its Redis
+    user too), and a least-privilege worker user has neither XRANGE nor XDEL nor the redrive claims."""
+    streams, dead = q.partition_streams(), q.dead_letter_streams()
+    status = [*streams, *dead, *(wire.lease_key(s) for s in streams), wire.limit_bound_key(q.stream)]
+    claims = [wire.redrive_claim_key(d, "") for d in dead]
+    return [
+        Grant("kubectl sq status", TOOL_STATUS_COMMANDS, status),
+        Grant("kubectl sq dlq (list, show, redrive, purge)", TOOL_DLQ_COMMANDS, [*dead, *streams], claims),
+        *_cluster_client(q),
+    ]
+
+
+def _cluster_client(q: QueueKeys) -> list[Grant]:
+    return [Grant("a Redis Cluster client", CLUSTER_CLIENT_COMMANDS)] if q.cluster else []
 
 
 def rules(grants: Sequence[Grant]) -> list[str]:
@@ -146,6 +174,11 @@ def operator_rules(q: QueueKeys) -> list[str]:
     return rules(operator_grants(q))
 
 
+def tool_rules(q: QueueKeys) -> list[str]:
+    """The ``ACL SETUSER`` rules ``kubectl sq`` needs for ``q``, and nothing more."""
+    return rules(tool_grants(q))
+
+
 def docs_table(grants: Sequence[Grant]) -> list[str]:
     """A Markdown table of ``grants`` (hack/reference.py puts it in the docs)."""
     lines = ["| Needed for | Commands | Keys and channels |", "| --- | --- | --- |"]
@@ -170,6 +203,10 @@ def operator_docs_table() -> list[str]:
     return docs_table(operator_grants(_DOCS_QUEUE))
 
 
+def tool_docs_table() -> list[str]:
+    return docs_table(tool_grants(QueueKeys()))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Print ``ACL SETUSER`` lines for a queue's workers and the operator."""
     parser = argparse.ArgumentParser(prog="python -m streamqueue.acl", description=main.__doc__)
@@ -181,17 +218,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--fairness", action="store_true", help="fairness: perUser")
     parser.add_argument("--no-model-calls", action="store_true", help="a Python handler without limits")
     parser.add_argument("--memory", action="store_true", help="the model handler's memory")
+    parser.add_argument("--cluster", action="store_true", help="Redis Cluster (spec.redis.cluster)")
     parser.add_argument("--worker-user", default="streamqueue-worker")
     parser.add_argument("--operator-user", default="streamqueue-operator")
     parser.add_argument("--shared-user", help="one user for both (a StreamQueue's spec.redis serves both)")
+    parser.add_argument("--tool-user", help="also print a user for kubectl sq (python -m streamqueue.sqtool)")
     a = parser.parse_args(argv)
     q = QueueKeys(
         a.stream, a.partitions, a.reply_prefix, a.dead_letter_stream, a.ordering, a.fairness,
-        not a.no_model_calls, a.memory,
+        not a.no_model_calls, a.memory, a.cluster,
     )  # fmt: skip
     users = [(a.worker_user, worker_rules(q)), (a.operator_user, operator_rules(q))]
     if a.shared_user:
         users = [(a.shared_user, rules([*worker_grants(q), *operator_grants(q)]))]
+    if a.tool_user:
+        users.append((a.tool_user, tool_rules(q)))
     for user, granted in users:
         words = ["ACL", "SETUSER", user, "reset", "on", ">PASSWORD", *granted]
         print(" ".join(shlex.quote(w) for w in words))

@@ -6,13 +6,18 @@ after how many deliveries, from which stream. A redrive XADDs the original field
 the user's messages go to, with ``redrives`` counting how often that entry came back, so it starts
 over with a delivery count of 1 and keeps its ``user_id`` and ``request_id``.
 
-One dead letter is redriven at most once however many redrives run at once: a redrive first takes
-it by XDEL, and only the caller whose XDEL removed it (Redis answers 1 to exactly one) adds it to the
-queue. Where Redis can run both in one script (a single server, or a cluster whose two keys share a
-slot: the default per-partition dead-letter stream ``<stream>:{p}:dead`` shares its partition's) the
-take and the add are one atomic script. Otherwise (a cluster, keys in different slots) they are two
-commands: a crash between them loses that entry (it was taken but not added) rather than sending it
-twice; ``redrive`` returns the fields it took first so a caller can show them.
+A redrive never loses a dead letter, and concurrent redrives send each once. Where Redis can run it
+all in one script (a single server, or a cluster whose two keys share a slot: the default
+per-partition dead-letter stream ``<stream>:{p}:dead`` shares its partition's) the script deletes
+the dead letter and adds it only if its XDEL removed it (Redis answers 1 to exactly one caller).
+Across slots (a cluster; a single-partition queue's ``<stream>:dead`` or a configured
+``deadLetterStream``) no script can span both keys, so a redrive claims the letter first, adds it,
+then deletes it: the claim (``wire.redrive_claim_key``, SET NX PX, set by one script in the
+dead-letter stream's slot only while the letter is still there) keeps a concurrent redrive away,
+and the letter is deleted only once it is in the queue. A crash between the add and the delete
+leaves the letter in place; once its claim expires (``CLAIM_MS``) a redrive sends it again, a
+duplicate with the same ``request_id`` (which clients dedupe), as the worker's own crash recovery
+would: never a lost message.
 """
 
 from __future__ import annotations
@@ -30,11 +35,26 @@ from .connection import RedisClient
 from .settings import WorkerSettings
 
 _PAGE = 500  # entries per XRANGE while scanning a dead-letter stream
+# How long a redrive across slots holds its claim on a dead letter: far longer than its XADD takes,
+# short enough that a letter whose redrive died midway can be sent again a minute later.
+CLAIM_MS = 60_000
 # KEYS[1] the dead-letter stream, KEYS[2] the queue's stream; ARGV[1] the dead letter's id, then the
 # fields to add. Nothing is added unless this call removed the dead letter.
 _REDRIVE_SCRIPT = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
 return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+"""
+# Across slots. KEYS[1] the dead-letter stream, KEYS[2] the letter's claim (same slot); ARGV[1] the
+# letter's id, ARGV[2] the claim's lifetime (ms). 1: claimed; 0: gone, or claimed by another redrive.
+_CLAIM_SCRIPT = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+# Same keys; ARGV[1] the letter's id: it is in the queue now, so it and its claim go.
+_SETTLE_SCRIPT = """
+redis.call('XDEL', KEYS[1], ARGV[1])
+return redis.call('DEL', KEYS[2])
 """
 
 
@@ -168,16 +188,30 @@ def redrive_fields(letter: DeadLetter) -> dict[str, str]:
 
 async def redrive(redis: RedisClient, letter: DeadLetter, target: str) -> str | None:
     """Move one dead letter to ``target``; its new entry id, or None if it was gone (taken by a
-    concurrent redrive or purge, or trimmed)."""
+    concurrent redrive or purge, or trimmed) or, across slots, claimed by a redrive in progress."""
     fields = redrive_fields(letter)
-    if _one_script_can_do_it(redis, letter.stream, target):
-        args = [letter.entry_id, *(part for item in fields.items() for part in item)]
-        added = await redis.eval(_REDRIVE_SCRIPT, 2, letter.stream, target, *args)
-        return str(added) if added else None
-    if await redis.xdel(letter.stream, letter.entry_id) != 1:
+    if not _one_script_can_do_it(redis, letter.stream, target):
+        return await _redrive_across_slots(redis, letter, target, fields)
+    args = [letter.entry_id, *(part for item in fields.items() for part in item)]
+    added = await redis.eval(_REDRIVE_SCRIPT, 2, letter.stream, target, *args)
+    return str(added) if added else None
+
+
+async def _redrive_across_slots(
+    redis: RedisClient, letter: DeadLetter, target: str, fields: dict[str, str]
+) -> str | None:
+    """Claim, add, delete (see the module's docstring): a crash after the add duplicates, never loses."""
+    claim = wire.redrive_claim_key(letter.stream, letter.entry_id)
+    if not await redis.eval(_CLAIM_SCRIPT, 2, letter.stream, claim, letter.entry_id, CLAIM_MS):
         return None
-    # Taken: from here until the XADD answers, a crash loses this entry (see the module's docstring).
-    return str(await redis.xadd(target, fields))  # type: ignore[arg-type]
+    added = str(await redis.xadd(target, fields))  # type: ignore[arg-type]
+    await _settle(redis, letter, claim)
+    return added
+
+
+async def _settle(redis: RedisClient, letter: DeadLetter, claim: str) -> None:
+    """Delete the redriven letter and its claim (until this runs, a crash leaves the letter redrivable)."""
+    await redis.eval(_SETTLE_SCRIPT, 2, letter.stream, claim, letter.entry_id)
 
 
 def _one_script_can_do_it(redis: RedisClient, first: str, second: str) -> bool:

@@ -195,6 +195,13 @@ def memory_key(stream: str, user_id: str) -> str:
     return f"{stream}:memory:{user_id}"
 
 
+def redrive_claim_key(dead_letter_stream: str, entry_id: str) -> str:
+    """A redrive's claim on one dead letter while it is added to another hash slot's partition
+    (``streamqueue.deadletters``); in the dead-letter stream's slot, so one script checks the letter is
+    there and sets the claim. ``entry_id`` "": the prefix of a stream's claims."""
+    return same_slot_key(dead_letter_stream, f":redrive:{entry_id}")
+
+
 def parse_entry_id(entry_id: str) -> tuple[int, int]:
     """A stream entry id as a sortable pair: ``"1700000000000-3"`` -> ``(1700000000000, 3)``.
 
