@@ -172,6 +172,9 @@ async def _converge(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, st
     except kopf.PermanentError as exc:  # its own Event says why; retried when the spec changes
         logger.info("Deployment not ensured until the spec changes: %s", exc)
         return math.inf
+    except API_ERRORS as exc:  # e.g. a 409: the Deployment changed (its status) since it was read
+        logger.warning("Deployment not ensured; retrying in %.0fs: %s", POLL_ERROR_BACKOFF_SECONDS, exc)
+        return POLL_ERROR_BACKOFF_SECONDS
     return 0.0
 
 

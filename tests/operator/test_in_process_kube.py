@@ -12,8 +12,12 @@ from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
 from kubernetes.config import kube_config
 from streamqueue_harness.eventually import eventually
+from streamqueue_operator import handlers
+from streamqueue_operator.kubeapi import Cluster
 
 from tests.operator.queues import Queues
 
@@ -46,3 +50,42 @@ def test_scales_a_backlog_with_the_operator_in_process(
         )
     assert runner.exit_code == 0, runner.output
     assert runner.exception is None
+
+
+def test_a_template_change_the_api_server_refuses_is_applied_again(
+    sq: Queues,
+    kube_namespace: str,
+    streamqueue_crd: dict[str, Any],
+    in_process_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first update after a spec edit fails with a 409 (the resourceVersion check, lost to a status
+    write): the operator applies the edit again after its error backoff, not at the next spec edit."""
+    sq.stream()
+    refuse: list[bool] = []  # the test arms it; the operator's loop pops it once
+    apply = Cluster.apply_deployment
+
+    async def refused_once(self: Cluster, *args: Any, **kwargs: Any) -> Any:
+        if refuse:
+            refuse.pop()
+            raise ApiException(status=409, reason="Conflict")
+        return await apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(Cluster, "apply_deployment", refused_once)
+    apps = k8s.AppsV1Api(sq.api)
+
+    def annotations() -> dict[str, str]:
+        deployment = apps.read_namespaced_deployment("chat-worker", kube_namespace)
+        return deployment.spec.template.metadata.annotations or {}
+
+    args = ["run", "--standalone", f"--namespace={kube_namespace}", "-m", "streamqueue_operator.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        sq.apply("chat", minReplicas=1)
+        eventually(lambda: sq.replicas("chat") == 1, "the Deployment", timeout=30)
+        refuse.append(True)
+        sq.apply("chat", minReplicas=1, worker={"podAnnotations": {"edited": "yes"}})
+        eventually(lambda: not refuse, "the refused update", timeout=15)
+        wait = handlers.POLL_ERROR_BACKOFF_SECONDS + 10
+        eventually(lambda: annotations().get("edited") == "yes", "the edit, applied again", timeout=wait)
+    assert runner.exit_code == 0, runner.output
+    assert f"Deployment not ensured; retrying in {handlers.POLL_ERROR_BACKOFF_SECONDS:.0f}s" in runner.output
