@@ -42,6 +42,7 @@ def _full_spec() -> StreamQueueSpec:
                 "deadLetterMaxLen": 500,
                 "errorReplies": False,
                 "streamReplies": True,
+                "chunkFlushMs": 50,
                 "replyMaxLen": 50,
                 "replyTtlSeconds": 60,
                 "maxMessageBytes": 1000,
