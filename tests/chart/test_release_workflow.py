@@ -2,7 +2,8 @@
 
 What can drift without anyone running the workflow: the image names it pushes versus the names and
 `--set` keys the docs give, the chart values its rewrite step edits, the trigger, the token's
-permissions, and the version check. actionlint (`make lint`) checks the syntax and the shell.
+permissions, the version check, the images' signing and the Python package it builds and publishes.
+actionlint (`make lint`) checks the syntax and the shell.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +95,85 @@ def test_runs_on_version_tags_with_least_privilege_after_checking_the_version() 
     assert triggers["push"] == {"tags": ["v*"]}
     assert "workflow_dispatch" in triggers
     assert WORKFLOW["permissions"] == {"contents": "read"}
+    oidc = {"images", "pypi"}  # cosign keyless signing, PyPI trusted publishing
     for name, job in JOBS.items():
-        assert set(job["permissions"].items()) <= {("contents", "read"), ("packages", "write")}, name
+        allowed = {
+            ("contents", "read"),
+            ("packages", "write"),
+            *([("id-token", "write")] if name in oidc else []),
+        }
+        assert set(job["permissions"].items()) <= allowed, name
     check = JOBS["version"]["steps"][-1]["run"]
     for needle in ("VERSION", "Chart.yaml", "^version:", "^appVersion:", '"v$version"', "REF_NAME"):
         assert needle in check
     assert JOBS["images"]["needs"] == "version"
     assert set(JOBS["chart"]["needs"]) == {"version", "images"}
     # Publishing happens on tags only; anything else is a dry run.
-    build = JOBS["images"]["steps"][-1]["with"]
+    (build,) = [s["with"] for s in JOBS["images"]["steps"] if s.get("id") == "build"]
     assert build["push"] == "${{ github.ref_type == 'tag' }}"
     assert build["provenance"] == "mode=max" and build["sbom"] is True
     assert JOBS["chart"]["steps"][-1]["if"] == "github.ref_type == 'tag'"
+
+
+def step(job: str, uses_or_name: str) -> dict[str, Any]:
+    """The one step of ``job`` that uses the action ``uses_or_name`` (a prefix) or has that name."""
+    steps = JOBS[job]["steps"]
+    (found,) = [
+        s for s in steps if s.get("uses", "").startswith(uses_or_name) or s.get("name") == uses_or_name
+    ]
+    return found
+
+
+def test_images_are_signed_keyless_by_digest_after_the_push_on_tags_only() -> None:
+    steps = JOBS["images"]["steps"]
+    installer, sign = step("images", "sigstore/cosign-installer@"), step("images", "Sign")
+    assert (
+        steps.index(step("images", "docker/build-push-action@")) < steps.index(installer) < steps.index(sign)
+    )
+    assert installer["if"] == sign["if"] == "github.ref_type == 'tag'"
+    assert JOBS["images"]["permissions"]["id-token"] == "write"
+    # Keyless: no key, no password; by the digest build-push-action reports, never by tag.
+    assert sign["run"] == 'cosign sign --yes "$IMAGE@$DIGEST"'
+    assert sign["env"]["DIGEST"] == "${{ steps.build.outputs.digest }}"
+    image = expand(sign["env"]["IMAGE"], owner="<owner>", image="worker")
+    assert f"{image}:X" == pushed_images()["worker"]
+    assert not any("key" in k.lower() or "password" in k.lower() for k in sign.get("env", {}))
+
+
+def test_the_python_package_is_built_from_worker_and_published_last_by_trusted_publishing() -> None:
+    package_dir = ROOT / WORKFLOW["env"]["PACKAGE_DIR"]
+    project = tomllib.loads((package_dir / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "streamqueue"
+    build = step("python", "Build the wheel and sdist")["run"]
+    assert 'python -m build --outdir dist "$PACKAGE_DIR"' in build
+    # The version check reads the package's version as pyproject.toml holds it: VERSION's.
+    version_line = build.splitlines()[0]
+    env = {**os.environ, "PACKAGE_DIR": str(package_dir)}
+    read = subprocess.run(
+        ["bash", "-c", f'{version_line}; echo "$package_version"'], env=env, capture_output=True, text=True
+    )
+    assert read.stdout.strip() == project["version"] == (ROOT / "VERSION").read_text().strip()
+    for script in ("kubectl-sq", "streamqueue-worker"):  # what the build step checks the wheel for
+        assert script in project["scripts"] and script in build
+    assert step("python", "actions/upload-artifact@")["with"]["name"] == "python-dist"
+
+    pypi = JOBS["pypi"]
+    assert pypi["if"] == "github.ref_type == 'tag'"
+    assert set(pypi["needs"]) == {"version", "python", "chart"}  # after the images and the chart
+    assert pypi["permissions"] == {"id-token": "write"} and pypi["environment"]["name"] == "pypi"
+    assert step("pypi", "actions/download-artifact@")["with"]["name"] == "python-dist"
+    publish = step("pypi", "pypa/gh-action-pypi-publish@")
+    assert not publish.get("with", {}).get("password")  # trusted publishing: no API token
+
+
+def test_the_changelog_keeps_an_unreleased_section_with_upgrade_notes() -> None:
+    """Keep a Changelog: an Unreleased section on top, whose upgrade notes point at docs/upgrading.md,
+    then one section per version, each with its link; the current VERSION is released or unreleased."""
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    versions = re.findall(r"^## \[([^\]]+)\]", changelog, flags=re.MULTILINE)
+    assert versions[0] == "Unreleased"
+    unreleased = changelog.split("\n## [", 2)[1]
+    assert "### Upgrade notes" in unreleased and "(docs/upgrading.md)" in unreleased
+    for version in versions:
+        assert re.search(rf"^\[{re.escape(version)}\]: https://", changelog, flags=re.MULTILINE), version
+    assert (ROOT / "VERSION").read_text().strip() in versions
