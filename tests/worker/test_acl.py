@@ -5,7 +5,9 @@ The flow: a worker with the model handler (limits, memory), per-user ordering an
 partitions, a client's requests (one reply stream read through a group: PERSIST), an invalid entry
 (dead letter), a cancel of a running call; then the operator's observation, pod ranking loads,
 dead-consumer cleanup and trimming. One redis-server serves the module; each run starts from FLUSHALL,
-SCRIPT FLUSH and an empty ACL LOG, and a run without a rule ends at that rule's first denial.
+SCRIPT FLUSH and an empty ACL LOG, and a run without a rule ends at that rule's first denial. redis-py's
+health check PINGs a connection idle longer than HEALTH_CHECK_S here (30 s in production), so a user
+without +ping fails within the run, not only after an idle half-minute.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 from aiohttp import web
-from streamqueue import acl, wire
+from streamqueue import acl, connection, wire
 from streamqueue.client import Client, RequestCancelled
 from streamqueue.connection import RedisConnection, connect_any
 from streamqueue.settings import WorkerSettings
@@ -39,8 +41,16 @@ GROUP, CONSUMER, DEAD = "aclq-group", "w-1", "gone-1"
 USERS = ["ann", "bob", "cy", "dee"]  # over both partitions
 SLOW = "slowpoke"  # its call waits until cancelled
 WORKER_USER, OPERATOR_USER = "sq-worker", "sq-operator"
+# redis-py's health-check interval in these runs. Not much shorter: redis-py pipelines a new
+# connection's CLIENT SETINFO commands, and a check falling due between them would read the wrong reply.
+HEALTH_CHECK_S = 0.05
 # The worker's drain grace: a run stopped at its first NOPERM may hold entries it can never commit.
 GRACE_S = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _short_health_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connection, "HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_S)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +132,7 @@ async def _operator(url: str, streams: list[str]) -> None:
             client, streams, GROUP, time.monotonic(), limit_key=wire.limit_bound_key(QUEUE.stream)
         )
         assert obs.ok, obs
+        await asyncio.sleep(HEALTH_CHECK_S)  # idle as between two polls: the next command PINGs first
         assert CONSUMER in await consumer_loads(client, streams, GROUP)
         for stream in streams:
             await remove_dead_consumers(client, stream, GROUP, {CONSUMER})

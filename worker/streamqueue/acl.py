@@ -19,6 +19,12 @@ from dataclasses import dataclass
 
 from . import wire
 
+# Every connection of every component: redis-py PINGs one idle longer than its health-check interval
+# (``connection.HEALTH_CHECK_INTERVAL_S``), the cancel watcher's Pub/Sub connection included. AUTH and
+# HELLO need no rule (Redis allows them to every user); SELECT is only sent for a database other than
+# 0 (then add +select); CLIENT SETINFO (Redis >= 7.2) is refused without +client|setinfo, which
+# redis-py ignores, though the ACL LOG records it.
+CONNECTION_COMMANDS = ("ping",)
 # What the worker loop issues on the input, dead-letter and reply streams (commit script included).
 WORKER_STREAM_COMMANDS = (
     "xreadgroup", "xack", "xadd", "xclaim", "xpending", "xgroup|create",
@@ -96,6 +102,9 @@ class Grant:
     channels: Sequence[str] = ()
 
 
+CONNECTION = Grant("every connection (redis-py's health check)", CONNECTION_COMMANDS)
+
+
 def worker_grants(q: QueueKeys) -> list[Grant]:
     """What a worker of ``q`` needs, feature by feature (the features ``q`` turns on)."""
     streams = q.partition_streams()
@@ -105,7 +114,7 @@ def worker_grants(q: QueueKeys) -> list[Grant]:
     cancel = Grant(
         "cancel", WORKER_CANCEL_COMMANDS, [wire.cancel_key(q.stream)], (), [wire.cancel_channel(q.stream)]
     )
-    grants = [loop, cancel]
+    grants = [CONNECTION, loop, cancel]
     if not q.fairness:
         grants.append(
             Grant("crash recovery (without fairness)", WORKER_RECLAIM_COMMANDS, loop.keys[: len(streams)])
@@ -130,7 +139,7 @@ def operator_grants(q: QueueKeys) -> list[Grant]:
     deletes dead consumers and trims processed entries (a script)."""
     keys = [*q.partition_streams(), wire.limit_bound_key(q.stream)]
     observation = Grant("observation, pod ranking, housekeeping", OPERATOR_COMMANDS, keys)
-    return [observation, *_cluster_client(q)]
+    return [CONNECTION, observation, *_cluster_client(q)]
 
 
 def tool_grants(q: QueueKeys) -> list[Grant]:
@@ -140,6 +149,7 @@ def tool_grants(q: QueueKeys) -> list[Grant]:
     status = [*streams, *dead, *(wire.lease_key(s) for s in streams), wire.limit_bound_key(q.stream)]
     claims = [wire.redrive_claim_key(d, "") for d in dead]
     return [
+        CONNECTION,
         Grant("kubectl sq status", TOOL_STATUS_COMMANDS, status),
         Grant("kubectl sq dlq (list, show, redrive, purge)", TOOL_DLQ_COMMANDS, [*dead, *streams], claims),
         *_cluster_client(q),

@@ -40,6 +40,10 @@ RETRY_BACKOFF_BASE_S = 0.05
 RETRY_BACKOFF_CAP_S = 2.0
 # The delays of our own retry loops (``retry_transient``) after successive failures.
 RETRY_BACKOFF = EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S)
+# redis-py PINGs a connection idle longer than this before its next command (a Pub/Sub connection at
+# its next read), so a connection a firewall or NAT dropped silently is replaced before it is used:
+# every component's Redis user needs +ping (streamqueue.acl). Read at connect time: a test shortens it.
+HEALTH_CHECK_INTERVAL_S = 30.0
 _SCHEMES = ("redis", "rediss")
 # Errors that mean "Redis is away for a moment": a lost connection, or a cluster without a primary
 # for a slot or moving one (CLUSTERDOWN, TRYAGAIN) while it fails over.
@@ -305,7 +309,7 @@ def connect(connection: RedisConnection, *, block_ms: int | None = None) -> aior
     return aioredis.Redis.from_url(
         _url(connection),
         **_common(connection, block_ms),
-        health_check_interval=30,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
         retry=Retry(
             ExponentialWithJitterBackoff(base=RETRY_BACKOFF_BASE_S, cap=RETRY_BACKOFF_CAP_S),
             COMMAND_RETRIES,
