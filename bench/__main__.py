@@ -11,6 +11,7 @@ BENCHMARKS = [
     "client_latency",
     "model_stream",
     "stream_cost",
+    "tracing_cost",
     "cancel_latency",
     "fairness",
     "operator_reaction",

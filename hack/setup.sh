@@ -40,7 +40,7 @@ hash_now="$(cat requirements-dev.txt worker/pyproject.toml operator/pyproject.to
 if [ "$(cat "$stamp" 2>/dev/null)" != "$hash_now" ]; then
   log "installing Python packages into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements-dev.txt -e "worker[uvloop]" -e operator -e harness
+  .venv/bin/python -m pip install -q -r requirements-dev.txt -e "worker[uvloop,otel]" -e operator -e harness
   echo "$hash_now" > "$stamp"
 else
   log "Python packages up to date"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the pinned Kubernetes tool chain (etcd, kube-apiserver, kube-controller-manager, kubectl,
-# kube-scheduler, kubelet, kube-proxy, CoreDNS, helm, kind, actionlint) from the Go module proxy into a cache
+# kube-scheduler, kubelet, kube-proxy, CoreDNS, helm, kind, actionlint, an OpenTelemetry Collector) from the Go module proxy into a cache
 # outside the repository, keyed by version, and link it into .tools/bin. A warm cache makes this a
 # no-op that takes well under a second.
 #
@@ -16,6 +16,9 @@ KIND_VERSION="${KIND_VERSION:-v0.30.0}"
 ACTIONLINT_VERSION="${ACTIONLINT_VERSION:-v1.7.12}"  # lints .github/workflows (make lint)
 # The node's cluster DNS; v1.14.7 is built with client-go v0.35.4, the same as KUBERNETES_VERSION.
 COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}"
+# The trace tests' collector (tests/worker/test_tracing.py): core v0.161.0 with contrib's fileexporter of
+# the same release (the newest fileexporter that resolves here).
+OTELCOL_VERSION="${OTELCOL_VERSION:-v0.161.0}"
 GO_MIN_VERSION="1.25"
 # The control plane, plus what runs real pods beside it: kube-scheduler, kubelet, kube-proxy.
 KUBERNETES_COMMANDS="kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy"
@@ -191,6 +194,65 @@ GO
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+# An OpenTelemetry Collector with only what the trace tests use: the OTLP receiver and the file
+# exporter (contrib), no processors or extensions (the full contrib distribution has hundreds).
+build_otelcol() {
+  local v="$OTELCOL_VERSION" out="$CACHE/otelcol-$OTELCOL_VERSION/bin" work="$CACHE/otelcol-$OTELCOL_VERSION/src"
+  log "otelcol $v: building an OTLP-receiver + file-exporter collector"
+  consumer_module "$work" streamqueue.local/otelcol 1.25.0
+  (
+    cd "$work"
+    "$GO" mod edit -require="go.opentelemetry.io/collector/otelcol@$v" \
+      -require="go.opentelemetry.io/collector/receiver/otlpreceiver@$v" \
+      -require="github.com/open-telemetry/opentelemetry-collector-contrib/exporter/fileexporter@$v"
+    cat > main.go <<GO
+// otelcol-sq: an OpenTelemetry Collector with the OTLP receiver and the file exporter only.
+package main
+
+import (
+	"log"
+
+	"github.com/open-telemetry/opentelemetry-collector-contrib/exporter/fileexporter"
+	"go.opentelemetry.io/collector/component"
+	"go.opentelemetry.io/collector/confmap"
+	"go.opentelemetry.io/collector/confmap/provider/fileprovider"
+	"go.opentelemetry.io/collector/exporter"
+	"go.opentelemetry.io/collector/otelcol"
+	"go.opentelemetry.io/collector/receiver"
+	"go.opentelemetry.io/collector/receiver/otlpreceiver"
+	"go.opentelemetry.io/collector/service/telemetry/otelconftelemetry"
+)
+
+func components() (otelcol.Factories, error) {
+	var err error
+	f := otelcol.Factories{Telemetry: otelconftelemetry.NewFactory()}
+	if f.Receivers, err = otelcol.MakeFactoryMap[receiver.Factory](otlpreceiver.NewFactory()); err != nil {
+		return f, err
+	}
+	f.Exporters, err = otelcol.MakeFactoryMap[exporter.Factory](fileexporter.NewFactory())
+	return f, err
+}
+
+func main() {
+	set := otelcol.CollectorSettings{
+		BuildInfo: component.BuildInfo{Command: "otelcol-sq", Description: "OTLP receiver + file exporter", Version: "$v"},
+		Factories: components,
+		ConfigProviderSettings: otelcol.ConfigProviderSettings{ResolverSettings: confmap.ResolverSettings{
+			ProviderFactories: []confmap.ProviderFactory{fileprovider.NewFactory()}, DefaultScheme: "file",
+		}},
+	}
+	if err := otelcol.NewCommand(set).Execute(); err != nil {
+		log.Fatal(err)
+	}
+}
+GO
+    "$GO" mod tidy -e >/dev/null
+    mkdir -p "$out.tmp"
+    CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o "$out.tmp/otelcol-sq" .
+  )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
 build_helm() {
   local v="$HELM_VERSION" out="$CACHE/helm-$HELM_VERSION/bin"
   log "helm $v: go install helm.sh/helm/v3/cmd/helm"
@@ -240,7 +302,7 @@ ensure() {  # ensure NAME VERSION BINARIES...
 }
 
 main() {
-  local want="${*:-etcd kubernetes coredns helm kind actionlint}"
+  local want="${*:-etcd kubernetes coredns helm kind actionlint otelcol}"
   for t in $want; do
     case "$t" in
       etcd) ensure etcd "$ETCD_VERSION" etcd ;;
@@ -249,7 +311,8 @@ main() {
       helm) ensure helm "$HELM_VERSION" helm ;;
       kind) ensure kind "$KIND_VERSION" kind ;;
       actionlint) ensure actionlint "$ACTIONLINT_VERSION" actionlint ;;
-      *) echo "unknown tool: $t (want etcd, kubernetes, coredns, helm, kind, actionlint)" >&2; exit 2 ;;
+      otelcol) ensure otelcol "$OTELCOL_VERSION" otelcol-sq ;;
+      *) echo "unknown tool: $t (want etcd, kubernetes, coredns, helm, kind, actionlint, otelcol)" >&2; exit 2 ;;
     esac
   done
   log "tools ready in $BIN"

@@ -120,6 +120,9 @@ class WorkerSettings(RedisSettings):
     """Address the health port binds."""
     log_level: LogLevel = Field(default="INFO")
     """DEBUG, INFO, WARNING or ERROR."""
+    otel_tracing: bool | None = Field(default=None)
+    """OpenTelemetry traces (the streamqueue[otel] extra); unset: on when OTEL_EXPORTER_OTLP_ENDPOINT
+    or OTEL_TRACES_EXPORTER is set. The standard OTEL_* variables configure the rest."""
     # The model handler (streamqueue.handlers.openai:handle): an OpenAI-compatible chat server.
     openai_base_url: str | None = Field(default=None, max_length=2048, pattern=HTTP_URL_PATTERN)
     """Model handler: the API's base URL, e.g. http://vllm:8000/v1 (POSTs <url>/chat/completions)."""

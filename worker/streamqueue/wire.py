@@ -25,6 +25,9 @@ REQUEST_ID = "request_id"  # optional, echoed on every reply entry for correlati
 # Optional: Unix time in milliseconds (an integer) after which the request is not worth answering;
 # a worker that reads it later writes an EXPIRED reply instead of calling the handler.
 DEADLINE = "deadline"
+# Optional: the producer's W3C trace context (``streamqueue.tracing``), continued by the worker.
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
 
 # Reply entry (``<reply_prefix><user_id>``). A streamed reply writes chunk entries (CHUNK, SEQ)
 # before the final entry, which always carries the whole RESPONSE so article clients still work.
@@ -35,6 +38,7 @@ SEQ = "seq"  # the chunk entry's number within one delivery of the request: 0, 1
 # Chunk entry format 2 (docs/worker.md, "Chunk entries"): the characters of the reply before this
 # entry's text; an entry may hold several of the handler's chunks.
 OFFSET = "offset"
+TRACE_ID = "trace_id"  # the request's trace (32 hex digits), on the final entry when the worker traces
 ERROR = "error"  # set on an error reply sent to the user when a message is dead-lettered
 CANCELLED = "cancelled"  # "1" on the final entry of a cancelled request (its RESPONSE is empty)
 CANCELLED_YES = "1"

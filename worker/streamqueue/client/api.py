@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
+from .. import tracing as traces
 from .. import wire
 from ..connection import RedisClient, RedisConnection, connect_any
 from .reads import ReplyReaders, UserReader, Waiter
@@ -48,6 +49,7 @@ class Client:
         block_ms: int = DEFAULT_BLOCK_MS,
         max_readers: int = 1000,
         cancel_ttl_seconds: int = wire.DEFAULT_CANCEL_TTL_SECONDS,
+        tracing: bool | None = None,
     ) -> None:
         """``stream_maxlen`` trims the input stream (MAXLEN ~) on every send; leave it unset unless
         producers may outrun the workers for long, since trimming drops unprocessed requests.
@@ -59,7 +61,8 @@ class Client:
         ``wire.partition_of(user_id, partitions)``. A ``RedisConnection`` with ``cluster=True`` reaches a
         Redis Cluster (replies are read from each user's stream wherever it lives).
         ``cancel_ttl_seconds``: how long a cancel is remembered for a request still queued (see
-        ``cancel``)."""
+        ``cancel``). ``tracing``: a ``streamqueue send`` span per request, its context written
+        into the entry (``streamqueue.tracing``); None: on when the ``OTEL_*`` variables ask for it."""
         if isinstance(connection, str):  # a URL alone; nothing is read from the environment
             connection = RedisConnection(url=connection)
         self.stream = stream
@@ -75,6 +78,7 @@ class Client:
         self.commands = asyncio.Semaphore(_COMMAND_CONNECTIONS)
         self._readers = ReplyReaders(self.redis, self.commands, block_ms)
         self._sends = BatchedSends(self.redis, self.commands, stream_maxlen)
+        self._tracer = traces.tracer(tracing, "streamqueue-client")
 
     async def __aenter__(self) -> Client:
         return self
@@ -134,7 +138,23 @@ class Client:
         if deadline is not None:
             fields[wire.DEADLINE] = str(_deadline_ms(deadline))
         key = wire.partition_stream(self.stream, wire.partition_of(user_id, self.partitions), self.partitions)
-        return await self._sends.add(key, fields)
+        if self._tracer is None:
+            return await self._sends.add(key, fields)
+        return await self._traced_send(key, fields)
+
+    async def _traced_send(self, key: str, fields: dict[FieldT, EncodableT]) -> str:
+        """``send``'s XADD under a PRODUCER span whose context the entry carries."""
+        from opentelemetry.trace import SpanKind
+
+        assert self._tracer is not None
+        attributes = {"messaging.system": "redis", "messaging.destination.name": key}
+        with self._tracer.start_as_current_span(
+            "streamqueue send", kind=SpanKind.PRODUCER, attributes=attributes
+        ) as span:
+            traces.inject(span, fields)
+            entry_id = await self._sends.add(key, fields)
+            span.set_attribute("messaging.message.id", entry_id)
+            return entry_id
 
     async def cancel(self, user_id: str, request_id: str) -> None:
         """Cancel a request: a queued one is skipped, a running one has its handler cancelled (its

@@ -71,6 +71,11 @@ class Reply:
         return self.fields.get(wire.WORKER_ID)
 
     @property
+    def trace_id(self) -> str | None:
+        """The request's OpenTelemetry trace id (32 hex digits), on a final reply from a tracing worker."""
+        return self.fields.get(wire.TRACE_ID)
+
+    @property
     def chunk(self) -> str | None:
         return self.fields.get(wire.CHUNK)
 

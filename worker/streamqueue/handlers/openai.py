@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from redis.backoff import ExponentialBackoff
 
+from .. import tracing
 from ..limits import Call, ModelLimits, Retryable, back_off, retry_after_seconds
 from ..wire import memory_key
 from . import HandlerFactory, Message
@@ -140,12 +141,22 @@ class OpenAIHandler:
             try:
                 async with Call(self.limits) as call:
                     usage = _Usage(prompt_chars)
+                    span = tracing.start_span("model call", {"server.address": self.url, "attempt": attempt})
                     try:
                         async for chunk in self._stream(body, usage):
+                            if span is not None and not parts:
+                                span.add_event(tracing.FIRST_TOKEN)
                             parts.append(chunk)
                             yield chunk
+                    except BaseException as exc:
+                        if span is not None:
+                            tracing.record_failure(span, exc)
+                        raise
                     finally:
                         call.report_tokens(usage.tokens())
+                        if span is not None:
+                            span.set_attribute("gen_ai.usage.total_tokens", usage.tokens())
+                            span.end()
                 break
             except Retryable as exc:
                 if parts:

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from functools import partial
 from typing import Any
 
-from .. import wire
+from .. import tracing, wire
 from ..handlers import Handler, Message
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
@@ -53,8 +53,21 @@ class EntryProcessor:
         self._max_age_ms = (
             None if settings.max_queue_age_seconds is None else settings.max_queue_age_seconds * 1000
         )
+        self.tracer = tracing.tracer(settings.otel_tracing, "streamqueue-worker")
 
     async def process(self, entry: Delivery) -> Commit | None:
+        """What to commit for this entry (``_process``), traced when tracing is on."""
+        if self.tracer is None:
+            return await self._process(entry, None)
+        spans = tracing.EntrySpans(self.tracer, entry.entry_id, entry.fields, self.stream, entry.deliveries)
+        with spans.processing():
+            commit = await self._process(entry, spans)
+        if commit is None:
+            spans.failed()
+            return None
+        return spans.committing(*commit)
+
+    async def _process(self, entry: Delivery, spans: tracing.EntrySpans | None) -> Commit | None:
         """What to commit for this entry (writes, then a step to run once committed), or None.
 
         Every delivery comes here (new, reclaimed, retried in place), so each is checked for
@@ -87,7 +100,8 @@ class EntryProcessor:
         )
         started = time.perf_counter()
         try:
-            writes = await (self._answer(msg) if flight is None else self._answer_cancellable(msg, flight))
+            answer = self._answer(msg) if flight is None else self._answer_cancellable(msg, flight)
+            writes = await (answer if spans is None else spans.handler(answer))
         except Exception as exc:
             self.failures.failed(entry, exc)
             return None
@@ -145,6 +159,14 @@ class EntryProcessor:
         reply = unanswered_fields(self.s.consumer, request_id, wire.EXPIRED, reason)
         return self._unanswered(entry, reply, expired)
 
+    def _traced(self, reply: dict[str, str]) -> dict[str, str]:
+        """The reply with the request's trace id when tracing is on (the current span's trace)."""
+        if self.tracer is not None:
+            from opentelemetry.trace import get_current_span
+
+            reply[wire.TRACE_ID] = tracing.trace_id(get_current_span())
+        return reply
+
     def _unanswered(self, entry: Delivery, reply: dict[str, str], done: Callable[[], None]) -> Commit:
         """A final reply in place of the handler's; ``done`` runs once it is committed."""
         s = self.s
@@ -154,7 +176,7 @@ class EntryProcessor:
             self.failures.forget(entry.entry_id)
             done()
 
-        return [StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds)], committed
+        return [StreamWrite(key, self._traced(reply), s.reply_maxlen, s.reply_ttl_seconds)], committed
 
     def _answered(self, entry_id: str) -> None:
         self.failures.forget(entry_id)
@@ -172,11 +194,8 @@ class EntryProcessor:
             result = await self._stream_chunks(outcome, msg, key)
         else:
             result = await outcome
-        return [
-            StreamWrite(
-                key, reply_fields(s.consumer, msg.request_id, result), s.reply_maxlen, s.reply_ttl_seconds
-            )
-        ]
+        reply = self._traced(reply_fields(s.consumer, msg.request_id, result))
+        return [StreamWrite(key, reply, s.reply_maxlen, s.reply_ttl_seconds)]
 
     async def _stream_chunks(self, chunks: AsyncIterator[str], msg: Message, key: str) -> str:
         """Queue each chunk as it is produced (if enabled) and return the whole text for the final reply.
