@@ -11,6 +11,7 @@ operator must scale out for.
 from __future__ import annotations
 
 import json
+import secrets
 import string
 import threading
 import time
@@ -79,6 +80,15 @@ def deploy_redis(plane: ControlPlane, image: str, timeout_s: int = 120, node: st
     return plane.kubectl(
         "get", "service", "redis", "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIP}"
     ).stdout
+
+
+def redis_in_cluster(plane: ControlPlane, image: str, node: str | None = None) -> redis.Redis:
+    """Redis as users run it, with a fresh password in its Secret (``deploy_redis``); a client for the
+    test at the Service's ClusterIP. The caller closes it."""
+    password = secrets.token_hex(16)
+    create_redis_secret(plane, password)
+    service_ip = deploy_redis(plane, image, node=node)
+    return redis.Redis(host=service_ip, port=6379, password=password, decode_responses=True)
 
 
 def example_queue(

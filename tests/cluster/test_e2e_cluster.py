@@ -18,7 +18,6 @@ is evicted.
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -61,11 +60,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
 @pytest.fixture
 def cluster_redis(nodes: list[Node]) -> Iterator[redis.Redis]:
     """Redis (StatefulSet + Service ``redis``) on the first node, the one this test never drains or stops."""
-    plane = nodes[0].plane
-    password = secrets.token_hex(16)
-    q.create_redis_secret(plane, password)
-    service_ip = q.deploy_redis(plane, nodes[0].images.redis, node=nodes[0].name)
-    client = redis.Redis(host=service_ip, port=6379, password=password, decode_responses=True)
+    client = q.redis_in_cluster(nodes[0].plane, nodes[0].images.redis, node=nodes[0].name)
     yield client
     client.close()
 

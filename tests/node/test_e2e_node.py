@@ -15,7 +15,6 @@ Nothing may be lost, and every user must see exactly their own replies.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -48,10 +47,7 @@ def cluster_redis(node_cluster: Node) -> Iterator[redis.Redis]:
     The test reaches it through the Service's ClusterIP (kube-proxy's rules apply to the node's own
     processes too), as pods do; only the name is theirs alone.
     """
-    password = secrets.token_hex(16)
-    q.create_redis_secret(node_cluster.plane, password)
-    service_ip = q.deploy_redis(node_cluster.plane, node_cluster.images.redis)
-    client = redis.Redis(host=service_ip, port=6379, password=password, decode_responses=True)
+    client = q.redis_in_cluster(node_cluster.plane, node_cluster.images.redis)
     yield client
     client.close()
 
