@@ -5,9 +5,9 @@ an OpenAI-compatible server, and back through the user's reply stream. Two serve
 
 - stub: an aiohttp server in its own process that streams 20 deltas 20 ms apart in OpenAI's exact
   SSE format (50 tokens/s per reply, like a real GPU server), at 1,000 concurrent requests (issue 13),
-  i.e. 50,000 chunks/s offered. This measures the queue's own cost: TTFC floor = the stub's first
+  i.e. 50,000 deltas/s offered. This measures the queue's own cost: TTFC floor = the stub's first
   delta, inter-chunk floor = 20 ms. Measured in the same run, on the same machine: 1 request (the
-  floor) and 100 concurrent (the baseline, 5,000 chunks/s offered), and the 1,000 row's ratios to the
+  floor) and 100 concurrent (the baseline, 5,000 deltas/s offered), and the 1,000 row's ratios to the
   baseline. Every process (client, worker, redis-server, stub) shares this machine's cores, so the
   CPU table says how much of the machine each used: when the processes together keep every core
   busy, the figures are the machine's, not the queue's.
@@ -53,20 +53,26 @@ class Measured:
     concurrency: int
     ttfc: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
+    words: int = 0
     elapsed_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PROCESSES, 0.0))
 
     @property
     def chunks(self) -> int:
-        return len(self.ttfc) + len(self.gaps)
+        """Deltas delivered: the words of the text (one per stub delta), since the worker may join
+        deltas that wait together into one chunk (``chunk_flush_ms``)."""
+        return self.words
 
     @property
     def rate(self) -> float:
         return self.chunks / self.elapsed_s
 
-    def add(self, ttfc: list[float], gaps: list[float], elapsed_s: float, cpu_s: dict[str, float]) -> None:
+    def add(
+        self, ttfc: list[float], gaps: list[float], words: int, elapsed_s: float, cpu_s: dict[str, float]
+    ) -> None:
         self.ttfc += ttfc
         self.gaps += gaps
+        self.words += words
         self.elapsed_s += elapsed_s
         for name, seconds in cpu_s.items():
             self.cpu_s[name] += seconds
@@ -80,20 +86,24 @@ class Measured:
 
 async def _run(
     redis_url: str, concurrency: int, rounds: int, cpu: Callable[[], dict[str, float]]
-) -> tuple[list[float], list[float], float, dict[str, float]]:
+) -> tuple[list[float], list[float], int, float, dict[str, float]]:
     """``concurrency`` users each stream ``rounds`` requests one after another; TTFC and gaps in ms,
-    the wall time (s) and the CPU seconds each process spent meanwhile (``cpu``: the others' so far)."""
+    the words delivered, the wall time (s) and the CPU seconds each process spent meanwhile (``cpu``:
+    the others' so far)."""
     ttfc: list[float] = []
     gaps: list[float] = []
+    words = 0
     async with Client(redis_url, max_readers=concurrency + 10) as client:
         await client.request("warmup", "hi", timeout=120)  # the worker is up and the model loaded
 
         async def user(u: int) -> None:
+            nonlocal words
             for _ in range(rounds):
                 start = last = time.perf_counter()
                 first = True
-                async for _chunk in client.request_stream(f"u{u}", "tell me a story", timeout=300):
+                async for chunk in client.request_stream(f"u{u}", "tell me a story", timeout=300):
                     now = time.perf_counter()
+                    words += len(chunk.split())
                     (ttfc if first else gaps).append((now - (start if first else last)) * 1000)
                     first, last = False, now
 
@@ -102,7 +112,7 @@ async def _run(
         await asyncio.gather(*(user(u) for u in range(concurrency)))
         elapsed = time.perf_counter() - t0
         after = {**cpu(), "client": time.process_time()}
-        return ttfc, gaps, elapsed, {name: after[name] - before[name] for name in after}
+        return ttfc, gaps, words, elapsed, {name: after[name] - before[name] for name in after}
 
 
 def worker_process(
@@ -215,7 +225,7 @@ def main(argv: list[str]) -> None:
 def _report(configs: list[Measured], llama: Measured | None, repeats: int, cores: int) -> None:
     floor, baseline, target = configs
     stub = f"stub ({STUB_WORDS} deltas, {STUB_INTERVAL_S * 1000:.0f} ms apart)"
-    per_reply = STUB_WORDS / (STUB_WORDS * STUB_INTERVAL_S)  # chunks/s one reply offers
+    per_reply = STUB_WORDS / (STUB_WORDS * STUB_INTERVAL_S)  # deltas/s one reply offers
     rows = [
         [stub, *m.figures(), m.concurrency * per_reply, f"{m.rate / (m.concurrency * per_reply):.0%}"]
         for m in configs
@@ -226,7 +236,7 @@ def _report(configs: list[Measured], llama: Measured | None, repeats: int, cores
     print_table(
         [
             "server", "concurrent", "replies", "TTFC p50 ms", "TTFC p99 ms", "gap p50 ms", "gap p99 ms",
-            "chunks/s", "offered/s", "served/offered",
+            "deltas/s", "offered/s", "served/offered",
         ],
         rows,
     )  # fmt: skip
@@ -236,7 +246,7 @@ def _report(configs: list[Measured], llama: Measured | None, repeats: int, cores
     )
     print(f"\n{target.concurrency} concurrent against the {baseline.concurrency}-concurrent baseline:")
     print_table(
-        ["TTFC p50", "TTFC p99", "gap p50", "gap p99", "chunks/s", "ideal chunks/s"],
+        ["TTFC p50", "TTFC p99", "gap p50", "gap p99", "deltas/s", "ideal deltas/s"],
         [
             [
                 _ratio(percentile(target.ttfc, 0.5), percentile(baseline.ttfc, 0.5)),
@@ -263,8 +273,8 @@ def _report(configs: list[Measured], llama: Measured | None, repeats: int, cores
         )
     print_table(
         [
-            "concurrent", *(f"{name} µs/chunk" for name in PROCESSES), "all µs/chunk", "cores busy",
-            "chunks/s the cores allow",
+            "concurrent", *(f"{name} µs/delta" for name in PROCESSES), "all µs/delta", "cores busy",
+            "deltas/s the cores allow",
         ],
         cpu_rows,
     )  # fmt: skip

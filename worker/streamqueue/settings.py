@@ -103,9 +103,9 @@ class WorkerSettings(RedisSettings):
     """Tell the user (on their reply stream) when their message was dead-lettered."""
     stream_replies: bool = Field(default=True)
     """Write chunk entries as an async-iterator handler yields them; false: final reply only."""
-    chunk_flush_ms: int = Field(default=20, ge=0, le=1000)
-    """Chunks wait up to this long to be written together; one reply's chunks that wait together
-    become one entry. 0: every chunk is its own entry, written at once."""
+    chunk_flush_ms: int = Field(default=10, ge=0, le=1000)
+    """Chunks wait up to this long to be written together (a reply's first goes at once); one reply's
+    chunks that wait together become one entry. 0: every chunk is its own entry, written at once."""
     reply_maxlen: int = Field(default=1000, ge=1, le=10_000_000)
     """MAXLEN ~ of each reply stream."""
     reply_ttl_seconds: int = Field(default=3600, ge=1, le=31_536_000)

@@ -130,7 +130,8 @@ class ReplyChunks:
         entry = _OpenEntry(fields, text, size)
         if self._writer.outbox.chunk_flush_s > 0:
             self._open = entry
-        self._writer.outbox.send(write, partial(self._done, entry), self._taken)
+        # The first entry goes with the next flush, without waiting: the time to first token is kept.
+        self._writer.outbox.send(write, partial(self._done, entry), self._taken, urgent=self.count == 1)
 
     def _taken(self) -> None:
         """A flush took the open entry: its text is final, the next chunk starts a new entry."""

@@ -125,7 +125,14 @@ class Outbox:
         self._wake.set()
         self._urgent.set()
 
-    def send(self, write: StreamWrite, on_done: Done, taken: Callable[[], None] | None = None) -> None:
+    def send(
+        self,
+        write: StreamWrite,
+        on_done: Done,
+        taken: Callable[[], None] | None = None,
+        *,
+        urgent: bool = False,
+    ) -> None:
         """Queue one write that acknowledges nothing (a streamed chunk), in order with everything else.
 
         ``on_done`` gets None once it is written (a write Redis rejects, such as a reply key of another
@@ -133,13 +140,14 @@ class Outbox:
         called (when a flush takes the write) the sender may still change the write's fields: that is
         how one reply's chunks that wait together become one entry. Queued chunks wait up to
         ``chunk_flush_s`` for more before they are flushed, so one script call and one wake-up of each
-        reader carry many replies' chunks, unless an entry is to be committed (that flush takes them).
+        reader carry many replies' chunks, unless an entry is to be committed (that flush takes them)
+        or the write is ``urgent`` (a reply's first chunk: the time to first token stays as it was).
         """
         if not self._queue:
             self._queued_since = asyncio.get_running_loop().time()
         self._queue.append(_Queued(None, [write], on_done, taken))
         self._wake.set()
-        if len(self._queue) >= MAX_BATCH * CALLS_PER_FLUSH:
+        if urgent or len(self._queue) >= MAX_BATCH * CALLS_PER_FLUSH:
             self._urgent.set()
 
     def abandon(self) -> None:
