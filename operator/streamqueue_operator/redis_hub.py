@@ -27,6 +27,9 @@ from streamqueue.connection import RedisClient, RedisConnection, connect_any
 BATCH_WINDOW_SECONDS = 0.01
 # Queues per pipeline: bounds one reply's parsing time (the event loop is busy meanwhile).
 MAX_BATCH_QUEUES = 500
+# Connections a shared client opens for the queues' own commands (housekeeping, pod ranking): their
+# work falls due on the same ticks, and one connection each could exhaust the server's maxclients.
+MAX_DIRECT_USERS = 8
 
 # Adds one queue's commands to a pipeline; its replies come back in the same order.
 Commands = Callable[[Any], None]
@@ -104,6 +107,8 @@ class Shared:
     connection: RedisConnection
     pipeline: SharedPipeline
     users: int = field(default=0)
+    # Held around a queue's own commands on ``client`` (see MAX_DIRECT_USERS).
+    direct: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_DIRECT_USERS))
 
     @property
     def client(self) -> RedisClient:

@@ -314,7 +314,9 @@ class QueueScaler:
             return
         streams = wire.partition_streams(spec.stream, spec.partitions)
         try:
-            loads = await consumer_loads(self._client[1].client, streams, spec.group)
+            shared = self._client[1]
+            async with shared.direct:
+                loads = await consumer_loads(shared.client, streams, spec.group)
             pods = await self.cluster.pod_annotation(
                 self.namespace, self._selector(), deletion_cost.ANNOTATION
             )
@@ -409,21 +411,23 @@ class QueueScaler:
         if now - self._last_housekeeping < rules.interval_seconds or self._client is None:
             return
         self._last_housekeeping = now
-        client = self._client[1].client
+        shared, client = self._client[1], self._client[1].client
         streams = wire.partition_streams(spec.stream, spec.partitions)  # each its own group, slot
         try:
             if rules.dead_consumer_cleanup:
                 pods = await self.cluster.pod_names(self.namespace, self._selector())
                 for stream in streams:
                     self.cluster.fence()  # Redis writes too: only the leader cleans up
-                    result = await housekeeping.remove_dead_consumers(client, stream, spec.group, pods)
+                    async with shared.direct:
+                        result = await housekeeping.remove_dead_consumers(client, stream, spec.group, pods)
                     metrics.CONSUMERS_DELETED.labels(self.namespace, self.name).inc(len(result.deleted))
                     if result.deleted:
                         self.log.info("deleted dead consumers %s of %s", ", ".join(result.deleted), stream)
             if rules.trim_stream:
                 for stream in streams:
                     self.cluster.fence()
-                    trimmed = await housekeeping.trim_processed(client, stream)
+                    async with shared.direct:
+                        trimmed = await housekeeping.trim_processed(client, stream)
                     metrics.ENTRIES_TRIMMED.labels(self.namespace, self.name).inc(trimmed)
         except (redis.RedisError, OSError) as exc:
             self.log.warning("housekeeping skipped: %s", exc)
