@@ -16,8 +16,7 @@ import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 from streamqueue_harness.otelcol import Collector
@@ -27,29 +26,14 @@ from bench.common import print_table
 from bench.worker_throughput import THIS_TREE, run_worker_process
 
 
-@contextmanager
-def environment(changes: Mapping[str, str]) -> Iterator[None]:
-    """This process's environment with ``changes`` (the worker process inherits it)."""
-    saved = {name: os.environ.get(name) for name in changes}
-    os.environ.update(changes)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 async def measure(args: argparse.Namespace, collector: Collector | None) -> list[list[object]]:
     contenders: list[tuple[str, Path, dict[str, str]]] = []
     if args.baseline_tree is not None:
         contenders.append((f"before ({args.baseline_tree})", args.baseline_tree.resolve(), {}))
-    contenders.append(("tracing off", THIS_TREE, {}))
+    contenders.append(("tracing off", args.tree.resolve(), {}))
     if collector is not None:
         on = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_SERVICE_NAME": "bench-worker"}
-        contenders.append(("tracing on (OTLP to a collector)", THIS_TREE, on))
+        contenders.append(("tracing on (OTLP to a collector)", args.tree.resolve(), on))
     rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-tracing-"))
@@ -57,10 +41,8 @@ async def measure(args: argparse.Namespace, collector: Collector | None) -> list
         assert server.proc is not None
         for r in range(args.rounds):
             for i, (name, tree, env) in enumerate(contenders if r % 2 == 0 else contenders[::-1]):
-                with environment(env):
-                    rate, us, _ = await run_worker_process(
-                        server.url, server.proc.pid, f"bench:t:{r}:{i}", tree, workdir
-                    )
+                url, pid = server.url, server.proc.pid
+                rate, us, _ = await run_worker_process(url, pid, f"bench:t:{r}:{i}", tree, workdir, env)
                 rates[name].append(rate)
                 cpu[name].append(us)
             print(
@@ -83,6 +65,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.tracing_cost", description=__doc__)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (median)")
     parser.add_argument("--baseline-tree", type=Path, help="a worktree of the code before tracing")
+    parser.add_argument("--tree", type=Path, default=THIS_TREE, help="the tree measured with tracing")
     parser.add_argument("--no-collector", action="store_true", help="skip the tracing-on contender")
     args = parser.parse_args(argv)
     print(f"load average {os.getloadavg()[0]:.2f}", flush=True)

@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,15 +170,16 @@ async def run_worker(url: str, case: Case, stream: str, batch_size: int, concurr
 
 
 async def run_worker_process(
-    url: str, redis_pid: int, stream: str, tree: Path, workdir: Path
+    url: str, redis_pid: int, stream: str, tree: Path, workdir: Path, extra_env: Mapping[str, str] = {}
 ) -> tuple[float, float, float]:
-    """``tree``'s worker as its own process, default flags, echo handler: msg/s from its first
-    delivery, and the worker's and redis-server's CPU µs per message meanwhile (hardly moved by the
-    machine's load)."""
+    """``tree``'s worker as its own process, default flags, echo handler, ``extra_env`` added to its
+    environment: msg/s from its first delivery, and the worker's and redis-server's CPU µs per message
+    meanwhile (hardly moved by the machine's load)."""
     redis = connect(RedisConnection(url=url))
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tree / "worker"), os.environ.get("PYTHONPATH", "")]),
+        **extra_env,
     }
     try:
         await load_requests(redis, stream, PROCESS_MESSAGES, PROCESS_USERS)
