@@ -24,6 +24,7 @@ def collector(tmp_path) -> Iterator[Collector]:
         yield c
 
 
+@pytest.mark.slow  # and needs otelcol-sq from hack/tools.sh, which `make test-fast`'s CI job does not build
 async def test_a_request_is_one_trace_from_send_to_commit(
     collector, redis_server, worker_processes, stub, monkeypatch
 ) -> None:
