@@ -113,3 +113,20 @@ def test_the_off_path_imports_no_opentelemetry() -> None:
     env = {"PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_traceparent_round_trip() -> None:
+    """What ``inject`` writes into an entry, ``extract`` reads back as the remote parent; a malformed
+    traceparent gives no parent (the worker's trace starts on its own)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    span = TracerProvider().get_tracer("test").start_span("send")
+    fields: dict[str, str] = {}
+    tracing.inject(span, fields)
+    parent = trace.get_current_span(tracing.extract(fields)).get_span_context()
+    sent = span.get_span_context()
+    assert (parent.trace_id, parent.span_id, parent.is_remote) == (sent.trace_id, sent.span_id, True)
+    assert parent.trace_flags.sampled
+    malformed = tracing.extract({"traceparent": "00-zz-yy-01"})
+    assert not trace.get_current_span(malformed).get_span_context().is_valid

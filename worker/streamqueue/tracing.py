@@ -77,7 +77,7 @@ def _set_up(service_name: str) -> Tracer:
         )
         provider = TracerProvider(resource=Resource.create({} if named else {"service.name": service_name}))
         exporters = [e.strip().lower() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
-        for name in exporters:
+        for name in (e for e in exporters if e != "none"):  # none (with otel_tracing on): spans, no export
             exporter: SpanExporter = ConsoleSpanExporter() if name == "console" else _otlp_exporter()
             provider.add_span_processor(BatchSpanProcessor(exporter))  # flushed at exit (atexit)
         trace.set_tracer_provider(provider)
@@ -101,6 +101,8 @@ def _otlp_exporter() -> Any:
 def inject(span: Span, fields: dict[Any, Any]) -> None:
     """Write ``span``'s context into a request entry (``traceparent``, and ``tracestate`` if any)."""
     ctx = span.get_span_context()
+    if not ctx.is_valid:  # a no-op span (an application's provider that records nothing)
+        return
     fields[wire.TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
     if ctx.trace_state:
         fields[wire.TRACESTATE] = ctx.trace_state.to_header()
