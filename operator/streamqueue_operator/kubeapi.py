@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +35,7 @@ HASH_ANNOTATION = f"{GROUP}/template-hash"
 
 # (connect, read) seconds for every API request the operator makes outside kopf.
 REQUEST_TIMEOUT = (5.0, 15.0)
+_LEASE_THREAD = ThreadPoolExecutor(1, "k8s-lease")
 
 # What a failed API request raises: an HTTP error status, or a connection that failed or timed out.
 API_ERRORS = (ApiException, urllib3.exceptions.HTTPError)
@@ -295,8 +298,8 @@ class Cluster:
     async def read_lease(self, namespace: str, name: str, seconds: float) -> dict[str, Any] | None:
         """The Lease as a dict, or None when it does not exist yet (Lease calls are never fenced)."""
         try:
-            lease = await _call(
-                self.coordination.read_namespaced_lease, name, namespace, _timeout=(seconds, seconds)
+            lease = await _lease_call(
+                self.coordination.read_namespaced_lease, name, namespace, seconds=seconds
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -308,8 +311,8 @@ class Cluster:
         self, namespace: str, name: str, spec: dict[str, Any], seconds: float
     ) -> dict[str, Any]:
         body = {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
-        created = await _call(
-            self.coordination.create_namespaced_lease, namespace, body, _timeout=(seconds, seconds)
+        created = await _lease_call(
+            self.coordination.create_namespaced_lease, namespace, body, seconds=seconds
         )
         return self._sanitized(created)
 
@@ -317,8 +320,8 @@ class Cluster:
         self, namespace: str, name: str, lease: dict[str, Any], seconds: float
     ) -> dict[str, Any]:
         """PUT with the read resourceVersion: of two replicas writing at once, one gets a 409."""
-        replaced = await _call(
-            self.coordination.replace_namespaced_lease, name, namespace, lease, _timeout=(seconds, seconds)
+        replaced = await _lease_call(
+            self.coordination.replace_namespaced_lease, name, namespace, lease, seconds=seconds
         )
         return self._sanitized(replaced)
 
@@ -345,3 +348,11 @@ async def _call(
 ) -> Any:
     """One API request in a worker thread, with the operator's deadline (or a shorter one)."""
     return await asyncio.to_thread(method, *args, _request_timeout=_timeout, **kwargs)
+
+
+async def _lease_call(method: Any, *args: Any, seconds: float) -> Any:
+    """A Lease request on the Lease's own thread: in the shared pool it waited behind hundreds of
+    queues' status and scale writes (measured at 2,000 queues) past the renew deadline, and the
+    leader stepped down with nothing wrong."""
+    call = functools.partial(method, *args, _request_timeout=(seconds, seconds))
+    return await asyncio.get_running_loop().run_in_executor(_LEASE_THREAD, call)
