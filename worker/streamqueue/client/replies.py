@@ -154,6 +154,10 @@ class TextOrder:
 
     def add(self, offset: int, chunk: Chunk) -> list[Chunk]:
         """Record one entry's text and return the chunks now ready, in order (empty text adds nothing)."""
+        if offset == self.next_offset and chunk and not self._early:  # the usual case: next in line
+            self.next_offset += len(chunk)
+            self.started = True
+            return [chunk]
         if offset + len(chunk) > self.next_offset:
             kept = self._early.get(offset)
             if kept is None or len(chunk) > len(kept):
