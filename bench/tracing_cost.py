@@ -4,7 +4,8 @@ The worker as a pod runs it (``bench.worker_throughput``'s worker-process phase:
 streamqueue.worker``, default flags, the echo handler, 60,000 pre-loaded messages from 400 users):
 ``--baseline-tree`` (a ``git worktree`` of the commit before the instrumentation), this tree with
 tracing off (no ``OTEL_*`` variable), and, if the collector is built (hack/tools.sh ``otelcol``), this
-tree with tracing on, exporting every span over OTLP/HTTP to a real collector. Rounds alternate the
+tree with tracing on, exporting every span over OTLP/HTTP to a real collector, and on with 1 % of the
+requests sampled (``parentbased_traceidratio``). Rounds alternate the
 order; medians of msg/s and of the worker's CPU µs per message are printed, never asserted.
 """
 
@@ -34,6 +35,8 @@ async def measure(args: argparse.Namespace, collector: Collector | None) -> list
     if collector is not None:
         on = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_SERVICE_NAME": "bench-worker"}
         contenders.append(("tracing on (OTLP to a collector)", args.tree.resolve(), on))
+        sampled = {**on, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}
+        contenders.append(("tracing on, 1 % sampled", args.tree.resolve(), sampled))
     rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     cpu: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-tracing-"))

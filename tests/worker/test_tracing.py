@@ -130,3 +130,30 @@ def test_traceparent_round_trip() -> None:
     assert parent.trace_flags.sampled
     malformed = tracing.extract({"traceparent": "00-zz-yy-01"})
     assert not trace.get_current_span(malformed).get_span_context().is_valid
+
+
+@pytest.mark.parametrize(
+    ("sampled", "expected"), [(False, []), (True, ["queue wait", "handler", "commit", "process"])]
+)
+async def test_a_sampled_out_entry_asks_for_no_more_spans(sampled: bool, expected: list[str]) -> None:
+    """An entry whose process span is sampled out gets no queue-wait, handler or commit span (their
+    sampler calls were most of the cost of tracing a sampled-out request); one sampled in gets all."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    async def handled() -> str:
+        return "ok"
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    spans = tracing.EntrySpans(provider.get_tracer("test"), "1700000000000-0", {}, "q", 1)
+    with spans.processing():
+        assert await spans.handler(handled()) == "ok"
+    acked: list[bool] = []
+    _, committed = spans.committing([], lambda: acked.append(True))
+    committed()
+    assert acked == [True]
+    assert [s.name.removeprefix("streamqueue ") for s in exported.get_finished_spans()] == expected

@@ -158,10 +158,6 @@ class EntrySpans:
             "messaging.message.id": entry_id,
             "messaging.redis.deliveries": deliveries,
         }
-        wait = tracer.start_span(
-            "streamqueue queue wait", context=parent, start_time=min(added_ns, now_ns), attributes=attributes
-        )
-        wait.end(end_time=now_ns)
         self.process = tracer.start_span(
             "streamqueue process",
             context=parent,
@@ -169,7 +165,16 @@ class EntrySpans:
             start_time=now_ns,
             attributes=attributes,
         )
-        self.trace_id = trace_id(self.process)
+        # Sampled out: the other spans would be sampled out too; not asking the sampler saves their cost.
+        self.recording = self.process.is_recording()
+        if self.recording:
+            wait = tracer.start_span(
+                "streamqueue queue wait",
+                context=parent,
+                start_time=min(added_ns, now_ns),
+                attributes=attributes,
+            )
+            wait.end(end_time=now_ns)
 
     @contextmanager
     def processing(self) -> Iterator[None]:
@@ -182,6 +187,8 @@ class EntrySpans:
     async def handler(self, run: Awaitable[T]) -> T:
         """Await the handler's work under a ``streamqueue handler`` span (current, so the model
         handler's spans go beneath it)."""
+        if not self.recording:
+            return await run
         with self.tracer.start_as_current_span("streamqueue handler"):
             return await run
 
@@ -190,6 +197,8 @@ class EntrySpans:
         ``committed`` runs (the reply written and the entry acknowledged); then the process span ends."""
         from opentelemetry.trace import set_span_in_context
 
+        if not self.recording:
+            return writes, committed
         commit = self.tracer.start_span("streamqueue commit", context=set_span_in_context(self.process))
 
         def done() -> None:

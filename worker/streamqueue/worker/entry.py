@@ -8,7 +8,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -54,11 +54,14 @@ class EntryProcessor:
             None if settings.max_queue_age_seconds is None else settings.max_queue_age_seconds * 1000
         )
         self.tracer = tracing.tracer(settings.otel_tracing, "streamqueue-worker")
+        # What to commit for an entry; with tracing off, ``_process`` itself (no wrapper's await).
+        self.process: Callable[[Delivery], Awaitable[Commit | None]] = (
+            self._process if self.tracer is None else self._process_traced
+        )
 
-    async def process(self, entry: Delivery) -> Commit | None:
-        """What to commit for this entry (``_process``), traced when tracing is on."""
-        if self.tracer is None:
-            return await self._process(entry, None)
+    async def _process_traced(self, entry: Delivery) -> Commit | None:
+        """``_process`` under the entry's spans (``tracing.EntrySpans``)."""
+        assert self.tracer is not None
         spans = tracing.EntrySpans(self.tracer, entry.entry_id, entry.fields, self.stream, entry.deliveries)
         with spans.processing():
             commit = await self._process(entry, spans)
@@ -67,7 +70,7 @@ class EntryProcessor:
             return None
         return spans.committing(*commit)
 
-    async def _process(self, entry: Delivery, spans: tracing.EntrySpans | None) -> Commit | None:
+    async def _process(self, entry: Delivery, spans: tracing.EntrySpans | None = None) -> Commit | None:
         """What to commit for this entry (writes, then a step to run once committed), or None.
 
         Every delivery comes here (new, reclaimed, retried in place), so each is checked for
