@@ -1,6 +1,7 @@
-"""A stand-in for the three pod calls of the scaler's ranking and housekeeping (list names, list one
-annotation, patch one annotation), recording what it is sent. Tests that use it are about which
-Redis keys and consumers the scaler reads, not about how a patch reaches the API server."""
+"""A stand-in for the pod calls of the scaler's ranking and housekeeping (list names, list one
+annotation, patch one annotation) and for the leader's fence (always leading here), recording what it
+is sent. Tests that use it are about which Redis keys and consumers the scaler reads, not about how a
+patch reaches the API server."""
 
 from __future__ import annotations
 
@@ -23,3 +24,6 @@ class PodAnnotations:
     async def annotate_pod(self, namespace: str, pod: str, key: str, value: str) -> None:
         assert key == ANNOTATION
         self.annotations[pod] = value
+
+    def fence(self) -> None:
+        """The one replica is the leader: its Redis writes go ahead (``kubeapi.Cluster.fence``)."""
