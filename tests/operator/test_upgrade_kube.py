@@ -135,7 +135,8 @@ def test_helm_upgrade_from_the_previous_release_keeps_every_worker(
     )
     new = OperatorProcess(kubeconfig, scope, tmp_path, "--status-min-interval=1")
     # A cluster that has only ever had the previous release: helm creates its CRD from crds/.
-    control_plane.kubectl("delete", "crd", CRD, "--ignore-not-found", "--wait=true")
+    _release_leftover_queues(control_plane)
+    control_plane.kubectl("delete", "crd", CRD, "--ignore-not-found", "--wait=true", "--timeout=60s")
     try:
         helm(
             "install",
@@ -205,6 +206,18 @@ def test_helm_upgrade_from_the_previous_release_keeps_every_worker(
         control_plane.kubectl("delete", PLURAL, "-n", UNWATCHED[0], UNWATCHED[1], "--ignore-not-found")
         helm("uninstall", RELEASE, "--namespace", ns, "--wait", kubeconfig=kubeconfig, check=False)
         install_crd(control_plane)  # the session's other tests expect this release's CRD
+
+
+def _release_leftover_queues(plane: Any) -> None:
+    """Drop kopf's finalizer from StreamQueues that earlier tests' operators left behind: with no
+    operator running to remove it, deleting the CRD would wait for those objects forever."""
+    listing = json.loads(plane.kubectl("get", PLURAL, "-A", "-o", "json").stdout)
+    for item in listing["items"]:
+        meta = item["metadata"]
+        if meta.get("finalizers"):
+            patch = json.dumps({"metadata": {"finalizers": None}})
+            where = ("-n", meta["namespace"], meta["name"])
+            plane.kubectl("patch", PLURAL, *where, "--type=merge", "-p", patch, check=False)
 
 
 def _stored_versions(plane: Any) -> list[str]:
