@@ -30,9 +30,7 @@ def reply_fields(worker_id: str, request_id: str | None, result: str | Mapping[s
     raise TypeError(f"handler returned {type(result).__name__}; expected str, dict or an async iterator")
 
 
-def chunk_fields(
-    worker_id: str, request_id: str | None, chunk: str, seq: int, offset: int
-) -> dict[str, str]:
+def chunk_fields(worker_id: str, request_id: str | None, chunk: str, seq: int, offset: int) -> dict[str, str]:
     """One streamed chunk entry (format 2: ``offset``, the reply's characters before it); it carries
     no ``response`` so article clients skip it."""
     return {wire.CHUNK: chunk, wire.SEQ: str(seq), wire.OFFSET: str(offset), **_base(worker_id, request_id)}
