@@ -43,6 +43,7 @@ def _full_spec() -> StreamQueueSpec:
                 "errorReplies": False,
                 "streamReplies": True,
                 "chunkFlushMs": 50,
+                "otelTracing": True,
                 "replyMaxLen": 50,
                 "replyTtlSeconds": 60,
                 "maxMessageBytes": 1000,
