@@ -4,7 +4,8 @@ cluster (the default), or in this process (``--direct``).
 The pod is the worker Deployment's pod template cut down: the same image, environment (Secrets
 included, as references), volumes, service account and security settings, so it reaches Redis
 exactly as the workers do; ``python -m streamqueue.sqtool`` instead of the worker, no probes or
-ports, no labels (a ReplicaSet must not adopt it), ``restartPolicy: Never``, deleted when done.
+ports, no labels (a ReplicaSet must not adopt it), ``restartPolicy: Never``; its answer is read from
+its log once it has finished, then it is deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import base64
 import json
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +23,7 @@ from redis.exceptions import RedisError
 from ..settings import env_name, from_environ
 from ..sqtool.__main__ import run as run_sqtool
 from ..sqtool.args import parser as sqtool_parser
-from .kube import Kubectl, KubectlError, Queue
+from .kube import Kubectl, Queue
 
 SQTOOL = ["python", "-m", "streamqueue.sqtool"]
 RedisSide = Callable[[Queue, list[str]], dict[str, Any]]
@@ -69,23 +71,44 @@ def worker_environment(kubectl: Kubectl, container: dict[str, Any]) -> dict[str,
 
 
 def in_pod(kubectl: Kubectl, timeout: float) -> RedisSide:
-    """Run the commands in a pod from the queue's worker image (``kubectl run --rm -i``)."""
+    """Run the commands in a pod from the queue's worker image, then read its log.
+
+    Not ``kubectl run --rm -i``: a tool that answers in a second can finish before kubectl attaches,
+    and its one JSON line is lost (seen on a busy node). A finished pod's log is always there."""
 
     def call(queue: Queue, argv: list[str]) -> dict[str, Any]:
         name = f"{queue.name}-sq-{secrets.token_hex(3)}"[-63:].lstrip("-")
         container = queue.worker_container()
         overrides = {"apiVersion": "v1", "spec": tool_pod_spec(queue, name, argv)}
+        kubectl.run(
+            "run", name, "--restart=Never", f"--image={container['image']}",
+            f"--overrides={json.dumps(overrides)}",
+        )  # fmt: skip
         try:
-            out = kubectl.run(
-                "run", name, "--rm", "-i", "--quiet", "--restart=Never", f"--image={container['image']}",
-                f"--pod-running-timeout={int(timeout)}s", f"--overrides={json.dumps(overrides)}",
-                timeout=timeout + 30,
-            )  # fmt: skip
-        except KubectlError as exc:
-            out = str(exc)  # the tool's JSON error (exit status 1) comes with kubectl's complaint
+            phase = _wait_finished(kubectl, name, timeout)
+            out = kubectl.run("logs", f"pod/{name}")
+        finally:
+            kubectl.run("delete", "pod", name, "--ignore-not-found", "--wait=false")
+        if phase not in POD_DONE:
+            raise SqtoolError(f"the sqtool pod {name} did not finish within {timeout:.0f}s (phase {phase})")
         return parse_output(out)
 
     return call
+
+
+POD_DONE = ("Succeeded", "Failed")  # Failed: the tool exited 1 with its JSON error in the log
+_POD_POLL_S = 0.5
+
+
+def _wait_finished(kubectl: Kubectl, pod: str, timeout: float) -> str:
+    """The pod's phase once it has finished, or the last phase seen when ``timeout`` ran out."""
+    deadline, phase = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        phase = kubectl.run("get", "pod", pod, "-o", "jsonpath={.status.phase}").strip()
+        if phase in POD_DONE:
+            break
+        time.sleep(_POD_POLL_S)
+    return phase
 
 
 def tool_pod_spec(queue: Queue, name: str, argv: list[str]) -> dict[str, Any]:
@@ -94,7 +117,7 @@ def tool_pod_spec(queue: Queue, name: str, argv: list[str]) -> dict[str, Any]:
     keep = ("image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext")
     container = {k: worker[k] for k in keep if k in worker}
     container |= {
-        "name": name, "command": SQTOOL, "args": argv, "stdin": True, "stdinOnce": True,
+        "name": name, "command": SQTOOL, "args": argv,
         "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
     }  # fmt: skip
     spec = {
