@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from streamqueue_harness.node import NODE_IP
+from streamqueue_harness.nodequeue import ModelStandIn
 from streamqueue_harness.operatorproc import install_crd
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
@@ -35,3 +37,12 @@ def redis_cluster() -> Iterator[RedisClusterServer]:
     """Three primaries with a replica each on loopback, shared by a module's tests (forming takes seconds)."""
     with RedisClusterServer() as cluster:
         yield cluster
+
+
+@pytest.fixture
+def node_model() -> Iterator[ModelStandIn]:
+    """The model stand-in of the real-node tests, on the first node's IP (pods on a second node reach it
+    through the veth pair's routes): half a second per message, so a burst builds a backlog."""
+    stand_in = ModelStandIn(NODE_IP, 0.5)
+    yield stand_in
+    stand_in.close()

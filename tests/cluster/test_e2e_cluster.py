@@ -30,14 +30,13 @@ from streamqueue_harness import nodequeue as q
 from streamqueue_harness.controlplane import REPO_ROOT, ControlPlane
 from streamqueue_harness.eventually import eventually
 from streamqueue_harness.netns import in_private_namespaces
-from streamqueue_harness.node import NODE_IP, Node, running_cluster
+from streamqueue_harness.node import Node, running_cluster
 from streamqueue_harness.node.host import kill_container
 
 pytestmark = [pytest.mark.slow, pytest.mark.kube, pytest.mark.node, pytest.mark.timeout(1800)]
 
 USERS = [f"user-{i:02d}" for i in range(20)]
 PER_USER = 40
-MODEL_DELAY_S = 0.5
 WORKER = {"concurrency": 4, "claimIdleMs": 5000, "shutdownGraceSeconds": 20}
 SCALING = {"scaleDownStabilizationSeconds": 5, "idleCooldownSeconds": 10}
 OPERATOR_PODS = f"app.kubernetes.io/instance={q.RELEASE}"
@@ -63,14 +62,6 @@ def cluster_redis(nodes: list[Node]) -> Iterator[redis.Redis]:
     client = q.redis_in_cluster(nodes[0].plane, nodes[0].images.redis, node=nodes[0].name)
     yield client
     client.close()
-
-
-@pytest.fixture
-def model() -> Iterator[q.ModelStandIn]:
-    """On the first node's IP: pods on the second reach it through the veth pair's routes."""
-    stand_in = q.ModelStandIn(NODE_IP, MODEL_DELAY_S)
-    yield stand_in
-    stand_in.close()
 
 
 # ---- the operator's replicas and its Lease ------------------------------------------------------------
@@ -173,7 +164,7 @@ def count_replies(client: redis.Redis, sent: dict[str, str]) -> tuple[int, int]:
 
 
 def test_two_nodes_leader_killed_rollout_drain_and_node_lost_lose_nothing(
-    nodes: list[Node], cluster_redis: redis.Redis, model: q.ModelStandIn
+    nodes: list[Node], cluster_redis: redis.Redis, node_model: q.ModelStandIn
 ) -> None:
     plane = nodes[0].plane
     first, second = nodes[0].name, nodes[1].name
@@ -181,7 +172,7 @@ def test_two_nodes_leader_killed_rollout_drain_and_node_lost_lose_nothing(
     q.install_operator(plane)
     replicas = operator_pods(plane)
     assert {p["node"] for p in replicas.values()} == {first, second}, f"replicas not spread: {replicas}"
-    q.apply(plane, q.example_queue(None, model.url, WORKER, SCALING))
+    q.apply(plane, q.example_queue(None, node_model.url, WORKER, SCALING))
     pods = q.PodWatch(plane)
     plane.kubectl("wait", "--for=create", f"deployment/{q.DEPLOYMENT}", "-n", q.NAMESPACE, "--timeout=60s")
     sent: dict[str, str] = {}

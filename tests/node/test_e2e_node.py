@@ -25,14 +25,13 @@ import redis
 from streamqueue_harness import nodequeue as q
 from streamqueue_harness.controlplane import REPO_ROOT
 from streamqueue_harness.eventually import eventually
-from streamqueue_harness.node import NODE_IP, Node
+from streamqueue_harness.node import Node
 
 # Its first test also starts the node (images import, kubelet) and may build the images on a cold run.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 USERS = [f"user-{i:02d}" for i in range(20)]
 PER_USER = 40
-MODEL_DELAY_S = 0.5
 # A pod serves 4 messages at a time, so 800 messages need many pods; a pod dead mid-message hands its
 # entries to the others after 5 s; the queue may go back to zero 15 s after the backlog is gone.
 WORKER = {"concurrency": 4, "claimIdleMs": 5000, "shutdownGraceSeconds": 20}
@@ -52,13 +51,6 @@ def cluster_redis(node_cluster: Node) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture
-def model() -> Iterator[q.ModelStandIn]:
-    stand_in = q.ModelStandIn(NODE_IP, MODEL_DELAY_S)
-    yield stand_in
-    stand_in.close()
-
-
 def _two_busy_workers(client: redis.Redis, ready: set[str]) -> list[str] | None:
     """Two Ready worker pods whose consumers hold pending entries: deleting them interrupts work."""
     consumers = cast(list[dict[str, Any]], client.xinfo_consumers(q.STREAM, "ai_service_group"))
@@ -71,12 +63,12 @@ def _all_answered(client: redis.Redis, expected: dict[str, int]) -> bool:
 
 
 def test_helm_install_burst_scales_out_and_back_to_zero_losing_nothing(
-    node_cluster: Node, cluster_redis: redis.Redis, model: q.ModelStandIn
+    node_cluster: Node, cluster_redis: redis.Redis, node_model: q.ModelStandIn
 ) -> None:
     plane = node_cluster.plane
     client = cluster_redis
     q.install_operator(plane)
-    queue = q.example_queue(None, model.url, WORKER, SCALING)
+    queue = q.example_queue(None, node_model.url, WORKER, SCALING)
     assert queue["spec"]["redis"]["url"] == "redis://redis:6379/0"
     q.apply(plane, queue)
     pods = q.PodWatch(plane)
