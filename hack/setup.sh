@@ -8,7 +8,8 @@ cd "$ROOT"
 log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # Debian packages: redis-server for the tests and the demo, openssl for the local control plane's
-# certificates; containerd, runc, the CNI plugins, iproute2 and iptables for the real node.
+# certificates; containerd, runc, the CNI plugins, iproute2 and iptables for the real node; chromium
+# (run headless) for the gateway's browser test.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
@@ -19,6 +20,7 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
