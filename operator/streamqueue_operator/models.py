@@ -40,6 +40,11 @@ def _rule(rule: str, message: str, *, field_path: str | None = None) -> Any:
     return out
 
 
+def _validations(*rules: Any) -> ConfigDict:
+    """A model's CEL rules (``_rule``), for the API server to check on every write of the object."""
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
+
+
 class _Model(BaseModel):
     """camelCase on the wire (Kubernetes convention), snake_case in Python."""
 
@@ -87,23 +92,19 @@ class TLSSpec(_Model):
 class RedisSpec(_Model):
     """Where the queue lives. Credentials come only from Secrets, never from the object itself."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _rule(
-                    "!self.url.matches('^rediss?://[^/@]*:[^/@]*@')",
-                    "redis.url must not contain a password: store it in a Secret and set "
-                    "redis.passwordSecretRef (the username may go in redis.username)",
-                    field_path=".url",
-                ),
-                _rule(
-                    "!has(self.tls) || !has(self.tls.caSecretRef) || self.tls.enabled || "
-                    "self.url.startsWith('rediss://')",
-                    "redis.tls.caSecretRef needs TLS: set redis.tls.enabled: true or use a rediss:// URL",
-                    field_path=".tls.caSecretRef",
-                ),
-            ]
-        }
+    model_config = _validations(
+        _rule(
+            "!self.url.matches('^rediss?://[^/@]*:[^/@]*@')",
+            "redis.url must not contain a password: store it in a Secret and set "
+            "redis.passwordSecretRef (the username may go in redis.username)",
+            field_path=".url",
+        ),
+        _rule(
+            "!has(self.tls) || !has(self.tls.caSecretRef) || self.tls.enabled || "
+            "self.url.startsWith('rediss://')",
+            "redis.tls.caSecretRef needs TLS: set redis.tls.enabled: true or use a rediss:// URL",
+            field_path=".tls.caSecretRef",
+        ),
     )
 
     url: str = Field(default="redis://redis:6379/0", max_length=2048, pattern=r"^rediss?://")
@@ -168,31 +169,25 @@ WORKER_TUNING = {_SPEC_NAMES.get(name, to_camel(name)): name for name in TUNING_
 class WorkerSpec(_WorkerTuning):  # type: ignore[misc, valid-type]
     """The worker Deployment. Unset tuning fields fall back to the worker's own defaults."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _rule(
-                    "!has(self.terminationGracePeriodSeconds) || !has(self.shutdownGraceSeconds) || "
-                    "self.terminationGracePeriodSeconds > self.shutdownGraceSeconds",
-                    "worker.terminationGracePeriodSeconds must be greater than worker.shutdownGraceSeconds, "
-                    "so Kubernetes does not kill a worker that is still finishing its messages",
-                ),
-                _rule(
-                    "!has(self.env) || "
-                    "self.env.all(e, e.name != 'STREAMQUEUE_REDIS_PASSWORD' || has(e.valueFrom))",
-                    "worker.env must not set STREAMQUEUE_REDIS_PASSWORD as a literal value: "
-                    "use redis.passwordSecretRef",
-                    field_path=".env",
-                ),
-                _rule(
-                    "!has(self.env) || "
-                    "self.env.all(e, e.name != 'STREAMQUEUE_OPENAI_API_KEY' || has(e.valueFrom))",
-                    "worker.env must not set STREAMQUEUE_OPENAI_API_KEY as a literal value: "
-                    "use worker.openaiApiKeySecretRef",
-                    field_path=".env",
-                ),
-            ]
-        }
+    model_config = _validations(
+        _rule(
+            "!has(self.terminationGracePeriodSeconds) || !has(self.shutdownGraceSeconds) || "
+            "self.terminationGracePeriodSeconds > self.shutdownGraceSeconds",
+            "worker.terminationGracePeriodSeconds must be greater than worker.shutdownGraceSeconds, "
+            "so Kubernetes does not kill a worker that is still finishing its messages",
+        ),
+        _rule(
+            "!has(self.env) || self.env.all(e, e.name != 'STREAMQUEUE_REDIS_PASSWORD' || has(e.valueFrom))",
+            "worker.env must not set STREAMQUEUE_REDIS_PASSWORD as a literal value: "
+            "use redis.passwordSecretRef",
+            field_path=".env",
+        ),
+        _rule(
+            "!has(self.env) || self.env.all(e, e.name != 'STREAMQUEUE_OPENAI_API_KEY' || has(e.valueFrom))",
+            "worker.env must not set STREAMQUEUE_OPENAI_API_KEY as a literal value: "
+            "use worker.openaiApiKeySecretRef",
+            field_path=".env",
+        ),
     )
 
     image: str | None = Field(default=None, max_length=1024)
@@ -217,24 +212,19 @@ class WorkerSpec(_WorkerTuning):  # type: ignore[misc, valid-type]
 class ScalingSpec(_Model):
     """Scaling policy: see docs/operator.md, "Scaling behaviour"."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _rule(
-                    "self.minReplicas <= self.maxReplicas",
-                    "scaling.minReplicas must not exceed scaling.maxReplicas: "
-                    "lower minReplicas or raise maxReplicas",
-                ),
-                _rule(
-                    "!has(self.fallbackReplicas) || "
-                    "(self.fallbackReplicas >= self.minReplicas && "
-                    "self.fallbackReplicas <= self.maxReplicas)",
-                    "scaling.fallbackReplicas must lie within [minReplicas, maxReplicas]: "
-                    "change it, or unset it to hold the current count while Redis is unreachable",
-                    field_path=".fallbackReplicas",
-                ),
-            ]
-        }
+    model_config = _validations(
+        _rule(
+            "self.minReplicas <= self.maxReplicas",
+            "scaling.minReplicas must not exceed scaling.maxReplicas: lower minReplicas or raise maxReplicas",
+        ),
+        _rule(
+            "!has(self.fallbackReplicas) || "
+            "(self.fallbackReplicas >= self.minReplicas && "
+            "self.fallbackReplicas <= self.maxReplicas)",
+            "scaling.fallbackReplicas must lie within [minReplicas, maxReplicas]: "
+            "change it, or unset it to hold the current count while Redis is unreachable",
+            field_path=".fallbackReplicas",
+        ),
     )
 
     min_replicas: int = Field(default=1, ge=0, le=1000)
@@ -272,18 +262,14 @@ PERCENT_PATTERN = r"^(100|[1-9][0-9]?)%$"
 class DisruptionSpec(_Model):
     """Voluntary disruptions of the workers (node drains, evictions): docs/upgrading.md."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _rule(
-                    "type(self.maxUnavailable) == string ? "
-                    f"self.maxUnavailable.matches('{PERCENT_PATTERN}') : self.maxUnavailable >= 1",
-                    "disruption.maxUnavailable must be at least 1 or a percentage from 1% to 100%: "
-                    "0 would block every node drain",
-                    field_path=".maxUnavailable",
-                ),
-            ]
-        }
+    model_config = _validations(
+        _rule(
+            "type(self.maxUnavailable) == string ? "
+            f"self.maxUnavailable.matches('{PERCENT_PATTERN}') : self.maxUnavailable >= 1",
+            "disruption.maxUnavailable must be at least 1 or a percentage from 1% to 100%: "
+            "0 would block every node drain",
+            field_path=".maxUnavailable",
+        ),
     )
 
     max_unavailable: int | str = 1
@@ -309,21 +295,17 @@ _QueueShape: type[_Model] = create_model(
 
 
 class StreamQueueSpec(_QueueShape):  # type: ignore[misc, valid-type]
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                _rule(
-                    "!has(self.ordering) || self.ordering != 'perUser' || !has(self.scaling) || "
-                    "!has(self.scaling.maxReplicas) || self.scaling.maxReplicas <= "
-                    "(has(self.partitions) ? self.partitions : 1)",
-                    "with ordering: perUser each partition has one worker at a time: "
-                    "scaling.maxReplicas must be at most partitions (more pods would stand idle)",
-                    field_path=".scaling.maxReplicas",
-                ),
-                # The worker's own cross-field rules, with the message the worker prints.
-                *(_rule(r.cel, r.message, field_path=r.field_path) for r in RULES),
-            ]
-        }
+    model_config = _validations(
+        _rule(
+            "!has(self.ordering) || self.ordering != 'perUser' || !has(self.scaling) || "
+            "!has(self.scaling.maxReplicas) || self.scaling.maxReplicas <= "
+            "(has(self.partitions) ? self.partitions : 1)",
+            "with ordering: perUser each partition has one worker at a time: "
+            "scaling.maxReplicas must be at most partitions (more pods would stand idle)",
+            field_path=".scaling.maxReplicas",
+        ),
+        # The worker's own cross-field rules, with the message the worker prints.
+        *(_rule(r.cel, r.message, field_path=r.field_path) for r in RULES),
     )
 
     redis: Annotated[RedisSpec, Field(json_schema_extra={"default": {}})] = RedisSpec()
