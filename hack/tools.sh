@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the pinned Kubernetes tool chain (etcd, kube-apiserver, kube-controller-manager, kubectl,
 # kube-scheduler, kubelet, kube-proxy, CoreDNS, helm, kind, actionlint, an OpenTelemetry Collector) from the Go module proxy into a cache
-# outside the repository, keyed by version, and link it into .tools/bin. A warm cache makes this a
+# outside the repository, keyed by version, and link it into .tools/bin (the Prometheus Operator's CRDs,
+# files, into .tools/prometheus-crds). A warm cache makes this a
 # no-op that takes well under a second.
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every staging module with a local
@@ -19,6 +20,10 @@ COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}"
 # The trace tests' collector (tests/worker/test_tracing.py): core v0.161.0 with contrib's fileexporter of
 # the same release (the newest fileexporter that resolves here).
 OTELCOL_VERSION="${OTELCOL_VERSION:-v0.161.0}"
+# The Prometheus Operator's monitoring.coreos.com CRDs, for the test that applies the chart's
+# ServiceMonitor, PodMonitor and PrometheusRule to a real API server (tests/chart/test_chart_monitoring_kube.py).
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
+PROMETHEUS_CRDS="servicemonitors podmonitors prometheusrules"
 GO_MIN_VERSION="1.25"
 # The control plane, plus what runs real pods beside it: kube-scheduler, kubelet, kube-proxy.
 KUBERNETES_COMMANDS="kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy"
@@ -287,6 +292,35 @@ build_actionlint() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
+# No build: the release's own CRD files (controller-gen output, example/prometheus-operator-crd/ in the
+# github.com/prometheus-operator/prometheus-operator module zip), copied out of the module cache.
+build_prometheus_crds() {
+  local v="$PROMETHEUS_OPERATOR_VERSION" out="$CACHE/prometheus-crds-$PROMETHEUS_OPERATOR_VERSION/crds"
+  log "prometheus-operator $v: the monitoring.coreos.com CRDs ($PROMETHEUS_CRDS)"
+  local src
+  src="$(json_field Dir <<<"$("$GO" mod download -json "github.com/prometheus-operator/prometheus-operator@$v")")"
+  mkdir -p "$out.tmp"
+  for c in $PROMETHEUS_CRDS; do
+    install -m 0644 "$src/example/prometheus-operator-crd/monitoring.coreos.com_$c.yaml" "$out.tmp/"
+  done
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+# Files, not binaries, so not through ensure: the same recipe stamp, linked as .tools/prometheus-crds.
+ensure_prometheus_crds() {
+  local v="$PROMETHEUS_OPERATOR_VERSION" d="$CACHE/prometheus-crds-$PROMETHEUS_OPERATOR_VERSION" ok=1
+  [ "$(cat "$d/recipe" 2>/dev/null)" = "$(recipe prometheus_crds)" ] || ok=0
+  for c in $PROMETHEUS_CRDS; do [ -f "$d/crds/monitoring.coreos.com_$c.yaml" ] || ok=0; done
+  if [ "$ok" = 1 ]; then
+    log "prometheus-crds $v: cached"
+  else
+    [ -n "${GO:-}" ] || ensure_go
+    build_prometheus_crds
+    recipe prometheus_crds > "$d/recipe"
+  fi
+  ln -sfn "$d/crds" "$ROOT/.tools/prometheus-crds"
+}
+
 ensure() {  # ensure NAME VERSION BINARIES...
   local name="$1" version="$2"; shift 2
   if built "$name" "$version" "$@"; then
@@ -302,7 +336,7 @@ ensure() {  # ensure NAME VERSION BINARIES...
 }
 
 main() {
-  local want="${*:-etcd kubernetes coredns helm kind actionlint otelcol}"
+  local want="${*:-etcd kubernetes coredns helm kind actionlint otelcol prometheus-crds}"
   for t in $want; do
     case "$t" in
       etcd) ensure etcd "$ETCD_VERSION" etcd ;;
@@ -312,7 +346,8 @@ main() {
       kind) ensure kind "$KIND_VERSION" kind ;;
       actionlint) ensure actionlint "$ACTIONLINT_VERSION" actionlint ;;
       otelcol) ensure otelcol "$OTELCOL_VERSION" otelcol-sq ;;
-      *) echo "unknown tool: $t (want etcd, kubernetes, coredns, helm, kind, actionlint, otelcol)" >&2; exit 2 ;;
+      prometheus-crds) ensure_prometheus_crds ;;
+      *) echo "unknown tool: $t (want etcd, kubernetes, coredns, helm, kind, actionlint, otelcol, prometheus-crds)" >&2; exit 2 ;;
     esac
   done
   log "tools ready in $BIN"
