@@ -256,6 +256,54 @@ async def test_request_body_carries_system_prompt_memory_and_limits(stub, handle
     }
 
 
+async def test_a_chat_entry_sends_its_messages_and_parameters(stub, handlers, redis_server) -> None:
+    """An entry with a ``chat`` field (the gateway's) is sent as the system prompt and the chat's own
+    messages, with its sampling parameters (max_tokens capped by the handler's); memory is neither
+    read nor written for it, and the usage the server reports lands in ``final_fields``."""
+    bodies: list[dict] = []
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.json())
+        response = await stream_completion(request, ["a", "b"])
+        return response
+
+    from streamqueue.connection import RedisConnection, connect
+
+    memory = Memory(connect(RedisConnection(url=redis_server.url)), "q", turns=3, ttl_s=60)
+    handler = handlers((await stub(respond)).base_url, system_prompt="Be brief.", max_tokens=7, memory=memory)
+    chat = {
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                     {"role": "user", "content": [{"type": "text", "text": "z"}]}],
+        "max_tokens": 50, "temperature": 0.5, "stop": ["\n"], "logit_bias": {"1": 2},
+    }  # fmt: skip
+    message = Message(id="1-0", stream="q", user_id="alice", message="z", request_id="r1", deliveries=1,
+                      fields={wire.CHAT: json.dumps(chat)})  # fmt: skip
+    assert await collect(handler, message) == ["a", "b"]
+    assert bodies[0]["messages"] == [{"role": "system", "content": "Be brief."}, *chat["messages"]]
+    assert bodies[0]["max_tokens"] == 7 and bodies[0]["temperature"] == 0.5 and bodies[0]["stop"] == ["\n"]
+    assert "logit_bias" not in bodies[0]  # only wire.CHAT_PARAMS are passed on
+    assert await memory.load("alice") == []
+
+
+async def test_usage_the_server_reports_is_on_the_final_reply(stub, settings, workers, raw) -> None:
+    usage = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(completion_chunk("hey"))
+        await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    s = settings(handler=MODEL_HANDLER, openai_base_url=(await stub(respond)).base_url)
+    await workers.start(s)
+    async with Client(s.redis_url) as client:
+        stream = client.request_stream("alice", "z", chat={"messages": [{"role": "user", "content": "z"}]})
+        assert [c async for c in stream] == ["hey"]
+    assert stream.final is not None and stream.final.usage == usage
+
+
 async def test_memory_on_a_redis_cluster_carries_the_first_exchange(stub, redis_cluster) -> None:
     """The handler built from the worker's settings keeps its memory on the cluster the worker uses
     (it once dialled it with the single-server client, which refuses a cluster connection)."""

@@ -80,3 +80,20 @@ def test_a_key_with_unmatched_braces_has_no_same_slot_key() -> None:
     for bad in ("a}b", "a{b", "a{}b"):
         with pytest.raises(ValueError, match="braces"):
             wire.same_slot_key(bad, ":x")
+
+
+@pytest.mark.parametrize(
+    ("chat", "reason"),
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}]}', None),
+        ("not json", wire.REASON_INVALID_CHAT),
+        ('{"messages": []}', wire.REASON_INVALID_CHAT),
+        ('{"messages": ["hi"]}', wire.REASON_INVALID_CHAT),
+        ('["messages"]', wire.REASON_INVALID_CHAT),
+        ('{"messages": [{"content": "' + "x" * 100 + '"}]}', wire.REASON_MESSAGE_TOO_LARGE),
+    ],
+)
+def test_a_chat_must_be_an_object_with_messages_within_the_limit(chat: str, reason: str | None) -> None:
+    fields = {wire.USER_ID: "alice", wire.MESSAGE: "hi", wire.CHAT: chat}
+    rejection = wire.validate_request(fields, max_message_bytes=100)
+    assert (rejection.reason if rejection else None) == reason

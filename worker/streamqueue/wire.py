@@ -6,6 +6,7 @@ Defaults are the article's names, so clients written for it keep working unchang
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from collections.abc import Mapping
@@ -28,6 +29,12 @@ DEADLINE = "deadline"
 # Optional: the producer's W3C trace context (``streamqueue.tracing``), continued by the worker.
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
+# Optional: an OpenAI chat request as JSON (the gateway writes it): ``{"messages": [...], "max_tokens",
+# "temperature", ...}``. MESSAGE then holds the last user message's text, for handlers that read only
+# that; the model handler sends CHAT's messages instead (docs/worker.md, "Wire format").
+CHAT = "chat"
+# The sampling parameters of a CHAT the model handler passes on to the model server (others are dropped).
+CHAT_PARAMS = ("max_tokens", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "seed")
 
 # Reply entry (``<reply_prefix><user_id>``). A streamed reply writes chunk entries (CHUNK, SEQ)
 # before the final entry, which always carries the whole RESPONSE so article clients still work.
@@ -38,6 +45,9 @@ SEQ = "seq"  # the chunk entry's number within one delivery of the request: 0, 1
 # Chunk entry format 2 (docs/worker.md, "Chunk entries"): the characters of the reply before this
 # entry's text; an entry may hold several of the handler's chunks.
 OFFSET = "offset"
+# On the final entry of a model call, when the model server reported it: the OpenAI usage object as
+# JSON (``{"prompt_tokens", "completion_tokens", "total_tokens"}``), what the gateway debits.
+USAGE = "usage"
 TRACE_ID = "trace_id"  # the request's trace (32 hex digits), on the final entry when the worker traces
 ERROR = "error"  # set on an error reply sent to the user when a message is dead-lettered
 CANCELLED = "cancelled"  # "1" on the final entry of a cancelled request (its RESPONSE is empty)
@@ -94,6 +104,7 @@ REASON_MESSAGE_TOO_LARGE = "message_too_large"
 REASON_MISSING_MESSAGE = "missing_message"
 REASON_MAX_DELIVERIES = "max_deliveries_exceeded"
 REASON_INVALID_DEADLINE = "invalid_deadline"
+REASON_INVALID_CHAT = "invalid_chat"
 
 MAX_USER_ID_LENGTH = 128
 # user_id becomes part of a Redis key: keep it to a conservative, unambiguous character set.
@@ -258,7 +269,12 @@ def validate_request(fields: dict[str, str], max_message_bytes: int) -> Rejectio
         return Rejection(REASON_MESSAGE_TOO_LARGE, f"message is {size} bytes, limit {max_message_bytes}")
     deadline = fields.get(DEADLINE)
     if deadline is not None:
-        return deadline_rejection(deadline)
+        rejection = deadline_rejection(deadline)
+        if rejection is not None:
+            return rejection
+    chat = fields.get(CHAT)
+    if chat is not None:
+        return chat_rejection(chat, max_message_bytes)
     return None
 
 
@@ -273,6 +289,25 @@ def deadline_rejection(deadline: str) -> Rejection | None:
         return Rejection(REASON_INVALID_DEADLINE, detail)
     if int(deadline) < _MIN_DEADLINE_MS:
         return Rejection(REASON_INVALID_DEADLINE, f"deadline {deadline} looks like seconds; it must be in ms")
+    return None
+
+
+def chat_rejection(chat: str, max_message_bytes: int) -> Rejection | None:
+    """A Rejection unless ``chat`` is a JSON object with a non-empty ``messages`` list, within the size limit.
+
+    Checked here rather than in the model handler: a malformed chat would fail every delivery the
+    same way, so it goes to the dead letters at once with the reason instead of after maxDeliveries.
+    """
+    size = len(chat.encode("utf-8", "surrogateescape"))
+    if size > max_message_bytes:
+        return Rejection(REASON_MESSAGE_TOO_LARGE, f"chat is {size} bytes, limit {max_message_bytes}")
+    try:
+        parsed = json.loads(chat)
+    except ValueError:
+        return Rejection(REASON_INVALID_CHAT, "chat is not JSON")
+    messages = parsed.get("messages") if isinstance(parsed, dict) else None
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return Rejection(REASON_INVALID_CHAT, "chat must be a JSON object with a non-empty messages list")
     return None
 
 

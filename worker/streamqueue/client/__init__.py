@@ -8,7 +8,7 @@
 
 from ..wire import parse_entry_id as entry_key  # its public name here, kept for callers
 from .api import DEFAULT_BLOCK_MS, Client
-from .replies import Chunk, ChunkOrder, Reply, ReplyError, RequestCancelled, RequestExpired
+from .replies import Chunk, ChunkOrder, Reply, ReplyError, ReplyStream, RequestCancelled, RequestExpired
 
 __all__ = [
     "DEFAULT_BLOCK_MS",
@@ -17,6 +17,7 @@ __all__ = [
     "Client",
     "Reply",
     "ReplyError",
+    "ReplyStream",
     "RequestCancelled",
     "RequestExpired",
     "entry_key",

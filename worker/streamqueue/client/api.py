@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -18,7 +19,7 @@ from .. import tracing as traces
 from .. import wire
 from ..connection import RedisClient, RedisConnection, connect_any
 from .reads import ReplyReaders, UserReader, Waiter
-from .replies import Chunk, Reply, ReplyError, ReplyOrder, RequestCancelled, RequestExpired
+from .replies import Chunk, Reply, ReplyError, ReplyOrder, ReplyStream, RequestCancelled, RequestExpired
 from .sends import BatchedSends
 
 # How long one reader XREAD blocks; an idle reader notices it has nobody to serve after at most this.
@@ -120,13 +121,16 @@ class Client:
         request_id: str | None = None,
         *,
         deadline: float | datetime | None = None,
+        chat: Mapping[str, Any] | None = None,
     ) -> str:
         """Append one request to the user's partition of the input stream (the article's plain XADD;
         with one partition, the input stream itself) and return its entry id.
 
         ``deadline``: seconds from now, or an aware ``datetime``, after which the request is not
         worth answering: a worker that reads it later answers ``expired`` instead of running it
-        (written as the ``deadline`` field, Unix time in ms)."""
+        (written as the ``deadline`` field, Unix time in ms). ``chat``: an OpenAI chat request
+        (``messages`` and sampling parameters), written as the ``chat`` field (JSON) for the model
+        handler; ``message`` should then be the last user message's text, for other handlers."""
         self._check(user_id, message)
         fields: dict[FieldT, EncodableT] = {
             wire.USER_ID: user_id,
@@ -137,6 +141,8 @@ class Client:
             fields[wire.REQUEST_ID] = request_id
         if deadline is not None:
             fields[wire.DEADLINE] = str(_deadline_ms(deadline))
+        if chat is not None:
+            fields[wire.CHAT] = self._chat_field(chat)
         key = wire.partition_stream(self.stream, wire.partition_of(user_id, self.partitions), self.partitions)
         if self._tracer is None:
             return await self._sends.add(key, fields)
@@ -191,31 +197,34 @@ class Client:
         timeout: float = 30.0,  # noqa: ASYNC109 -- a per-request deadline is the API callers expect
         request_id: str | None = None,
         deadline: float | datetime | None = None,
+        chat: Mapping[str, Any] | None = None,
     ) -> Reply:
         """Send a request and return its final reply; raises ``ReplyError`` on an error reply
         (``RequestExpired`` when its ``deadline``, see ``send``, or the queue's maxQueueAgeSeconds
         passed before a worker ran it) and ``TimeoutError`` when no reply arrives within ``timeout``
-        seconds."""
+        seconds. ``chat``: as for ``send``."""
         request_id = request_id or uuid.uuid4().hex
         reader, waiter = self._expect(user_id, request_id, chunks=False)
         try:
             async with asyncio.timeout(timeout):
-                await self._send_when_ready(reader, user_id, message, request_id, deadline)
+                await self._send_when_ready(reader, user_id, message, request_id, deadline, chat)
                 return _final(await waiter.queue.get())
         finally:
             reader.waiters.pop(request_id, None)
 
-    async def request_stream(
+    def request_stream(
         self,
         user_id: str,
         message: str,
         *,
-        timeout: float = 30.0,  # noqa: ASYNC109 -- a per-request deadline is the API callers expect
+        timeout: float = 30.0,
         request_id: str | None = None,
         after: str | None = None,
         deadline: float | datetime | None = None,
-    ) -> AsyncIterator[Chunk]:
-        """Send a request and yield its reply chunks in order, ending with the final reply.
+        chat: Mapping[str, Any] | None = None,
+    ) -> ReplyStream:
+        """Send a request and yield its reply chunks in order, ending with the final reply; once they
+        are read, the returned stream's ``final`` is the final entry (e.g. its ``usage``).
 
         Each chunk is a ``Chunk``: a ``str`` with the ``entry_id`` it was read from. ``timeout`` bounds
         the wait for each next chunk, not the whole answer. A handler that does not stream yields its
@@ -229,10 +238,24 @@ class Client:
         in order, whether they were written while nobody listened or are still to come. Nothing is
         yielded when ``after`` is the final entry. Chunks trimmed from the reply stream
         (``reply_maxlen``) or expired with it (``reply_ttl_seconds``) cannot be resumed.
+        ``chat``: as for ``send`` (ignored when resuming).
         """
         if after is not None and request_id is None:
             raise ValueError("resuming (after=...) needs the request_id of the request being resumed")
-        request_id = request_id or uuid.uuid4().hex
+        stream = ReplyStream()
+        request = (user_id, message, request_id or uuid.uuid4().hex, deadline, chat)
+        stream.chunks = self._stream(stream, request, timeout, after)
+        return stream
+
+    async def _stream(
+        self,
+        into: ReplyStream,
+        request: tuple[str, str, str, float | datetime | None, Mapping[str, Any] | None],
+        timeout: float,  # noqa: ASYNC109 -- request_stream's per-chunk timeout
+        after: str | None,
+    ) -> AsyncGenerator[Chunk, None]:
+        """``request_stream``'s chunks; the final entry is left in ``into.final``."""
+        user_id, message, request_id, deadline, chat = request
         reader, waiter = self._expect(user_id, request_id, chunks=True)
         try:
             # Resuming behind an entry that is gone (trimmed), where the reply goes on is unknown:
@@ -241,7 +264,7 @@ class Client:
             backlog: list[Reply] = []
             async with asyncio.timeout(timeout):
                 if after is None:
-                    await self._send_when_ready(reader, user_id, message, request_id, deadline)
+                    await self._send_when_ready(reader, user_id, message, request_id, deadline, chat)
                 else:
                     await self._ready(reader)
                     last, backlog = await self._since(reader.key, after)
@@ -261,6 +284,7 @@ class Client:
                     if seen is not None and wire.parse_entry_id(reply.entry_id) <= wire.parse_entry_id(seen):
                         continue  # already read by the catch-up above
                 if not reply.is_chunk:
+                    into.final = reply
                     if order.final_is_whole:
                         yield Chunk(reply.response or "", reply.entry_id)
                     return
@@ -338,10 +362,19 @@ class Client:
         message: str,
         request_id: str,
         deadline: float | datetime | None,
+        chat: Mapping[str, Any] | None = None,
     ) -> None:
         """Send only once the reader's cursor predates the request, so its reply cannot be missed."""
         await self._ready(reader)
-        await self.send(user_id, message, request_id, deadline=deadline)
+        await self.send(user_id, message, request_id, deadline=deadline, chat=chat)
+
+    def _chat_field(self, chat: Mapping[str, Any]) -> str:
+        """``chat`` as the entry's JSON, refused here if the worker would dead-letter it."""
+        text = json.dumps(chat, separators=(",", ":"), ensure_ascii=False)
+        rejection = wire.chat_rejection(text, self.max_message_bytes)
+        if rejection is not None:
+            raise ValueError(f"{rejection.reason}: {rejection.detail}")
+        return text
 
     def _reader_for(self, user_id: str) -> UserReader:
         return self._readers.reader_for(wire.reply_stream(self.reply_prefix, user_id))

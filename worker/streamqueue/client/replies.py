@@ -3,8 +3,10 @@ and their order, entry ids compared, and the errors a reply raises."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .. import wire
 
@@ -76,6 +78,19 @@ class Reply:
         return self.fields.get(wire.TRACE_ID)
 
     @property
+    def usage(self) -> dict[str, Any] | None:
+        """The model's token usage (``prompt_tokens``, ``completion_tokens``, ``total_tokens``) on the final
+        entry of a model call whose server reported it; None otherwise (or if unreadable)."""
+        raw = self.fields.get(wire.USAGE)
+        if raw is None:
+            return None
+        try:
+            usage = json.loads(raw)
+        except ValueError:
+            return None
+        return usage if isinstance(usage, dict) else None
+
+    @property
     def chunk(self) -> str | None:
         return self.fields.get(wire.CHUNK)
 
@@ -110,6 +125,28 @@ class Chunk(str):
         chunk = super().__new__(cls, text)
         chunk.entry_id = entry_id
         return chunk
+
+
+class ReplyStream(AsyncIterator[Chunk]):
+    """What ``Client.request_stream`` returns: the reply's chunks, in order; once they are all read,
+    ``final`` is the final entry (its ``usage``, ``trace_id``, ``worker_id``), or None when the stream
+    ended without one being read (resumed behind it, or closed early)."""
+
+    def __init__(self) -> None:
+        self.final: Reply | None = None
+        self.chunks: AsyncGenerator[Chunk, None] | None = None  # set once, by request_stream
+
+    def __aiter__(self) -> ReplyStream:
+        return self
+
+    def __anext__(self) -> Awaitable[Chunk]:
+        assert self.chunks is not None
+        return self.chunks.__anext__()  # no frame of its own: this is every streamed token's path
+
+    async def aclose(self) -> None:
+        """Stop reading (the request is no longer awaited); the request itself goes on: see ``cancel``."""
+        assert self.chunks is not None
+        await self.chunks.aclose()
 
 
 S = TypeVar("S", bound=str)

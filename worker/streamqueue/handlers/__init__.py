@@ -2,7 +2,8 @@
 
 A handler is ``async def handle(msg: Message) -> str | dict | AsyncIterator[str]``. Returning a
 ``str`` replies with it; a ``dict`` becomes the reply entry's fields (it must hold ``response`` so the
-article's clients still read it); an async iterator (an ``async def`` with ``yield``) streams chunks.
+article's clients still read it); an async iterator (an ``async def`` with ``yield``) streams chunks
+(and may add fields to the final entry through ``msg.final_fields``).
 A handler that needs configuration (a URL, a session) is exposed as a ``HandlerFactory`` instead,
 built once per worker from the worker's settings and closed when the worker stops.
 
@@ -39,6 +40,9 @@ class Message:
     request_id: str | None
     deliveries: int
     fields: Mapping[str, str] = field(default_factory=dict)
+    # Extra fields for the final reply entry, set by a streaming handler (whose chunks are only text):
+    # the model handler puts ``wire.USAGE`` here. A handler that returns a dict sets its fields directly.
+    final_fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 ``STREAMQUEUE_HANDLER=streamqueue.handlers.openai:handle`` with ``STREAMQUEUE_OPENAI_BASE_URL`` (vLLM,
 llama.cpp's server, Ollama, TGI and hosted APIs all serve ``POST <base>/chat/completions``). Each
-message becomes ``[system prompt, remembered exchanges..., the message]``; the reply is requested with
+message becomes ``[system prompt, remembered exchanges..., the message]``; an entry with a ``chat``
+field (``wire.CHAT``, written by the gateway) becomes ``[system prompt, chat's messages...]`` with the
+chat's sampling parameters (``wire.CHAT_PARAMS``; ``max_tokens`` capped by the handler's own): the
+conversation is the caller's, so memory is neither mixed in nor stored for it. The reply is requested with
 ``stream: true`` and every ``choices[0].delta.content`` of the server-sent events is yielded as one
 chunk, so the worker writes it to the user's reply stream at once (the final entry carries the whole
 text, as for every streaming handler).
@@ -23,6 +26,7 @@ when the queue's requests-per-minute, tokens-per-minute and concurrent-calls lim
 asks for ``stream_options.include_usage``; the tokens reported are the final event's
 ``usage.total_tokens``, or, from a server that sends no usage, an estimate: a quarter of the prompt's
 characters plus one per streamed chunk. An attempt the server refused (any 4xx/5xx) counts no tokens.
+A reported usage object is also written on the final reply entry (``wire.USAGE``), for the gateway.
 The HTTP connection pool holds ``model_concurrent_calls`` (else the worker's ``concurrency``)
 connections, so it is not a hidden, lower cap.
 
@@ -51,7 +55,7 @@ from redis.backoff import ExponentialBackoff
 
 from .. import tracing
 from ..limits import Call, ModelLimits, Retryable, back_off, retry_after_seconds
-from ..wire import memory_key
+from ..wire import CHAT, CHAT_PARAMS, USAGE, memory_key
 from . import HandlerFactory, Message
 from .pool import Pool
 
@@ -90,14 +94,14 @@ class _Usage:
     def __init__(self, prompt_chars: int) -> None:
         self.prompt_chars = prompt_chars
         self.answered = False  # the server accepted the request (2xx)
-        self.reported: int | None = None  # usage.total_tokens of the final event
+        self.reported: dict[str, Any] | None = None  # the usage object of the final event
         self.chunks = 0
 
     def tokens(self) -> int:
         if not self.answered:
             return 0
         if self.reported is not None:
-            return self.reported
+            return int(self.reported["total_tokens"])
         return math.ceil(self.prompt_chars / CHARS_PER_TOKEN) + self.chunks
 
 
@@ -133,9 +137,11 @@ class OpenAIHandler:
         self.pool = Pool(connections, timeout, headers)
 
     async def __call__(self, msg: Message) -> AsyncIterator[str]:
-        history = await self.memory.load(msg.user_id) if self.memory is not None else []
-        body = self.request_body(msg.message, history)
-        prompt_chars = sum(len(m["content"]) for m in body["messages"])
+        chat = _chat(msg)
+        memory = self.memory if chat is None else None  # a chat carries its own history
+        history = await memory.load(msg.user_id) if memory is not None else []
+        body = self.request_body(msg.message, history, chat)
+        prompt_chars = sum(_content_chars(m.get("content")) for m in body["messages"])
         parts: list[str] = []
         for attempt in range(self.retries + 1):
             try:
@@ -154,6 +160,8 @@ class OpenAIHandler:
                         raise
                     finally:
                         call.report_tokens(usage.tokens())
+                        if usage.reported is not None:
+                            msg.final_fields[USAGE] = json.dumps(usage.reported)
                         if span is not None:
                             span.set_attribute("gen_ai.usage.total_tokens", usage.tokens())
                             span.end()
@@ -167,24 +175,35 @@ class OpenAIHandler:
                     raise ModelError(f"{self.url}: {exc} (after {attempt + 1} attempts)") from exc
                 delay = exc.retry_after if exc.retry_after is not None else _BACKOFF.compute(attempt)
                 await back_off(self.limits, exc, delay, "model API", attempt)
-        if self.memory is not None:
-            await self.memory.remember(msg.user_id, msg.message, "".join(parts))
+        if memory is not None:
+            await memory.remember(msg.user_id, msg.message, "".join(parts))
 
-    def request_body(self, message: str, history: list[dict[str, str]]) -> dict[str, Any]:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        for exchange in history:
-            messages.append({"role": "user", "content": exchange["user"]})
-            messages.append({"role": "assistant", "content": exchange["assistant"]})
-        messages.append({"role": "user", "content": message})
+    def request_body(
+        self, message: str, history: list[dict[str, str]], chat: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The server's request: the system prompt first, then ``chat``'s messages and sampling
+        parameters when the entry has a chat, else the remembered ``history`` and ``message``."""
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        if chat is not None:
+            messages += chat["messages"]
+        else:
+            for exchange in history:
+                messages.append({"role": "user", "content": exchange["user"]})
+                messages.append({"role": "assistant", "content": exchange["assistant"]})
+            messages.append({"role": "user", "content": message})
         body: dict[str, Any] = {
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},  # the tokens to report to the TPM limit
         }
+        if chat is not None:
+            body.update((name, chat[name]) for name in CHAT_PARAMS if chat.get(name) is not None)
         if self.model:
             body["model"] = self.model
         if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
+            body["max_tokens"] = min(int(body.get("max_tokens", self.max_tokens)), self.max_tokens)
         return body
 
     async def _stream(self, body: dict[str, Any], usage: _Usage) -> AsyncIterator[str]:
@@ -294,8 +313,23 @@ def _sse_data(raw: bytes) -> str | None:
     return line[5:].removeprefix(" ")
 
 
-def _event_parts(event: str) -> tuple[str | None, int | None]:
-    """An event's content delta and its ``usage.total_tokens`` (the last event of include_usage)."""
+def _chat(msg: Message) -> dict[str, Any] | None:
+    """The entry's chat request (validated by the worker: an object with a messages list), if any."""
+    raw = msg.fields.get(CHAT)
+    return None if raw is None else dict(json.loads(raw))
+
+
+def _content_chars(content: Any) -> int:
+    """Characters of a message's content: a string, or a list of parts whose ``text`` counts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(part["text"]) for part in content if isinstance(part, dict) and "text" in part)
+    return 0
+
+
+def _event_parts(event: str) -> tuple[str | None, dict[str, Any] | None]:
+    """An event's content delta and its usage object (the last event of include_usage), if valid."""
     try:
         data = json.loads(event)
     except ValueError as exc:
@@ -306,7 +340,8 @@ def _event_parts(event: str) -> tuple[str | None, int | None]:
         raise Retryable(f"error event: {_error_message(event)}")
     usage = data.get("usage")
     total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    tokens = total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
+    valid = isinstance(total, int) and not isinstance(total, bool) and total >= 0
+    tokens = usage if valid and isinstance(usage, dict) else None
     choices = data.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
         return None, tokens  # e.g. the usage-only event of stream_options.include_usage

@@ -194,7 +194,8 @@ class EntryProcessor:
         if inspect.iscoroutine(outcome):  # the common case, and a far cheaper test than the ABC below
             result = await outcome
         elif isinstance(outcome, AsyncIterator):
-            result = await self._stream_chunks(outcome, msg, key)
+            text = await self._stream_chunks(outcome, msg, key)
+            result = {**msg.final_fields, wire.RESPONSE: text} if msg.final_fields else text
         else:
             result = await outcome
         reply = self._traced(reply_fields(s.consumer, msg.request_id, result))
