@@ -194,7 +194,9 @@ async def scale_queue(
         while True:
             if memo.lease is not None:
                 await memo.lease.wait_until_leading()
-            await _lead(body, namespace, name, memo, worker_replicas, logger)
+            scaler = _scaler(memo, namespace, name)  # new on each takeover: from what the last leader wrote
+            scaler.seed(dict(body.get("status") or {}))
+            await _lead(body, scaler, memo, worker_replicas, logger)
             await _drop_scaler(memo, namespace, name)
             log.info("%s/%s: not the leader: waiting for the Lease", namespace, name)
     finally:
@@ -208,16 +210,9 @@ async def _drop_scaler(memo: kopf.Memo, namespace: str, name: str) -> None:
 
 
 async def _lead(
-    body: kopf.Body,
-    namespace: str,
-    name: str,
-    memo: kopf.Memo,
-    worker_replicas: kopf.Index,
-    logger: logging.Logger,
+    body: kopf.Body, scaler: QueueScaler, memo: kopf.Memo, worker_replicas: kopf.Index, logger: logging.Logger
 ) -> None:
-    """Poll and act while this replica leads; returns as soon as it does not (a refused write)."""
-    scaler = _scaler(memo, namespace, name)  # new on each takeover: from what the last leader wrote
-    scaler.seed(dict(body.get("status") or {}))
+    """Poll and act with ``scaler`` while this replica leads; returns once it does not (a refused write)."""
 
     def on_scale(before: int, after: int, decision: Decision) -> None:
         reason = "ScaledUp" if after > before else "ScaledDown"
@@ -236,7 +231,7 @@ async def _lead(
     missing_since: float | None = None
     while memo.cluster.leading():
         generation, now = body["metadata"].get("generation", 0), time.monotonic()
-        replicas = _replicas(worker_replicas, namespace, scaler.deployment)
+        replicas = _replicas(worker_replicas, scaler.namespace, scaler.deployment)
         missing_since = None if replicas else (missing_since or now)
         missing = missing_since is not None and now - missing_since > MISSING_DEPLOYMENT_GRACE_SECONDS
         try:
