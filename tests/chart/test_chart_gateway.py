@@ -2,17 +2,21 @@
 
 Off by default. On: a locked-down Deployment whose probes, port and config file are the ones the image
 and the gateway serve, a Service, an autoscaling/v2 HPA on CPU, a PDB only when more than one replica
-can run, the config file rendered from ``gateway.config``, every
+can run, the config file rendered from ``gateway.config`` and parsed by the gateway's own model, every
 secret only by reference (the chart renders no Secret), a NetworkPolicy beside the chart's others, a
 ServiceMonitor with the operator's, and a values schema that refuses typos inside ``gateway``.
 """
 
 from __future__ import annotations
 
+import json
+import typing
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
+from streamqueue_gateway.config import GatewayConfig
 
 from tests.chart.helm import CHART, KUBE_VERSION, ROOT, by_kind, helm, render
 
@@ -145,7 +149,7 @@ def test_a_disruption_budget_only_when_more_than_one_replica_can_run(
         )
 
 
-def test_config_is_the_values_with_the_mounted_secret_files() -> None:
+def test_config_is_the_values_with_the_mounted_secret_files_and_the_gateway_parses_it() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]["config"]
     assert config_of(gateway()) == values
     objects = gateway(*SECRETS)
@@ -162,6 +166,55 @@ def test_config_is_the_values_with_the_mounted_secret_files() -> None:
         directory, name = path.rsplit("/", 1)
         (volume,) = [v for v, at in mounts.items() if at == directory]
         assert volumes[volume]["secret"] == {"secretName": secret, "items": [{"key": key, "path": name}]}
+    GatewayConfig.model_validate(config_of(gateway()))
+    GatewayConfig.model_validate(config)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds: itself, optional, or as a list's items or a dict's values."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _keys(model: type[BaseModel], chart_owned: frozenset[str], at: str = "") -> dict[str, Any]:
+    """The file's keys as a tree (nested models expanded), minus what the chart itself fills in."""
+    tree: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        if at + key not in chart_owned:
+            inner = _model_in(field.annotation)
+            tree[key] = _keys(inner, chart_owned, f"{at}{key}.") if inner else None
+    return tree
+
+
+def _schema_keys(schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The same tree from the values schema (an array's items, a map's values)."""
+    schema = schema.get("items", schema)
+    if isinstance(schema.get("additionalProperties"), dict):
+        schema = schema["additionalProperties"]
+    if "properties" not in schema:
+        return None
+    return {key: _schema_keys(sub) for key, sub in schema["properties"].items()}
+
+
+def test_the_schema_knows_exactly_the_config_files_keys() -> None:
+    """A key the gateway adds (or renames) must reach the values schema, or helm would refuse it;
+    file paths are the chart's: it mounts the Secrets and writes their paths."""
+    chart_owned = frozenset(
+        {
+            "auth.apiKeysFile",
+            "auth.jwt.hs256SecretFile",
+            "auth.jwt.jwksFile",
+            "redis.passwordFile",
+            "redis.tlsCaFile",
+        }
+    )
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert _schema_keys(schema["properties"]["gateway"]["properties"]["config"]) == _keys(
+        GatewayConfig, chart_owned
+    )
 
 
 def test_secrets_only_by_reference() -> None:
