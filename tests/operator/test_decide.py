@@ -240,31 +240,26 @@ def test_limit_bound_with_cold_start_pause_and_missing_data() -> None:
 
 # --- properties ---------------------------------------------------------------------------------
 
-policies = st.builds(
-    lambda lo, span, target, stab, idle, act, drain, cold: ScalingSpec(
-        min_replicas=lo,
-        max_replicas=max(1, lo + span),
-        target_backlog_per_replica=target,
-        scale_down_stabilization_seconds=stab,
-        idle_cooldown_seconds=idle,
-        activation_backlog=act,
-        target_drain_seconds=drain,
-        cold_start_seconds=cold,
-    ),
-    st.integers(0, 5),
-    st.integers(0, 30),
-    st.integers(1, 50),
-    st.integers(0, 120),
-    st.integers(0, 300),
-    st.integers(0, 20),
-    st.integers(1, 120),
-    st.integers(0, 120),
-)
+
+@st.composite
+def policies(draw: st.DrawFn) -> ScalingSpec:
+    """A valid scaling policy: each field drawn from its own range, maxReplicas at least minReplicas."""
+    min_replicas = draw(st.integers(0, 5))
+    return ScalingSpec(
+        min_replicas=min_replicas,
+        max_replicas=max(1, min_replicas + draw(st.integers(0, 30))),
+        target_backlog_per_replica=draw(st.integers(1, 50)),
+        scale_down_stabilization_seconds=draw(st.integers(0, 120)),
+        idle_cooldown_seconds=draw(st.integers(0, 300)),
+        activation_backlog=draw(st.integers(0, 20)),
+        target_drain_seconds=draw(st.integers(1, 120)),
+        cold_start_seconds=draw(st.integers(0, 120)),
+    )
 
 
 @st.composite
 def histories(draw: st.DrawFn) -> tuple[ScalingSpec, list[Observation]]:
-    p = draw(policies)
+    p = draw(policies())
     n = draw(st.integers(1, 25))
     t, added, read, out = 0.0, 0, 0, []
     for _ in range(n):
