@@ -98,6 +98,20 @@ def from_replies(at: float, group_name: str, groups_reply: Any, stream_reply: An
     )
 
 
+def add_reads(pipe: Any, streams: Sequence[str]) -> None:
+    """Queue XINFO GROUPS and XINFO STREAM of every partition on ``pipe``, as ``from_pipeline`` reads them:
+    one round trip (per node on a cluster) observes the whole queue (the gateway's backlog check)."""
+    for stream in streams:
+        pipe.xinfo_groups(stream)
+        pipe.xinfo_stream(stream)
+
+
+def from_pipeline(at: float, group: str, streams: Sequence[str], replies: Sequence[Any]) -> Observation:
+    """The queue's Observation from the replies to ``add_reads`` (exceptions included, first in order)."""
+    parts = [from_replies(at, group, replies[2 * i], replies[2 * i + 1]) for i in range(len(streams))]
+    return parts[0] if len(parts) == 1 else combine(at, streams, parts)
+
+
 def combine(at: float, streams: Sequence[str], parts: Sequence[Observation]) -> Observation:
     """One queue from its partitions. A partition whose group is missing counts its whole stream as
     undelivered (its workers have not started yet); the queue's group is missing only if every one is."""
