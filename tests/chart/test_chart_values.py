@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from streamqueue.kubectl_sq.kube import TOOL_REDIS_SECRET
 from streamqueue_operator.deployment import render as render_worker
 from streamqueue_operator.models import parse_spec
 
@@ -171,6 +172,7 @@ def test_a_typo_fails_helm_install_and_the_policies_pass_a_server_side_dry_run(
     assert result.returncode != 0 and "'logLevl' not allowed" in result.stderr, result.stdout + result.stderr
     result = helm(*install, "--set", "networkPolicy.enabled=true", kubeconfig=control_plane.kubeconfig)
     assert "kubectl sq status <name>" in result.stdout  # NOTES.txt
+    assert f"{TOOL_REDIS_SECRET}=<secret>" in result.stdout  # the annotation kubectl sq reads
     assert "networkPolicy.apiServer.cidrs is empty" in result.stdout
     manifest = helm(
         "template", "sq", str(CHART), "--namespace", kube_namespace, "--kube-version", KUBE_VERSION,

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from kubernetes import client as k8s
 from streamqueue import wire
+from streamqueue.kubectl_sq.kube import TOOL_REDIS_SECRET
+from streamqueue.worker.replies import dead_letter_fields
+from streamqueue_harness.acl_users import create_generated_users
 from streamqueue_harness.eventually import eventually
 from streamqueue_harness.podrunner import WorkerPodRunner
+from streamqueue_harness.redis_server import RedisServer
+from streamqueue_operator.models import GROUP, VERSION
 
 from tests.operator.queues import STREAM, Queues, push
 
@@ -25,14 +32,18 @@ PLUGIN = Path(sys.executable).parent / "kubectl-sq"  # the console script the pa
 TOKEN = "tok-never-in-a-report"
 
 
-def kubectl_sq(sq: Queues, *argv: str, check: bool = True) -> str:
+def run_plugin(sq: Queues, *argv: str) -> subprocess.CompletedProcess[str]:
     """Run the installed plugin as a user would, with the control plane's kubectl and kubeconfig."""
     env = {**os.environ, "KUBECTL": str(sq.plane.bin_dir / "kubectl")}
     scope = ["--kubeconfig", str(sq.plane.kubeconfig), "-n", sq.namespace, "--direct"]
-    done = subprocess.run(
+    return subprocess.run(
         [str(PLUGIN), *argv, *scope], env=env, capture_output=True, text=True, timeout=300, check=False
     )
-    if check and done.returncode != 0:
+
+
+def kubectl_sq(sq: Queues, *argv: str) -> str:
+    done = run_plugin(sq, *argv)
+    if done.returncode != 0:
         raise AssertionError(f"kubectl sq {' '.join(argv)} exited {done.returncode}: {done.stderr}")
     return done.stdout
 
@@ -126,3 +137,68 @@ def _drain(sq: Queues, r: Any) -> None:
     annotations = sq.get("chat")["metadata"]["annotations"]
     assert annotations["streamqueue.io/paused-replicas"] == "0"
     eventually(lambda: sq.replicas("chat") == 0, "scaled to zero after the drain", timeout=30)
+
+
+QUEUE_USER, TOOL_USER, TOOL_SECRET = "sq-queue", "sq-tool", "chat-sq-tool"
+
+
+def _dead_letter(admin: redis.Redis, user: str, request_id: str) -> str:
+    original = {wire.USER_ID: user, wire.MESSAGE: "hi", wire.REQUEST_ID: request_id, wire.TIMESTAMP: "1"}
+    fields = dead_letter_fields(
+        original, reason=wire.REASON_MAX_DELIVERIES, error="boom", deliveries=5, source_id="1-1",
+        source_stream=STREAM, consumer="w1",
+    )  # fmt: skip
+    return str(admin.xadd(wire.dead_letter_stream(STREAM), fields))
+
+
+def _denials(admin: redis.Redis, user: str) -> list[str]:
+    return [e["object"] for e in admin.acl_log() if e["username"] == user]
+
+
+def test_the_tool_runs_as_its_own_redis_user_from_a_secret(
+    control_plane: Any, kube_namespace: str, api: k8s.ApiClient, start_operator: Any
+) -> None:
+    """A password-protected Redis with exactly the generated users: the queue's user cannot read dead
+    letters (NOPERM on XRANGE); the tool's user, from a basic-auth Secret named by --redis-secret or by
+    the StreamQueue's annotation, runs status and every dlq command without a denial."""
+    with RedisServer(password=secrets.token_hex(12)) as server:
+        admin = server.client(decode_responses=True)
+        passwords = create_generated_users(admin, "--shared-user", QUEUE_USER, "--tool-user", TOOL_USER)
+        assert set(passwords) == {QUEUE_USER, TOOL_USER}  # the queue's (workers and operator) and the tool's
+        sq = Queues(control_plane, kube_namespace, api, f"redis://127.0.0.1:{server.port}/0")
+        create = ["create", "secret", "generic", "-n", kube_namespace]
+        control_plane.kubectl(*create, "redis-queue", f"--from-literal=password={passwords[QUEUE_USER]}")
+        control_plane.kubectl(
+            *create, TOOL_SECRET, "--type=kubernetes.io/basic-auth", f"--from-literal=username={TOOL_USER}",
+            f"--from-literal=password={passwords[TOOL_USER]}",
+        )  # fmt: skip
+        redis_spec = {
+            "url": sq.redis_url,
+            "username": QUEUE_USER,
+            "passwordSecretRef": {"name": "redis-queue"},
+        }
+        manifest = {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "StreamQueue",
+            "metadata": {"name": "chat", "namespace": kube_namespace}, "spec": {"redis": redis_spec},
+        }  # fmt: skip
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        start_operator()
+        eventually(lambda: sq.replicas("chat") is not None, "the worker Deployment", timeout=60)
+        first = _dead_letter(admin, "ada", "r1")
+        _dead_letter(admin, "bo", "r2")
+
+        as_worker = run_plugin(sq, "dlq", "list", "chat")
+        assert as_worker.returncode == 1 and "xrange" in as_worker.stderr, as_worker.stderr
+        listed = as_json(sq, "dlq", "list", "chat", "--redis-secret", TOOL_SECRET)["dead_letters"]
+        assert [d["request_id"] for d in listed] == ["r1", "r2"]
+
+        control_plane.kubectl(
+            "annotate", "streamqueue", "chat", "-n", kube_namespace, f"{TOOL_REDIS_SECRET}={TOOL_SECRET}"
+        )
+        assert as_json(sq, "status", "chat")["redis"]["dead_letters"] == 2
+        assert as_json(sq, "dlq", "show", "chat", first)["dead_letter"]["user_id"] == "ada"
+        [redriven] = as_json(sq, "dlq", "redrive", "chat", "--user", "ada")["redriven"]
+        assert redriven["new_id"] is not None and admin.xlen(STREAM) == 1
+        assert as_json(sq, "dlq", "purge", "chat", "--all")["purged"] == 1
+        assert _denials(admin, TOOL_USER) == []
+        assert "xrange" in _denials(admin, QUEUE_USER)

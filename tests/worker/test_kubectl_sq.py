@@ -110,7 +110,7 @@ def test_the_tool_pod_is_the_worker_template_without_labels_probes_or_the_worker
         },
     }
     queue = kube.Queue("chat", "prod", {"metadata": {}}, {"spec": {"template": template}})
-    spec = reach.tool_pod_spec(queue, "chat-sq-1", ["status"])
+    spec = reach.tool_pod_spec(queue, "chat-sq-1", ["status"], None)
     [container] = spec["containers"]
     assert container["command"] == reach.SQTOOL and container["args"] == ["status"]
     assert container["env"] == worker["env"] and container["imagePullPolicy"] == "Never"
@@ -118,6 +118,37 @@ def test_the_tool_pod_is_the_worker_template_without_labels_probes_or_the_worker
     assert spec["restartPolicy"] == "Never" and spec["serviceAccountName"] == "sa"
     assert spec["volumes"] == template["spec"]["volumes"]
     assert "metadata" not in spec  # no labels: the queue's ReplicaSet must not adopt the pod
+
+
+def test_the_tool_secret_replaces_the_workers_redis_user_in_the_pod() -> None:
+    """The flag first, else the StreamQueue's annotation; the worker's user, password and password file
+    give way to the Secret's keys, every other variable stays."""
+    stream = {"name": "STREAMQUEUE_STREAM", "value": "chat"}
+    worker = {
+        "name": "worker", "image": "w",
+        "env": [
+            stream, {"name": "STREAMQUEUE_REDIS_USERNAME", "value": "sq-worker"},
+            {"name": "STREAMQUEUE_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "w", "key": "pw"}}},
+            {"name": "STREAMQUEUE_REDIS_PASSWORD_FILE", "value": "/etc/redis/pw"},
+        ],
+    }  # fmt: skip
+    obj = {"metadata": {"annotations": {kube.TOOL_REDIS_SECRET: "chat-sq-tool"}}}
+    queue = kube.Queue("chat", "prod", obj, {"spec": {"template": {"spec": {"containers": [worker]}}}})
+    assert reach.tool_secret(queue, None) == "chat-sq-tool"
+    assert reach.tool_secret(queue, "other") == "other"
+    assert reach.tool_secret(kube.Queue("chat", "prod", {"metadata": {}}, None), None) is None
+    [container] = reach.tool_pod_spec(queue, "chat-sq-1", ["status"], "chat-sq-tool")["containers"]
+
+    def from_secret(name: str, key: str) -> dict[str, object]:
+        return {"name": name, "valueFrom": {"secretKeyRef": {"name": "chat-sq-tool", "key": key}}}
+
+    assert container["env"] == [
+        stream,
+        from_secret("STREAMQUEUE_REDIS_USERNAME", "username"),
+        from_secret("STREAMQUEUE_REDIS_PASSWORD", "password"),
+    ]
+    [unchanged] = reach.tool_pod_spec(queue, "chat-sq-1", ["status"], None)["containers"]
+    assert unchanged["env"] == worker["env"]
 
 
 def test_the_tools_answer_is_found_among_kubectls_lines() -> None:

@@ -23,7 +23,7 @@ from .kube import (
     load_queue,
     operator_leader,
 )
-from .reach import SqtoolError, direct, in_pod
+from .reach import SqtoolError, direct, in_pod, tool_secret
 from .report import collect
 
 DESCRIPTION = """Day-two commands for streamqueue queues (StreamQueue objects).
@@ -31,7 +31,9 @@ DESCRIPTION = """Day-two commands for streamqueue queues (StreamQueue objects).
 Redis is reached from a short-lived pod run from the queue's worker image with the worker
 Deployment's environment (so it works where Redis is reachable only inside the cluster); --direct
 runs the Redis side here instead (add --redis-url when the queue's own URL is not reachable from
-here, e.g. through kubectl port-forward)."""
+here, e.g. through kubectl port-forward). With a least-privilege Redis ACL, the tool's own Redis
+user comes from a Secret: --redis-secret, or the StreamQueue's streamqueue.io/tool-redis-secret
+annotation."""
 
 
 def _common() -> argparse.ArgumentParser:
@@ -56,6 +58,13 @@ def _common() -> argparse.ArgumentParser:
         help="reach Redis from this machine, not from a pod",
     )
     add("--redis-url", default=argparse.SUPPRESS, help="--direct: this Redis URL instead of the queue's")
+    add(
+        "--redis-secret",
+        metavar="SECRET",
+        default=argparse.SUPPRESS,
+        help="the tool's own Redis user: a Secret in the queue's namespace with username and password keys "
+        "(default: the StreamQueue's streamqueue.io/tool-redis-secret annotation, else the worker's user)",
+    )
     add(
         "--pod-timeout",
         type=float,
@@ -117,7 +126,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    options: dict[str, Any] = {"output": "table", "direct": False, "redis_url": None, "pod_timeout": 120.0}
+    options: dict[str, Any] = {
+        "output": "table", "direct": False, "redis_url": None, "redis_secret": None, "pod_timeout": 120.0,
+    }  # fmt: skip
     options |= vars(args)
     args = argparse.Namespace(**options)
     kubectl = Kubectl(
@@ -133,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(kubectl: Kubectl, queue: Queue, args: argparse.Namespace) -> str:
-    side = direct(kubectl, args.redis_url) if args.direct else in_pod(kubectl, args.pod_timeout)
+    secret = tool_secret(queue, args.redis_secret)
+    if args.direct:
+        side = direct(kubectl, args.redis_url, secret)
+    else:
+        side = in_pod(kubectl, args.pod_timeout, secret)
 
     def redis_side(argv: list[str]) -> dict[str, Any]:
         return side(queue, argv)

@@ -15,6 +15,8 @@ WORKER_CONTAINER = "worker"
 # The pause annotations (the operator's decide.PAUSED / PAUSED_REPLICAS; a test keeps them equal).
 PAUSED = f"{GROUP}/paused"
 PAUSED_REPLICAS = f"{GROUP}/paused-replicas"
+# The Secret with kubectl sq's own Redis user (``username``, ``password``) when ``--redis-secret`` names none.
+TOOL_REDIS_SECRET = f"{GROUP}/tool-redis-secret"
 
 
 class KubectlError(RuntimeError):

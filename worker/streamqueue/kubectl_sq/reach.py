@@ -6,6 +6,10 @@ included, as references), volumes, service account and security settings, so it 
 exactly as the workers do; ``python -m streamqueue.sqtool`` instead of the worker, no probes or
 ports, no labels (a ReplicaSet must not adopt it), ``restartPolicy: Never``; its answer is read from
 its log once it has finished, then it is deleted.
+
+A least-privilege worker user lacks what the tool issues (``streamqueue.acl``): a Secret with the
+tool's own user (``--redis-secret``, or the StreamQueue's annotation ``streamqueue.io/tool-redis-secret``)
+replaces the worker's Redis user and password in either way of reaching Redis.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from redis.exceptions import RedisError
 from ..settings import env_name, from_environ
 from ..sqtool.__main__ import run as run_sqtool
 from ..sqtool.args import parser as sqtool_parser
-from .kube import Kubectl, Queue
+from .kube import TOOL_REDIS_SECRET, Kubectl, Queue
 
 SQTOOL = ["python", "-m", "streamqueue.sqtool"]
 RedisSide = Callable[[Queue, list[str]], dict[str, Any]]
@@ -33,12 +37,35 @@ class SqtoolError(RuntimeError):
     """The Redis side answered with an error (or not at all)."""
 
 
-def direct(kubectl: Kubectl, redis_url: str | None) -> RedisSide:
+# The tool user's Secret: the keys of a kubernetes.io/basic-auth Secret, as the variables they set.
+CREDENTIALS = {env_name("redis_username"): "username", env_name("redis_password"): "password"}
+
+
+def tool_secret(queue: Queue, flag: str | None) -> str | None:
+    """The Secret with the tool's Redis user: ``--redis-secret``, else the StreamQueue's annotation."""
+    return flag or queue.annotations.get(TOOL_REDIS_SECRET) or None
+
+
+def tool_container(queue: Queue, secret: str | None) -> dict[str, Any]:
+    """The worker container, with the Redis user and password from ``secret`` instead of the worker's
+    (a password file, which would conflict with the password, is dropped too) when one is named."""
+    container = queue.worker_container()
+    if not secret:
+        return container
+    replaced = {*CREDENTIALS, env_name("redis_password_file")}
+    env = [var for var in container.get("env") or [] if var["name"] not in replaced]
+    for name, key in CREDENTIALS.items():
+        env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    return container | {"env": env}
+
+
+def direct(kubectl: Kubectl, redis_url: str | None, secret: str | None) -> RedisSide:
     """Run the commands here, with the worker's environment resolved from the Deployment (Secrets read
-    through kubectl) and ``redis_url`` instead of the queue's own when given (e.g. a port-forward)."""
+    through kubectl; the tool user's ``secret`` too) and ``redis_url`` instead of the queue's own when
+    given (e.g. a port-forward)."""
 
     def call(queue: Queue, argv: list[str]) -> dict[str, Any]:
-        env = worker_environment(kubectl, queue.worker_container())
+        env = worker_environment(kubectl, tool_container(queue, secret))
         if redis_url:
             env[env_name("redis_url")] = redis_url
         try:
@@ -70,7 +97,7 @@ def worker_environment(kubectl: Kubectl, container: dict[str, Any]) -> dict[str,
     return env
 
 
-def in_pod(kubectl: Kubectl, timeout: float) -> RedisSide:
+def in_pod(kubectl: Kubectl, timeout: float, secret: str | None) -> RedisSide:
     """Run the commands in a pod from the queue's worker image, then read its log.
 
     Not ``kubectl run --rm -i``: a tool that answers in a second can finish before kubectl attaches,
@@ -79,7 +106,7 @@ def in_pod(kubectl: Kubectl, timeout: float) -> RedisSide:
     def call(queue: Queue, argv: list[str]) -> dict[str, Any]:
         name = f"{queue.name}-sq-{secrets.token_hex(3)}"[-63:].lstrip("-")
         container = queue.worker_container()
-        overrides = {"apiVersion": "v1", "spec": tool_pod_spec(queue, name, argv)}
+        overrides = {"apiVersion": "v1", "spec": tool_pod_spec(queue, name, argv, secret)}
         kubectl.run(
             "run", name, "--restart=Never", f"--image={container['image']}",
             f"--overrides={json.dumps(overrides)}",
@@ -111,9 +138,9 @@ def _wait_finished(kubectl: Kubectl, pod: str, timeout: float) -> str:
     return phase
 
 
-def tool_pod_spec(queue: Queue, name: str, argv: list[str]) -> dict[str, Any]:
+def tool_pod_spec(queue: Queue, name: str, argv: list[str], secret: str | None) -> dict[str, Any]:
     template = queue.deployment["spec"]["template"]["spec"] if queue.deployment else {}
-    worker = queue.worker_container()
+    worker = tool_container(queue, secret)
     keep = ("image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext")
     container = {k: worker[k] for k in keep if k in worker}
     container |= {
