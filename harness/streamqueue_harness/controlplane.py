@@ -41,6 +41,7 @@ from .eventually import eventually
 from .kubeconfig import write_kubeconfig
 from .pki import ClusterPKI, create_pki
 from .ports import free_port
+from .processes import stopped_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -146,20 +147,18 @@ class ControlPlane:
         self._pki = create_pki(self.workdir / "pki", (self.node_ip,) if self.node_ip else ())
         if not self.detach:
             atexit.register(self.stop)
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            try:
-                self._start_components(_Ports.choose(), began + timeout)
-                break
-            except PortTakenError as exc:
-                if attempt == PORT_ATTEMPTS:
-                    self.stop()
-                    raise
-                log.warning("control plane start attempt %d: %s; retrying with new ports", attempt, exc)
-                self._components.stop(shutdown_phases)
-                shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # its member records the old ports
-            except BaseException:
-                self.stop()
-                raise
+        with stopped_on_failure(self.stop):
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                try:
+                    self._start_components(_Ports.choose(), began + timeout)
+                    break
+                except PortTakenError as exc:
+                    if attempt == PORT_ATTEMPTS:
+                        raise
+                    log.warning("control plane start attempt %d: %s; retrying with new ports", attempt, exc)
+                    self._components.stop(shutdown_phases)
+                    # etcd's member records the old ports
+                    shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
         self.start_seconds = time.monotonic() - began
         log.info(
             "control plane ready at %s in %.1fs (kubeconfig %s)",

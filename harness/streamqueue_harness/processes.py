@@ -14,7 +14,7 @@ import ctypes
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -112,6 +112,18 @@ def _still_running(pgid: int, popen: subprocess.Popen[bytes] | None) -> bool:
     if popen is not None:
         popen.poll()
     return group_alive(pgid)
+
+
+@contextlib.contextmanager
+def stopped_on_failure(stop: Callable[[], None]) -> Iterator[None]:
+    """Run the block that starts a server; if it fails or is interrupted (Ctrl-C, a test's timeout),
+    ``stop`` what it had started before the error goes on, so a half-started server leaves nothing
+    running behind."""
+    try:
+        yield
+    except BaseException:
+        stop()
+        raise
 
 
 class Supervised:

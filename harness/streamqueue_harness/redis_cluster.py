@@ -21,7 +21,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from .eventually import eventually
 from .ports import free_port
-from .processes import spawn, stop_groups
+from .processes import spawn, stop_groups, stopped_on_failure
 
 NODE_TIMEOUT_MS = 1000
 PRIMARIES = 3
@@ -155,11 +155,8 @@ class RedisClusterServer:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> RedisClusterServer:
-        try:
+        with stopped_on_failure(self.stop):
             return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -18,6 +18,7 @@ from ..components import Components, StartupError, recorded_state, running_compo
 from ..controlplane import ControlPlane, default_bin_dir
 from ..images import Images, image_archives
 from ..netns import delete_link, in_namespace
+from ..processes import stopped_on_failure
 from .containerd import containerd_config, ctr, import_images
 from .dns import install_cluster_dns
 from .host import cgroup_dirs, clean_host, read_sysctls
@@ -93,16 +94,13 @@ class Node:
             sysctls=read_sysctls(), cgroup_root=self.cgroup_root, containerd=str(self.socket)
         )
         self._components.write_state()
-        try:
+        with stopped_on_failure(self.stop):
             self._start_containerd(deadline)
             import_images(self.socket, self.images.archives, self.images.sandbox)
             self._start_kubernetes_components()
             self._components.wait(deadline, f"node {self.name} Ready and schedulable", self._ready, 0.5)
             if self.first:
                 install_cluster_dns(self.plane, self.images.coredns, deadline - time.monotonic())
-        except BaseException:
-            self.stop()
-            raise
         self.start_seconds = time.monotonic() - began
         log.info(
             "node %s Ready in %.1fs (%d images imported)",
