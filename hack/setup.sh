@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests and the demo need on a fresh Debian machine: redis-server from Debian, a
-# Python virtualenv with the pinned packages and the three local packages (editable), and the pinned
+# Python virtualenv with the pinned packages and the four local packages (editable), and the pinned
 # Kubernetes tools (hack/tools.sh, cached outside the repository). Idempotent and quick when warm.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,11 +38,11 @@ if [ ! -x .venv/bin/python ]; then
   log "creating .venv with $($PY --version)"
   "$PY" -m venv .venv
 fi
-hash_now="$(cat requirements-dev.txt worker/pyproject.toml operator/pyproject.toml harness/pyproject.toml | sha256sum | cut -c1-16)"
+hash_now="$(cat requirements-dev.txt worker/pyproject.toml operator/pyproject.toml harness/pyproject.toml gateway/pyproject.toml | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$hash_now" ]; then
   log "installing Python packages into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements-dev.txt -e "worker[uvloop,otel]" -e operator -e harness
+  .venv/bin/python -m pip install -q -r requirements-dev.txt -e "worker[uvloop,otel]" -e operator -e harness -e gateway
   echo "$hash_now" > "$stamp"
 else
   log "Python packages up to date"

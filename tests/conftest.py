@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server per test (free loopback port), a real Redis Cluster per module.
+"""Shared fixtures: a real redis-server per test (free loopback port), a real Redis Cluster per module,
+the model servers (llama-cpp-python's on a tiny model, one per session; chat-completion stubs).
 
 The control-plane fixtures (``control_plane``, session scope, and ``kube_namespace``) come from
 ``streamqueue_harness.pytest_plugin``, registered here so every test directory can use them.
@@ -6,10 +7,12 @@ The control-plane fixtures (``control_plane``, session scope, and ``kube_namespa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
+from streamqueue_harness.modelserver import ModelServer, StubChatServer, llama_python, llama_venv
 from streamqueue_harness.node import NODE_IP
 from streamqueue_harness.nodequeue import ModelStandIn
 from streamqueue_harness.operatorproc import install_crd
@@ -37,6 +40,31 @@ def redis_cluster() -> Iterator[RedisClusterServer]:
     """Three primaries with a replica each on loopback, shared by a module's tests (forming takes seconds)."""
     with RedisClusterServer() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """llama-cpp-python's server on a tiny generated model, one for the whole session (it takes seconds
+    to load, and no test changes its state)."""
+    python = llama_python()
+    if python is None:  # fail, not skip: CI must not pass without the real server
+        pytest.fail(f"no llama-cpp-python server in {llama_venv()}: run `bash hack/llama.sh`", pytrace=False)
+    with ModelServer(python, n_ctx=512, workdir=tmp_path_factory.mktemp("llama")) as server:
+        yield server
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[Callable[..., Awaitable[StubChatServer]]]:
+    """``await stub(respond)`` starts a chat-completions stub answering with ``respond``; stopped after."""
+    servers: list[StubChatServer] = []
+
+    async def start(respond: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> StubChatServer:
+        servers.append(await StubChatServer(respond).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        await server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""streamqueue-gateway: an OpenAI-compatible HTTP front door of streamqueues (docs/gateway.md)."""

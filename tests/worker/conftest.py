@@ -19,7 +19,6 @@ from streamqueue import wire
 from streamqueue.settings import WorkerSettings
 from streamqueue.worker import Worker
 from streamqueue_harness.eventually import eventually_async
-from streamqueue_harness.modelserver import ModelServer, StubChatServer, llama_python, llama_venv
 from streamqueue_harness.workerproc import spawn_worker
 
 STREAM = wire.DEFAULT_STREAM
@@ -153,31 +152,6 @@ class Attempts:
             return await respond(request, self.calls)
 
         self.handler = handler
-
-
-@pytest.fixture(scope="session")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
-    """llama-cpp-python's server on a tiny generated model, one for the whole session (it takes seconds
-    to load, and no test changes its state)."""
-    python = llama_python()
-    if python is None:  # fail, not skip: CI must not pass without the real server
-        pytest.fail(f"no llama-cpp-python server in {llama_venv()}: run `bash hack/llama.sh`", pytrace=False)
-    with ModelServer(python, n_ctx=512, workdir=tmp_path_factory.mktemp("llama")) as server:
-        yield server
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[Callable[..., Awaitable[StubChatServer]]]:
-    """``await stub(respond)`` starts a chat-completions stub answering with ``respond``; stopped after."""
-    servers: list[StubChatServer] = []
-
-    async def start(respond: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> StubChatServer:
-        servers.append(await StubChatServer(respond).start())
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        await server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,226 @@
+"""The gateway's state and its admission pipeline, shared by the OpenAI, SSE and WebSocket routes.
+
+Every request goes the same way: auth -> model lookup -> body validation -> backpressure -> quota
+admit; then the route sends and streams; then ``finish`` releases the quota slot and debits the
+tokens, always (also on error, disconnect and cancellation: it is shielded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from streamqueue import Client
+from streamqueue.client import Reply, ReplyError, RequestCancelled, RequestExpired
+from streamqueue.connection import RedisClient, connect_any
+
+from . import metrics as m
+from .auth import Authenticator, AuthError, Principal
+from .backpressure import Backlog, Overloaded
+from .chat import ChatRequest, model_name, parse_chat
+from .config import GatewayConfig, ModelConfig
+from .errors import ApiError
+from .grace import Watches
+from .metrics import GatewayMetrics
+from .ownership import Ownership, new_request_id
+from .quotas import Admission, OverQuota, Quotas
+
+log = logging.getLogger(__name__)
+CHARS_PER_TOKEN = 4  # the estimate when the model reports no usage (as the model handler's)
+
+
+@dataclass
+class Queue:
+    """One model's streamqueue as the gateway uses it.
+
+    Two clients: ``client`` sends requests and streams replies to callers; ``follower`` follows each
+    browser request to its final entry (for the quota), beside any event stream of the same request
+    on this replica: a client awaits each request id once.
+    """
+
+    config: ModelConfig
+    client: Client
+    follower: Client
+    backlog: Backlog
+
+
+@dataclass
+class Ticket:
+    """An admitted request: who, which queue, what was asked, and what it has used so far."""
+
+    principal: Principal
+    queue: Queue
+    chat: ChatRequest
+    request_id: str
+    admission: Admission
+    started: float = field(default_factory=time.monotonic)
+    first_chunk: float | None = None
+    reply_chars: int = 0
+    final: Reply | None = None
+    outcome: str = m.ERROR
+
+    def usage(self) -> dict[str, int]:
+        """The model's reported usage, else an estimate from the characters (a quarter each)."""
+        reported = self.final.usage if self.final is not None else None
+        if reported is not None and all(isinstance(reported.get(k), int) for k in _USAGE_KEYS):
+            return {k: int(reported[k]) for k in _USAGE_KEYS}
+        prompt = math.ceil(self.chat.prompt_chars / CHARS_PER_TOKEN)
+        completion = math.ceil(self.reply_chars / CHARS_PER_TOKEN)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+class Gateway:
+    """What the routes share: config, auth, quotas, the queues' clients, ownership, grace, metrics."""
+
+    def __init__(self, config: GatewayConfig, redis: RedisClient, queues: dict[str, Queue]) -> None:
+        self.config = config
+        self.redis = redis  # the gateway's own keys: quotas, ownership, watch keys
+        self.queues = queues
+        self.authenticator = Authenticator(config.auth)
+        self.quotas = Quotas(redis, config.tiers, namespace=config.namespace)
+        self.ownership = Ownership(redis, config.namespace, config.request_ttl_seconds)
+        grace, ttl = config.resume_grace_seconds, config.request_ttl_seconds
+        self.watches = Watches(redis, config.namespace, grace, ttl)
+        self.metrics = GatewayMetrics()
+        self.tasks: set[asyncio.Task[Any]] = set()  # browser requests followed to their end
+
+    @classmethod
+    def open(cls, config: GatewayConfig) -> Gateway:
+        """Build the clients (lazy: no I/O until the first request)."""
+        connection = config.redis.connection()
+        redis = connect_any(connection)
+        queues = {}
+        for model in config.models:
+            kwargs: dict[str, Any] = {
+                "stream": model.stream,
+                "partitions": model.partitions,
+                "reply_prefix": model.reply_prefix,
+                "max_message_bytes": model.max_message_bytes,
+            }
+            backlog = Backlog(
+                redis, model.stream, model.partitions, model.group, model.max_backlog,
+                config.backlog_refresh_seconds,
+            )  # fmt: skip
+            clients = Client(connection, **kwargs), Client(connection, **kwargs)
+            queues[model.name] = Queue(model, *clients, backlog)
+        return cls(config, redis, queues)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)  # each finishes its quota
+        await self.watches.close()
+        await self.quotas.close()
+        for queue in self.queues.values():
+            await queue.client.close()
+            await queue.follower.close()
+        await self.redis.aclose()
+
+    def principal(self, request: web.Request, *, query_token: bool = False) -> Principal:
+        """The caller, from ``Authorization: Bearer`` (or ``?access_token=`` where browsers need it)."""
+        token = _bearer(request.headers.get("Authorization"))
+        if token is None and query_token:
+            token = request.query.get("access_token") or None
+        try:
+            return self.authenticator.authenticate(token)
+        except AuthError as exc:
+            self.metrics.rejected.labels("", m.REJECTED_AUTH).inc()
+            raise _auth_error(exc) from None
+
+    async def admit(self, principal: Principal, body: Any) -> Ticket:
+        """Model lookup, validation, backpressure and quota; ``ApiError`` (404/400/503/429/403) if refused."""
+        name = model_name(body)
+        queue = self.queues.get(name)
+        if queue is None:
+            raise ApiError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        chat = parse_chat(body)
+        tier = principal.tier
+        try:
+            await queue.backlog.check()
+            request_id = new_request_id()
+            admission = await self.quotas.admit(principal, request_id)
+        except Overloaded as exc:
+            self.metrics.rejected.labels(tier, m.REJECTED_BACKLOG).inc()
+            raise ApiError(
+                503, f"the queue is overloaded ({exc.reason}); retry later", type="server_error",
+                code="overloaded", retry_after_s=exc.retry_after_s,
+            ) from None  # fmt: skip
+        except OverQuota as exc:
+            self.metrics.rejected.labels(tier, exc.limit).inc()
+            raise ApiError(
+                429, f"quota exceeded: {exc.limit}", type="rate_limit_error", code=exc.limit,
+                retry_after_s=exc.retry_after_s,
+            ) from None  # fmt: skip
+        except AuthError as exc:  # a tier the gateway has no limits for
+            self.metrics.rejected.labels(tier, m.REJECTED_TIER).inc()
+            raise _auth_error(exc) from None
+        return Ticket(principal, queue, chat, request_id, admission)
+
+    async def finish(self, ticket: Ticket) -> None:
+        """Release the slot, debit the tokens, count the outcome; shielded from the caller's cancellation."""
+        await asyncio.shield(self._finish(ticket))
+
+    async def _finish(self, ticket: Ticket) -> None:
+        tokens = ticket.usage()["total_tokens"]
+        tier = ticket.principal.tier
+        self.metrics.requests.labels(ticket.queue.config.name, tier, ticket.outcome).inc()
+        self.metrics.tokens.labels(tier).inc(tokens)
+        await self.quotas.finish(ticket.admission, tokens)
+
+    async def cancel(self, ticket: Ticket) -> None:
+        """Cancel the request on the queue (its model call stops); shielded, and never raises."""
+        try:
+            await asyncio.shield(ticket.queue.client.cancel(ticket.principal.user_id, ticket.request_id))
+        except Exception as exc:
+            log.warning("cancel of request %s failed: %s", ticket.request_id, exc)
+
+    def first_chunk(self, ticket: Ticket) -> None:
+        """Record the time to the first chunk (admission to the first write to the caller)."""
+        if ticket.first_chunk is None:
+            ticket.first_chunk = time.monotonic()
+            labels = self.metrics.ttft.labels(ticket.queue.config.name, ticket.principal.tier)
+            labels.observe(ticket.first_chunk - ticket.started)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def outcome_error(exc: BaseException, ticket: Ticket) -> ApiError:
+    """The caller's error for a request that failed on the queue, and the ticket's outcome."""
+    if isinstance(exc, RequestCancelled):
+        ticket.outcome = m.CANCELLED
+        return ApiError(409, "the request was cancelled", type="invalid_request_error", code="cancelled")
+    if isinstance(exc, RequestExpired):
+        ticket.outcome = m.EXPIRED
+        return ApiError(503, "the request expired in the queue", type="server_error", code="expired",
+                        retry_after_s=5)  # fmt: skip
+    if isinstance(exc, TimeoutError):
+        ticket.outcome = m.TIMEOUT
+        return ApiError(504, "no reply from the model in time", type="server_error", code="timeout")
+    ticket.outcome = m.ERROR
+    detail = exc.reply.error if isinstance(exc, ReplyError) else str(exc)
+    return ApiError(502, f"the model failed: {detail}", type="server_error", code="model_error")
+
+
+QUEUE_ERRORS = (ReplyError, TimeoutError)
+
+
+def _bearer(header: str | None) -> str | None:
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _auth_error(exc: AuthError) -> ApiError:
+    if exc.status == 401:
+        return ApiError(401, str(exc), type="authentication_error", code="invalid_api_key")
+    return ApiError(exc.status, str(exc), type="permission_error", code="forbidden")

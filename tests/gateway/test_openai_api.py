@@ -1,0 +1,171 @@
+"""The OpenAI API of the gateway through the official ``openai`` SDK (and curl), against a real
+redis-server and real worker processes: the numbered-tokens handler, and the model handler in front
+of a chat-completions stub or llama-cpp-python's server on a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from streamqueue_harness.modelserver import ModelServer, completion_chunk
+from streamqueue_harness.token_handler import tokens
+
+from tests.gateway.conftest import KEYS, MODEL_HANDLER, RunningGateway
+
+
+def sdk(gateway: RunningGateway, user: str = "alice") -> openai.AsyncOpenAI:
+    """The SDK as an application uses it; no retries, so a refusal shows as it is."""
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS[user], max_retries=0)
+
+
+def ask(count: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"tokens={count}"}]
+
+
+async def test_a_chat_completion_through_the_sdk(gateways, workers) -> None:
+    workers()
+    gateway = await gateways()
+    async with sdk(gateway) as client:
+        completion = await client.chat.completions.create(model="tokens", messages=ask(5))
+    assert completion.choices[0].message.content == "".join(tokens(5))
+    assert completion.choices[0].finish_reason == "stop" and completion.model == "tokens"
+    assert completion.usage is not None and completion.usage.total_tokens > 0  # estimated: no model usage
+
+
+async def test_a_streamed_chat_completion_with_usage_through_the_sdk(gateways, workers) -> None:
+    workers()
+    gateway = await gateways()
+    async with sdk(gateway) as client:
+        stream = await client.chat.completions.create(
+            model="tokens", messages=ask(8), stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(tokens(8))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert not chunks[-1].choices and chunks[-1].usage is not None  # the usage chunk comes last
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_models_lists_the_configured_models(gateways, gateway_config) -> None:
+    gateway = await gateways(gateway_config(models=[{"name": "tokens"}, {"name": "llama", "stream": "q2"}]))
+    async with sdk(gateway) as client:
+        listed = await client.models.list()
+    assert [m.id for m in listed.data] == ["tokens", "llama"]
+
+
+async def test_refusals_are_openai_errors(gateways) -> None:
+    gateway = await gateways()
+    async with sdk(gateway) as client:
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await client.chat.completions.create(model="nope", messages=ask(1))
+        with pytest.raises(openai.BadRequestError) as invalid:
+            await client.chat.completions.create(model="tokens", messages=[])
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="tokens", messages=ask(1), temperature=5)
+    assert unknown.value.code == "model_not_found" and invalid.value.param == "messages"
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="wrong", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+
+
+async def test_over_quota_is_429_with_retry_after(gateways, gateway_config, workers) -> None:
+    """bob's tier allows one request at a time: a second while the first streams is refused."""
+    workers(tokens_interval_ms="50")
+    gateway = await gateways(gateway_config(tiers={"pro": {}, "free": {"maxRequests": 1}}))
+    async with sdk(gateway, "bob") as client:
+        first = await client.chat.completions.create(model="tokens", messages=ask(40), stream=True)
+        await anext(aiter(first))  # admitted and streaming
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(model="tokens", messages=ask(1))
+        await first.close()
+    assert int(refused.value.response.headers["Retry-After"]) >= 1
+    assert refused.value.code == "max_requests"
+
+
+async def test_a_backlog_above_the_limit_is_503_with_retry_after(
+    gateways, gateway_config, redis_server
+) -> None:
+    r = redis_server.client(decode_responses=True)
+    r.xgroup_create("user_messages_queue", "ai_service_group", id="$", mkstream=True)
+    for i in range(3):
+        r.xadd("user_messages_queue", {"user_id": "x", "message": str(i)})
+    gateway = await gateways(gateway_config(models=[{"name": "tokens", "maxBacklog": 2}]))
+    async with sdk(gateway) as client:
+        with pytest.raises(openai.InternalServerError) as overloaded:
+            await client.chat.completions.create(model="tokens", messages=ask(1))
+    assert overloaded.value.status_code == 503 and "Retry-After" in overloaded.value.response.headers
+
+
+async def test_curl_streams_a_completion(gateways, workers) -> None:
+    workers()
+    gateway = await gateways()
+    body = json.dumps({"model": "tokens", "messages": ask(3), "stream": True})
+    auth = f"Authorization: Bearer {KEYS['alice']}"
+    command = ["curl", "-sN", f"{gateway.url}/v1/chat/completions", "-H", auth,
+               "-H", "Content-Type: application/json", "-d", body]  # fmt: skip
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+    events = [line.removeprefix("data: ") for line in done.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+    assert "".join(deltas) == "".join(tokens(3))
+
+
+async def test_the_model_handler_gets_the_chat_and_its_usage_reaches_the_caller(
+    gateways, workers, stub
+) -> None:
+    bodies: list[dict[str, Any]] = []
+    usage = {"prompt_tokens": 17, "completion_tokens": 2, "total_tokens": 19}
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for word in ("Hello", " there"):
+            await response.write(completion_chunk(word))
+        await response.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    server = await stub(respond)
+    workers(handler=MODEL_HANDLER, openai_base_url=server.base_url, openai_system_prompt="Be kind.")
+    gateway = await gateways()
+    messages = [{"role": "system", "content": "Answer in English."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}]  # fmt: skip
+    async with sdk(gateway) as client:
+        stream = await client.chat.completions.create(
+            model="tokens", messages=messages, stream=True, stream_options={"include_usage": True},
+            max_tokens=9, temperature=0.25,
+        )  # fmt: skip
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there"
+    assert chunks[-1].usage is not None and chunks[-1].usage.model_dump() == usage | {
+        "completion_tokens_details": None, "prompt_tokens_details": None,
+    }  # fmt: skip
+    [body] = bodies
+    assert body["messages"] == [{"role": "system", "content": "Be kind."}, *messages]
+    assert body["max_tokens"] == 9 and body["temperature"] == 0.25
+
+
+async def test_a_chat_through_the_gateway_to_a_real_llama_server(
+    gateways, workers, llama: ModelServer
+) -> None:
+    workers(handler=MODEL_HANDLER, openai_base_url=llama.base_url, openai_model="tiny", openai_max_tokens="8")
+    gateway = await gateways()
+    async with sdk(gateway) as client:
+        stream = await client.chat.completions.create(
+            model="tokens", messages=[{"role": "user", "content": "hello"}], stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [chunk async for chunk in stream]
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2  # streamed token by token
+    # llama-cpp-python streams no usage: the gateway's estimate (a quarter of the characters) stands in
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
