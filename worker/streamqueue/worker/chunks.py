@@ -27,6 +27,7 @@ docs/worker.md "Chunk entries").
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from functools import partial
 
 from .. import wire
@@ -82,24 +83,18 @@ class ChunkWriter:
         self._room.set()
 
 
+@dataclass(eq=False)
 class ReplyChunks:
     """One reply's chunks: ``write`` each in turn, then ``written`` before the final reply is queued."""
 
-    def __init__(
-        self,
-        writer: ChunkWriter,
-        key: str,
-        worker_id: str,
-        request_id: str | None,
-        maxlen: int | None,
-        ttl_s: int | None,
-    ) -> None:
-        self._writer = writer
-        self._key = key
-        self._worker_id = worker_id
-        self._request_id = request_id
-        self._maxlen = maxlen
-        self._ttl_s = ttl_s
+    writer: ChunkWriter
+    key: str  # the reply stream
+    worker_id: str
+    request_id: str | None
+    maxlen: int | None
+    ttl_s: int | None  # the reply stream's lifetime, set by the first chunk
+
+    def __post_init__(self) -> None:
         self.count = 0  # entries written or queued; the next entry's sequence number
         self._offset = 0  # characters of the reply queued so far
         self._open: _OpenEntry | None = None  # the entry still waiting in the queue, open to more text
@@ -115,23 +110,23 @@ class ReplyChunks:
         """
         self._raise_failure()
         size = len(text)
-        await self._writer._reserve(size)
+        await self.writer._reserve(size)
         self._offset += size
         if self._open is not None:
             self._open.add(text, size)
             return
-        fields = chunk_fields(self._worker_id, self._request_id, text, self.count, self._offset - size)
+        fields = chunk_fields(self.worker_id, self.request_id, text, self.count, self._offset - size)
         # The first chunk sets the stream's lifetime; the final reply renews it.
-        ttl_s = self._ttl_s if self.count == 0 else None
+        ttl_s = self.ttl_s if self.count == 0 else None
         self.count += 1
         self._unconfirmed += 1
         self._confirmed.clear()
-        write = StreamWrite(self._key, fields, self._maxlen, ttl_s)
+        write = StreamWrite(self.key, fields, self.maxlen, ttl_s)
         entry = _OpenEntry(fields, text, size)
-        if self._writer.outbox.chunk_flush_s > 0:
+        if self.writer.outbox.chunk_flush_s > 0:
             self._open = entry
         # The first entry goes with the next flush, without waiting: the time to first token is kept.
-        self._writer.outbox.send(write, partial(self._done, entry), self._taken, urgent=self.count == 1)
+        self.writer.outbox.send(write, partial(self._done, entry), self._taken, urgent=self.count == 1)
 
     def _taken(self) -> None:
         """A flush took the open entry: its text is final, the next chunk starts a new entry."""
@@ -145,7 +140,7 @@ class ReplyChunks:
         self._raise_failure()
 
     def _done(self, entry: _OpenEntry, error: BaseException | None) -> None:
-        self._writer._release(entry.chunks, entry.size)
+        self.writer._release(entry.chunks, entry.size)
         if error is not None and self._error is None:
             self._error = error
         self._unconfirmed -= 1
