@@ -14,8 +14,10 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
+from streamqueue import wire
 from streamqueue_gateway.app import make_app, make_runner
 from streamqueue_gateway.auth import hash_key
 from streamqueue_gateway.config import GatewayConfig
@@ -104,3 +106,30 @@ def workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[...,
 
     yield start
     stop_groups([(proc.pid, proc) for proc in procs], grace=10)
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, str]]:
+    """The server-sent events of a response, each as its fields (``id``, ``event``, ``data``), as an
+    EventSource dispatches them."""
+    event: dict[str, str] = {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if "data" in event:  # a block without data (``retry:``) dispatches no event
+                yield event
+            event = {}
+            continue
+        name, _, value = line.partition(": ")
+        event[name] = value
+
+
+def reply_entries(redis_server: RedisServer, user: str, request_id: str) -> list[dict[str, str]]:
+    """Every entry of ``user``'s reply stream for ``request_id`` (chunks, then the final one)."""
+    r = redis_server.client(decode_responses=True)
+    entries = r.xrange(wire.reply_stream(wire.DEFAULT_REPLY_PREFIX, user))
+    return [fields for _, fields in entries if fields.get(wire.REQUEST_ID) == request_id]
+
+
+def final_entry(redis_server: RedisServer, user: str, request_id: str) -> dict[str, str] | None:
+    """The request's final reply entry, once written."""
+    return next((f for f in reply_entries(redis_server, user, request_id) if wire.RESPONSE in f), None)

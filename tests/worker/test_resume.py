@@ -1,21 +1,16 @@
 """Resuming a streamed reply after a dropped connection: every chunk exactly once and in order, against
-a real redis-server and a real (in-process) worker, directly and through the SSE front end example."""
+a real redis-server and a real (in-process) worker. Through the gateway's event streams (browsers):
+tests/gateway/test_browser_api.py."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
 from streamqueue import Client, wire
 from streamqueue.client import Chunk, entry_key
 from streamqueue.handlers import Message
-from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.ports import free_port
 
 from tests.worker.conftest import replies
@@ -101,67 +96,3 @@ async def test_resuming_needs_the_request_id() -> None:
     async with Client(f"redis://127.0.0.1:{free_port()}/0") as client:
         with pytest.raises(ValueError, match="request_id"):
             await anext(client.request_stream("alice", "", after="1-0"))
-
-
-def _load_example():  # type: ignore[no-untyped-def]
-    path = Path(__file__).parents[2] / "examples" / "sse_frontend.py"
-    spec = importlib.util.spec_from_file_location("sse_frontend", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, str]]:
-    event: dict[str, str] = {}
-    async for raw in response.content:
-        line = raw.decode().rstrip("\n")
-        if not line:
-            if event:
-                yield event
-            event = {}
-            continue
-        name, _, value = line.partition(": ")
-        event[name] = value
-
-
-async def test_sse_front_end_resumes_with_last_event_id(settings, workers, raw) -> None:
-    handler = GatedHandler()
-    s = settings()
-    await workers.start(s, handler=handler)
-    example = _load_example()
-    app = example.make_app(s.redis_url)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{base}/requests", json={"user_id": "bob", "message": "hi"}) as created:
-                assert created.status == 202
-                events_url = base + (await created.json())["events"]
-            got: list[dict[str, str]] = []
-            async with http.get(events_url) as response:
-                async for event in _sse_events(response):
-                    got.append(event)
-                    if "".join(json.loads(e["data"]) for e in got) == "".join(WORDS[:3]):
-                        break  # leaving the block drops the connection mid-stream
-            handler.gates[0].set()
-            await asyncio.wait_for(handler.waiting[1].wait(), 30)
-            handler.gates[1].set()
-            await asyncio.wait_for(handler.done.wait(), 30)
-            # The dropped stream is released once the front end fails to write its next chunk; a
-            # reconnection before that would find the request still awaited by the dead one.
-            await eventually_async(
-                lambda: not app[example.CLIENT].awaited_requests("bob"), "the dropped stream's end", 30
-            )
-            headers = {"Last-Event-ID": got[-1]["id"]}
-            async with http.get(events_url, headers=headers) as response:
-                got += [event async for event in _sse_events(response)]
-    finally:
-        await runner.cleanup()
-    chunks, done = got[:-1], got[-1]
-    assert "".join(json.loads(e["data"]) for e in chunks) == TEXT
-    assert len({e["id"] for e in chunks}) == len(chunks)
-    assert done["event"] == "done" and "id" not in done
