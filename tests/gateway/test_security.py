@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,29 @@ async def read_events(http: aiohttp.ClientSession, url: str, headers: dict[str, 
         return response.status, await response.text()
 
 
-def follow(
-    http: aiohttp.ClientSession, gateway: RunningGateway, request_id: str
-) -> asyncio.Task[tuple[int, str]]:
-    """Alice's browser on her event stream from the start (an unattended request is cancelled after
-    ``resumeGraceSeconds``, as a closed tab's would be)."""
+@dataclass
+class Running:
+    """Alice's long browser request, her event stream followed from the start as her browser would
+    (an unattended request is cancelled after ``resumeGraceSeconds``, as a closed tab's is)."""
+
+    gateway: RunningGateway
+    id: str
+    stream: asyncio.Task[tuple[int, str]]
+
+    async def whole(self) -> None:
+        """Her stream ends with every token once, not cancelled."""
+        status, body = await self.stream
+        assert status == 200 and "event: done" in body and "cancelled" not in body
+        assert texts(body) == "".join(tokens(TOKENS))
+
+
+@pytest.fixture
+async def alice(gateways: Any, workers: Any, config: GatewayConfig, http: aiohttp.ClientSession) -> Running:
+    workers(tokens_interval_ms=INTERVAL_MS)
+    gateway = await gateways(config)
+    request_id = await create(http, gateway, "alice", TOKENS)
     url = f"{gateway.url}/v1/requests/{request_id}/events"
-    return asyncio.create_task(read_events(http, url, bearer(KEYS["alice"])))
+    return Running(gateway, request_id, asyncio.create_task(read_events(http, url, bearer(KEYS["alice"]))))
 
 
 def texts(body: str) -> str:
@@ -85,14 +102,10 @@ def texts(body: str) -> str:
 
 
 async def test_another_users_request_id_is_404_like_an_unknown_one_and_leaves_it_running(
-    gateways: Any, workers: Any, config: GatewayConfig, http: aiohttp.ClientSession
+    alice: Running, http: aiohttp.ClientSession
 ) -> None:
-    workers(tokens_interval_ms=INTERVAL_MS)
-    gateway = await gateways(config)
-    alice_id = await create(http, gateway, "alice", TOKENS)
-    alice = follow(http, gateway, alice_id)
-    unknown_id = uuid.uuid4().hex
-    events = f"{gateway.url}/v1/requests/{{}}/events"
+    alice_id, unknown_id = alice.id, uuid.uuid4().hex
+    events = f"{alice.gateway.url}/v1/requests/{{}}/events"
 
     answers = {}
     for name, request_id in (("alice's", alice_id), ("unknown", unknown_id)):
@@ -103,9 +116,11 @@ async def test_another_users_request_id_is_404_like_an_unknown_one_and_leaves_it
             ("resume", events.format(request_id), bearer(KEYS["bob"]) | {"Last-Event-ID": "0-0"}),
         ):
             answers[name, how] = await read_events(http, url, headers)
-        async with http.delete(f"{gateway.url}/v1/requests/{request_id}", headers=bearer(KEYS["bob"])) as r:
+        async with http.delete(
+            f"{alice.gateway.url}/v1/requests/{request_id}", headers=bearer(KEYS["bob"])
+        ) as r:
             answers[name, "cancel"] = r.status, await r.text()
-    assert not alice.done(), "alice's reply ended before bob's attempts: make it longer"
+    assert not alice.stream.done(), "alice's reply ended before bob's attempts: make it longer"
     for how in ("header", "jwt", "query", "resume", "cancel"):
         status, body = answers["alice's", how]
         assert status == 404, (how, body)
@@ -116,21 +131,15 @@ async def test_another_users_request_id_is_404_like_an_unknown_one_and_leaves_it
         status, body = await read_events(http, events.format(odd), bearer(KEYS["alice"]))
         assert status == 404 and "t0" not in body, odd
 
-    status, body = await alice
-    assert status == 200 and "event: done" in body
-    assert texts(body) == "".join(tokens(TOKENS))  # bob's cancel did not reach it; every token once
+    await alice.whole()  # bob's cancel did not reach it
 
 
 async def test_a_websocket_cannot_cancel_or_see_another_users_request(
-    gateways: Any, workers: Any, config: GatewayConfig, http: aiohttp.ClientSession
+    alice: Running, http: aiohttp.ClientSession
 ) -> None:
-    workers(tokens_interval_ms=INTERVAL_MS)
-    gateway = await gateways(config)
-    alice_id = await create(http, gateway, "alice", TOKENS)
-    alice = follow(http, gateway, alice_id)
     frames: list[dict[str, Any]] = []
-    async with http.ws_connect(f"{gateway.url}/v1/ws", headers=bearer(KEYS["bob"])) as ws:
-        await ws.send_json({"type": "cancel", "id": alice_id})
+    async with http.ws_connect(f"{alice.gateway.url}/v1/ws", headers=bearer(KEYS["bob"])) as ws:
+        await ws.send_json({"type": "cancel", "id": alice.id})
         chat = {"model": "tokens", "messages": [{"role": "user", "content": "tokens=3"}]}
         await ws.send_json({"type": "chat", "ref": 1, **chat})
         async for frame in ws:
@@ -139,11 +148,9 @@ async def test_a_websocket_cannot_cancel_or_see_another_users_request(
                 break
     assert frames[0]["type"] == "created" and frames[-1]["type"] == "done"
     assert "".join(f["text"] for f in frames if f["type"] == "chunk") == "".join(tokens(3))  # bob's own
-    assert all(f["id"] != alice_id for f in frames) and alice_id not in json.dumps(frames)
-    assert not alice.done(), "alice's reply ended before bob's cancel: make it longer"
-
-    status, body = await alice
-    assert status == 200 and texts(body) == "".join(tokens(TOKENS)) and "cancelled" not in body
+    assert all(f["id"] != alice.id for f in frames) and alice.id not in json.dumps(frames)
+    assert not alice.stream.done(), "alice's reply ended before bob's cancel: make it longer"
+    await alice.whole()
 
 
 REFUSED = {
@@ -156,7 +163,7 @@ REFUSED = {
     "not yet valid": (bearer(token(nbf=int(time.time()) + 3600)), 401),
     "wrong issuer": (bearer(token(iss="https://elsewhere.test")), 401),
     "wrong audience": (bearer(token(aud="another-service")), 401),
-    "alg none": (bearer(jwt.encode({"sub": "alice", "exp": 2**40}, None, algorithm="none")), 401),
+    "alg none": (bearer(jwt.encode({"sub": "alice", "exp": 2**40}, "", algorithm="none")), 401),
     "bad user id": (bearer(token(sub="alice:admin")), 403),
 }
 
