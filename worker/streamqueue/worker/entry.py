@@ -9,6 +9,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import KW_ONLY, dataclass
 from functools import partial
 from typing import Any
 
@@ -29,31 +30,23 @@ from .retry import Failures
 log = logging.getLogger("streamqueue.worker")
 
 
+@dataclass(eq=False)
 class EntryProcessor:
     """Turns an entry of one partition stream into what to commit with its XACK."""
 
-    def __init__(
-        self,
-        settings: WorkerSettings,
-        handler: Handler,
-        metrics: WorkerMetrics,
-        *,
-        stream: str,
-        chunks: ChunkWriter,
-        inflight: InFlight,
-        failures: Failures,
-    ) -> None:
-        self.s = settings
-        self.handler = handler
-        self.metrics = metrics
-        self.stream = stream
-        self.chunks = chunks
-        self.inflight = inflight
-        self.failures = failures
-        self._max_age_ms = (
-            None if settings.max_queue_age_seconds is None else settings.max_queue_age_seconds * 1000
-        )
-        self.tracer = tracing.tracer(settings.otel_tracing, "streamqueue-worker")
+    s: WorkerSettings
+    handler: Handler
+    metrics: WorkerMetrics
+    _: KW_ONLY
+    stream: str
+    chunks: ChunkWriter
+    inflight: InFlight
+    failures: Failures
+
+    def __post_init__(self) -> None:
+        max_age_s = self.s.max_queue_age_seconds
+        self._max_age_ms = None if max_age_s is None else max_age_s * 1000
+        self.tracer = tracing.tracer(self.s.otel_tracing, "streamqueue-worker")
         # What to commit for an entry; with tracing off, ``_process`` itself (no wrapper's await).
         self.process: Callable[[Delivery], Awaitable[Commit | None]] = (
             self._process if self.tracer is None else self._process_traced
