@@ -30,7 +30,7 @@ from .deployment import render, render_disruption_budget, spec_refusal, worker_r
 from .kubeapi import API_ERRORS, BudgetConflict, Cluster, DeploymentConflict, NotLeader, load_api_client
 from .leader import Lease, Timing
 from .models import GROUP, PLURAL, QUEUE_LABEL, VERSION, parse_spec
-from .redis_hub import RedisHub, until_next_tick
+from .redis_hub import RedisHub
 from .scaler import QueueScaler, Replicas
 from .settings import OperatorSettings
 from .stagger import RolloutDeferred, RolloutStagger
@@ -63,7 +63,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     identity = memo.config.identity()
     memo.cluster = Cluster(load_api_client(API_THREADS), manager=f"streamqueue-operator_{identity}")
     memo.scalers = {}
-    memo.redis_hub = RedisHub()  # one client per Redis, shared by the queues on it
+    memo.redis_hub = RedisHub(memo.config.rest_check_seconds)  # one client per Redis, for its queues
     memo.rollouts = RolloutStagger(memo.config.rollout_stagger_seconds)
     memo.lease = None
     if memo.config.leader_election:
@@ -251,4 +251,4 @@ async def _lead(
             # Keep scaling the queue through transient API errors; the traceback says what failed.
             logger.exception("poll failed; retrying in %.0fs", POLL_ERROR_BACKOFF_SECONDS)
             interval = POLL_ERROR_BACKOFF_SECONDS
-        await asyncio.sleep(until_next_tick(interval, asyncio.get_running_loop().time()))  # with the others
+        await scaler.pause(interval)  # until the tick shared with the others, or woken at rest

@@ -25,7 +25,6 @@ import redis.asyncio
 from streamqueue import wire
 from streamqueue.connection import group_missing
 from streamqueue.observation import Observation, combine, from_replies, no_such_key
-from streamqueue.wire import GroupInfo
 
 from .deletion_cost import ConsumerLoad, combine_loads, loads_from_reply
 from .redis_hub import Commands, Run
@@ -82,32 +81,6 @@ async def observe_with(
     if limit_key is None or obs.error is not None:
         return obs
     return replace(obs, limit_bound=limit_reason(replies[-1]))
-
-
-async def at_rest(run: Run, streams: Sequence[str], group: str) -> bool:
-    """True while every partition's group has nothing undelivered and nothing pending (lag 0, not nil).
-
-    The cheap check of a queue at rest: one ``XINFO GROUPS`` per partition instead of the full
-    observation. A new message makes the lag 1 (or nil, after an XDEL), so it is False from the first
-    message on; so is any error, which the full poll then reports.
-    """
-
-    def commands(pipe: Any) -> None:
-        for stream in streams:
-            pipe.xinfo_groups(stream)
-
-    try:
-        replies = await run(commands)
-    except (redis.RedisError, OSError):
-        return False
-    return all(_group_idle(reply, group) for reply in replies)
-
-
-def _group_idle(reply: Any, group: str) -> bool:
-    if isinstance(reply, Exception):
-        return False
-    info = next((g for g in map(GroupInfo.from_reply, reply) if g.name == group), None)
-    return info is not None and info.lag == 0 and info.pending == 0
 
 
 async def consumer_loads(client: Any, streams: Sequence[str], group: str) -> dict[str, ConsumerLoad]:

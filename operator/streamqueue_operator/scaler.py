@@ -9,6 +9,7 @@ written, which is what lets status writes happen only on meaningful change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from .decide import PAUSES, Decision, Reason, ScalerState, decide, parse_pause
 from .deployment import deployment_name, selector_labels, spec_refusal
 from .kubeapi import API_ERRORS, Cluster, NotLeader
 from .models import RedisSpec, ScalingSpec, StreamQueueSpec, parse_spec
-from .observe import Observation, at_rest, consumer_loads, observe_with
+from .observe import Observation, consumer_loads, observe_with
 from .settings import OperatorSettings
 
 RECONNECT_INTERVAL_SECONDS = 5.0
@@ -34,12 +35,13 @@ PATCH_TRUST_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Rest:
-    """A queue at rest (``QueueScaler._settled``): until ``until``, or until ``kube`` (what the cluster
-    said then) changes, each poll is only the check of ``observe.at_rest``, which wakes it at the
-    first message within one poll interval."""
+    """A queue at rest (``QueueScaler._settled``): until ``until``, until ``kube`` (what the cluster
+    said then) changes, or until ``watch`` wakes (its Redis's ``RestSweep`` found the first message
+    with ``rest_check.not_idle``), each poll is only a comparison, with no Redis command of its own."""
 
     until: float
     kube: tuple[Any, ...]
+    watch: redis_hub.RestWatch
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class QueueScaler:
         hub: redis_hub.RedisHub | None = None,
     ) -> None:
         self.cluster, self.settings = cluster, settings
-        self.hub = hub or redis_hub.RedisHub()  # the operator's, shared by all queues; a test's own
+        # the operator's, shared by all queues; a test's own
+        self.hub = hub or redis_hub.RedisHub(settings.rest_check_seconds)
         self.namespace, self.name = namespace, name
         self.deployment = deployment_name(name)
         self.deployment_error: str | None = None
@@ -105,6 +108,7 @@ class QueueScaler:
         return self._spec[1]
 
     async def close(self) -> None:
+        self._end_rest()
         if self._status_write is not None:
             self._status_write.cancel()
         await self._drop_client()
@@ -142,6 +146,7 @@ class QueueScaler:
         return obs
 
     async def _drop_client(self) -> None:
+        self._end_rest()  # its watch is the old client's
         if self._client is not None:
             shared, self._client = self._client[1], None
             await self.hub.release(shared)
@@ -195,9 +200,9 @@ class QueueScaler:
         except ValidationError as exc:
             return self._hold_unreadable(body, exc)
         if self._rest is not None:
-            if await self._still_at_rest(body, spec, replicas):
+            if self._still_at_rest(body, replicas):
                 return spec.scaling.poll_interval_seconds
-            self._rest = None
+            self._end_rest()
         obs = await self._observe(spec)
         metrics.record_observation(self.namespace, self.name, obs)
         now = obs.at
@@ -222,9 +227,27 @@ class QueueScaler:
         await self._write_status(body, spec, obs, decision, current, replicas.ready)
         if obs.ok:
             await self._housekeeping(spec, now)
-        if self._settled(spec, obs, decision, current, replicas):
-            self._rest = Rest(self._rest_until(spec, now), self._kube_view(body, replicas))
+        if self._settled(spec, obs, decision, current, replicas) and self._client is not None:
+            streams = tuple(wire.partition_streams(spec.stream, spec.partitions))
+            watch = self._client[1].sweep.watch(streams, spec.group)
+            self._rest = Rest(self._rest_until(spec, now), self._kube_view(body, replicas), watch)
         return spec.scaling.poll_interval_seconds
+
+    async def pause(self, interval: float) -> None:
+        """Sleep until the next tick of ``interval``, shared with every queue polling at it (their
+        commands share a pipeline); a queue at rest wakes as soon as its sweep finds a message."""
+        delay = redis_hub.until_next_tick(interval, asyncio.get_running_loop().time())
+        if self._rest is None:
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._rest.watch.woken.wait()
+
+    def _end_rest(self) -> None:
+        if self._rest is not None and self._client is not None:
+            self._client[1].sweep.unwatch(self._rest.watch)
+        self._rest = None
 
     def _settled(
         self, spec: StreamQueueSpec, obs: Observation, decision: Decision, current: int, replicas: Replicas
@@ -253,19 +276,14 @@ class QueueScaler:
         meta = body["metadata"]
         return meta.get("generation", 0), dict(meta.get("annotations") or {}), replicas, self.deployment_error
 
-    async def _still_at_rest(
-        self, body: Mapping[str, Any], spec: StreamQueueSpec, replicas: Replicas | None
-    ) -> bool:
-        """The check that stands in for a full poll at rest: the same objects, not yet due, and every
-        partition's group with lag 0 and nothing pending (one XINFO GROUPS each, in the shared
-        pipeline). Anything else ends the rest, and this same poll then runs in full."""
-        rest, shared = self._rest, self._client
-        if rest is None or shared is None or time.monotonic() >= rest.until:
+    def _still_at_rest(self, body: Mapping[str, Any], replicas: Replicas | None) -> bool:
+        """What stands in for a full poll at rest: the same objects, not yet due, and not woken by
+        the sweep (every partition's group with lag 0 and nothing pending at its last check).
+        Anything else ends the rest, and this same poll then runs in full."""
+        rest = self._rest
+        if rest is None or self._client is None or time.monotonic() >= rest.until:
             return False
-        if rest.kube != self._kube_view(body, replicas):
-            return False
-        streams = wire.partition_streams(spec.stream, spec.partitions)
-        return await at_rest(shared[1].pipeline.execute, streams, spec.group)
+        return not rest.watch.woken.is_set() and rest.kube == self._kube_view(body, replicas)
 
     def _hold_unreadable(self, body: Mapping[str, Any], exc: ValidationError) -> float:
         """A spec the operator cannot read (an older, looser CRD let it in): no observing and no

@@ -79,7 +79,12 @@ class OperatorSettings:
     rest_max_seconds: float = _setting(
         30.0,
         "seconds at most between full polls of a queue at rest (no backlog, replicas at minReplicas); "
-        "meanwhile one XINFO GROUPS per partition each poll interval still wakes it at its first message",
+        "meanwhile the rest sweep (`--rest-check-seconds`) still wakes it at its first message",
+    )
+    rest_check_seconds: float = _setting(
+        0.25,
+        "seconds between two checks of the queues at rest: one script call per 500 such queues on a "
+        "Redis (XINFO GROUPS of each partition); a queue's first message wakes it within this time",
     )
 
     def __post_init__(self) -> None:

@@ -1,22 +1,28 @@
 """Shared polling on a real redis-server: many queues, one connection and one round trip per tick;
-a queue at rest costs one XINFO GROUPS per poll and wakes at its first message in the same poll."""
+the queues at rest cost their own loops no Redis command: one sweep per Redis checks all of them in
+one script call and wakes a queue at its first message within the sweep interval."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import pytest
 import redis
-from streamqueue.connection import RedisConnection
+from streamqueue import wire
+from streamqueue.connection import RedisConnection, connect_any
+from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.decide import Decision
-from streamqueue_operator.observe import at_rest, observe_with
+from streamqueue_operator.observe import observe_with
 from streamqueue_operator.redis_hub import RedisHub, until_next_tick
+from streamqueue_operator.rest_check import not_idle
 from streamqueue_operator.scaler import QueueScaler, Replicas
 from streamqueue_operator.settings import OperatorSettings
 
 GROUP = "g"
 QUEUES = 50
+SWEEP_SECONDS = 0.05
 
 
 def _stats(r: redis.Redis) -> dict[str, Any]:
@@ -40,7 +46,7 @@ async def test_many_queues_share_one_connection_and_one_round_trip(redis_server:
         for _ in range(i % 4):
             r.xadd(f"s{i}", {"m": "x"})
     r.set("s7", "not a stream")  # one queue's error reply stays that queue's
-    hub = RedisHub()
+    hub = RedisHub(SWEEP_SECONDS)
     connection = RedisConnection(url=redis_server.url, socket_timeout=2)
     shares = [hub.acquire(connection) for _ in range(QUEUES)]
     assert len({id(s.client) for s in shares}) == 1
@@ -62,21 +68,68 @@ async def test_many_queues_share_one_connection_and_one_round_trip(redis_server:
     assert shares[0].client.connection_pool._in_use_connections == set()  # type: ignore[union-attr]
 
 
-async def test_at_rest_until_the_first_message(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("cluster_path", [False, True], ids=["script", "pipeline"])
+async def test_not_idle_from_the_first_message(redis_server: RedisServer, cluster_path: bool) -> None:
+    """The script (one Redis) and the pipeline (a cluster's path, here on one server) agree."""
     r = redis_server.client()
-    r.xgroup_create("a", GROUP, id="0", mkstream=True)
-    r.xgroup_create("b", GROUP, id="0", mkstream=True)
-    hub = RedisHub()
+    for stream in ("a", "b"):
+        r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    r.set("text", "not a stream")
+    client = connect_any(RedisConnection(url=redis_server.url, socket_timeout=2))
+    checks = [("a", GROUP), ("b", GROUP), ("missing", GROUP), ("a", "other-group"), ("text", GROUP)]
+    try:
+        assert await not_idle(client, checks, cluster_path) == {2, 3, 4}
+        entry = r.xadd("b", {"m": "x"})
+        assert await not_idle(client, checks, cluster_path) == {1, 2, 3, 4}  # lag 1
+        r.xreadgroup(GROUP, "c", {"b": ">"})
+        assert await not_idle(client, checks, cluster_path) == {1, 2, 3, 4}  # delivered, not acknowledged
+        r.xack("b", GROUP, entry)
+        assert await not_idle(client, checks, cluster_path) == {2, 3, 4}
+    finally:
+        await client.aclose()
+
+
+async def test_one_sweep_checks_every_queue_at_rest_in_one_round_trip(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    for i in range(QUEUES):
+        r.xgroup_create(f"s{i}", GROUP, id="0", mkstream=True)
+    hub = RedisHub(3600)  # swept by hand here
     share = hub.acquire(RedisConnection(url=redis_server.url, socket_timeout=2))
     try:
-        run = share.pipeline.execute
-        assert await at_rest(run, ["a", "b"], GROUP)
-        r.xadd("b", {"m": "x"})
-        assert not await at_rest(run, ["a", "b"], GROUP)  # any partition's first message
-        r.xreadgroup(GROUP, "c", {"b": ">"})
-        assert not await at_rest(run, ["a", "b"], GROUP)  # delivered, not acknowledged
-        assert not await at_rest(run, ["a", "missing"], GROUP)
-        assert not await at_rest(run, ["a"], "other-group")
+        watches = [share.sweep.watch((f"s{i}",), GROUP) for i in range(QUEUES)]
+        await share.sweep.sweep()  # connected (HELLO etc.)
+        r.xadd("s7", {"m": "x"})
+        before = _stats(r)
+        await share.sweep.sweep()
+        assert _stats(r)["total_reads_processed"] - before["total_reads_processed"] <= 2  # and the INFO
+        assert [i for i, w in enumerate(watches) if w.woken.is_set()] == [7]
+        await share.sweep.sweep()  # a woken queue is no longer watched: its full poll takes over
+        assert [i for i, w in enumerate(watches) if w.woken.is_set()] == [7]
+        redis_server.stop()
+        await share.sweep.sweep()  # a connection failure wakes them all: their polls report it
+        assert all(w.woken.is_set() for w in watches)
+    finally:
+        await hub.release(share)
+
+
+@pytest.mark.slow
+async def test_the_sweep_on_a_cluster_wakes_the_partition_with_a_message(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    """A cluster's resting queues span slots, so the sweep takes the pipeline path there."""
+    r = redis_cluster.client()
+    streams = wire.partition_streams("rest", 3)
+    for stream in [*streams, "other"]:
+        r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    hub = RedisHub(3600)
+    share = hub.acquire(RedisConnection(url=redis_cluster.url, cluster=True, socket_timeout=2))
+    try:
+        partitioned, other = share.sweep.watch(tuple(streams), GROUP), share.sweep.watch(("other",), GROUP)
+        await share.sweep.sweep()
+        assert not partitioned.woken.is_set() and not other.woken.is_set()
+        r.xadd(streams[2], {"m": "x"})
+        await share.sweep.sweep()
+        assert partitioned.woken.is_set() and not other.woken.is_set()
     finally:
         await hub.release(share)
 
@@ -94,13 +147,14 @@ class StatusSink:
         self.patches += 1
 
 
-async def test_a_queue_at_rest_is_only_checked_and_wakes_at_its_first_message(
+async def test_a_queue_at_rest_is_only_swept_and_wakes_at_its_first_message(
     redis_server: RedisServer,
 ) -> None:
     r = redis_server.client()
     r.xgroup_create("q", GROUP, id="0", mkstream=True)
     sink = StatusSink()
-    scaler = QueueScaler(sink, OperatorSettings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
+    settings = OperatorSettings(status_min_interval=10, rest_check_seconds=SWEEP_SECONDS)
+    scaler = QueueScaler(sink, settings, "ns", "q")  # type: ignore[arg-type]
     body = {
         "metadata": {"generation": 1, "annotations": {}},
         "spec": {
@@ -123,15 +177,18 @@ async def test_a_queue_at_rest_is_only_checked_and_wakes_at_its_first_message(
         for _ in range(2):  # the first poll writes status, the second finds it written and rests
             await poll(at_zero)
         full_polls, patches = _xinfo_calls(r, "stream"), sink.patches
-        for _ in range(5):
+        for _ in range(3):
+            await scaler.pause(0.2)  # several sweeps meanwhile: nothing wakes it
             await poll(at_zero)
-        assert (_xinfo_calls(r, "stream"), sink.patches) == (full_polls, patches)  # checks only
+        assert (_xinfo_calls(r, "stream"), sink.patches) == (full_polls, patches)  # no full poll
         body["metadata"]["annotations"] = {"note": "changed"}  # the objects changed: one full poll
         await poll(at_zero)
         assert _xinfo_calls(r, "stream") == full_polls + 1
         await poll(at_zero)
         r.xadd("q", {"m": "x"})
-        await poll(at_zero)  # the check sees lag 1 and the same poll scales up
+        # The sweep sees lag 1 and ends the pause long before its tick; that poll scales up.
+        await asyncio.wait_for(scaler.pause(3600), timeout=10)
+        await poll(at_zero)
         assert scaled == [(0, 1)]
     finally:
         await scaler.close()

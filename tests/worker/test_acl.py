@@ -32,6 +32,7 @@ from streamqueue_harness.modelserver import StubChatServer, stream_completion
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_operator.housekeeping import remove_dead_consumers, trim_processed
 from streamqueue_operator.observe import consumer_loads, observe
+from streamqueue_operator.rest_check import not_idle
 
 QUEUE = acl.QueueKeys(
     stream="aclq", partitions=2, ordering=True, fairness=True, model_calls=True, memory=True
@@ -125,13 +126,15 @@ async def _flow(q: acl.QueueKeys, url: str, base_url: str, model: Model, admin: 
 
 
 async def _operator(url: str, streams: list[str]) -> None:
-    """The operator's poll: observation with the limit-bound key, ranking loads, housekeeping."""
+    """The operator's poll: observation with the limit-bound key, the rest sweep's check, ranking
+    loads, housekeeping."""
     client = connect_any(RedisConnection(url=url, username=OPERATOR_USER, password="pw"))
     try:
         obs = await observe(
             client, streams, GROUP, time.monotonic(), limit_key=wire.limit_bound_key(QUEUE.stream)
         )
         assert obs.ok, obs
+        assert await not_idle(client, [(s, GROUP) for s in streams], cluster=False) == set()
         await asyncio.sleep(HEALTH_CHECK_S)  # idle as between two polls: the next command PINGs first
         assert CONSUMER in await consumer_loads(client, streams, GROUP)
         for stream in streams:
