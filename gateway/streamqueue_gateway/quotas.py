@@ -132,6 +132,16 @@ class TierLimits(BaseModel):
     tier_tokens_per_minute: int = Field(default=0, ge=0)
     """The whole tier together: tokens per minute."""
 
+    @property
+    def unlimited(self) -> bool:
+        """No limit at all: admitting and finishing need no Redis round trip."""
+        return not (
+            self.max_requests
+            or self.tokens_per_minute
+            or self.tier_max_requests
+            or self.tier_tokens_per_minute
+        )
+
 
 class OverQuota(Exception):
     """A limit is reached: the app answers 429 with ``Retry-After: ceil(retry_after_s)``."""
@@ -199,6 +209,8 @@ class Quotas:
         if limits is None:
             raise AuthError(403, f"unknown tier {principal.tier!r}")
         admission = Admission(principal.user_id, principal.tier, request_id)
+        if limits.unlimited:
+            return admission
         args = [
             *_members(admission),
             limits.max_requests,
@@ -221,6 +233,8 @@ class Quotas:
         Redis: on failure the slot lapses with its lease and the tokens go undebited (logged)."""
         self._held.discard(admission)
         limits = self._tiers[admission.tier]
+        if limits.unlimited:
+            return
         args = [*_members(admission), max(0, tokens), limits.tokens_per_minute, limits.tier_tokens_per_minute]
         try:
             await self._call(self._finish, admission, args)

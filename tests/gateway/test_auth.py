@@ -29,7 +29,7 @@ from streamqueue_gateway.auth import (
     hash_key_main,
 )
 
-SECRET = b"a-shared-secret-of-enough-length-for-hs256"
+SECRET = b"a-shared-secret-long-enough-for-hs256-and-for-the-hs512-case-too"
 ISSUER, AUDIENCE = "https://issuer.example", "streamqueue-gateway"
 
 

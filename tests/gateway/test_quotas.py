@@ -182,6 +182,18 @@ async def test_redis_down_fails_closed_and_finish_does_not_raise(redis_server: R
     await redis.aclose()
 
 
+async def test_an_unlimited_tier_costs_no_redis_round_trip() -> None:
+    """Nothing listens on port 1: admitting and finishing in a tier without limits never ask Redis."""
+    redis = connect_any(RedisConnection(url="redis://127.0.0.1:1/0"))
+    q = Quotas(redis, {"t": TierLimits()}, namespace="ns", timeout_s=0.5)
+    admission = await q.admit(Principal("ann", "t"), "r1")
+    await q.finish(admission, tokens=100)
+    limited = Quotas(redis, {"t": TierLimits(max_requests=1)}, namespace="ns", timeout_s=0.5)
+    with pytest.raises(Overloaded):
+        await limited.admit(Principal("ann", "t"), "r1")
+    await redis.aclose()
+
+
 def test_namespaces_and_tiers_with_braces_are_refused() -> None:
     with pytest.raises(ValueError, match="braces"):
         Quotas(None, {"a{b": TierLimits()}, namespace="ns")
