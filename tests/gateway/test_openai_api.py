@@ -9,6 +9,7 @@ import json
 import subprocess
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -169,3 +170,34 @@ async def test_a_chat_through_the_gateway_to_a_real_llama_server(
     assert len(deltas) >= 2  # streamed token by token
     # llama-cpp-python streams no usage: the gateway's estimate (a quarter of the characters) stands in
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+
+async def test_metrics_count_requests_rejections_tokens_and_first_tokens_per_tier(gateways, workers) -> None:
+    workers()
+    gateway = await gateways()
+    async with sdk(gateway) as client:
+        await client.chat.completions.create(model="tokens", messages=ask(3))
+        stream = await client.chat.completions.create(model="tokens", messages=ask(3), stream=True)
+        assert len([chunk async for chunk in stream]) > 1
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="wrong", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(model="tokens", messages=ask(3))
+    registry = gateway.state.metrics.registry
+    labels = {"model": "tokens", "tier": "pro"}
+    assert registry.get_sample_value("streamqueue_gateway_requests_total", {**labels, "outcome": "ok"}) == 2
+    assert registry.get_sample_value("streamqueue_gateway_time_to_first_token_seconds_count", labels) == 2
+    assert (registry.get_sample_value("streamqueue_gateway_tokens_total", {"tier": "pro"}) or 0) > 0
+    assert (
+        registry.get_sample_value("streamqueue_gateway_rejected_total", {"tier": "", "reason": "auth"}) == 1
+    )
+    assert registry.get_sample_value("streamqueue_gateway_active_streams", {"tier": "pro"}) == 0
+
+
+async def test_readiness_follows_redis(gateways, redis_server) -> None:
+    gateway = await gateways()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gateway.url}/readyz") as ready:
+            assert ready.status == 200
+        redis_server.close()
+        async with http.get(f"{gateway.url}/readyz") as unready, http.get(f"{gateway.url}/healthz") as live:
+            assert unready.status == 503 and live.status == 200
