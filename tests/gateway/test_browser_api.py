@@ -132,3 +132,17 @@ async def test_chats_over_the_websocket(gateways, workers) -> None:
     assert created["ref"] == "a" and refused["error"]["code"] == "model_not_found"
     assert "".join(f["text"] for f in by_type["chunk"]) == "".join(tokens(30))
     assert by_type["done"][0]["id"] == created["id"] and by_type["done"][0]["usage"]["total_tokens"] > 0
+
+
+async def test_a_reply_that_is_not_streamed_arrives_whole(gateways, workers) -> None:
+    """A handler that only returns its answer (no chunks): the event stream gives it as one chunk, also
+    when the user's reply stream already holds earlier replies (the stream starts behind them)."""
+    workers(handler="streamqueue.handlers.echo:handle")
+    gateway = await gateways()
+    texts = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):
+            created = await create(http, gateway)
+            async with http.get(gateway.url + created["events"], headers=gateway.headers()) as response:
+                texts.append(text_of([event async for event in sse_events(response)]))
+    assert texts == ["Echo: tokens=30"] * 2

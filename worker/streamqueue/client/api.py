@@ -236,8 +236,10 @@ class Client:
         start"), the request, sent earlier with this ``request_id``, is NOT sent again (``message`` and
         ``deadline`` are ignored); the chunks that follow ``after`` are yielded, each exactly once and
         in order, whether they were written while nobody listened or are still to come. Nothing is
-        yielded when ``after`` is the final entry. Chunks trimmed from the reply stream
-        (``reply_maxlen``) or expired with it (``reply_ttl_seconds``) cannot be resumed.
+        yielded when ``after`` is the final entry. ``after`` may also be an entry written before the
+        request was sent (another request's, e.g. the stream's newest entry taken before sending):
+        the reply is then yielded from its start, reading only what follows. Chunks trimmed from the
+        reply stream (``reply_maxlen``) or expired with it (``reply_ttl_seconds``) cannot be resumed.
         ``chat``: as for ``send`` (ignored when resuming).
         """
         if after is not None and request_id is None:
@@ -273,6 +275,8 @@ class Client:
                         if not last.is_chunk:
                             return  # the final entry was seen already
                         order = ReplyOrder.after(last)
+                    elif last is not None:  # written before the request was: its reply from the start
+                        order = ReplyOrder(from_start=True)
             seen = backlog[-1].entry_id if backlog else after
             pending = iter(backlog)
             while True:
