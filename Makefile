@@ -54,13 +54,13 @@ demo: ## local demo: Redis + control plane + operator + workers, scale out and b
 	SKIP_LLAMA=1 bash hack/setup.sh  # the demo needs no model server
 	$(PY) -m streamqueue_harness.demo $(DEMO_ARGS)
 
-images: ## build the worker, operator, pause, coredns and redis images (docker, podman or buildah; no registry needed)
+images: ## build the worker, operator, gateway, pause, coredns and redis images (docker, podman or buildah; no registry needed)
 	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) BASE=$(IMAGE_BASE) bash hack/images.sh build
 
 base-image: ## build the local Python base image from Debian packages (mmdebstrap)
 	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh base-image
 
-push-images: ## push the built worker and operator images to IMAGE_REPO's registry (log in first)
+push-images: ## push the built worker, operator and gateway images to IMAGE_REPO's registry (log in first)
 	IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) bash hack/images.sh push
 
 e2e-node: setup images ## helm install, a burst from 20 users, scale out and back to 0 on the real node

@@ -2,17 +2,18 @@
 # Build the streamqueue container images with whichever engine this machine has, with no container
 # registry needed (docs/images.md):
 #
-#   bash hack/images.sh [build]        worker, operator, pause, coredns and redis images (`make images`)
+#   bash hack/images.sh [build]        worker, operator, pause, coredns, redis and gateway images (`make images`)
 #   bash hack/images.sh base-image     the local Python base from Debian packages (mmdebstrap)
+#   bash hack/images.sh gateway        only the gateway image (and the wheelhouse it installs from)
 #   bash hack/images.sh pause          only the sandbox ("pause") image: FROM scratch + static catatonit
 #   bash hack/images.sh coredns        only the cluster DNS image: FROM scratch + hack/tools.sh's CoreDNS
 #   bash hack/images.sh redis          only the Redis image: FROM scratch + Debian's redis-server
 #   bash hack/images.sh wheelhouse     only the host-side wheelhouse (wheelhouse/*.whl)
-#   bash hack/images.sh export DIR     build if needed, then write DIR/{worker,operator,pause,coredns,redis}.tar as
+#   bash hack/images.sh export DIR     build if needed, then write DIR/{worker,operator,pause,coredns,redis,gateway}.tar as
 #                                      docker archives named docker.io/<IMAGE_REPO>/<name>:<VERSION>,
 #                                      ready for `ctr -n k8s.io images import DIR/worker.tar`
-#   bash hack/images.sh names          print the five image references (as the kubelet names them)
-#   bash hack/images.sh push           push the built worker and operator images to the registry
+#   bash hack/images.sh names          print the six image references (as the kubelet names them)
+#   bash hack/images.sh push           push the built worker, operator and gateway images to the registry
 #                                      IMAGE_REPO names (log in with the engine first; docs/release.md)
 #
 # Environment: IMAGE_REPO (streamqueue), VERSION (the VERSION file), ENGINE (docker|podman|buildah;
@@ -50,6 +51,7 @@ operator_image() { echo "$IMAGE_REPO/operator:$VERSION"; }
 pause_image() { echo "$IMAGE_REPO/pause:$VERSION"; }
 coredns_image() { echo "$IMAGE_REPO/coredns:$VERSION"; }
 redis_image() { echo "$IMAGE_REPO/redis:$VERSION"; }
+gateway_image() { echo "$IMAGE_REPO/gateway:$VERSION"; }
 
 # The name the kubelet asks containerd for: `streamqueue/worker:0.1.0` is normalised to
 # `docker.io/streamqueue/worker:0.1.0`; a reference whose first component is a host stays as is.
@@ -210,7 +212,7 @@ choose_base() {
 }
 
 # --- wheelhouse -------------------------------------------------------------------------------------
-# Wheels for every runtime dependency of worker/ and operator/ (pinned by requirements-dev.txt) plus
+# Wheels for every runtime dependency of worker/, operator/ and gateway/ (pinned by requirements-dev.txt) plus
 # the setuptools the packages build with, fetched by the host's pip for CPython 3.11 manylinux, so
 # `pip install --no-index --find-links /src/wheelhouse` inside the build needs no network.
 host_pip() {
@@ -224,11 +226,11 @@ host_pip() {
   PIP=("$venv/bin/python" -m pip)
 }
 
-runtime_requirements() {  # the dependencies the two packages declare, minus themselves
+runtime_requirements() {  # the dependencies the three packages declare, minus themselves
   python3 - <<'EOF'
 import re, tomllib
 own, reqs = set(), []
-for folder in ("worker", "operator"):
+for folder in ("worker", "operator", "gateway"):
     with open(f"{folder}/pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
     own.add(project["name"].lower())
@@ -242,7 +244,7 @@ EOF
 build_wheelhouse() {
   local arch; arch="$(uname -m)"; [ "$arch" = arm64 ] && arch=aarch64
   local stamp_file="wheelhouse/.stamp"
-  local stamp; stamp="$( (cat requirements-dev.txt worker/pyproject.toml operator/pyproject.toml; \
+  local stamp; stamp="$( (cat requirements-dev.txt worker/pyproject.toml operator/pyproject.toml gateway/pyproject.toml; \
     echo "$arch $PY_TAG $SETUPTOOLS_REQ $EXTRA_WHEELS"; declare -f build_wheelhouse runtime_requirements) | sha256sum | cut -c1-16)"
   if [ "$REBUILD" != 1 ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
     log "wheelhouse is up to date ($(find wheelhouse -name '*.whl' | wc -l) wheels)"
@@ -308,6 +310,10 @@ drop_replaced() {  # tag old-id
 
 human() {  # bytes -> 185MB; buildah already reports "184 MB"
   if [[ "${1:-}" =~ ^[0-9]+$ ]]; then numfmt --to=si --suffix=B "$1"; else echo "${1:-?}"; fi
+}
+
+build_gateway() {
+  build_app gateway Dockerfile.gateway "streamqueue gateway: an OpenAI-compatible HTTP front door to the queues"
 }
 
 # --- pause image ------------------------------------------------------------------------------------
@@ -396,10 +402,11 @@ build_all() {
   if [ "$WHEELHOUSE" = 1 ]; then build_wheelhouse; fi
   build_app worker Dockerfile.worker "streamqueue worker: the Redis Streams consumer-group loop"
   build_app operator Dockerfile.operator "streamqueue operator: scales workers on the Redis backlog"
+  build_gateway
   build_pause
   build_coredns
   build_redis
-  log "images ready in $((SECONDS - start))s: $(worker_image) $(operator_image) $(pause_image) $(coredns_image) $(redis_image)"
+  log "images ready in $((SECONDS - start))s: $(worker_image) $(operator_image) $(pause_image) $(coredns_image) $(redis_image) $(gateway_image)"
 }
 
 # --- export -----------------------------------------------------------------------------------------
@@ -438,7 +445,8 @@ export_all() {
   export_one "$(pause_image)" "$dir" pause
   export_one "$(coredns_image)" "$dir" coredns
   export_one "$(redis_image)" "$dir" redis
-  log "import with: ctr -n k8s.io images import $dir/<name>.tar  (worker, operator, pause, coredns, redis)"
+  export_one "$(gateway_image)" "$dir" gateway
+  log "import with: ctr -n k8s.io images import $dir/<name>.tar  (worker, operator, pause, coredns, redis, gateway)"
 }
 
 # --- push -------------------------------------------------------------------------------------------
@@ -459,18 +467,20 @@ push_all() {
   pick_engine
   push_one "$(worker_image)"
   push_one "$(operator_image)"
-  log "pushed; install with --set image.repository=$IMAGE_REPO/operator --set workerImage.repository=$IMAGE_REPO/worker"
+  push_one "$(gateway_image)"
+  log "pushed; install with --set image.repository=$IMAGE_REPO/operator --set workerImage.repository=$IMAGE_REPO/worker --set gateway.image.repository=$IMAGE_REPO/gateway"
 }
 
 case "${1:-build}" in
   build) build_all ;;
   base-image) pick_engine; build_base ;;
+  gateway) pick_engine; choose_base; if [ "$WHEELHOUSE" = 1 ]; then build_wheelhouse; fi; build_gateway ;;
   pause) pick_engine; build_pause ;;
   coredns) pick_engine; build_coredns ;;
   redis) pick_engine; build_redis ;;
   wheelhouse) build_wheelhouse ;;
   export) shift; export_all "$@" ;;
   push) push_all ;;
-  names) for i in "$(worker_image)" "$(operator_image)" "$(pause_image)" "$(coredns_image)" "$(redis_image)"; do qualified "$i"; done ;;
-  *) die "unknown command $1 (build, base-image, pause, coredns, redis, wheelhouse, export DIR, names, push)" ;;
+  names) for i in "$(worker_image)" "$(operator_image)" "$(pause_image)" "$(coredns_image)" "$(redis_image)" "$(gateway_image)"; do qualified "$i"; done ;;
+  *) die "unknown command $1 (build, base-image, gateway, pause, coredns, redis, wheelhouse, export DIR, names, push)" ;;
 esac

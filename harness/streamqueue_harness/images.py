@@ -1,7 +1,7 @@
 """The container images a real node runs, as archives containerd can import (built by ``hack/images.sh``).
 
 No registry is reachable here, so the node gets its images from archives: the worker and operator, the
-sandbox (pause) image, CoreDNS for cluster DNS and Redis for the queue's ``redis`` StatefulSet.
+sandbox (pause) image, CoreDNS for cluster DNS, Redis for the queue's ``redis`` StatefulSet and the gateway.
 ``hack/images.sh export`` builds what is out of date (a warm run takes seconds) and names each archive's
 image as the kubelet will ask for it (``docker.io/streamqueue/worker:<version>``). A cold build needs
 Debian's mirror, which a private network namespace cannot reach: ``make images`` runs before the tests.
@@ -25,7 +25,7 @@ class ImagesMissingError(RuntimeError):
 
 
 # The archive names `hack/images.sh export` writes, in the order `hack/images.sh names` prints them.
-ARCHIVES = ("worker", "operator", "pause", "coredns", "redis")
+ARCHIVES = ("worker", "operator", "pause", "coredns", "redis", "gateway")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Images:
     sandbox: str
     coredns: str
     redis: str
+    gateway: str
     archives: tuple[Path, ...]
 
 
@@ -62,6 +63,6 @@ def _script(*args: str, timeout: float) -> str:
 def image_archives(directory: Path = DEFAULT_DIR, timeout: float = 1800.0) -> Images:
     """Export (building first if needed) the node's images into ``directory``."""
     _script("export", str(directory), timeout=timeout)
-    worker, operator, sandbox, coredns, redis = _script("names", timeout=60).split()
+    worker, operator, sandbox, coredns, redis, gateway = _script("names", timeout=60).split()
     archives = tuple(directory / f"{name}.tar" for name in ARCHIVES)
-    return Images(worker, operator, sandbox, coredns, redis, archives)
+    return Images(worker, operator, sandbox, coredns, redis, gateway, archives)

@@ -25,7 +25,7 @@ WORKFLOW = yaml.safe_load((ROOT / ".github/workflows/release.yml").read_text())
 DOCS = (ROOT / "docs/release.md").read_text()
 JOBS: dict[str, Any] = WORKFLOW["jobs"]
 # The chart value that names each image the workflow builds.
-VALUES_KEY = {"operator": "image", "worker": "workerImage"}
+VALUES_KEY = {"operator": "image", "worker": "workerImage", "gateway": "gateway.image"}
 
 
 def expand(template: str, **context: str) -> str:
@@ -56,6 +56,7 @@ def test_pushed_images_are_the_ones_the_docs_name_with_the_chart_keys_that_selec
     assert refs == {
         "worker": "ghcr.io/<owner>/streamqueue/worker:X",
         "operator": "ghcr.io/<owner>/streamqueue/operator:X",
+        "gateway": "ghcr.io/<owner>/streamqueue/gateway:X",
     }
     for image, ref in refs.items():
         repository = ref.removesuffix(":X")
@@ -87,7 +88,10 @@ def test_published_chart_defaults_to_the_pushed_images(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     values = yaml.safe_load((chart / "values.yaml").read_text())
     for image, ref in pushed_images().items():
-        assert values[VALUES_KEY[image]]["repository"] == ref.removesuffix(":X").replace("<owner>", "acme")
+        key = values
+        for part in VALUES_KEY[image].split("."):
+            key = key[part]
+        assert key["repository"] == ref.removesuffix(":X").replace("<owner>", "acme")
 
 
 def test_runs_on_version_tags_with_least_privilege_after_checking_the_version() -> None:

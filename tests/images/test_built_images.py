@@ -25,11 +25,15 @@ VERSION = (ROOT / "VERSION").read_text().strip()
 REPO = os.environ.get("IMAGE_REPO", "streamqueue")
 
 # Bounds: the sizes measured in docs/images.md (local Debian base, engine-reported) x 1.3.
-SIZE_BOUND = {"worker": 240e6, "operator": 315e6, "pause": 1e6}
+SIZE_BOUND = {"worker": 240e6, "operator": 315e6, "pause": 1e6, "gateway": 250e6}
 ENTRYPOINT = {
     "worker": (["streamqueue-worker"], None),
     "operator": (["streamqueue-operator"], ["--all-namespaces"]),
     "pause": (["/catatonit", "-P"], None),
+    "gateway": (
+        ["streamqueue-gateway"],
+        "--config /etc/streamqueue-gateway/config/config.yaml --port 8080".split(),
+    ),
 }
 
 pytestmark = pytest.mark.slow
@@ -75,7 +79,7 @@ def inspect(engine: str, name: str) -> tuple[dict, int]:
     return data["Config"], int(data["Size"])
 
 
-@pytest.mark.parametrize("name", ["worker", "operator", "pause"])
+@pytest.mark.parametrize("name", ["worker", "operator", "pause", "gateway"])
 def test_built_image_config(engine: str, name: str) -> None:
     config, size = inspect(engine, name)
     entrypoint, cmd = ENTRYPOINT[name]
@@ -99,7 +103,7 @@ def test_built_image_config(engine: str, name: str) -> None:
     assert user == [config["User"]]
 
 
-@pytest.mark.parametrize("name", ["worker", "operator"])
+@pytest.mark.parametrize("name", ["worker", "operator", "gateway"])
 def test_entrypoint_starts_on_a_read_only_root_as_its_user(engine: str, name: str) -> None:
     if engine == "buildah":
         pytest.skip("buildah alone runs no containers here; podman or docker does")
@@ -126,7 +130,7 @@ def test_export_writes_archives_named_as_the_kubelet_asks(engine: str, tmp_path:
         ["bash", "hack/images.sh", "export", str(tmp_path)], cwd=ROOT, env=env, check=True, timeout=600
     )
     names = subprocess.check_output(["bash", "hack/images.sh", "names"], cwd=ROOT, env=env, text=True).split()
-    archives = ("worker", "operator", "pause", "coredns", "redis")
+    archives = ("worker", "operator", "pause", "coredns", "redis", "gateway")
     assert names == [f"docker.io/{REPO}/{name}:{VERSION}" for name in archives]
     for name, reference in zip(archives, names, strict=True):
         with tarfile.open(tmp_path / f"{name}.tar") as archive:

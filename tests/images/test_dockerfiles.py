@@ -19,7 +19,12 @@ import yaml
 from streamqueue.settings import DEFAULT_HEALTH_PORT
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGES = {"Dockerfile.worker": ["worker"], "Dockerfile.operator": ["worker", "operator"]}
+IMAGES = {
+    "Dockerfile.worker": ["worker"],
+    "Dockerfile.operator": ["worker", "operator"],
+    "Dockerfile.gateway": ["worker", "gateway"],
+}
+VALUES = yaml.safe_load((ROOT / "charts/streamqueue-operator/values.yaml").read_text())
 
 
 def instructions(dockerfile: str) -> list[tuple[str, str]]:
@@ -96,9 +101,8 @@ def test_runs_as_a_numeric_non_root_user_with_nothing_to_write_outside_tmp(docke
     env = " ".join(args for op, args in stage if op == "ENV")
     for variable in ("HOME=/tmp", "TMPDIR=/tmp", "PYTHONDONTWRITEBYTECODE=1"):
         assert variable in env, variable
-    if dockerfile == "Dockerfile.operator":
-        values = yaml.safe_load((ROOT / "charts/streamqueue-operator/values.yaml").read_text())
-        assert values["podSecurityContext"]["runAsUser"] == uid
+    if dockerfile in ("Dockerfile.operator", "Dockerfile.gateway"):  # the chart's pods
+        assert VALUES["podSecurityContext"]["runAsUser"] == uid
 
 
 def exposed(dockerfile: str) -> set[int]:
@@ -107,8 +111,8 @@ def exposed(dockerfile: str) -> set[int]:
 
 def test_exposed_ports_are_the_defaults_the_pods_use() -> None:
     assert exposed("Dockerfile.worker") == {DEFAULT_HEALTH_PORT}  # the operator renders the same default
-    values = yaml.safe_load((ROOT / "charts/streamqueue-operator/values.yaml").read_text())
-    assert exposed("Dockerfile.operator") == {values["metrics"]["port"], values["liveness"]["port"]}
+    assert exposed("Dockerfile.operator") == {VALUES["metrics"]["port"], VALUES["liveness"]["port"]}
+    assert exposed("Dockerfile.gateway") == {VALUES["gateway"]["port"]}  # API, probes and /metrics
 
 
 @pytest.mark.parametrize("dockerfile", IMAGES)
