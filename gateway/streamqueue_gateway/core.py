@@ -223,4 +223,7 @@ def _bearer(header: str | None) -> str | None:
 def _auth_error(exc: AuthError) -> ApiError:
     if exc.status == 401:
         return ApiError(401, str(exc), type="authentication_error", code="invalid_api_key")
-    return ApiError(exc.status, str(exc), type="permission_error", code="forbidden")
+    if exc.status == 403:
+        return ApiError(403, str(exc), type="permission_error", code="forbidden")
+    # The credentials cannot be read (a Secret being rotated): fail closed, retry soon.
+    return ApiError(exc.status, str(exc), type="server_error", code="unavailable", retry_after_s=1)

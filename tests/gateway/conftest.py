@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from streamqueue import wire
+from streamqueue import Client, wire
 from streamqueue_gateway.app import make_app, make_runner
 from streamqueue_gateway.auth import hash_key
 from streamqueue_gateway.config import GatewayConfig
@@ -133,3 +133,10 @@ def reply_entries(redis_server: RedisServer, user: str, request_id: str) -> list
 def final_entry(redis_server: RedisServer, user: str, request_id: str) -> dict[str, str] | None:
     """The request's final reply entry, once written."""
     return next((f for f in reply_entries(redis_server, user, request_id) if wire.RESPONSE in f), None)
+
+
+async def warmed_up(redis_server: RedisServer) -> None:
+    """Return once a worker answers (a one-token request straight on the queue), for tests whose
+    timing starts with their request."""
+    async with Client(redis_server.url) as client:
+        await client.request("warm-up", "tokens=1", timeout=60)

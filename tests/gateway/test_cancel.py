@@ -16,7 +16,7 @@ from streamqueue import wire
 from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.modelserver import completion_chunk
 
-from tests.gateway.conftest import KEYS, MODEL_HANDLER, final_entry, reply_entries, sse_events
+from tests.gateway.conftest import KEYS, MODEL_HANDLER, final_entry, reply_entries, sse_events, warmed_up
 
 LONG = {"model": "tokens", "messages": [{"role": "user", "content": "tokens=400"}]}
 
@@ -131,6 +131,7 @@ async def test_no_next_chunk_in_time_cancels_and_reports_an_error(
 ) -> None:
     workers(tokens_interval_ms="5000")  # a first token, then a long silence
     gateway = await gateways(gateway_config(requestTimeoutSeconds=0.5))
+    await warmed_up(redis_server)  # the first token comes within the timeout
     async with openai.AsyncOpenAI(
         base_url=f"{gateway.url}/v1", api_key=KEYS["alice"], max_retries=0
     ) as client:
