@@ -1,9 +1,11 @@
-"""A real browser on the gateway's browser endpoints: headless Chromium (Debian's) runs a small page
-(browser_page.html) whose ``EventSource`` reads a streamed reply and whose ``WebSocket`` runs a chat.
+"""A real browser on the gateway's browser endpoints: headless Chromium (Debian's) runs a web app's
+script (browser_page.js) whose ``EventSource`` reads a streamed reply and whose ``WebSocket`` runs a chat.
 
-Behind the gateway, everything is real: a redis-server, a worker process streaming numbered tokens
-(``streamqueue_harness.token_handler``, 50 ms apart), the gateway app on a loopback port with an API
-key. For the resume test the page talks to the gateway through ``DropProxy``, which cuts the event
+The gateway serves no pages, so the script runs in a document of the gateway's own origin (its
+``/healthz``), where a web app served beside the API would run: same-origin fetch, EventSource and
+WebSocket, no CORS. Behind the gateway everything is real: a redis-server, a worker process streaming
+numbered tokens (``streamqueue_harness.token_handler``, 50 ms apart), the gateway app with API keys.
+For the resume test the browser talks to the gateway through ``DropProxy``, which cuts the event
 stream's connection in the middle of an event; the browser's own EventSource reconnects with
 ``Last-Event-ID``, and the page must end with every token exactly once, in order, none missing: the
 reply the worker wrote to Redis, read back directly.
@@ -12,23 +14,21 @@ reply the worker wrote to Redis, read back directly.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
-from aiohttp import web
 from streamqueue import Client, wire
-from streamqueue_gateway.app import make_app, make_runner
-from streamqueue_gateway.config import GatewayConfig
 from streamqueue_harness.browser import Chromium
 from streamqueue_harness.dropproxy import DropProxy
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_harness.token_handler import tokens
 
-from tests.gateway.conftest import KEYS
+from tests.gateway.conftest import KEYS, RunningGateway
 
-PAGE = Path(__file__).with_name("browser_page.html")
+SCRIPT = Path(__file__).with_name("browser_page.js").read_text()
 USER = "alice"
 KEY = KEYS[USER]
 TOKENS = 30  # 1.5 s of streaming at 50 ms a token: the cut comes while the worker still writes
@@ -36,25 +36,20 @@ TOKENS = 30  # 1.5 s of streaming at 50 ms a token: the cut comes while the work
 
 @pytest.fixture
 async def gateway(
-    gateway_config: Callable[..., GatewayConfig], workers: Callable[..., object]
-) -> AsyncIterator[int]:
-    """The gateway app on a loopback port (returned) that also serves the test page, so the page's
-    requests are same-origin, as a web app's would be; one worker streams a token every 50 ms."""
+    gateways: Callable[..., Any], gateway_config: Callable[..., Any], workers: Callable[..., object]
+) -> RunningGateway:
+    """A gateway and one worker streaming a token every 50 ms. The default resume grace: the fixture's
+    1 s is no longer than the browser waits before it reconnects (the gateway's ``retry: 1000``), and
+    a resume that comes later finds its request cancelled."""
     workers(tokens_interval_ms="50")
-    # The default grace: the fixture's 1 s is no longer than the browser's wait before it reconnects
-    # (the gateway's ``retry: 1000``), and a resume that comes later finds its request cancelled.
-    app = make_app(gateway_config(resumeGraceSeconds=10))
-    app.router.add_get("/test/page.html", page)
-    runner = make_runner(app)  # as the server runs it: a caller that goes away cancels its route
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield runner.addresses[0][1]
-    await runner.cleanup()
+    running: RunningGateway = await gateways(gateway_config(resumeGraceSeconds=10))
+    return running
 
 
-async def page(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(PAGE)
+async def open_app(browser: Chromium, base_url: str) -> None:
+    """Load a document of the gateway's origin and run the web app's script in it."""
+    await browser.goto(f"{base_url}/healthz")
+    await browser.evaluate(SCRIPT)
 
 
 async def worker_reply(redis_url: str, request_id: str) -> str:
@@ -73,10 +68,12 @@ async def start_request(browser: Chromium, content: str) -> dict[str, Any]:
 
 
 async def test_event_source_resumes_after_a_dropped_connection_without_loss_or_duplicate(
-    gateway: int, redis_server: RedisServer
+    gateway: RunningGateway, redis_server: RedisServer
 ) -> None:
-    async with DropProxy(gateway, b"id: ", count=5, drops=1, lifetime=120) as proxy, Chromium() as browser:
-        await browser.goto(f"http://127.0.0.1:{proxy.port}/test/page.html")
+    port = urlsplit(gateway.url).port
+    assert port is not None
+    async with DropProxy(port, b"id: ", count=5, drops=1, lifetime=120) as proxy, Chromium() as browser:
+        await open_app(browser, f"http://127.0.0.1:{proxy.port}")
         created = await start_request(browser, f"tokens={TOKENS}")
         events_url = f"{created['events']}?access_token={KEY}"
         seen = await browser.evaluate(f"collect({json.dumps(events_url)}, 60000)")
@@ -90,16 +87,16 @@ async def test_event_source_resumes_after_a_dropped_connection_without_loss_or_d
     assert text == await worker_reply(redis_server.url, created["id"])
 
 
-async def test_websocket_chat_from_the_page(gateway: int) -> None:
+async def test_websocket_chat_from_the_page(gateway: RunningGateway) -> None:
     async with Chromium() as browser:
-        await browser.goto(f"http://127.0.0.1:{gateway}/test/page.html")
+        await open_app(browser, gateway.url)
         message = {
             "type": "chat",
             "ref": 1,
             "model": "tokens",
             "messages": [{"role": "user", "content": "tokens=5"}],
         }
-        url = f"ws://127.0.0.1:{gateway}/v1/ws?access_token={KEY}"
+        url = f"{gateway.url.replace('http', 'ws', 1)}/v1/ws?access_token={KEY}"
         received = await browser.evaluate(
             f"chat({json.dumps(url)}, {json.dumps(message)}, m => ['done', 'error'].includes(m.type), 60000)"
         )

@@ -1,11 +1,6 @@
-<!doctype html>
-<!-- The browser side of tests/gateway/test_browser.py: what a web app does with the gateway's
-     browser endpoints, in plain JavaScript. The test calls these functions through the DevTools
-     protocol and checks what they resolve with. -->
-<html>
-<head><meta charset="utf-8"><title>streamqueue gateway browser test</title></head>
-<body>
-<script>
+// The browser side of the gateway's browser tests (tests/gateway/test_browser.py, the node test):
+// what a web app does with the gateway's browser endpoints, in plain JavaScript. The tests run it in
+// a document of the gateway's own origin and call these functions through the DevTools protocol.
 "use strict";
 
 // POST a JSON body with a bearer token (fetch can send headers; EventSource cannot).
@@ -67,6 +62,3 @@ function chat(url, message, isLast, timeoutMs) {
     };
   });
 }
-</script>
-</body>
-</html>
