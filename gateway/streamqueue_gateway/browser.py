@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from functools import partial
 from typing import Any
 
@@ -34,6 +35,7 @@ from .relay import relay
 log = logging.getLogger(__name__)
 # Asks EventSource to reconnect after 1 s instead of its default (about 3 s in browsers).
 _RETRY = b"retry: 1000\n\n"
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a stream entry id, as the events' ids are
 STREAMS = web.AppKey("browser_streams", dict)  # request id -> the task serving its stream here
 
 
@@ -98,13 +100,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     principal = gateway.principal(request, query_token=True)
     request_id = request.match_info["id"]
     owned = await gateway.ownership.lookup(principal.user_id, request_id)
+    after = request.headers.get("Last-Event-ID") or owned.start
+    if not _ENTRY_ID.fullmatch(after):
+        raise ApiError(400, "Last-Event-ID must be an event id of this stream", param="Last-Event-ID")
     await _take_over(request, request_id)
     token = await gateway.watches.attach(request_id)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     await response.write(_RETRY)
     client = gateway.queues[owned.model].client
-    after = request.headers.get("Last-Event-ID") or owned.start
     timeout = gateway.config.request_timeout_seconds
     stream = client.request_stream(principal.user_id, "", request_id=request_id, after=after, timeout=timeout)
     try:

@@ -91,6 +91,10 @@ async def test_another_users_request_id_is_the_same_404_as_an_unknown_one(gatewa
                     answers.append((response.status, await response.json()))
     assert {status for status, _ in answers} == {404}
     assert len({json.dumps(body) for _, body in answers}) == 1  # nothing tells them apart
+    async with aiohttp.ClientSession() as http:
+        headers = {**gateway.headers("alice"), "Last-Event-ID": "not-an-id"}
+        async with http.get(gateway.url + created["events"], headers=headers) as response:
+            assert response.status == 400
 
 
 async def test_delete_cancels_the_request_and_its_stream_ends_with_an_error(
