@@ -17,6 +17,7 @@ BENCHMARKS = [
     "operator_reaction",
     "operator_cost",
     "node_coldstart",
+    "gateway",
 ]
 
 
