@@ -22,7 +22,6 @@ import itertools
 import shutil
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
@@ -60,28 +59,28 @@ class Chromium:
             [executable, *_FLAGS, f"--user-data-dir={self._profile}", "about:blank"],
             log=self._profile / "chromium.log",
         )
-        self._http = aiohttp.ClientSession()
+        self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # one call at a time: each reads its own answer off the socket
 
     async def __aenter__(self) -> Self:
+        self._http = aiohttp.ClientSession()
         try:
-            self._ws = await self._http.ws_connect(await self._page_socket(), max_msg_size=0)
+            self._ws = await self._http.ws_connect(await self._page_socket(self._http), max_msg_size=0)
         except BaseException:
             await self.close()
             raise
         return self
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
         if self._ws is not None:
             await self._ws.close()
-        await self._http.close()
+        if self._http is not None:
+            await self._http.close()
         await asyncio.to_thread(stop_groups, [(self._proc.pid, self._proc)], 10)
         shutil.rmtree(self._profile, ignore_errors=True)
 
@@ -121,7 +120,7 @@ class Chromium:
         result: dict[str, Any] = message["result"]
         return result
 
-    async def _page_socket(self) -> str:
+    async def _page_socket(self, http: aiohttp.ClientSession) -> str:
         """The WebSocket URL of the page Chromium opened, once its DevTools endpoint answers."""
         port_file = self._profile / "DevToolsActivePort"
 
@@ -135,7 +134,7 @@ class Chromium:
         port = await eventually_async(
             started, "chromium's DevTools port", self.start_timeout, 0.05, BrowserError
         )
-        async with self._http.get(f"http://127.0.0.1:{port}/json/list") as response:
+        async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
             targets = await response.json()
         pages = [t for t in targets if t.get("type") == "page"]
         if not pages:

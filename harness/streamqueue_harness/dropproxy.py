@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from types import TracebackType
 from typing import Any, Self
 
 _CHUNK = 65536
@@ -39,6 +38,7 @@ class DropProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._expiry: asyncio.TimerHandle | None = None
+        self._expired: asyncio.Task[None] | None = None  # the close that lifetime started, kept alive
 
     async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -46,9 +46,7 @@ class DropProxy:
         self._expiry = asyncio.get_running_loop().call_later(self.lifetime, self._expire)
         return self
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -62,7 +60,7 @@ class DropProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _expire(self) -> None:
-        asyncio.get_running_loop().create_task(self.close())
+        self._expired = asyncio.get_running_loop().create_task(self.close())
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
