@@ -2,7 +2,8 @@
 
 Client -> server (JSON text frames):
     {"type": "chat", "ref": <anything>, "model": ..., "messages": [...], ...}   a chat body, plus ``ref``
-    {"type": "cancel", "id": <request id>}
+    {"type": "cancel", "id": <request id>}                                      its stream then ends
+                                                                                 with a "cancelled" error
 Server -> client:
     {"type": "created", "ref": ..., "id": <request id>}
     {"type": "chunk", "id": ..., "text": ...}
@@ -24,7 +25,7 @@ from aiohttp import WSMsgType, web
 from streamqueue.client import Chunk
 
 from .auth import Principal
-from .core import GATEWAY, Gateway
+from .core import GATEWAY, Gateway, Ticket
 from .errors import ApiError
 from .relay import open_stream, relay
 
@@ -36,7 +37,7 @@ async def socket(request: web.Request) -> web.WebSocketResponse:
     principal = gateway.principal(request, query_token=True)
     ws = web.WebSocketResponse(heartbeat=_HEARTBEAT_S)
     await ws.prepare(request)
-    running: dict[str, asyncio.Task[None]] = {}
+    running: dict[str, tuple[Ticket, asyncio.Task[None]]] = {}
     try:
         async for frame in ws:
             if frame.type != WSMsgType.TEXT:
@@ -48,9 +49,10 @@ async def socket(request: web.Request) -> web.WebSocketResponse:
                 continue
             await _handle(gateway, principal, ws, message, running)
     finally:
-        for task in running.values():
+        tasks = [task for _, task in running.values()]
+        for task in tasks:
             task.cancel()  # each cancels its request on the queue
-        await asyncio.gather(*running.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
     return ws
 
 
@@ -59,13 +61,13 @@ async def _handle(
     principal: Principal,
     ws: web.WebSocketResponse,
     message: Any,
-    running: dict[str, asyncio.Task[None]],
+    running: dict[str, tuple[Ticket, asyncio.Task[None]]],
 ) -> None:
     kind = message.get("type") if isinstance(message, dict) else None
     if kind == "cancel":
-        task = running.get(str(message.get("id")))
-        if task is not None:  # only this socket's own requests
-            task.cancel()
+        own = running.get(str(message.get("id")))
+        if own is not None:  # only this socket's own requests; its stream ends with the "cancelled" error
+            await gateway.cancel(own[0])
         return
     if kind != "chat":
         await ws.send_json({"type": "error", "error": ApiError(400, "type must be chat or cancel").error()})
@@ -93,4 +95,4 @@ async def _handle(
             running.pop(ticket.request_id, None)
             await gateway.finish(ticket)
 
-    running[ticket.request_id] = asyncio.create_task(run(), name="gateway-ws-request")
+    running[ticket.request_id] = ticket, asyncio.create_task(run(), name="gateway-ws-request")

@@ -144,3 +144,19 @@ async def test_no_next_chunk_in_time_cancels_and_reports_an_error(
         except openai.APIError as exc:
             assert json.dumps(exc.body).find("timeout") != -1
     await cancelled(redis_server, "alice", first.id.removeprefix("chatcmpl-"))
+
+
+async def test_a_websocket_cancel_stops_that_request(gateways, workers, redis_server) -> None:
+    workers(tokens_interval_ms="20")
+    gateway = await gateways()
+    url = f"{gateway.url}/v1/ws"
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=gateway.headers()) as ws:
+        await ws.send_json({"type": "chat", **LONG})
+        created = await ws.receive_json(timeout=30)
+        await ws.send_json({"type": "cancel", "id": created["id"]})
+        frames = [await ws.receive_json(timeout=30)]
+        while frames[-1]["type"] == "chunk":
+            frames.append(await ws.receive_json(timeout=30))
+    assert frames[-1]["type"] == "error" and frames[-1]["id"] == created["id"]
+    assert frames[-1]["error"]["code"] == "cancelled"
+    await cancelled(redis_server, "alice", created["id"])
