@@ -61,10 +61,14 @@ class _Exited(Exception):
 
 
 class ModelServer(Supervised):
-    """``python -m llama_cpp.server`` serving the tiny model on 127.0.0.1; ``base_url`` ends in /v1."""
+    """``python -m llama_cpp.server`` serving the tiny model on ``host`` (loopback, or the node's IP for
+    pods to reach); ``base_url`` ends in /v1."""
 
-    def __init__(self, python: Path, *, n_ctx: int = 512, workdir: Path | None = None) -> None:
+    def __init__(
+        self, python: Path, *, n_ctx: int = 512, workdir: Path | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.python = python
+        self.host = host
         self.n_ctx = n_ctx
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="sq-llama-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +77,7 @@ class ModelServer(Supervised):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     @property
     def log(self) -> Path:
@@ -83,9 +87,9 @@ class ModelServer(Supervised):
         if not self.model.exists():
             write_tiny_model(self.python, self.model)
         for _ in range(attempts):  # a free port can be taken before the server binds it
-            self.port = free_port()
+            self.port = free_port(self.host)
             args = [str(self.python), "-m", "llama_cpp.server", "--model", str(self.model)]
-            args += ["--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
+            args += ["--host", self.host, "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
             args += ["--model_alias", "tiny"]
             self.proc = spawn(args, log=self.log)
             if self._wait_ready(timeout):

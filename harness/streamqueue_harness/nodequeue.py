@@ -10,6 +10,7 @@ operator must scale out for.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import string
@@ -89,6 +90,24 @@ def redis_in_cluster(plane: ControlPlane, image: str, node: str | None = None) -
     create_redis_secret(plane, password)
     service_ip = deploy_redis(plane, image, node=node)
     return redis.Redis(host=service_ip, port=6379, password=password, decode_responses=True)
+
+
+def ensure_redis(plane: ControlPlane, image: str) -> redis.Redis:
+    """The Redis of ``redis_in_cluster``, deployed unless another test of the session did; a client."""
+    exists = plane.kubectl("get", "statefulset", "redis", "-n", NAMESPACE, check=False).returncode == 0
+    if not exists:
+        create_redis_secret(plane, secrets.token_hex(16))
+        deploy_redis(plane, image)
+    ip = plane.kubectl("get", "service", "redis", "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIP}").stdout
+    return redis.Redis(host=ip, port=6379, password=redis_password(plane), decode_responses=True)
+
+
+def redis_password(plane: ControlPlane) -> str:
+    """The password in the queue's Secret."""
+    encoded = plane.kubectl(
+        "get", "secret", REDIS_SECRET, "-n", NAMESPACE, "-o", "jsonpath={.data.password}"
+    ).stdout
+    return base64.b64decode(encoded).decode()
 
 
 def example_queue(
