@@ -59,12 +59,19 @@ async def worker_reply(redis_url: str, request_id: str) -> str:
         return "".join([chunk async for chunk in chunks])
 
 
-async def start_request(browser: Chromium, content: str) -> dict[str, Any]:
+async def start_request(browser: Chromium, key: str, model: str, content: str) -> dict[str, Any]:
     """The page POSTs a request with its bearer token, as a web app does before opening EventSource."""
-    body = {"model": "tokens", "messages": [{"role": "user", "content": content}]}
-    answer: dict[str, Any] = await browser.evaluate(f"postJson('/v1/requests', {json.dumps(body)}, '{KEY}')")
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    answer: dict[str, Any] = await browser.evaluate(f"postJson('/v1/requests', {json.dumps(body)}, '{key}')")
     assert answer["status"] == 202, answer
     return answer["body"]
+
+
+async def read_events(browser: Chromium, events: str, key: str) -> dict[str, Any]:
+    """The page follows a request's events with EventSource until ``done``: what it saw and how."""
+    url = f"{events}?access_token={key}"
+    seen: dict[str, Any] = await browser.evaluate(f"collect({json.dumps(url)}, 120000)")
+    return seen
 
 
 async def test_event_source_resumes_after_a_dropped_connection_without_loss_or_duplicate(
@@ -74,9 +81,8 @@ async def test_event_source_resumes_after_a_dropped_connection_without_loss_or_d
     assert port is not None
     async with DropProxy(port, b"id: ", count=5, drops=1, lifetime=120) as proxy, Chromium() as browser:
         await open_app(browser, f"http://127.0.0.1:{proxy.port}")
-        created = await start_request(browser, f"tokens={TOKENS}")
-        events_url = f"{created['events']}?access_token={KEY}"
-        seen = await browser.evaluate(f"collect({json.dumps(events_url)}, 60000)")
+        created = await start_request(browser, KEY, "tokens", f"tokens={TOKENS}")
+        seen = await read_events(browser, created["events"], KEY)
     assert proxy.dropped == 1
     assert seen["outcome"] == "done", seen
     assert (seen["opens"], seen["drops"]) == (2, 1), "one drop, one reconnection"
