@@ -32,7 +32,7 @@ ENTRYPOINT = {
     "pause": (["/catatonit", "-P"], None),
     "gateway": (
         ["streamqueue-gateway"],
-        "--config /etc/streamqueue-gateway/config/config.yaml --port 8080".split(),
+        ["--config", "/etc/streamqueue-gateway/config/config.yaml", "--port", "8080"],
     ),
 }
 
