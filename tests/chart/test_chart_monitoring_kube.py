@@ -175,6 +175,20 @@ def test_the_service_monitor_selects_the_metrics_service_and_its_port(
     assert {e["port"] for e in monitor["endpoints"]} <= ports, ports
 
 
+def test_the_gateway_service_monitor_is_created_and_selects_the_gateway_service(
+    control_plane: ControlPlane, kube_namespace: str, prometheus_crds: list[str]
+) -> None:
+    manifests = render(*ENABLED, "gateway.enabled=true", namespace=kube_namespace)
+    objects = [m for m in manifests if m["metadata"]["name"].endswith("-gateway")]
+    [rendered] = [m for m in objects if m["kind"] == "ServiceMonitor"]
+    _apply(control_plane, kube_namespace, [m for m in objects if m["kind"] in ("Service", "ServiceMonitor")])
+    monitor = _stored(control_plane, kube_namespace, "ServiceMonitor", rendered["metadata"]["name"])["spec"]
+    assert _kept(rendered["spec"], monitor)
+    [name] = _selected(control_plane, "services", kube_namespace, monitor["selector"]["matchLabels"])
+    service = _stored(control_plane, kube_namespace, "Service", name)
+    assert {e["port"] for e in monitor["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+
+
 def test_the_crds_are_the_pinned_release(prometheus_crds: list[str]) -> None:
     pinned = re.search(r"PROMETHEUS_OPERATOR_VERSION:-v([0-9.]+)", (ROOT / "hack" / "tools.sh").read_text())
     assert pinned
