@@ -160,3 +160,24 @@ async def test_a_websocket_cancel_stops_that_request(gateways, workers, redis_se
     assert frames[-1]["type"] == "error" and frames[-1]["id"] == created["id"]
     assert frames[-1]["error"]["code"] == "cancelled"
     await cancelled(redis_server, "alice", created["id"])
+
+
+async def test_resuming_on_another_replica_within_the_grace_keeps_the_request(
+    gateways, workers, redis_server
+) -> None:
+    """The stream drops on one replica and resumes on another within the grace; the reply (3 s, well
+    past the 1 s grace) then streams to its end: the first replica's grace timer saw the new watcher."""
+    workers(tokens_interval_ms="20")
+    first, second = await gateways(), await gateways()
+    body = {**LONG, "messages": [{"role": "user", "content": "tokens=150"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{first.url}/v1/requests", json=body, headers=first.headers()) as response:
+            created = await response.json()
+        async with http.get(first.url + created["events"], headers=first.headers()) as response:
+            last = await anext(sse_events(response))
+        headers = {**second.headers(), "Last-Event-ID": last["id"]}
+        async with http.get(second.url + created["events"], headers=headers) as response:
+            rest = [event async for event in sse_events(response)]
+    assert rest[-1]["event"] == "done"
+    final = final_entry(redis_server, "alice", created["id"])
+    assert final is not None and wire.CANCELLED not in final
