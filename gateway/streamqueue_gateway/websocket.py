@@ -78,13 +78,13 @@ async def _handle(
     except ApiError as exc:
         await ws.send_json({"type": "error", "ref": ref, "error": exc.error()})
         return
-    await ws.send_json({"type": "created", "ref": ref, "id": ticket.request_id})
 
     async def write(chunk: Chunk) -> None:
         await ws.send_json({"type": "chunk", "id": ticket.request_id, "text": str(chunk)})
 
     async def run() -> None:
         try:
+            await ws.send_json({"type": "created", "ref": ref, "id": ticket.request_id})
             await relay(gateway, ticket, open_stream(gateway, ticket), write)
             await ws.send_json({"type": "done", "id": ticket.request_id, "usage": ticket.usage()})
         except ApiError as exc:
