@@ -26,6 +26,7 @@ SECRETS = (
     "gateway.secrets.jwtHs256.name=gw-jwt",
     "gateway.secrets.jwks.name=gw-jwks",
     "gateway.secrets.redisPassword.name=redis-auth",
+    "gateway.secrets.redisCa.name=redis-ca",
 )
 TYPOS = [
     ("gateway.enabld=true", "'enabld' not allowed"),
@@ -161,6 +162,7 @@ def test_config_is_the_values_with_the_mounted_secret_files_and_the_gateway_pars
         config["auth"]["apiKeysFile"]: ("gw-keys", "keys.json"),
         config["auth"]["jwt"]["hs256SecretFile"]: ("gw-jwt", "secret"),
         config["auth"]["jwt"]["jwksFile"]: ("gw-jwks", "jwks.json"),
+        config["redis"]["tlsCaFile"]: ("redis-ca", "ca.crt"),
     }
     for path, (secret, key) in files.items():
         directory, name = path.rsplit("/", 1)

@@ -29,28 +29,30 @@ app.kubernetes.io/component: gateway
 {{- end }}
 
 {{/*
-The Secrets mounted as files: secrets key -> (volume, directory, config key under auth). Whole
-directories, not subPath mounts: the kubelet updates those when a Secret changes, and the gateway
-re-reads its key files on change (rotation without a restart).
+The Secrets mounted as files: secrets key -> (volume, directory, the config section and key its path
+goes to). Whole directories, not subPath mounts: the kubelet updates those when a Secret changes, and
+the gateway re-reads its key files on change (rotation without a restart).
 */}}
 {{- define "streamqueue.gatewayFiles" -}}
-apiKeys: {volume: api-keys, dir: /etc/streamqueue-gateway/api-keys, field: apiKeysFile}
-jwtHs256: {volume: jwt-hs256, dir: /etc/streamqueue-gateway/jwt-hs256, field: hs256SecretFile, jwt: true}
-jwks: {volume: jwks, dir: /etc/streamqueue-gateway/jwks, field: jwksFile, jwt: true}
+apiKeys: {volume: api-keys, dir: /etc/streamqueue-gateway/api-keys, section: auth, field: apiKeysFile}
+jwtHs256: {volume: jwt-hs256, dir: /etc/streamqueue-gateway/jwt-hs256, section: jwt, field: hs256SecretFile}
+jwks: {volume: jwks, dir: /etc/streamqueue-gateway/jwks, section: jwt, field: jwksFile}
+redisCa: {volume: redis-ca, dir: /etc/streamqueue-gateway/redis-ca, section: redis, field: tlsCaFile}
 {{- end }}
 
-{{/* gateway.config with the auth file paths of the Secrets that are named, as YAML. */}}
+{{/* gateway.config with the file paths of the Secrets that are named, as YAML. */}}
 {{- define "streamqueue.gatewayConfig" -}}
 {{- $config := deepCopy .Values.gateway.config }}
-{{- $auth := deepCopy (default (dict) $config.auth) }}
-{{- $jwt := deepCopy (default (dict) $auth.jwt) }}
+{{- $auth := default (dict) $config.auth }}
+{{- $sections := dict "auth" $auth "jwt" (default (dict) $auth.jwt) "redis" (default (dict) $config.redis) }}
 {{- range $name, $file := include "streamqueue.gatewayFiles" . | fromYaml }}
 {{- $ref := index $.Values.gateway.secrets $name }}
 {{- if $ref.name }}
-{{- $_ := set (ternary $jwt $auth (default false $file.jwt)) $file.field (printf "%s/%s" $file.dir $ref.key) }}
+{{- $_ := set (index $sections $file.section) $file.field (printf "%s/%s" $file.dir $ref.key) }}
 {{- end }}
 {{- end }}
-{{- if $jwt }}{{ $_ := set $auth "jwt" $jwt }}{{ end }}
+{{- if $sections.jwt }}{{ $_ := set $auth "jwt" $sections.jwt }}{{ end }}
 {{- $_ := set $config "auth" $auth }}
+{{- if $sections.redis }}{{ $_ := set $config "redis" $sections.redis }}{{ end }}
 {{- toYaml $config }}
 {{- end }}
