@@ -14,9 +14,11 @@ import openai
 import pytest
 from aiohttp import web
 from streamqueue_harness.modelserver import ModelServer, completion_chunk
+from streamqueue_harness.processes import stop_groups
 from streamqueue_harness.token_handler import tokens
+from streamqueue_harness.workerproc import spawn_worker
 
-from tests.gateway.conftest import KEYS, MODEL_HANDLER, RunningGateway
+from tests.gateway.conftest import KEYS, MODEL_HANDLER, TOKENS_HANDLER, RunningGateway, sse_events
 
 
 def sdk(gateway: RunningGateway, user: str = "alice") -> openai.AsyncOpenAI:
@@ -201,3 +203,35 @@ async def test_readiness_follows_redis(gateways, redis_server) -> None:
         redis_server.close()
         async with http.get(f"{gateway.url}/readyz") as unready, http.get(f"{gateway.url}/healthz") as live:
             assert unready.status == 503 and live.status == 200
+
+
+async def test_the_gateway_on_a_redis_cluster(gateways, gateway_config, redis_cluster, tmp_path) -> None:
+    """Its own keys (quotas, ownership, watch keys) and the queue's on a 3-primary cluster: an SDK
+    stream and a browser request with its event stream."""
+    proc = spawn_worker(
+        redis_cluster.url, "cw1", tmp_path / "cw1.log", redis_cluster="true", handler=TOKENS_HANDLER,
+        tokens_interval_ms="5", block_ms="200",
+    )  # fmt: skip
+    try:
+        config = gateway_config(
+            redis={"url": redis_cluster.url, "cluster": True},
+            tiers={"pro": {"maxRequests": 5, "tokensPerMinute": 100000}, "free": {}},
+        )
+        gateway = await gateways(config)
+        async with sdk(gateway) as client:
+            stream = await client.chat.completions.create(model="tokens", messages=ask(6), stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "tokens", "messages": ask(4)}
+            async with http.post(
+                f"{gateway.url}/v1/requests", json=body, headers=gateway.headers()
+            ) as created:
+                events = (await created.json())["events"]
+            async with http.get(gateway.url + events, headers=gateway.headers()) as response:
+                got = [event async for event in sse_events(response)]
+    finally:
+        stop_groups([(proc.pid, proc)], grace=10)
+    assert text == "".join(tokens(6))
+    assert (
+        "".join(json.loads(e["data"]) for e in got[:-1]) == "".join(tokens(4)) and got[-1]["event"] == "done"
+    )
