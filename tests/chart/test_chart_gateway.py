@@ -40,6 +40,11 @@ TYPOS = [
 ]
 
 
+def sets(*settings: str) -> list[str]:
+    """``--set`` arguments for helm."""
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
 def gateway(*settings: str) -> dict[str, list[dict[str, Any]]]:
     """The gateway's rendered objects by kind (the chart's other objects left out)."""
     objects: dict[str, list[dict[str, Any]]] = {}
@@ -122,10 +127,8 @@ def test_hpa_on_cpu_owns_the_replicas_and_a_rollout_surges() -> None:
     assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
     fixed = gateway("gateway.autoscaling.enabled=false", "gateway.replicaCount=3")
     assert "HorizontalPodAutoscaler" not in fixed and fixed["Deployment"][0]["spec"]["replicas"] == 3
-    refused = helm(
-        "template", "sq", str(CHART), "--kube-version", KUBE_VERSION, "--set", ON,
-        "--set", "gateway.resources.requests=null", check=False,
-    )  # fmt: skip
+    template = ["template", "sq", str(CHART), "--kube-version", KUBE_VERSION]
+    refused = helm(*template, *sets(ON, "gateway.resources.requests=null"), check=False)
     assert refused.returncode != 0 and "needs gateway.resources.requests.cpu" in refused.stderr
 
 
@@ -272,36 +275,35 @@ def test_scraped_by_a_service_monitor_with_the_operators() -> None:
 @pytest.mark.parametrize(("setting", "complaint"), TYPOS)
 def test_a_typo_in_the_gateway_values_fails_helm(setting: str, complaint: str) -> None:
     result = helm(
-        "template",
-        "sq",
-        str(CHART),
-        "--kube-version",
-        KUBE_VERSION,
-        "--set",
-        ON,
-        "--set",
-        setting,
-        check=False,
+        "template", "sq", str(CHART), "--kube-version", KUBE_VERSION, *sets(ON, setting), check=False
     )
     assert result.returncode != 0
     assert complaint in result.stderr, result.stderr
 
 
 def test_helm_lint_passes_with_everything_on() -> None:
-    on = ["--set", ON, "--set", "networkPolicy.enabled=true", "--set", "metrics.serviceMonitor.enabled=true"]
-    result = helm(
-        "lint", str(CHART), "--strict", *on, *[a for s in SECRETS for a in ("--set", s)], check=False
-    )
+    on = sets(ON, "networkPolicy.enabled=true", "metrics.serviceMonitor.enabled=true", *SECRETS)
+    result = helm("lint", str(CHART), "--strict", *on, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.kube
 def test_the_gateway_objects_pass_a_server_side_dry_run(control_plane, kube_namespace: str) -> None:
-    sets = [a for s in (ON, "networkPolicy.enabled=true", *SECRETS) for a in ("--set", s)]
+    on = sets(ON, "networkPolicy.enabled=true", *SECRETS)
     manifest = helm(
-        "template", "sq", str(CHART), "--namespace", kube_namespace, "--kube-version", KUBE_VERSION, *sets,
+        "template", "sq", str(CHART), "--namespace", kube_namespace, "--kube-version", KUBE_VERSION, *on,
         *[a for t in ("configmap", "deployment", "service", "hpa", "pdb", "networkpolicy")
           for a in ("--show-only", f"templates/gateway-{t}.yaml")],
     ).stdout  # fmt: skip
     result = control_plane.dry_run(manifest, kube_namespace)
     assert result.stdout.count("(server dry run)") == 6, result.stdout
+
+
+@pytest.mark.kube
+def test_notes_tell_how_to_reach_it_and_what_is_missing(control_plane, kube_namespace: str) -> None:
+    install = ["install", "sq", str(CHART), "--namespace", kube_namespace, "--dry-run=server", *sets(ON)]
+    bare = helm(*install, kubeconfig=control_plane.kubeconfig).stdout
+    assert "port-forward svc/sq-streamqueue-operator-gateway 8080:80" in bare
+    assert "every request is refused with 401" in bare and "without a password" in bare
+    configured = helm(*install, *sets(*SECRETS), kubeconfig=control_plane.kubeconfig)
+    assert "refused with 401" not in configured.stdout and "without a password" not in configured.stdout
