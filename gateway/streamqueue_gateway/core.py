@@ -32,6 +32,7 @@ from .quotas import Admission, OverQuota, Quotas
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4  # the estimate when the model reports no usage (as the model handler's)
+REDIS_POOL_WAIT_S = 10.0  # the quota calls' own timeout (2 s) ends a longer wait first
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Gateway:
     def open(cls, config: GatewayConfig) -> Gateway:
         """Build the clients (lazy: no I/O until the first request)."""
         connection = config.redis.connection()
-        redis = connect_any(connection)
+        # Every request in flight may run a quota script at once: wait for a free connection.
+        redis = connect_any(connection, pool_wait_s=REDIS_POOL_WAIT_S)
         queues = {}
         for model in config.models:
             kwargs: dict[str, Any] = {

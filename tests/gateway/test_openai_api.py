@@ -13,6 +13,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from streamqueue_gateway.auth import Principal
 from streamqueue_harness.modelserver import ModelServer, completion_chunk
 from streamqueue_harness.processes import stop_groups
 from streamqueue_harness.token_handler import tokens
@@ -235,3 +236,14 @@ async def test_the_gateway_on_a_redis_cluster(gateways, gateway_config, redis_cl
     assert (
         "".join(json.loads(e["data"]) for e in got[:-1]) == "".join(tokens(4)) and got[-1]["event"] == "done"
     )
+
+
+async def test_many_quota_decisions_at_once_wait_for_a_redis_connection(gateways, gateway_config) -> None:
+    """More quota scripts in flight than the gateway's Redis pool has connections (bench.gateway at 200
+    streams ran into redis-py's MaxConnectionsError, answered 503): they queue for a connection."""
+    gateway = await gateways(gateway_config(tiers={"pro": {"maxRequests": 1000}, "free": {}}))
+    principal = Principal("alice", "pro")
+    admitted = await asyncio.gather(
+        *(gateway.state.quotas.admit(principal, f"r{i}") for i in range(500)), return_exceptions=True
+    )
+    assert [a for a in admitted if isinstance(a, BaseException)] == []

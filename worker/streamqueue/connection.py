@@ -45,6 +45,9 @@ RETRY_BACKOFF = EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_B
 # every component's Redis user needs +ping (streamqueue.acl). Read at connect time: a test shortens it.
 HEALTH_CHECK_INTERVAL_S = 30.0
 _SCHEMES = ("redis", "rediss")
+# Connections of a pool that makes commands wait for a free one (``connect``'s ``pool_wait_s``); as
+# many as redis-py's default pool holds.
+POOL_CONNECTIONS = 100
 # Errors that mean "Redis is away for a moment": a lost connection, or a cluster without a primary
 # for a slot or moving one (CLUSTERDOWN, TRYAGAIN) while it fails over.
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)  # the server did not answer
@@ -287,35 +290,48 @@ def _auth_and_tls(connection: RedisConnection) -> dict[str, object]:
     return kwargs
 
 
-def connect_any(connection: RedisConnection, *, block_ms: int | None = None) -> RedisClient:
+def connect_any(
+    connection: RedisConnection, *, block_ms: int | None = None, pool_wait_s: float | None = None
+) -> RedisClient:
     """``connect``, or a cluster client when ``connection.cluster`` is set.
 
     For a cluster, redis-py follows MOVED/ASK redirections and refreshes its slot map after a
     failover; a command whose keys span slots is refused, so callers keep each call to one slot.
+    (A cluster client's pools are unbounded: ``pool_wait_s`` matters for one server only.)
     """
     if connection.cluster:
         return aioredis.RedisCluster.from_url(_url(connection), **_common(connection, block_ms))
-    return connect(connection, block_ms=block_ms)
+    return connect(connection, block_ms=block_ms, pool_wait_s=pool_wait_s)
 
 
-def connect(connection: RedisConnection, *, block_ms: int | None = None) -> aioredis.Redis:
+def connect(
+    connection: RedisConnection, *, block_ms: int | None = None, pool_wait_s: float | None = None
+) -> aioredis.Redis:
     """An asyncio Redis client (lazy: no I/O until the first command) for one server.
 
     Replies are decoded as UTF-8 text. ``block_ms`` is the longest BLOCK the caller will issue.
     Connection errors are retried with jittered exponential backoff before they surface.
+    ``pool_wait_s``: for callers whose concurrent commands are not bounded otherwise (the gateway's,
+    one per request in flight): when all ``POOL_CONNECTIONS`` are busy a command waits up to this
+    long for one, where redis-py's default pool fails it at once (``MaxConnectionsError``).
     """
     if connection.cluster:
         raise ValueError("a Redis Cluster needs connect_any()")
-    return aioredis.Redis.from_url(
-        _url(connection),
+    kwargs = {
         **_common(connection, block_ms),
-        health_check_interval=HEALTH_CHECK_INTERVAL_S,
-        retry=Retry(
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "retry": Retry(
             ExponentialWithJitterBackoff(base=RETRY_BACKOFF_BASE_S, cap=RETRY_BACKOFF_CAP_S),
             COMMAND_RETRIES,
             (RedisConnectionError, RedisTimeoutError),
         ),
+    }
+    if pool_wait_s is None:
+        return aioredis.Redis.from_url(_url(connection), **kwargs)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        _url(connection), max_connections=POOL_CONNECTIONS, timeout=pool_wait_s, **kwargs
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 def _url(connection: RedisConnection) -> str:
