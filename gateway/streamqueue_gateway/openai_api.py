@@ -83,10 +83,11 @@ async def _stream(request: web.Request, gateway: Gateway, ticket: Ticket) -> web
     tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
     async def write(chunk: Chunk) -> None:
-        if not response.prepared:
+        event = head + json.dumps(chunk).encode() + tail
+        if not response.prepared:  # the role comes first, in the same socket send
             await response.prepare(request)
-            await response.write(head[:-10] + b'"role":"assistant","content":""' + tail)
-        await response.write(head + json.dumps(chunk).encode() + tail)
+            event = head[:-10] + b'"role":"assistant","content":""' + tail + event
+        await response.write(event)
 
     try:
         await relay(gateway, ticket, open_stream(gateway, ticket), write)
