@@ -18,6 +18,7 @@ BENCHMARKS = [
     "operator_cost",
     "node_coldstart",
     "gateway",
+    "ha",
 ]
 
 

@@ -48,8 +48,10 @@ class Environment:
 
 
 @contextlib.contextmanager
-def environment(*operator_args: str) -> Iterator[Environment]:
-    """Control plane + redis-server + CRD + namespace + the operator watching it (all torn down after)."""
+def environment(*operator_args: str, start_operator: bool = True) -> Iterator[Environment]:
+    """Control plane + redis-server + CRD + namespace + the operator watching it (all torn down after).
+
+    ``start_operator=False``: the operator is configured but not started (bench.ha runs its own replicas)."""
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-"))
     with ControlPlane(workdir / "cluster") as plane, RedisServer() as redis_server:
         install_crd(plane)
@@ -57,7 +59,7 @@ def environment(*operator_args: str) -> Iterator[Environment]:
         plane.wait_for_default_serviceaccount(NAMESPACE)
         args = ("--log-level=warning", *operator_args)
         operator = OperatorProcess(plane.kubeconfig, f"--namespace={NAMESPACE}", workdir, *args)
-        with plane.api_client() as api, operator:
+        with plane.api_client() as api, operator if start_operator else contextlib.nullcontext():
             yield Environment(plane, redis_server, api, operator)
 
 
@@ -72,16 +74,28 @@ def apply_queue(env: Environment, name: str, stream: str, **scaling: Any) -> Non
 
 
 class DeploymentWatch:
-    """When each value ``key`` reads off the namespace's Deployments was first seen (one watch, not
-    polling). ``key`` maps a Deployment to what is recorded, or None for a state not worth recording."""
+    """When each value ``key`` reads off the namespace's Deployments (or Pods or Leases: ``kind``) was
+    first seen (one watch, not polling). ``key`` maps an object to what is recorded, or None for a state
+    not worth recording."""
 
-    def __init__(self, api: k8s.ApiClient, key: Callable[[Any], Hashable | None], **selectors: str) -> None:
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        key: Callable[[Any], Hashable | None],
+        namespace: str = NAMESPACE,
+        kind: str = "deployment",
+        **selectors: str,
+    ) -> None:
         self.seen: dict[Hashable, float] = {}
         self._key = key
         self._cond = threading.Condition()
         self._watch = watch.Watch()
-        apps = k8s.AppsV1Api(api)
-        self._stream = self._watch.stream(apps.list_namespaced_deployment, NAMESPACE, **selectors)
+        lister = {
+            "deployment": k8s.AppsV1Api(api).list_namespaced_deployment,
+            "pod": k8s.CoreV1Api(api).list_namespaced_pod,
+            "lease": k8s.CoordinationV1Api(api).list_namespaced_lease,
+        }[kind]
+        self._stream = self._watch.stream(lister, namespace, **selectors)
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -100,6 +114,18 @@ class DeploymentWatch:
             if not self._cond.wait_for(lambda: value in self.seen, timeout):
                 raise TimeoutError(f"no Deployment reached {value!r} within {timeout}s")
             return self.seen[value]
+
+    def first(self, matches: Callable[[Any], bool], timeout: float) -> tuple[Any, float]:
+        """The earliest seen value ``matches`` accepts, and when; waits up to ``timeout`` for one."""
+
+        def found() -> list[tuple[float, Any]]:
+            return [(at, value) for value, at in self.seen.items() if matches(value)]
+
+        with self._cond:
+            if not self._cond.wait_for(found, timeout):
+                raise TimeoutError(f"no watched object matched within {timeout}s")
+            at, value = min(found(), key=lambda seen: seen[0])
+            return value, at
 
     def stop(self) -> None:
         self._watch.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ import redis
 import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
-from prometheus_client.parser import text_string_to_metric_families
+from streamqueue_harness.operatorha import metric as metric  # the kube tests read it from here
 from streamqueue_operator.models import GROUP, PLURAL, VERSION
 
 STREAM, CGROUP = "user_messages_queue", "ai_service_group"
@@ -79,16 +78,6 @@ class Queues:
             self.namespace, field_selector=f"involvedObject.kind=StreamQueue,involvedObject.name={name}"
         )
         return [(e.reason, e.message) for e in events.items if e.reason in ("ScaledUp", "ScaledDown")]
-
-
-def metric(port: int, sample_name: str, labels: dict[str, str]) -> float | None:
-    """One sample from the operator's /metrics, or None if it has not been recorded."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 def push(r: redis.Redis, n: int) -> None:

@@ -1,6 +1,7 @@
 """Operator HA on the local control plane: two operator processes, one Lease, one writer.
 
-Short election timings (lease 4 s, renew deadline 3 s, retry 1 s) keep each failover to seconds.
+The chart's default election timings (``values.yaml``: lease 3 s, renew deadline 2 s, retry 0.5 s),
+so what is tested is what a user installs; ``python -m bench ha`` measures the same failover.
 Which replica wrote is read from the API server itself: each process writes with its own field
 manager (``streamqueue-operator_<identity>``), recorded in the objects' managedFields.
 """
@@ -10,59 +11,23 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
+from streamqueue_harness import operatorha as ha
 from streamqueue_harness.eventually import eventually
-from streamqueue_harness.operatorproc import OperatorProcess
-from streamqueue_harness.ports import free_port
 from streamqueue_harness.redis_server import RedisServer
 
 from tests.operator.queues import CGROUP, STREAM, Queues, metric, push
 
 pytestmark = pytest.mark.kube
 
-TIMING = ("--lease-duration=4", "--renew-deadline=3", "--retry-period=1")
+CHART_TIMING = ha.chart_timing()
+TIMING = ha.timing_args(CHART_TIMING)
 LEASE = "streamqueue-operator"
-
-
-class Replica:
-    """One operator process with its own metrics port and log directory."""
-
-    def __init__(self, plane: Any, namespace: str, directory: Path) -> None:
-        self.port = free_port()
-        args = ("--status-min-interval=1", f"--metrics-port={self.port}", *TIMING)
-        self.proc = OperatorProcess(plane.kubeconfig, f"--namespace={namespace}", directory, *args)
-
-    def leading(self) -> bool:
-        try:
-            return metric(self.port, "streamqueue_operator_leader", {}) == 1
-        except OSError:  # its metrics server is not up yet
-            return False
-
-    def identity(self) -> str:
-        """From the log line the elector writes at start."""
-        line = next(x for x in self.proc.logs().splitlines() if "leader election: " in x)
-        return line.split("leader election: ")[1].split(" on Lease")[0]
-
-
-@contextmanager
-def replicas(plane: Any, namespace: str, tmp_path: Path, count: int) -> Iterator[list[Replica]]:
-    started = [Replica(plane, namespace, tmp_path / f"replica-{i}") for i in range(count)]
-    try:
-        for replica in started:
-            replica.proc.start()
-        yield started
-    finally:
-        for replica in started:
-            if replica.proc.proc is not None and replica.proc.proc.poll() is None:
-                os.kill(replica.proc.pid, signal.SIGCONT)  # a paused one must be able to stop
-                replica.proc.stop()
 
 
 def holder(sq: Queues) -> str:
@@ -71,22 +36,9 @@ def holder(sq: Queues) -> str:
 
 
 def writers(sq: Queues, name: str) -> dict[str, datetime]:
-    """Field manager -> time of its last write, on the worker Deployment and the StreamQueue's status."""
+    """Operator identity -> time of its last write, on the worker Deployment and the StreamQueue's status."""
     deployment = k8s.AppsV1Api(sq.api).read_namespaced_deployment(f"{name}-worker", sq.namespace)
-    entries = [(e.manager, e.time) for e in deployment.metadata.managed_fields or []]
-    queue = sq.get(name)["metadata"].get("managedFields", [])
-    entries += [(e["manager"], datetime.fromisoformat(e["time"].replace("Z", "+00:00"))) for e in queue]
-    out: dict[str, datetime] = {}
-    for manager, at in entries:
-        if manager.startswith("streamqueue-operator_"):
-            out[manager.removeprefix("streamqueue-operator_")] = max(at, out.get(manager, at))
-    return out
-
-
-def elected(group: list[Replica]) -> tuple[Replica, list[Replica]]:
-    leaders = eventually(lambda: [r for r in group if r.leading()], "a leader", timeout=30)
-    assert len(leaders) == 1, "two replicas lead at once"
-    return leaders[0], [r for r in group if r is not leaders[0]]
+    return ha.writers([sq.api.sanitize_for_serialization(deployment), sq.get(name)])
 
 
 def test_one_leader_scales_and_a_standby_takes_over_when_it_is_killed(
@@ -94,8 +46,8 @@ def test_one_leader_scales_and_a_standby_takes_over_when_it_is_killed(
 ) -> None:
     r = redis_server.client()
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
-    with replicas(sq.plane, sq.namespace, tmp_path, 2) as group:
-        leader, (standby,) = elected(group)
+    with ha.replicas(sq.plane, sq.namespace, tmp_path, 2, TIMING) as group:
+        leader, (standby,) = ha.elected(group)
         assert holder(sq) == leader.identity()
         push(r, 7)
         sq.apply("ha", minReplicas=1, maxReplicas=6, coldStartSeconds=0)
@@ -110,9 +62,10 @@ def test_one_leader_scales_and_a_standby_takes_over_when_it_is_killed(
         push(r, 10)  # 17 entries: 4 replicas
         eventually(lambda: sq.replicas("ha") == 4, "the standby's first scale", timeout=30)
         took = time.monotonic() - killed
-        print(f"kill -9 of the leader -> the standby scaled after {took:.1f} s (lease duration 4 s)")
+        lease, retry = CHART_TIMING["leaseDuration"], CHART_TIMING["retryPeriod"]
+        print(f"kill -9 of the leader -> the standby scaled after {took:.1f} s (lease duration {lease:g} s)")
         assert standby.leading() and holder(sq) == standby.identity()
-        assert took < 4 + 1.2 + 5, took  # lease duration + a jittered retry + a poll and a slow API
+        assert took < lease + 1.2 * retry + 5, took  # lease + a jittered retry + a poll and a slow API
 
 
 def test_a_paused_leader_writes_nothing_after_its_lease_ran_out(
@@ -122,8 +75,8 @@ def test_a_paused_leader_writes_nothing_after_its_lease_ran_out(
     r.xgroup_create(STREAM, CGROUP, id="0", mkstream=True)
     push(r, 7)
     sq.apply("paused", minReplicas=1, maxReplicas=6, coldStartSeconds=0)
-    with replicas(sq.plane, sq.namespace, tmp_path, 2) as group:
-        leader, (standby,) = elected(group)
+    with ha.replicas(sq.plane, sq.namespace, tmp_path, 2, TIMING) as group:
+        leader, (standby,) = ha.elected(group)
         eventually(lambda: sq.replicas("paused") == 2, "the leader scales", timeout=30)
         os.kill(leader.proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -146,8 +99,8 @@ def test_a_paused_leader_writes_nothing_after_its_lease_ran_out(
 def test_a_stopped_leader_releases_the_lease_so_the_standby_takes_over_at_once(
     sq: Queues, streamqueue_crd: dict[str, Any], tmp_path: Path
 ) -> None:
-    with replicas(sq.plane, sq.namespace, tmp_path, 2) as group:
-        leader, (standby,) = elected(group)
+    with ha.replicas(sq.plane, sq.namespace, tmp_path, 2, TIMING) as group:
+        leader, (standby,) = ha.elected(group)
         stopping = time.monotonic()
         leader.proc.stop()  # SIGTERM: kopf stops the daemons, then the Lease is released
         eventually(lambda: holder(sq) == standby.identity(), "the standby holds the Lease", timeout=30)
