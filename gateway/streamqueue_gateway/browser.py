@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 from streamqueue import wire
-from streamqueue.client import Chunk, ReplyError
+from streamqueue.client import Chunk, ReplyError, ReplyStream
 
 from .core import GATEWAY, Gateway, Ticket
 from .errors import ApiError
@@ -104,22 +104,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     if not _ENTRY_ID.fullmatch(after):
         raise ApiError(400, "Last-Event-ID must be an event id of this stream", param="Last-Event-ID")
     await _take_over(request, request_id)
-    token = await gateway.watches.attach(request_id)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    await response.write(_RETRY)
     client = gateway.queues[owned.model].client
     timeout = gateway.config.request_timeout_seconds
     stream = client.request_stream(principal.user_id, "", request_id=request_id, after=after, timeout=timeout)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    token = await gateway.watches.attach(request_id)
     try:
-        async for chunk in stream:
-            await response.write(_chunk_event(chunk))
-        usage = stream.final.usage if stream.final is not None else None
-        await response.write(_event("done", json.dumps({"usage": usage})))
-    except ReplyError as exc:
-        await response.write(_event("error", json.dumps(_error(exc))))
-    except TimeoutError:
-        await response.write(_event("error", json.dumps({"message": "no reply in time", "code": "timeout"})))
+        await response.prepare(request)
+        await response.write(_RETRY)
+        await _write_events(response, stream)
     except BaseException:  # the browser went away: cancel unless it comes back in time
         cancel = partial(client.cancel, principal.user_id, request_id)
         await asyncio.shield(gateway.watches.detach(request_id, cancel))
@@ -129,6 +122,19 @@ async def events(request: web.Request) -> web.StreamResponse:
     await gateway.watches.done(request_id, token)
     await response.write_eof()
     return response
+
+
+async def _write_events(response: web.StreamResponse, stream: ReplyStream) -> None:
+    """Each chunk as an event, then ``done`` or ``error``."""
+    try:
+        async for chunk in stream:
+            await response.write(_chunk_event(chunk))
+        usage = stream.final.usage if stream.final is not None else None
+        await response.write(_event("done", json.dumps({"usage": usage})))
+    except ReplyError as exc:
+        await response.write(_event("error", json.dumps(_error(exc))))
+    except TimeoutError:
+        await response.write(_event("error", json.dumps({"message": "no reply in time", "code": "timeout"})))
 
 
 async def _take_over(request: web.Request, request_id: str) -> None:
