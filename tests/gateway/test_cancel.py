@@ -7,7 +7,9 @@ call stops") the model handler in front of a chat-completions stub that notices 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 import openai
@@ -16,7 +18,15 @@ from streamqueue import wire
 from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.modelserver import completion_chunk
 
-from tests.gateway.conftest import KEYS, MODEL_HANDLER, final_entry, reply_entries, sse_events, warmed_up
+from tests.gateway.conftest import (
+    KEYS,
+    MODEL_HANDLER,
+    RunningGateway,
+    final_entry,
+    reply_entries,
+    sse_events,
+    warmed_up,
+)
 
 LONG = {"model": "tokens", "messages": [{"role": "user", "content": "tokens=400"}]}
 
@@ -88,15 +98,23 @@ async def test_a_caller_leaving_a_non_streamed_completion_cancels_it(gateways, w
     await cancelled(redis_server, "alice", chunk[wire.REQUEST_ID])
 
 
-async def test_closing_the_websocket_cancels_its_requests(gateways, workers, redis_server) -> None:
-    workers(tokens_interval_ms="20")
-    gateway = await gateways()
+@contextlib.asynccontextmanager
+async def websocket_chat(
+    gateway: RunningGateway,
+) -> AsyncIterator[tuple[aiohttp.ClientWebSocketResponse, str]]:
+    """A WebSocket with one long chat running on it: the socket and the request's id."""
     url = f"{gateway.url}/v1/ws"
     async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=gateway.headers()) as ws:
         await ws.send_json({"type": "chat", **LONG})
         created = await ws.receive_json(timeout=30)
+        yield ws, created["id"]
+
+
+async def test_closing_the_websocket_cancels_its_requests(gateways, workers, redis_server) -> None:
+    workers(tokens_interval_ms="20")
+    async with websocket_chat(await gateways()) as (ws, request_id):
         assert (await ws.receive_json(timeout=30))["type"] == "chunk"
-    await cancelled(redis_server, "alice", created["id"])
+    await cancelled(redis_server, "alice", request_id)
 
 
 async def test_an_event_stream_not_resumed_within_the_grace_is_cancelled(
@@ -148,18 +166,14 @@ async def test_no_next_chunk_in_time_cancels_and_reports_an_error(
 
 async def test_a_websocket_cancel_stops_that_request(gateways, workers, redis_server) -> None:
     workers(tokens_interval_ms="20")
-    gateway = await gateways()
-    url = f"{gateway.url}/v1/ws"
-    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=gateway.headers()) as ws:
-        await ws.send_json({"type": "chat", **LONG})
-        created = await ws.receive_json(timeout=30)
-        await ws.send_json({"type": "cancel", "id": created["id"]})
+    async with websocket_chat(await gateways()) as (ws, request_id):
+        await ws.send_json({"type": "cancel", "id": request_id})
         frames = [await ws.receive_json(timeout=30)]
         while frames[-1]["type"] == "chunk":
             frames.append(await ws.receive_json(timeout=30))
-    assert frames[-1]["type"] == "error" and frames[-1]["id"] == created["id"]
+    assert frames[-1]["type"] == "error" and frames[-1]["id"] == request_id
     assert frames[-1]["error"]["code"] == "cancelled"
-    await cancelled(redis_server, "alice", created["id"])
+    await cancelled(redis_server, "alice", request_id)
 
 
 async def test_resuming_on_another_replica_within_the_grace_keeps_the_request(
