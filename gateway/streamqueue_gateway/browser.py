@@ -58,7 +58,8 @@ async def create(request: web.Request) -> web.Response:
     follower = asyncio.create_task(_follow(gateway, ticket, start), name="gateway-follow")
     gateway.tasks.add(follower)
     follower.add_done_callback(gateway.tasks.discard)
-    await gateway.watches.detach(ticket.request_id, partial(gateway.cancel, ticket))
+    # Shielded: a caller gone by now must still leave the grace timer behind (nobody will watch).
+    await asyncio.shield(gateway.watches.detach(ticket.request_id, partial(gateway.cancel, ticket)))
     events = f"/v1/requests/{ticket.request_id}/events"
     return web.json_response({"id": ticket.request_id, "events": events}, status=202)
 
