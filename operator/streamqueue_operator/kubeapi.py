@@ -165,11 +165,26 @@ class Cluster:
         self.coordination = k8s.CoordinationV1Api(api_client)
         self.policy = k8s.PolicyV1Api(api_client)
 
-    def fence(self) -> None:
+    def fence(self, count_sent: bool = True) -> None:
         if not self.leading():
             metrics.WRITES.labels("refused").inc()
             raise NotLeader("not the leader: write skipped")
-        metrics.WRITES.labels("sent").inc()
+        if count_sent:
+            metrics.WRITES.labels("sent").inc()
+
+    def _fenced(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        """``method``, checking the fence again on the API thread just before the request goes out.
+
+        The check on the event loop is not enough: a call may then wait for a thread, and the whole
+        process may be paused (SIGSTOP, a VM or GC pause) past its lease in between. The two-node
+        test's frozen leader sent such a write after SIGCONT, once the standby had taken over.
+        """
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.fence()
+            return method(*args, **kwargs)
+
+        return call
 
     def _sanitized(self, obj: Any) -> dict[str, Any]:
         return self._api.sanitize_for_serialization(obj)
@@ -225,8 +240,8 @@ class Cluster:
             if exc.status != 404:
                 raise
             body = {**create_body, "metadata": {**meta, "annotations": {HASH_ANNOTATION: digest}}}
-            self.fence()
-            await _call(create, namespace, body, field_manager=self.manager)
+            self.fence(count_sent=False)
+            await _call(self._fenced(create), namespace, body, field_manager=self.manager)
             return Applied(created=True, changed=True)
         annotations = existing["metadata"].get("annotations") or {}
         if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
@@ -236,15 +251,19 @@ class Cluster:
             preview = await _call(patch, name, namespace, operations, dry_run="All")
             if self._sanitized(preview)["spec"]["template"] != existing["spec"]["template"]:
                 before_rollout()
-        self.fence()
-        await _call(patch, name, namespace, operations, field_manager=self.manager)
+        self.fence(count_sent=False)
+        await _call(self._fenced(patch), name, namespace, operations, field_manager=self.manager)
         return Applied(created=False, changed=True)
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         body = {"spec": {"replicas": replicas}}
-        self.fence()
+        self.fence(count_sent=False)
         await _call(
-            self.apps.patch_namespaced_deployment, deployment, namespace, body, field_manager=self.manager
+            self._fenced(self.apps.patch_namespaced_deployment),
+            deployment,
+            namespace,
+            body,
+            field_manager=self.manager,
         )
 
     async def deployment_replicas(self, namespace: str, deployment: str) -> int | None:
@@ -253,9 +272,9 @@ class Cluster:
         return found.spec.replicas if found.spec else None
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.fence()
+        self.fence(count_sent=False)
         await _call(
-            self.custom.patch_namespaced_custom_object_status,
+            self._fenced(self.custom.patch_namespaced_custom_object_status),
             GROUP,
             VERSION,
             namespace,
@@ -292,8 +311,10 @@ class Cluster:
 
     async def annotate_pod(self, namespace: str, pod: str, key: str, value: str) -> None:
         body = {"metadata": {"annotations": {key: value}}}
-        self.fence()
-        await _call(self.core.patch_namespaced_pod, pod, namespace, body, field_manager=self.manager)
+        self.fence(count_sent=False)
+        await _call(
+            self._fenced(self.core.patch_namespaced_pod), pod, namespace, body, field_manager=self.manager
+        )
 
     async def read_lease(self, namespace: str, name: str, seconds: float) -> dict[str, Any] | None:
         """The Lease as a dict, or None when it does not exist yet (Lease calls are never fenced)."""

@@ -88,6 +88,29 @@ def test_a_write_is_refused_before_any_request_when_not_leading() -> None:
             asyncio.run(write)
 
 
+def test_a_write_whose_fence_closed_while_it_waited_for_its_thread_is_not_sent() -> None:
+    """The check on the event loop passes, then the process is paused (or the call queued) past the
+    renew deadline: the request must not go out when its thread finally runs it (the two-node test's
+    frozen leader wrote after SIGCONT before this second check)."""
+    checks = iter([True])  # leading at the first check, not at any later one
+    cluster = Cluster(
+        k8s.ApiClient(k8s.Configuration(host="http://127.0.0.1:9")), lambda: next(checks, False)
+    )
+    sent: list[str] = []
+    cluster.apps.patch_namespaced_deployment = lambda *a, **k: sent.append("scale")  # type: ignore[method-assign]
+    cluster.custom.patch_namespaced_custom_object_status = lambda *a, **k: sent.append("status")  # type: ignore[method-assign]
+    cluster.core.patch_namespaced_pod = lambda *a, **k: sent.append("pod")  # type: ignore[method-assign]
+    for write in (
+        lambda: cluster.scale("ns", "d", 3),
+        lambda: cluster.patch_status("ns", "q", {}),
+        lambda: cluster.annotate_pod("ns", "p", "k", "v"),
+    ):
+        checks = iter([True])
+        with pytest.raises(NotLeader):
+            asyncio.run(write())
+    assert sent == []
+
+
 def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     env = {
         "POD_NAMESPACE": "ops",
