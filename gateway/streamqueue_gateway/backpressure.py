@@ -27,12 +27,16 @@ from streamqueue.observation import Observation, add_reads, from_pipeline
 MAX_RETRY_S = 60.0
 UNKNOWN_RATE_RETRY_S = 5.0
 TIMEOUT_S = 2.0
+# Overloaded's reasons (the rejected-requests metric's label): the backlog is above the limit, or it
+# could not be read.
+BACKLOG = "backlog"
+BACKLOG_UNKNOWN = "redis"
 
 
 class Overloaded(Exception):
     """The queue is too far behind (or Redis cannot tell): the app answers 503 with Retry-After."""
 
-    def __init__(self, retry_after_s: float, reason: str = "backlog") -> None:
+    def __init__(self, retry_after_s: float, reason: str) -> None:
         super().__init__(f"overloaded ({reason}), retry after {retry_after_s:.1f} s")
         self.retry_after_s = retry_after_s
         self.reason = reason
@@ -85,12 +89,12 @@ class Backlog:
             return
         obs = await self._observation()
         if obs.error is not None:
-            raise Overloaded(self._refresh_s, "redis")
+            raise Overloaded(self._refresh_s, BACKLOG_UNKNOWN)
         excess = backlog_of(obs) - self._max_backlog
         if excess > 0:
             drain = drain_seconds(excess, self._previous, obs)
             retry = UNKNOWN_RATE_RETRY_S if drain is None else drain
-            raise Overloaded(min(max(retry, self._refresh_s), MAX_RETRY_S))
+            raise Overloaded(min(max(retry, self._refresh_s), MAX_RETRY_S), BACKLOG)
 
     def _fresh(self) -> Observation | None:
         obs = self._current

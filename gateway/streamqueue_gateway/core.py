@@ -150,7 +150,7 @@ class Gateway:
             request_id = new_request_id()
             admission = await self.quotas.admit(principal, request_id)
         except Overloaded as exc:
-            self.metrics.rejected.labels(tier, m.REJECTED_BACKLOG).inc()
+            self.metrics.rejected.labels(tier, exc.reason).inc()
             raise ApiError(
                 503, f"the queue is overloaded ({exc.reason}); retry later", type="server_error",
                 code="overloaded", retry_after_s=exc.retry_after_s,

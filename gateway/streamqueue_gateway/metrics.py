@@ -19,9 +19,9 @@ DISCONNECTED = "disconnected"  # the caller went away mid-request: the request w
 EXPIRED = "expired"
 TIMEOUT = "timeout"
 
-# rejected_total's reasons besides a quota's limit name.
+# rejected_total's reasons besides a quota's limit name (quotas.MAX_REQUESTS, ...) and Overloaded's
+# (backpressure.BACKLOG, backpressure.BACKLOG_UNKNOWN, quotas.UNANSWERED).
 REJECTED_AUTH = "auth"
-REJECTED_BACKLOG = "backlog"
 REJECTED_TIER = "unknown_tier"
 
 
@@ -36,7 +36,8 @@ class GatewayMetrics:
             registry=self.registry,
         )  # fmt: skip
         self.rejected = Counter(
-            f"{prefix}_rejected", "Requests refused before the queue: a quota limit, the backlog or auth",
+            f"{prefix}_rejected",
+            "Requests refused before the queue: a quota limit, the backlog, Redis not answering, auth",
             ["tier", "reason"], registry=self.registry,
         )  # fmt: skip
         self.ttft = Histogram(

@@ -47,6 +47,8 @@ LEASE_S = 30.0
 SLOT_RETRY_S = 1.0
 # Redis must answer a quota call within this, or the request is refused (503) rather than held.
 TIMEOUT_S = 2.0
+# Overloaded's reason when Redis did not answer a quota call (the rejected-requests metric's label).
+UNANSWERED = "quotas"
 
 # The limits by name, as ``OverQuota.limit`` and the rejected-requests metric report them.
 MAX_REQUESTS = "max_requests"
@@ -254,7 +256,7 @@ class Quotas:
             async with asyncio.timeout(self._timeout_s):
                 return await script(keys=keys, args=args)
         except (TimeoutError, OSError, redis.RedisError) as exc:
-            raise Overloaded(self._timeout_s, "quotas") from exc
+            raise Overloaded(self._timeout_s, UNANSWERED) from exc
 
     def _start_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():

@@ -196,6 +196,26 @@ async def test_metrics_count_requests_rejections_tokens_and_first_tokens_per_tie
     assert registry.get_sample_value("streamqueue_gateway_active_streams", {"tier": "pro"}) == 0
 
 
+@pytest.mark.parametrize(("max_backlog", "reason"), [(10, "redis"), (0, "quotas")])
+async def test_a_refusal_because_redis_did_not_answer_is_counted_under_its_own_reason(
+    gateways, gateway_config, redis_server, max_backlog: int, reason: str
+) -> None:
+    """The backlog read (``redis``) or the quota call (``quotas``) failing is not a backlog refusal."""
+    config = gateway_config(
+        models=[{"name": "tokens", "maxBacklog": max_backlog}], tiers={"pro": {"maxRequests": 5}, "free": {}}
+    )
+    gateway = await gateways(config)
+    redis_server.close()
+    async with sdk(gateway) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model="tokens", messages=ask(3))
+    assert caught.value.status_code == 503
+    registry = gateway.state.metrics.registry
+    name = "streamqueue_gateway_rejected_total"
+    assert registry.get_sample_value(name, {"tier": "pro", "reason": reason}) == 1
+    assert registry.get_sample_value(name, {"tier": "pro", "reason": "backlog"}) is None
+
+
 async def test_readiness_follows_redis(gateways, redis_server) -> None:
     gateway = await gateways()
     async with aiohttp.ClientSession() as http:
