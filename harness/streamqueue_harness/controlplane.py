@@ -68,9 +68,10 @@ NODE_CONTROLLERS = (
     "statefulset-controller",
 )
 # A node whose kubelet stopped renewing its Lease is NotReady (and tainted unreachable) after this,
-# instead of the default 50 s: in the tests a lost node is noticed before the operator's standby
-# takes over (its lease duration is 15 s), so nothing new is scheduled onto the dead node. The
-# kubelets renew every 2.5 s (node.kube: nodeLeaseDurationSeconds 10); checked every 2 s, not 5 s.
+# instead of the default 50 s, so the tests do not wait the defaults out. It is still longer than the
+# operator's lease (3 s): a worker woken right after a node loss may be placed on the dead node, and is
+# replaced once the node is NotReady (docs/ha.md, "A node lost"). The kubelets renew every 2.5 s
+# (node.kube: nodeLeaseDurationSeconds 10); checked every 2 s, not 5 s.
 NODE_MONITOR_ARGS = ("--node-monitor-grace-period=10s", "--node-monitor-period=2s")
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"

@@ -5,13 +5,17 @@ joined by a veth pair) under one control plane; CoreDNS and the Redis StatefulSe
 The HA operator is installed with the README's `helm install` (two replicas, spread over the nodes),
 then the example queue takes a burst from 20 users while, in order: the leader's operator container
 is SIGKILLed (every process in its cgroup on the node: `kubectl delete --grace-period=0` would still
-send SIGTERM first, and the leader would release its Lease), the workers are rolled
+send SIGTERM first, and the leader would release its Lease), the new leader is frozen (SIGSTOP) until
+the standby has taken the Lease and written, then resumed (SIGCONT): nothing is written under its
+identity after its lease expired (managedFields, by field manager), the workers are rolled
 (`spec.worker.env` changed), and the second node is drained (`kubectl drain`: the workers' and the
 operator's budgets respected, workers drain on SIGTERM). Every request must be answered exactly once
 on its user's stream. Then, with the queue back at zero and the leader moved to the second node, that
 node is stopped (kubelet, containerd, kube-proxy and every pod process killed; the control plane
 stays): a new message must still wake the queue (the standby takes the Lease after its lease
-duration) and the queue must go back to zero; the lost node turns NotReady and its operator replica
+duration; the woken worker may be placed on the lost node, which looks Ready until the node-monitor
+grace period ends, so the queue's workers tolerate its taints for 0 s and are replaced once it is
+NotReady) and the queue must go back to zero; the lost node turns NotReady and its operator replica
 is evicted.
 """
 
@@ -21,8 +25,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -31,15 +34,33 @@ from streamqueue_harness.controlplane import REPO_ROOT, ControlPlane
 from streamqueue_harness.eventually import eventually
 from streamqueue_harness.netns import in_private_namespaces
 from streamqueue_harness.node import Node, running_cluster
-from streamqueue_harness.node.host import kill_container
+from streamqueue_harness.operatorha import (
+    LOST_NODE_TOLERATIONS,
+    chart_timing,
+    frozen_operator,
+    leader_identity,
+    metric,
+    move_leader_to,
+    new_leader,
+    not_ready_since,
+    operator_pods,
+    queue_writers,
+    sigkill_operator,
+    standby_campaigning,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.kube, pytest.mark.node, pytest.mark.timeout(1800)]
 
 USERS = [f"user-{i:02d}" for i in range(20)]
 PER_USER = 40
-WORKER = {"concurrency": 4, "claimIdleMs": 5000, "shutdownGraceSeconds": 20}
+WORKER = {
+    "concurrency": 4,
+    "claimIdleMs": 5000,
+    "shutdownGraceSeconds": 20,
+    "tolerations": LOST_NODE_TOLERATIONS,
+}
 SCALING = {"scaleDownStabilizationSeconds": 5, "idleCooldownSeconds": 10}
-OPERATOR_PODS = f"app.kubernetes.io/instance={q.RELEASE}"
+METRICS_PORT = 9090  # the chart's metrics.port
 REPORT = REPO_ROOT / ".cluster" / "e2e-cluster.txt"
 
 
@@ -64,80 +85,7 @@ def cluster_redis(nodes: list[Node]) -> Iterator[redis.Redis]:
     client.close()
 
 
-# ---- the operator's replicas and its Lease ------------------------------------------------------------
-
-
-def operator_pods(plane: ControlPlane) -> dict[str, dict[str, Any]]:
-    """The operator's pods that are not being deleted: name -> {node, ready}."""
-    listing = json.loads(
-        plane.kubectl("get", "pods", "-n", q.OPERATOR_NAMESPACE, "-l", OPERATOR_PODS, "-o", "json").stdout
-    )
-    pods = {}
-    for pod in listing["items"]:
-        if pod["metadata"].get("deletionTimestamp"):
-            continue
-        conditions = pod.get("status", {}).get("conditions", [])
-        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-        pods[pod["metadata"]["name"]] = {"node": pod["spec"].get("nodeName"), "ready": ready}
-    return pods
-
-
-def leader_identity(plane: ControlPlane) -> str:
-    """The holder of the operator's Lease, `<pod>_<random>` (new per process); "" if none."""
-    return plane.kubectl(
-        "get", "lease", "-n", q.OPERATOR_NAMESPACE, "-o", "jsonpath={.items[0].spec.holderIdentity}"
-    ).stdout
-
-
-def leader_pod(plane: ControlPlane) -> str:
-    return leader_identity(plane).rsplit("_", 1)[0]
-
-
-def new_leader(plane: ControlPlane, old_identity: str) -> str | None:
-    """A holder other than ``old_identity`` (another pod, or the same pod's restarted container)."""
-    identity = leader_identity(plane)
-    return identity if identity not in ("", old_identity) else None
-
-
-def sigkill_operator(plane: ControlPlane, nodes: list[Node], pod: str) -> None:
-    """SIGKILL the operator container of ``pod`` on its node, as a crash or the OOM killer would."""
-    status = json.loads(plane.kubectl("get", "pod", pod, "-n", q.OPERATOR_NAMESPACE, "-o", "json").stdout)
-    node = next(n for n in nodes if n.name == status["spec"]["nodeName"])
-    container_id = status["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
-    assert kill_container(node.cgroup_root, container_id) > 0, f"no process of {pod} on {node.name}"
-
-
-def two_ready_replicas(plane: ControlPlane) -> dict[str, dict[str, Any]] | None:
-    pods = operator_pods(plane)
-    return pods if len(pods) == 2 and all(p["ready"] for p in pods.values()) else None
-
-
-def move_leader_to(plane: ControlPlane, node: str) -> None:
-    """Graceful deletions until the leader runs on ``node``: a standby there first (anti-affinity
-    places a replacement on the node without a replica), then the leader releases its Lease on
-    SIGTERM and that standby takes it."""
-    for _ in range(4):
-        leader = eventually(lambda: leader_pod(plane) or None, "an operator leader", timeout=60)
-        pods = eventually(lambda: two_ready_replicas(plane), "two Ready operator replicas", timeout=120)
-        if pods[leader]["node"] == node:
-            return
-        standby = next(name for name in pods if name != leader)
-        victim = leader if pods[standby]["node"] == node else standby
-        plane.kubectl("delete", "pod", victim, "-n", q.OPERATOR_NAMESPACE)
-        eventually(lambda: leader_pod(plane) != victim, f"the Lease not held by {victim}", timeout=60)  # noqa: B023
-    raise AssertionError(f"the operator's leader did not move to {node}")
-
-
 # ---- nodes ------------------------------------------------------------------------------------------------
-
-
-def not_ready_since(plane: ControlPlane, name: str) -> float | None:
-    """When the node's Ready condition last turned from True (Unix time, whole seconds), if not True now."""
-    node = json.loads(plane.kubectl("get", "node", name, "-o", "json").stdout)
-    ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
-    if ready["status"] == "True":
-        return None
-    return datetime.fromisoformat(ready["lastTransitionTime"]).timestamp()
 
 
 def worker_nodes(plane: ControlPlane) -> set[str]:
@@ -146,6 +94,11 @@ def worker_nodes(plane: ControlPlane) -> set[str]:
             "get", "pods", "-n", q.NAMESPACE, "-l", q.POD_SELECTOR, "-o", "jsonpath={.items[*].spec.nodeName}"
         ).stdout.split()
     )
+
+
+def scaled_to_zero(plane: ControlPlane) -> bool:
+    jsonpath = "jsonpath={.spec.replicas}"
+    return plane.kubectl("get", "deployment", q.DEPLOYMENT, "-n", q.NAMESPACE, "-o", jsonpath).stdout == "0"
 
 
 def all_answered(client: redis.Redis, expected: Counter[str]) -> bool:
@@ -161,6 +114,36 @@ def count_replies(client: redis.Redis, sent: dict[str, str]) -> tuple[int, int]:
         lost += sum(1 for rid, owner in sent.items() if owner == user and counts[rid] == 0)
         assert all(rid is None or sent.get(rid) == user for rid in counts), f"foreign reply for {user}"
     return lost, duplicates
+
+
+def freeze_the_leader(plane: ControlPlane, nodes: list[Node]) -> tuple[float, int]:
+    """SIGSTOP the leader's operator container until the standby has taken the Lease and written, then
+    SIGCONT. Returns (seconds frozen, writes its fence refused after it resumed); fails if its identity
+    wrote anything after its lease expired (managedFields of the Deployment, the StreamQueue and the
+    worker Pods, counted by field manager: one per process identity)."""
+    eventually(lambda: standby_campaigning(plane), "a standby campaigning", timeout=120)
+    frozen = leader_identity(plane)
+    pod = frozen.rsplit("_", 1)[0]
+    address = operator_pods(plane)[pod]["ip"]
+    with frozen_operator(plane, nodes, pod):
+        stopped, stopped_wall = time.monotonic(), datetime.now(UTC)
+        taker = eventually(
+            lambda: new_leader(plane, frozen), "a leader while the old one is frozen", timeout=60
+        )
+        since = stopped_wall.replace(microsecond=0)
+        eventually(
+            lambda: queue_writers(plane).get(taker, since) > since, "the new leader writing", timeout=60
+        )
+        frozen_s = time.monotonic() - stopped
+    assert frozen_s > chart_timing()["leaseDuration"], "not frozen for longer than the lease"
+    # Resumed: its elector finds the Lease taken; its queue loops' next writes meet the closed fence.
+    gauge = ("streamqueue_operator_leader", {})
+    eventually(lambda: metric(METRICS_PORT, *gauge, host=address) == 0, "the resumed leader standing by")
+    expired = (stopped_wall + timedelta(seconds=chart_timing()["leaseDuration"])).replace(microsecond=0)
+    late = {who: at for who, at in queue_writers(plane).items() if at >= expired}
+    assert frozen not in late, f"the frozen leader wrote after its lease expired: {late}"
+    refused = metric(METRICS_PORT, "streamqueue_operator_writes_total", {"outcome": "refused"}, host=address)
+    return frozen_s, int(refused or 0)
 
 
 def test_two_nodes_leader_killed_rollout_drain_and_node_lost_lose_nothing(
@@ -188,6 +171,8 @@ def test_two_nodes_leader_killed_rollout_drain_and_node_lost_lose_nothing(
     sigkill_operator(plane, nodes, leader.rsplit("_", 1)[0])
     eventually(lambda: new_leader(plane, leader), "a new operator leader", timeout=60, interval=0.2)
     failover_s = time.monotonic() - killed_at
+    # Still mid-burst: the new leader frozen for longer than its lease, then resumed.
+    frozen_s, refused = freeze_the_leader(plane, nodes)
 
     # Mid-burst: a worker rollout (a template field changes), then the second node is drained.
     patch = {"spec": {"worker": {"env": [{"name": "E2E_ROLLOUT", "value": "1"}]}}}
@@ -211,6 +196,7 @@ def test_two_nodes_leader_killed_rollout_drain_and_node_lost_lose_nothing(
 
     # The queue at zero, the leader on the second node: the node is lost, a new message must wake it.
     move_leader_to(plane, second)
+    eventually(lambda: standby_campaigning(plane), "a standby campaigning", timeout=120)
     leader = leader_identity(plane)
     pods.wait("the queue back at zero", lambda w: not w.alive, timeout_s=240)
     lost_at, lost_wall = time.monotonic(), time.time()
@@ -223,7 +209,10 @@ def test_two_nodes_leader_killed_rollout_drain_and_node_lost_lose_nothing(
     not_ready_s = (
         eventually(lambda: not_ready_since(plane, second), f"{second} NotReady", timeout=60) - lost_wall
     )
-    pods.wait("the queue back at zero after the wake", lambda w: not w.alive, timeout_s=240)
+    # Zero by the operator's decision: the first worker woken may have been placed on the lost node,
+    # and a pod there stays Terminating after its eviction (no kubelet confirms it stopped).
+    eventually(lambda: scaled_to_zero(plane), "the queue back at zero after the wake", timeout=240)
+    pods.wait("no Ready worker", lambda w: not w.ready, timeout_s=60)
     # The chart's 30 s toleration for unreachable: the lost replica is evicted and replaced on the first.
     eventually(
         lambda: [p for p in operator_pods(plane).values() if p["node"] == first and p["ready"]][1:],
@@ -242,7 +231,8 @@ def test_two_nodes_leader_killed_rollout_drain_and_node_lost_lose_nothing(
         f"rollout lost=0 (done {rolled_by_s:.1f}s into the burst), "
         f"drain lost=0 (workers on {len(busy_at_drain)} nodes before, burst answered in {drained_s:.1f}s), "
         f"peak {pods.max_ready} Ready workers, lost node NotReady after {not_ready_s:.0f}s, "
-        f"its operator replica replaced after {replaced_s:.1f}s"
+        f"its operator replica replaced after {replaced_s:.1f}s, "
+        f"frozen leader wrote 0 after its lease expired (frozen {frozen_s:.1f}s, {refused} writes refused)"
     )
     print(f"\n{summary}")
     REPORT.parent.mkdir(parents=True, exist_ok=True)
