@@ -29,6 +29,7 @@ def make_app(config: GatewayConfig) -> web.Application:
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         app[GATEWAY] = Gateway.open(config)
+        await app[GATEWAY].connect()
         yield
         await app[GATEWAY].close()
 

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from streamqueue import Client
 from streamqueue.client import Reply, ReplyError, RequestCancelled, RequestExpired
-from streamqueue.connection import RedisClient, connect_any
+from streamqueue.connection import RedisClient, cluster_ready, connect_any
 
 from . import metrics as m
 from .auth import Authenticator, AuthError, Principal
@@ -114,6 +114,19 @@ class Gateway:
             clients = Client(connection, **kwargs), Client(connection, **kwargs)
             queues[model.name] = Queue(model, *clients, backlog)
         return cls(config, redis, queues)
+
+    async def connect(self) -> None:
+        """Before serving: each Redis Cluster client learns its slot map (waiting while the cluster is
+        unreachable), since redis-py's fails some of many first commands sent at once otherwise; a
+        no-op for one server, whose clients connect lazily."""
+
+        def unreachable(exc: Exception, delay: float) -> None:
+            log.warning("Redis Cluster unreachable (%s); retrying in %.2f s", exc, delay)
+
+        clients = [self.redis]
+        for queue in self.queues.values():
+            clients += [queue.client.redis, queue.follower.redis]
+        await asyncio.gather(*(cluster_ready(client, unreachable) for client in clients))
 
     async def close(self) -> None:
         for task in list(self.tasks):

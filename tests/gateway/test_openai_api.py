@@ -258,6 +258,26 @@ async def test_the_gateway_on_a_redis_cluster(gateways, gateway_config, redis_cl
     )
 
 
+async def test_a_fresh_gateway_on_a_redis_cluster_takes_many_requests_at_once(
+    gateways, gateway_config, redis_cluster
+) -> None:
+    """Its first requests all at once (quota script, ownership, send): redis-py's asyncio cluster client
+    failed some with AttributeError ('NoneType' ... 'writelines') unless it learnt the slot map first."""
+    config = gateway_config(
+        redis={"url": redis_cluster.url, "cluster": True}, tiers={"pro": {"maxRequests": 1000}, "free": {}}
+    )
+    gateway = await gateways(config)
+    body = {"model": "tokens", "messages": ask(1)}
+    async with aiohttp.ClientSession() as http:
+
+        async def create() -> int:
+            async with http.post(f"{gateway.url}/v1/requests", json=body, headers=gateway.headers()) as r:
+                return r.status
+
+        statuses = await asyncio.gather(*(create() for _ in range(200)))
+    assert statuses == [202] * 200
+
+
 async def test_many_quota_decisions_at_once_wait_for_a_redis_connection(gateways, gateway_config) -> None:
     """More quota scripts in flight than the gateway's Redis pool has connections (bench.gateway at 200
     streams ran into redis-py's MaxConnectionsError, answered 503): they queue for a connection."""

@@ -238,6 +238,20 @@ async def retry_transient(
     return None
 
 
+async def cluster_ready(
+    redis: RedisClient, on_error: Callable[[Exception, float], object], *, stop: asyncio.Event | None = None
+) -> None:
+    """Have a cluster client learn its slot map before it is used concurrently (a no-op for one server).
+
+    redis-py's asyncio cluster client breaks when many tasks send their first commands while it
+    initializes (some fail with AttributeError on a connection it replaced meanwhile); initialized
+    once, it serves them all. Waits out transient errors as ``retry_transient`` does (``on_error``,
+    ``stop`` likewise).
+    """
+    if isinstance(redis, aioredis.RedisCluster):
+        await retry_transient(redis.initialize, on_error, stop=stop)
+
+
 class PasswordFileCredentials(CredentialProvider):
     """Reads the password file for every new connection, so a rotated Secret needs no restart."""
 

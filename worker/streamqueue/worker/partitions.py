@@ -18,10 +18,8 @@ import logging
 from functools import partial
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from ..aio import cancel
-from ..connection import RedisClient, retry_transient, transient
+from ..connection import RedisClient, cluster_ready, retry_transient, transient
 from ..handlers import Handler
 from ..metrics import WorkerMetrics
 from ..settings import WorkerSettings
@@ -88,15 +86,12 @@ class Partitions:
             await cancel(watch)
 
     async def _cluster_ready(self, stop: asyncio.Event) -> None:
-        """A cluster client learns the slot map once, before the runs use it: redis-py's asyncio
-        cluster client breaks when many tasks send their first commands while it initializes."""
-        if not isinstance(self.redis, aioredis.RedisCluster):
-            return
+        """A cluster client learns the slot map once, before the runs use it."""
 
         def unreachable(exc: Exception, delay: float) -> None:
             log.warning("Redis Cluster unreachable (%s); retrying in %.2fs", exc, delay)
 
-        await retry_transient(self.redis.initialize, unreachable, stop=stop)
+        await cluster_ready(self.redis, unreachable, stop=stop)
 
     def _start_run(self, partition: str, share: int, *, takeover: bool = False) -> None:
         """``share``: how many partitions this worker consumes now; each gets that part of its concurrency."""
