@@ -9,8 +9,10 @@ the chunk as a JSON string; the last event is ``event: done`` (data: ``{"usage":
 error`` (data: OpenAI's error object). A reconnecting EventSource sends ``Last-Event-ID``, and the
 stream resumes right after that entry (``Client.request_stream(after=...)``), on any replica: every
 chunk exactly once, in order. Close the EventSource on ``done``, or it reconnects (and gets ``done``
-again). The replica that took the POST follows the request to its end for the quota (``follow``); a
-stream that drops is cancelled only if not resumed within ``resumeGraceSeconds`` (``grace``).
+again). The stream's first block is ``retry:`` (``sseRetrySeconds``, 1 s; browsers' own default is
+about 3 s), the delay before EventSource reconnects. The replica that took the POST follows the request
+to its end for the quota (``follow``); a stream that drops is cancelled only if not resumed within
+``resumeGraceSeconds`` (``grace``), which the config keeps at 3 reconnect delays or more.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ from .ownership import Owned
 from .relay import relay
 
 log = logging.getLogger(__name__)
-# Asks EventSource to reconnect after 1 s instead of its default (about 3 s in browsers).
-_RETRY = b"retry: 1000\n\n"
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # a stream entry id, as the events' ids are
 STREAMS = web.AppKey("browser_streams", dict)  # request id -> the task serving its stream here
 
@@ -112,7 +112,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     token = await gateway.watches.attach(request_id)
     try:
         await response.prepare(request)
-        await response.write(_RETRY)
+        await response.write(gateway.config.sse_retry)
         await _write_events(response, stream)
     except BaseException:  # the browser went away: cancel unless it comes back in time
         cancel = partial(client.cancel, principal.user_id, request_id)

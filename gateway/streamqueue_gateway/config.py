@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from streamqueue import wire
 from streamqueue.connection import RedisConnection
@@ -25,6 +25,12 @@ CONFIG_ENV = "STREAMQUEUE_GATEWAY_CONFIG"
 PASSWORD_ENV = "STREAMQUEUE_REDIS_PASSWORD"
 # A model name is part of URLs and metric labels: keep it plain.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+# resumeGraceSeconds must cover this many of a browser's reconnect delays (sseRetrySeconds): the first
+# attempt comes one delay after the drop; if it fails (the replica it reached is stopping, the Service
+# not yet updated) the next comes one more delay later; the third delay is the margin for connecting
+# and for a browser that stretches its delay (Chromium and Firefox wait the server's ``retry:`` value;
+# a busy tab's timers run late).
+RECONNECT_DELAYS = 3
 
 
 class _Config(BaseModel):
@@ -84,7 +90,8 @@ class GatewayConfig(_Config):
     auth: AuthConfig = AuthConfig()
     tiers: dict[str, TierLimits] = Field(default_factory=lambda: {"free": TierLimits()})
     request_timeout_seconds: float = Field(default=120.0, gt=0)  # wait for the next chunk
-    resume_grace_seconds: float = Field(default=10.0, ge=0)  # a dropped browser stream is cancelled after
+    resume_grace_seconds: float = Field(default=10.0, gt=0)  # a dropped browser stream is cancelled after
+    sse_retry_seconds: float = Field(default=1.0, gt=0)  # SSE ``retry:``: a browser reconnects after
     request_ttl_seconds: int = Field(default=3600, ge=1)  # a browser request id stays resumable this long
     backlog_refresh_seconds: float = Field(default=1.0, gt=0)  # one XINFO read per model per this
     namespace: str = Field(default="streamqueue-gateway", pattern=r"^[A-Za-z0-9_.:-]+$")  # Redis key prefix
@@ -96,6 +103,22 @@ class GatewayConfig(_Config):
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique: {names}")
         return models
+
+    @model_validator(mode="after")
+    def _grace_outlasts_reconnects(self) -> GatewayConfig:
+        """A grace shorter than a browser takes to reconnect cancels the streams it was meant to keep."""
+        least = RECONNECT_DELAYS * self.sse_retry_seconds
+        if self.resume_grace_seconds < least:
+            raise ValueError(
+                f"resumeGraceSeconds ({self.resume_grace_seconds:g}) must be at least {RECONNECT_DELAYS} x "
+                f"sseRetrySeconds ({least:g} s), or a browser's reconnect finds its request cancelled"
+            )
+        return self
+
+    @property
+    def sse_retry(self) -> bytes:
+        """The event stream's first block: how long EventSource waits before it reconnects."""
+        return f"retry: {round(self.sse_retry_seconds * 1000)}\n\n".encode()
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)

@@ -67,7 +67,8 @@ def gateway_config(redis_server: RedisServer, keys_file: Path) -> Callable[..., 
             "auth": {"apiKeysFile": str(keys_file)},
             "tiers": {"pro": {}, "free": {}},
             "requestTimeoutSeconds": 30,
-            "resumeGraceSeconds": 1,
+            "resumeGraceSeconds": 1,  # short, for tests of the grace; with a browser retry to match:
+            "sseRetrySeconds": 0.3,
             **overrides,
         }
         return GatewayConfig.model_validate(values)

@@ -38,11 +38,10 @@ TOKENS = 30  # 1.5 s of streaming at 50 ms a token: the cut comes while the work
 async def gateway(
     gateways: Callable[..., Any], gateway_config: Callable[..., Any], workers: Callable[..., object]
 ) -> RunningGateway:
-    """A gateway and one worker streaming a token every 50 ms. The default resume grace: the fixture's
-    1 s is no longer than the browser waits before it reconnects (the gateway's ``retry: 1000``), and
-    a resume that comes later finds its request cancelled."""
+    """A gateway and one worker streaming a token every 50 ms, with the default resume grace and
+    browser retry (10 s, ``retry: 1000``), as deployed."""
     workers(tokens_interval_ms="50")
-    running: RunningGateway = await gateways(gateway_config(resumeGraceSeconds=10))
+    running: RunningGateway = await gateways(gateway_config(resumeGraceSeconds=10, sseRetrySeconds=1))
     return running
 
 

@@ -63,6 +63,32 @@ def test_mistakes_fail_at_start_up(change: dict, complaint: str) -> None:
         GatewayConfig.model_validate(yaml.safe_load(CONTRACT_EXAMPLE) | change)
 
 
+@pytest.mark.parametrize(
+    ("grace", "retry", "valid"),
+    [
+        (10, None, True),
+        (3, None, True),
+        (2.9, None, False),
+        (1, None, False),
+        (1, 0.3, True),
+        (1, 0.5, False),
+    ],
+)
+def test_the_resume_grace_outlasts_three_browser_reconnect_delays(
+    grace: float, retry: float | None, valid: bool
+) -> None:
+    """A grace of 1 s with the default 1 s ``retry:`` cancelled streams the browser was resuming."""
+    values = yaml.safe_load(CONTRACT_EXAMPLE) | {"resumeGraceSeconds": grace}
+    if retry is not None:
+        values["sseRetrySeconds"] = retry
+    if valid:
+        config = GatewayConfig.model_validate(values)
+        assert config.sse_retry == f"retry: {round((retry or 1) * 1000)}\n\n".encode()
+    else:
+        with pytest.raises(ValidationError, match="at least 3 x sseRetrySeconds"):
+            GatewayConfig.model_validate(values)
+
+
 def test_the_redis_password_comes_from_the_environment_unless_a_file_is_given(
     tmp_path: Path, monkeypatch
 ) -> None:
