@@ -98,6 +98,7 @@ class QueueScaler:
         self._last_housekeeping = time.monotonic()
         self._last_scale: tuple[str | None, str | None] = (None, None)
         self._status_write: asyncio.Task[None] | None = None
+        self._housekeeping_run: asyncio.Task[None] | None = None
         self._hold: Reason | None = None
         self._hold_announced: dict[Reason, float] = {}
 
@@ -109,8 +110,9 @@ class QueueScaler:
 
     async def close(self) -> None:
         self._end_rest()
-        if self._status_write is not None:
-            self._status_write.cancel()
+        for task in (self._status_write, self._housekeeping_run):
+            if task is not None:
+                task.cancel()
         await self._drop_client()
         metrics.forget(self.namespace, self.name)
 
@@ -226,7 +228,7 @@ class QueueScaler:
         )
         await self._write_status(body, spec, obs, decision, current, replicas.ready)
         if obs.ok:
-            await self._housekeeping(spec, now)
+            self._start_housekeeping(spec, now)
         if self._settled(spec, obs, decision, current, replicas) and self._client is not None:
             streams = tuple(wire.partition_streams(spec.stream, spec.partitions))
             watch = self._client[1].sweep.watch(streams, spec.group)
@@ -424,12 +426,19 @@ class QueueScaler:
         metrics.STATUS_WRITES.labels(self.namespace, self.name).inc()
         self._written, self._last_write = new, now
 
-    async def _housekeeping(self, spec: StreamQueueSpec, now: float) -> None:
-        rules = spec.housekeeping
-        if now - self._last_housekeeping < rules.interval_seconds or self._client is None:
+    def _start_housekeeping(self, spec: StreamQueueSpec, now: float) -> None:
+        """Housekeeping when due, off the poll path (as status writes are): its pod listing waits in the
+        shared API pool, which at 2,000 queues the other queues' listings fill, and a poll waiting for
+        it noticed the queue's first message seconds late (issue 20). One run at a time per queue."""
+        if now - self._last_housekeeping < spec.housekeeping.interval_seconds or self._client is None:
+            return
+        if self._housekeeping_run is not None and not self._housekeeping_run.done():
             return
         self._last_housekeeping = now
-        shared, client = self._client[1], self._client[1].client
+        self._housekeeping_run = asyncio.create_task(self._housekeeping(spec, self._client[1]))
+
+    async def _housekeeping(self, spec: StreamQueueSpec, shared: redis_hub.Shared) -> None:
+        rules, client = spec.housekeeping, shared.client
         streams = wire.partition_streams(spec.stream, spec.partitions)  # each its own group, slot
         try:
             if rules.dead_consumer_cleanup:
@@ -451,3 +460,7 @@ class QueueScaler:
             self.log.warning("housekeeping skipped: %s", exc)
         except API_ERRORS as exc:
             self._api_error("housekeeping", exc)
+        except NotLeader:
+            return  # leadership ended meanwhile; the next leader cleans up
+        except Exception:
+            self.log.exception("housekeeping failed; retried when next due")

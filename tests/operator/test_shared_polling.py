@@ -5,6 +5,8 @@ one script call and wakes a queue at its first message within the sweep interval
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from streamqueue import wire
 from streamqueue.connection import RedisConnection, connect_any
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
+from streamqueue_operator import scaler as scaler_module
 from streamqueue_operator.decide import Decision
 from streamqueue_operator.observe import observe_with
 from streamqueue_operator.redis_hub import RedisHub, until_next_tick
@@ -191,4 +194,52 @@ async def test_a_queue_at_rest_is_only_swept_and_wakes_at_its_first_message(
         await poll(at_zero)
         assert scaled == [(0, 1)]
     finally:
+        await scaler.close()
+
+
+class HangingPodList(StatusSink):
+    """The API server of 2,000 queues' housekeeping: the pod listing waits (in the shared pool)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listing, self.release = asyncio.Event(), asyncio.Event()
+
+    def fence(self) -> None:
+        pass
+
+    async def pod_names(self, namespace: str, label_selector: str) -> set[str]:
+        self.listing.set()
+        await self.release.wait()
+        return set()
+
+
+async def test_a_poll_never_waits_for_housekeeping(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Housekeeping falls due while its pod listing hangs: the polls go on and scale at once."""
+    redis_server.client().xgroup_create("q", GROUP, id="0", mkstream=True)
+    sink = HangingPodList()
+    later = 0.0
+    monkeypatch.setattr(scaler_module, "time", SimpleNamespace(monotonic=lambda: time.monotonic() + later))
+    scaler = QueueScaler(sink, OperatorSettings(status_min_interval=10), "ns", "q")  # type: ignore[arg-type]
+    body = {
+        "metadata": {"generation": 1, "annotations": {}},
+        "spec": {
+            "redis": {"url": redis_server.url},
+            "stream": "q",
+            "group": GROUP,
+            "scaling": {"minReplicas": 0},
+        },
+    }
+    scaled: list[int] = []
+    try:
+        later = 3600.0  # housekeeping (every 30 s) is due
+        await asyncio.wait_for(scaler.poll(body, Replicas(0, 0), lambda *_: None), timeout=10)
+        await asyncio.wait_for(sink.listing.wait(), timeout=10)  # it runs, and hangs
+        redis_server.client().xadd("q", {"m": "x"})
+        poll = scaler.poll(body, Replicas(0, 0), lambda before, after, _: scaled.append(after))
+        await asyncio.wait_for(poll, timeout=10)
+        assert scaled == [1]
+    finally:
+        sink.release.set()
         await scaler.close()
