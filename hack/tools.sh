@@ -69,14 +69,22 @@ ensure_go() {
   GO="$dir/bin/go"
 }
 
-# The cache is keyed by version, and a stamp of the build recipe (the build_NAME function's source)
-# invalidates it when the recipe changes (new ldflags, say) without a version bump.
-recipe() { declare -f "build_$1" | sha256sum | cut -c1-16; }
+# The cache is keyed by version, and a stamp of the build recipe (the source of build_NAME, "-" read
+# as "_", and of the go_install or go_build_module helper it calls) invalidates it when the recipe
+# changes (new ldflags, say) without a version bump.
+recipe() {
+  local fns=("build_${1//-/_}") text helper
+  text="$(declare -f "${fns[0]}")"
+  for helper in go_install go_build_module; do
+    [[ $text == *"$helper "* ]] && fns+=("$helper")
+  done
+  declare -f "${fns[@]}" | sha256sum | cut -c1-16
+}
 
-built() {  # built NAME VERSION BINARIES...
+built() {  # built NAME VERSION FILE...: NAME's cache has the current recipe stamp and each FILE in it
   local name="$1" d="$CACHE/$1-$2"; shift 2
   [ "$(cat "$d/recipe" 2>/dev/null)" = "$(recipe "$name")" ] || return 1
-  for b in "$@"; do [ -x "$d/bin/$b" ] || return 1; done
+  for f in "$@"; do [ -f "$d/$f" ] || return 1; done
 }
 
 link() {
@@ -90,6 +98,30 @@ json_field() {  # json_field NAME < `go mod download -json` output
 
 consumer_module() {  # dir module-path go-version
   mkdir -p "$1"; (cd "$1" && rm -f go.mod go.sum && "$GO" mod init "$2" >/dev/null 2>&1 && "$GO" mod edit -go="$3")
+}
+
+# Build PACKAGE as BINARY in the consumer module $CACHE/NAME-VERSION/src (made by consumer_module, its
+# source file written by the caller): require each REQUIRE, resolve the rest (go mod tidy), build
+# into bin.tmp and swap that in whole, so an interrupted build never looks built.
+go_build_module() {  # go_build_module NAME VERSION BINARY PACKAGE REQUIRE...
+  local src="$CACHE/$1-$2/src" out="$CACHE/$1-$2/bin" binary="$3" package="$4"; shift 4
+  (
+    cd "$src"
+    "$GO" mod edit "${@/#/-require=}"
+    "$GO" mod tidy -e >/dev/null
+    mkdir -p "$out.tmp"
+    CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o "$out.tmp/$binary" "$package"
+  )
+  rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
+# `go install PACKAGE@VERSION` into NAME's cache, by way of bin.tmp as above; LDFLAGS default "-s -w".
+go_install() {  # go_install NAME VERSION PACKAGE [LDFLAGS]
+  local out="$CACHE/$1-$2/bin"
+  log "$1 $2: go install $3"
+  mkdir -p "$out.tmp"
+  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath -ldflags "${4:--s -w}" "$3@$2"
+  rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
 build_kubernetes() {
@@ -144,18 +176,11 @@ GO
 }
 
 build_etcd() {  # etcd in its own module: its release go.mod files carry local replaces too.
-  local v="$ETCD_VERSION" out="$CACHE/etcd-$ETCD_VERSION/bin" work="$CACHE/etcd-$ETCD_VERSION/src"
+  local v="$ETCD_VERSION" work="$CACHE/etcd-$ETCD_VERSION/src"
   log "etcd $v: building go.etcd.io/etcd/server/v3"
   consumer_module "$work" streamqueue.local/etcdbuild 1.25.0
-  (
-    cd "$work"
-    "$GO" mod edit -require="go.etcd.io/etcd/server/v3@$v"
-    printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > tools.go
-    "$GO" mod tidy -e >/dev/null
-    mkdir -p "$out.tmp"
-    CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o "$out.tmp/etcd" go.etcd.io/etcd/server/v3
-  )
-  rm -rf "$out"; mv "$out.tmp" "$out"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > "$work/tools.go"
+  go_build_module etcd "$v" etcd go.etcd.io/etcd/server/v3 "go.etcd.io/etcd/server/v3@$v"
 }
 
 # CoreDNS with only the plugins cluster DNS uses (the `kubernetes` plugin watching the API server,
@@ -163,13 +188,10 @@ build_etcd() {  # etcd in its own module: its release go.mod files carry local r
 # (there is no upstream to forward to), no cloud back-ends, so it builds in a fraction of the time.
 # dnsserver.Directives is the plugin chain's order; the names follow CoreDNS's own plugin.cfg order.
 build_coredns() {
-  local v="$COREDNS_VERSION" out="$CACHE/coredns-$COREDNS_VERSION/bin" work="$CACHE/coredns-$COREDNS_VERSION/src"
+  local v="$COREDNS_VERSION" work="$CACHE/coredns-$COREDNS_VERSION/src"
   log "coredns $v: building a cluster-DNS-only CoreDNS"
   consumer_module "$work" streamqueue.local/coredns 1.25.0
-  (
-    cd "$work"
-    "$GO" mod edit -require="github.com/coredns/coredns@$v"
-    cat > main.go <<'GO'
+  cat > "$work/main.go" <<'GO'
 // CoreDNS for cluster DNS only: the plugins a kube-dns Corefile uses, in CoreDNS's chain order.
 package main
 
@@ -192,25 +214,16 @@ func init() {
 
 func main() { coremain.Run() }
 GO
-    "$GO" mod tidy -e >/dev/null
-    mkdir -p "$out.tmp"
-    CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o "$out.tmp/coredns" .
-  )
-  rm -rf "$out"; mv "$out.tmp" "$out"
+  go_build_module coredns "$v" coredns . "github.com/coredns/coredns@$v"
 }
 
 # An OpenTelemetry Collector with only what the trace tests use: the OTLP receiver and the file
 # exporter (contrib), no processors or extensions (the full contrib distribution has hundreds).
 build_otelcol() {
-  local v="$OTELCOL_VERSION" out="$CACHE/otelcol-$OTELCOL_VERSION/bin" work="$CACHE/otelcol-$OTELCOL_VERSION/src"
+  local v="$OTELCOL_VERSION" work="$CACHE/otelcol-$OTELCOL_VERSION/src"
   log "otelcol $v: building an OTLP-receiver + file-exporter collector"
   consumer_module "$work" streamqueue.local/otelcol 1.25.0
-  (
-    cd "$work"
-    "$GO" mod edit -require="go.opentelemetry.io/collector/otelcol@$v" \
-      -require="go.opentelemetry.io/collector/receiver/otlpreceiver@$v" \
-      -require="github.com/open-telemetry/opentelemetry-collector-contrib/exporter/fileexporter@$v"
-    cat > main.go <<GO
+  cat > "$work/main.go" <<GO
 // otelcol-sq: an OpenTelemetry Collector with the OTLP receiver and the file exporter only.
 package main
 
@@ -251,16 +264,13 @@ func main() {
 	}
 }
 GO
-    "$GO" mod tidy -e >/dev/null
-    mkdir -p "$out.tmp"
-    CGO_ENABLED=0 "$GO" build -trimpath -ldflags "-s -w" -o "$out.tmp/otelcol-sq" .
-  )
-  rm -rf "$out"; mv "$out.tmp" "$out"
+  go_build_module otelcol "$v" otelcol-sq . "go.opentelemetry.io/collector/otelcol@$v" \
+    "go.opentelemetry.io/collector/receiver/otlpreceiver@$v" \
+    "github.com/open-telemetry/opentelemetry-collector-contrib/exporter/fileexporter@$v"
 }
 
 build_helm() {
-  local v="$HELM_VERSION" out="$CACHE/helm-$HELM_VERSION/bin"
-  log "helm $v: go install helm.sh/helm/v3/cmd/helm"
+  local v="$HELM_VERSION"
   # Like helm's Makefile: the default Capabilities.KubeVersion (helm template, helm lint) is derived
   # from the client-go helm was built with, not left at the source's placeholder v1.20.
   local gomod kube_minor
@@ -271,26 +281,12 @@ build_helm() {
   for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
     ld="$ld -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$kube_minor"
   done
-  mkdir -p "$out.tmp"
-  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$v"
-  rm -rf "$out"; mv "$out.tmp" "$out"
+  go_install helm "$v" helm.sh/helm/v3/cmd/helm "$ld"
 }
 
-build_kind() {
-  local v="$KIND_VERSION" out="$CACHE/kind-$KIND_VERSION/bin"
-  log "kind $v: go install sigs.k8s.io/kind"
-  mkdir -p "$out.tmp"
-  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$v"
-  rm -rf "$out"; mv "$out.tmp" "$out"
-}
+build_kind() { go_install kind "$KIND_VERSION" sigs.k8s.io/kind; }
 
-build_actionlint() {
-  local v="$ACTIONLINT_VERSION" out="$CACHE/actionlint-$ACTIONLINT_VERSION/bin"
-  log "actionlint $v: go install github.com/rhysd/actionlint/cmd/actionlint"
-  mkdir -p "$out.tmp"
-  GOBIN="$out.tmp" CGO_ENABLED=0 "$GO" install -trimpath -ldflags "-s -w" "github.com/rhysd/actionlint/cmd/actionlint@$v"
-  rm -rf "$out"; mv "$out.tmp" "$out"
-}
+build_actionlint() { go_install actionlint "$ACTIONLINT_VERSION" github.com/rhysd/actionlint/cmd/actionlint; }
 
 # No build: the release's own CRD files (controller-gen output, example/prometheus-operator-crd/ in the
 # github.com/prometheus-operator/prometheus-operator module zip), copied out of the module cache.
@@ -306,46 +302,46 @@ build_prometheus_crds() {
   rm -rf "$out"; mv "$out.tmp" "$out"
 }
 
-# Files, not binaries, so not through ensure: the same recipe stamp, linked as .tools/prometheus-crds.
-ensure_prometheus_crds() {
-  local v="$PROMETHEUS_OPERATOR_VERSION" d="$CACHE/prometheus-crds-$PROMETHEUS_OPERATOR_VERSION" ok=1
-  [ "$(cat "$d/recipe" 2>/dev/null)" = "$(recipe prometheus_crds)" ] || ok=0
-  for c in $PROMETHEUS_CRDS; do [ -f "$d/crds/monitoring.coreos.com_$c.yaml" ] || ok=0; done
-  if [ "$ok" = 1 ]; then
-    log "prometheus-crds $v: cached"
-  else
-    [ -n "${GO:-}" ] || ensure_go
-    build_prometheus_crds
-    recipe prometheus_crds > "$d/recipe"
-  fi
-  ln -sfn "$d/crds" "$ROOT/.tools/prometheus-crds"
-}
-
-ensure() {  # ensure NAME VERSION BINARIES...
+# ensure NAME VERSION FILE...: build NAME unless built (FILEs relative to its cache directory), and
+# stamp what was built with its recipe.
+ensure() {
   local name="$1" version="$2"; shift 2
   if built "$name" "$version" "$@"; then
     log "$name $version: cached"
   else
     [ -n "${GO:-}" ] || ensure_go
     local t0=$SECONDS
-    "build_$name"
+    "build_${name//-/_}"
     recipe "$name" > "$CACHE/$name-$version/recipe"
     log "$name $version: built in $((SECONDS - t0))s"
   fi
+}
+
+ensure_bin() {  # ensure_bin NAME VERSION BINARIES...: ensure them, linked into .tools/bin
+  local name="$1" version="$2"; shift 2
+  ensure "$name" "$version" "${@/#/bin/}"
   link "$name" "$version" "$@"
+}
+
+# Files, not binaries: the directory is linked as .tools/prometheus-crds.
+ensure_prometheus_crds() {
+  local v="$PROMETHEUS_OPERATOR_VERSION" c files=()
+  for c in $PROMETHEUS_CRDS; do files+=("crds/monitoring.coreos.com_$c.yaml"); done
+  ensure prometheus-crds "$v" "${files[@]}"
+  ln -sfn "$CACHE/prometheus-crds-$v/crds" "$ROOT/.tools/prometheus-crds"
 }
 
 main() {
   local want="${*:-etcd kubernetes coredns helm kind actionlint otelcol prometheus-crds}"
   for t in $want; do
     case "$t" in
-      etcd) ensure etcd "$ETCD_VERSION" etcd ;;
-      kubernetes) ensure kubernetes "$KUBERNETES_VERSION" $KUBERNETES_COMMANDS ;;
-      coredns) ensure coredns "$COREDNS_VERSION" coredns ;;
-      helm) ensure helm "$HELM_VERSION" helm ;;
-      kind) ensure kind "$KIND_VERSION" kind ;;
-      actionlint) ensure actionlint "$ACTIONLINT_VERSION" actionlint ;;
-      otelcol) ensure otelcol "$OTELCOL_VERSION" otelcol-sq ;;
+      etcd) ensure_bin etcd "$ETCD_VERSION" etcd ;;
+      kubernetes) ensure_bin kubernetes "$KUBERNETES_VERSION" $KUBERNETES_COMMANDS ;;
+      coredns) ensure_bin coredns "$COREDNS_VERSION" coredns ;;
+      helm) ensure_bin helm "$HELM_VERSION" helm ;;
+      kind) ensure_bin kind "$KIND_VERSION" kind ;;
+      actionlint) ensure_bin actionlint "$ACTIONLINT_VERSION" actionlint ;;
+      otelcol) ensure_bin otelcol "$OTELCOL_VERSION" otelcol-sq ;;
       prometheus-crds) ensure_prometheus_crds ;;
       *) echo "unknown tool: $t (want etcd, kubernetes, coredns, helm, kind, actionlint, otelcol, prometheus-crds)" >&2; exit 2 ;;
     esac
