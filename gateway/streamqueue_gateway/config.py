@@ -31,6 +31,9 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 # and for a browser that stretches its delay (Chromium and Firefox wait the server's ``retry:`` value;
 # a busy tab's timers run late).
 RECONNECT_DELAYS = 3
+# After shutdownTimeoutSeconds, what is left of a stop (cancelling the streams still open, closing the
+# Redis clients) gets this long before the process exits regardless.
+SHUTDOWN_MARGIN_S = 3.0
 
 
 class _Config(BaseModel):
@@ -95,6 +98,12 @@ class GatewayConfig(_Config):
     request_ttl_seconds: int = Field(default=3600, ge=1)  # a browser request id stays resumable this long
     backlog_refresh_seconds: float = Field(default=1.0, gt=0)  # one XINFO read per model per this
     namespace: str = Field(default="streamqueue-gateway", pattern=r"^[A-Za-z0-9_.:-]+$")  # Redis key prefix
+    # SIGTERM: /readyz fails at once, requests are still taken for shutdownDelaySeconds (while load
+    # balancers and the Service's endpoints drop the pod), then the port closes and the requests in
+    # flight get shutdownTimeoutSeconds to finish; the pod's terminationGracePeriodSeconds must exceed
+    # the whole (``shutdown_bound_seconds``).
+    shutdown_delay_seconds: float = Field(default=5.0, ge=0)
+    shutdown_timeout_seconds: float = Field(default=20.0, gt=0)
 
     @field_validator("models")
     @classmethod
@@ -114,6 +123,11 @@ class GatewayConfig(_Config):
                 f"sseRetrySeconds ({least:g} s), or a browser's reconnect finds its request cancelled"
             )
         return self
+
+    @property
+    def shutdown_bound_seconds(self) -> float:
+        """The longest a stop takes from SIGTERM to the process's exit."""
+        return self.shutdown_delay_seconds + self.shutdown_timeout_seconds + SHUTDOWN_MARGIN_S
 
     @property
     def sse_retry(self) -> bytes:

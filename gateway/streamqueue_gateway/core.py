@@ -92,6 +92,7 @@ class Gateway:
         self.watches = Watches(redis, config.namespace, grace, ttl)
         self.metrics = GatewayMetrics()
         self.tasks: set[asyncio.Task[Any]] = set()  # browser requests followed to their end
+        self.stopping = False  # set on SIGTERM: /readyz fails so no new traffic comes (app.serve)
 
     @classmethod
     def open(cls, config: GatewayConfig) -> Gateway:

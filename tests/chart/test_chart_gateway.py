@@ -175,6 +175,27 @@ def test_config_is_the_values_with_the_mounted_secret_files_and_the_gateway_pars
     GatewayConfig.model_validate(config)
 
 
+def test_the_pods_grace_outlasts_the_gateways_own_bounded_stop() -> None:
+    """SIGKILL comes terminationGracePeriodSeconds after SIGTERM: the gateway's stop (readiness off,
+    shutdownDelaySeconds, then shutdownTimeoutSeconds for open streams) must end first. The chart's
+    check, with the keys left out, uses the gateway's own defaults; a grace that is too short fails."""
+    objects = gateway()
+    grace = pod_of(objects)["spec"]["terminationGracePeriodSeconds"]
+    assert GatewayConfig.model_validate(config_of(objects)).shutdown_bound_seconds < grace
+    unset = ("gateway.config.shutdownDelaySeconds=null", "gateway.config.shutdownTimeoutSeconds=null")
+    defaults = GatewayConfig.model_validate(config_of(gateway(*unset))).shutdown_bound_seconds
+    least = f"gateway.terminationGracePeriodSeconds={int(defaults) + 1}"
+    assert "ConfigMap" in gateway(*unset, least)  # the chart's defaults are the gateway's
+    for too_short in (
+        f"gateway.terminationGracePeriodSeconds={int(defaults)}",
+        "gateway.config.shutdownTimeoutSeconds=60",
+    ):
+        result = helm(
+            "template", "sq", str(CHART), "--kube-version", KUBE_VERSION, *sets(ON, too_short), check=False
+        )
+        assert result.returncode != 0 and "the pod would be killed mid-stop" in result.stderr, result.stderr
+
+
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     """The model a field holds: itself, optional, or as a list's items or a dict's values."""
     for candidate in (annotation, *typing.get_args(annotation)):
