@@ -24,7 +24,7 @@ from aiohttp import web
 
 from .eventually import eventually
 from .ports import free_port
-from .processes import Supervised, spawn
+from .processes import LocalServer, spawn
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep in step with hack/llama.sh
 TINYMODEL = Path(__file__).with_name("tinymodel.py")
@@ -60,9 +60,11 @@ class _Exited(Exception):
     """The server process ended before it answered."""
 
 
-class ModelServer(Supervised):
+class ModelServer(LocalServer):
     """``python -m llama_cpp.server`` serving the tiny model on ``host`` (loopback, or the node's IP for
     pods to reach); ``base_url`` ends in /v1."""
+
+    log_name = "llama-server.log"
 
     def __init__(
         self, python: Path, *, n_ctx: int = 512, workdir: Path | None = None, host: str = "127.0.0.1"
@@ -70,18 +72,13 @@ class ModelServer(Supervised):
         self.python = python
         self.host = host
         self.n_ctx = n_ctx
-        self.dir = workdir or Path(tempfile.mkdtemp(prefix="sq-llama-"))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = 0
-        self.model = self.dir / "tiny.gguf"
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="sq-llama-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model = self.workdir / "tiny.gguf"
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "llama-server.log"
+        return f"{self.url}/v1"
 
     def start(self, timeout: float = 120.0, attempts: int = 3) -> ModelServer:
         if not self.model.exists():
@@ -91,11 +88,12 @@ class ModelServer(Supervised):
             args = [str(self.python), "-m", "llama_cpp.server", "--model", str(self.model)]
             args += ["--host", self.host, "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
             args += ["--model_alias", "tiny"]
-            self.proc = spawn(args, log=self.log)
+            self.proc = spawn(args, log=self.log_path)
             if self._wait_ready(timeout):
                 return self
             self.stop()
-        raise RuntimeError(f"llama_cpp.server did not start; see {self.log}:\n{self.log.read_text()[-2000:]}")
+        log = self.log_path
+        raise RuntimeError(f"llama_cpp.server did not start; see {log}:\n{log.read_text()[-2000:]}")
 
     def _wait_ready(self, timeout: float) -> bool:
         """True once ``/v1/models`` answers; False when the server exits first (its port was taken) or

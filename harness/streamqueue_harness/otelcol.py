@@ -14,7 +14,7 @@ from typing import Any, Self
 from .controlplane import default_bin_dir
 from .eventually import eventually
 from .ports import free_port
-from .processes import Supervised, spawn
+from .processes import LocalServer, spawn
 
 READY = "Everything is ready"
 
@@ -35,20 +35,20 @@ class ExportedSpan:
     attributes: dict[str, Any]
 
 
-class Collector(Supervised):
+class Collector(LocalServer):
     """``with Collector() as c``: ``c.endpoint`` takes OTLP/HTTP; ``c.spans()`` reads what it exported."""
+
+    log_name = "otelcol.log"
 
     def __init__(self, workdir: Path | None = None) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="otelcol-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.output = self.workdir / "spans.jsonl"
-        self.log = self.workdir / "otelcol.log"
-        self.port = 0
 
     @property
     def endpoint(self) -> str:
-        """The value for ``OTEL_EXPORTER_OTLP_ENDPOINT`` (OTLP over HTTP)."""
-        return f"http://127.0.0.1:{self.port}"
+        """The value for ``OTEL_EXPORTER_OTLP_ENDPOINT`` (OTLP over HTTP): the collector's URL."""
+        return self.url
 
     def start(self) -> Self:
         binary = default_bin_dir() / "otelcol-sq"
@@ -58,15 +58,15 @@ class Collector(Supervised):
             self.port = free_port()
             config = self.workdir / "config.json"
             config.write_text(json.dumps(self._config()))
-            self.proc = spawn([str(binary), "--config", str(config)], log=self.log)
+            self.proc = spawn([str(binary), "--config", str(config)], log=self.log_path)
             if eventually(self._ready_or_exited, "the collector to start or exit", timeout=60) == "ready":
                 return self
             self.stop()
-        raise RuntimeError(f"the collector did not start; see {self.log}")
+        raise RuntimeError(f"the collector did not start; see {self.log_path}")
 
     def _config(self) -> dict[str, Any]:
         return {
-            "receivers": {"otlp": {"protocols": {"http": {"endpoint": f"127.0.0.1:{self.port}"}}}},
+            "receivers": {"otlp": {"protocols": {"http": {"endpoint": f"{self.host}:{self.port}"}}}},
             "exporters": {"file": {"path": str(self.output), "flush_interval": "100ms"}},
             "service": {
                 "telemetry": {"metrics": {"level": "none"}},  # no internal metrics port to collide
@@ -78,7 +78,7 @@ class Collector(Supervised):
         assert self.proc is not None
         if self.proc.poll() is not None:
             return "exited"
-        return "ready" if READY in self.log.read_text(errors="replace") else None
+        return "ready" if READY in self.log_path.read_text(errors="replace") else None
 
     def spans(self) -> list[ExportedSpan]:
         """Every span exported so far."""

@@ -150,3 +150,21 @@ class Supervised:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LocalServer(Supervised):
+    """A ``Supervised`` HTTP server on ``host:port`` that logs into its ``workdir``: where to reach it
+    and where its log is, said once. ``port`` is 0 until ``start`` has picked one."""
+
+    log_name: str
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / self.log_name

@@ -38,7 +38,7 @@ import yaml
 from .eventually import eventually
 from .operatorproc import OperatorProcess, install_crd
 from .ports import free_port
-from .processes import Supervised, spawn
+from .processes import LocalServer, spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "streamqueue-operator"
@@ -93,10 +93,11 @@ def promtool() -> str:
     return path
 
 
-class Prometheus(Supervised):
+class Prometheus(LocalServer):
     """``prometheus`` on ``127.0.0.1:<free port>``; a context manager, or ``start()``/``stop()``."""
 
     stop_grace = 10.0
+    log_name = "prometheus.log"
 
     def __init__(
         self,
@@ -113,15 +114,6 @@ class Prometheus(Supervised):
         self.retention = retention
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="sq-prom-"))
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "prometheus.log"
 
     def config(self) -> dict[str, Any]:
         return {
@@ -141,7 +133,7 @@ class Prometheus(Supervised):
                 f"--config.file={config}",
                 f"--storage.tsdb.path={self.workdir / 'data'}",
                 f"--storage.tsdb.retention.time={self.retention}",
-                f"--web.listen-address={LOOPBACK}:{self.port}",
+                f"--web.listen-address={self.host}:{self.port}",
                 "--log.level=info",
             ]
             self.proc = spawn(args, log=self.log_path, cwd=self.workdir)
