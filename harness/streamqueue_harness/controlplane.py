@@ -303,6 +303,17 @@ class ControlPlane:
             raise KubectlError(result.returncode, cmd, result.stdout, result.stderr)
         return result
 
+    def wait_established(self, *crds: str, timeout: float = 60.0) -> None:
+        """Wait until each CRD (by name) is Established. Not ``kubectl wait --for=condition=...``: run
+        right after the apply it can find no ``status.conditions`` yet and fails instead of waiting."""
+        path = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+
+        def established() -> bool:
+            states = (self.kubectl("get", f"crd/{c}", "-o", path, check=False).stdout for c in crds)
+            return all(state == "True" for state in states)
+
+        eventually(established, f"CRDs {', '.join(crds)} established", timeout=timeout, interval=0.2)
+
     def dry_run(
         self, manifest: str, namespace: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:

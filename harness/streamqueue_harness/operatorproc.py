@@ -21,8 +21,7 @@ def install_crd(plane: Any) -> dict[str, Any]:
     """Apply the CRD generated from the models (server-side) and wait until it is established."""
     crd = crdgen.build_crd()
     plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump(crd))
-    name = f"crd/{models.PLURAL}.{models.GROUP}"
-    plane.kubectl("wait", "--for=condition=Established", name, "--timeout=60s")
+    plane.wait_established(f"{models.PLURAL}.{models.GROUP}")
     return crd
 
 

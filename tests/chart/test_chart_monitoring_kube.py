@@ -47,9 +47,7 @@ def prometheus_crds(control_plane: ControlPlane) -> Iterator[list[str]]:
     names = [yaml.safe_load(f.read_text())["metadata"]["name"] for f in files]
     for f in files:
         control_plane.kubectl("apply", "--server-side", "-f", str(f))
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names)
-    )
+    control_plane.wait_established(*names)
     yield names
     control_plane.kubectl("delete", "crd", *names, "--wait=false", check=False)
 

@@ -105,7 +105,7 @@ def test_crd_is_served_with_schema_validation_and_status_subresource(
     }  # fmt: skip
     _apply(control_plane, crd)
     try:
-        control_plane.kubectl("wait", "--for=condition=Established", f"crd/widgets.{GROUP}", "--timeout=30s")
+        control_plane.wait_established(f"widgets.{GROUP}", timeout=30)
         widget = {
             "apiVersion": f"{GROUP}/v1",
             "kind": "Widget",

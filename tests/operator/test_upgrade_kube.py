@@ -145,7 +145,7 @@ def test_helm_upgrade_from_the_previous_release_keeps_every_worker(
             *values,
             kubeconfig=kubeconfig,
         )
-        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s")
+        control_plane.wait_established(CRD)
         old.start()
         r = sq.stream(backlog=4)
         for name in QUEUES:
@@ -165,7 +165,7 @@ def test_helm_upgrade_from_the_previous_release_keeps_every_worker(
             refused = control_plane.kubectl(*apply, check=False)
             assert refused.returncode != 0 and 'conflict with "helm"' in refused.stderr, refused.stderr
             control_plane.kubectl(*apply, "--force-conflicts")
-            control_plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s")
+            control_plane.wait_established(CRD)
             # ... then the chart. Its operator Deployment rolls (a new pod, then the old one stops,
             # handing the Lease over): here the new process starts, then the old one is stopped.
             helm("upgrade", RELEASE, str(CHART), *values, kubeconfig=kubeconfig)
