@@ -28,7 +28,7 @@ test: setup images ## set up and run every test (unit, Redis, control plane, the
 test-fast: ## unit tests only, no setup
 	$(PY) -m pytest -m "not kube and not slow" $(PYTEST_ARGS)
 
-bench: setup images ## benchmarks: worker throughput vs the article's loop, client latency, operator reaction, node cold start
+bench: setup images ## benchmarks (bench/__main__.py lists them): worker throughput, streamed-token cost, operator cost and reaction, HA failover, gateway, node cold start; `python -m bench NAME` runs one
 	$(PY) -m bench
 
 lint: ## ruff, mypy, helm lint and actionlint (.github/workflows)
