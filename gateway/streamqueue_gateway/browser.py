@@ -42,9 +42,16 @@ STREAMS = web.AppKey("browser_streams", dict)  # request id -> the task serving 
 async def create(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     principal = gateway.principal(request, query_token=True)
-    ticket = await gateway.admit(principal, await read_json(request))
+    ticket = gateway.ticket(principal, await read_json(request))
+    # The reply stream's position is read while the admission decides (both come before the send).
+    admitted, start = await asyncio.gather(
+        gateway.admit_ticket(ticket), _reply_position(ticket), return_exceptions=True
+    )
+    if isinstance(admitted, BaseException):
+        raise admitted
     try:
-        start = await _reply_position(ticket)
+        if isinstance(start, BaseException):
+            raise start
         await gateway.ownership.bind(ticket.request_id, Owned(principal.user_id, ticket.chat.model, start))
         await ticket.queue.client.send(
             principal.user_id, ticket.chat.message, ticket.request_id, chat=ticket.chat.chat

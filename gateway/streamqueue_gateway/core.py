@@ -52,13 +52,15 @@ class Queue:
 
 @dataclass
 class Ticket:
-    """An admitted request: who, which queue, what was asked, and what it has used so far."""
+    """A request: who, which queue, what was asked, its quota admission (None until admitted, and if
+    refused), and what it has used so far."""
 
     principal: Principal
     queue: Queue
     chat: ChatRequest
     request_id: str
-    admission: Admission
+    admission: Admission | None = None
+    admitting: asyncio.Task[None] | None = field(default=None, repr=False)  # see Gateway.admitting
     started: float = field(default_factory=time.monotonic)
     first_chunk: float | None = None
     reply_chars: int = 0
@@ -151,18 +153,32 @@ class Gateway:
             self.metrics.rejected.labels("", m.REJECTED_AUTH).inc()
             raise _auth_error(exc) from None
 
-    async def admit(self, principal: Principal, body: Any) -> Ticket:
-        """Model lookup, validation, backpressure and quota; ``ApiError`` (404/400/503/429/403) if refused."""
+    def ticket(self, principal: Principal, body: Any) -> Ticket:
+        """Model lookup and validation (``ApiError`` 404/400); not admitted yet (``admit_ticket``)."""
         name = model_name(body)
         queue = self.queues.get(name)
         if queue is None:
             raise ApiError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
-        chat = parse_chat(body)
-        tier = principal.tier
+        return Ticket(principal, queue, parse_chat(body), new_request_id())
+
+    async def admit(self, principal: Principal, body: Any) -> Ticket:
+        """``ticket`` and ``admit_ticket``: ``ApiError`` (404/400/503/429/403) if refused."""
+        ticket = self.ticket(principal, body)
+        await self.admit_ticket(ticket)
+        return ticket
+
+    def admitting(self, ticket: Ticket) -> asyncio.Task[None]:
+        """``admit_ticket`` as a task, for a caller that overlaps it with other waits (the reply
+        reader's position: ``Client.request_stream(send_after=...)``); ``finish`` waits for it."""
+        ticket.admitting = asyncio.create_task(self.admit_ticket(ticket), name="gateway-admit")
+        return ticket.admitting
+
+    async def admit_ticket(self, ticket: Ticket) -> None:
+        """Backpressure and quota; sets ``ticket.admission``; ``ApiError`` (503/429/403) if refused."""
+        tier = ticket.principal.tier
         try:
-            await queue.backlog.check()
-            request_id = new_request_id()
-            admission = await self.quotas.admit(principal, request_id)
+            await ticket.queue.backlog.check()
+            ticket.admission = await self.quotas.admit(ticket.principal, ticket.request_id)
         except Overloaded as exc:
             self.metrics.rejected.labels(tier, exc.reason).inc()
             raise ApiError(
@@ -178,13 +194,16 @@ class Gateway:
         except AuthError as exc:  # a tier the gateway has no limits for
             self.metrics.rejected.labels(tier, m.REJECTED_TIER).inc()
             raise _auth_error(exc) from None
-        return Ticket(principal, queue, chat, request_id, admission)
 
     async def finish(self, ticket: Ticket) -> None:
         """Release the slot, debit the tokens, count the outcome; shielded from the caller's cancellation."""
         await asyncio.shield(self._finish(ticket))
 
     async def _finish(self, ticket: Ticket) -> None:
+        if ticket.admitting is not None:  # its outcome was the caller's answer already, if it failed
+            await asyncio.gather(ticket.admitting, return_exceptions=True)
+        if ticket.admission is None:
+            return  # refused: nothing was queued, counted or held
         tokens = ticket.usage()["total_tokens"]
         tier = ticket.principal.tier
         self.metrics.requests.labels(ticket.queue.config.name, tier, ticket.outcome).inc()

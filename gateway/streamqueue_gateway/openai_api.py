@@ -41,10 +41,11 @@ async def models(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     principal = gateway.principal(request)
-    ticket = await gateway.admit(principal, await read_json(request))
+    ticket = gateway.ticket(principal, await read_json(request))
     try:
         if ticket.chat.stream:
             return await _stream(request, gateway, ticket)
+        await gateway.admit_ticket(ticket)
         return await _complete(gateway, ticket)
     finally:
         await gateway.finish(ticket)
@@ -90,7 +91,8 @@ async def _stream(request: web.Request, gateway: Gateway, ticket: Ticket) -> web
         await response.write(event)
 
     try:
-        await relay(gateway, ticket, open_stream(gateway, ticket), write)
+        # The admission decides while the reply reader takes its position: one round trip less.
+        await relay(gateway, ticket, open_stream(gateway, ticket, admitting=gateway.admitting(ticket)), write)
     except ApiError as exc:
         if not response.prepared:
             raise

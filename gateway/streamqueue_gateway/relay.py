@@ -18,13 +18,15 @@ from . import metrics as m
 from .core import QUEUE_ERRORS, Gateway, Ticket, outcome_error
 
 
-def open_stream(gateway: Gateway, ticket: Ticket) -> ReplyStream:
+def open_stream(gateway: Gateway, ticket: Ticket, *, admitting: Awaitable[None] | None = None) -> ReplyStream:
     """Send the request and stream its reply (the queue's deadline is the request timeout: a request
-    the gateway has given up on is not worth running)."""
+    the gateway has given up on is not worth running). ``admitting``: the ticket's admission, still
+    deciding; the request is sent once it has admitted it (its ``ApiError`` if refused comes out of
+    the stream), while the reply reader takes its position meanwhile."""
     timeout = gateway.config.request_timeout_seconds
     return ticket.queue.client.request_stream(
         ticket.principal.user_id, ticket.chat.message, request_id=ticket.request_id,
-        chat=ticket.chat.chat, timeout=timeout, deadline=timeout,
+        chat=ticket.chat.chat, timeout=timeout, deadline=timeout, send_after=admitting,
     )  # fmt: skip
 
 

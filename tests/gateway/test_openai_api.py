@@ -14,6 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 from streamqueue_gateway.auth import Principal
+from streamqueue_harness.eventually import eventually_async
 from streamqueue_harness.modelserver import ModelServer, completion_chunk
 from streamqueue_harness.processes import stop_groups
 from streamqueue_harness.token_handler import tokens
@@ -92,6 +93,33 @@ async def test_over_quota_is_429_with_retry_after(gateways, gateway_config, work
         await first.close()
     assert int(refused.value.response.headers["Retry-After"]) >= 1
     assert refused.value.code == "max_requests"
+
+
+async def test_a_stream_is_admitted_while_its_reply_reader_takes_position(
+    gateways, gateway_config, workers, redis_server, monkeypatch
+) -> None:
+    """The quota decision overlaps the reply reader's positioning (one round trip less before the
+    send): here the admission waits for the reader, which never came while they ran in turn. A
+    streamed request the quota refuses is answered 429 and never queued."""
+    workers()
+    gateway = await gateways(gateway_config(tiers={"pro": {"tokensPerMinute": 1}, "free": {}}))
+    quotas, client = gateway.state.quotas, gateway.state.queues["tokens"].client
+    admit = quotas.admit
+
+    async def admit_once_the_reader_exists(principal: Principal, request_id: str) -> Any:
+        await eventually_async(lambda: client.reader_count > 0, "the reply reader", timeout=5)
+        return await admit(principal, request_id)
+
+    monkeypatch.setattr(quotas, "admit", admit_once_the_reader_exists)
+    async with sdk(gateway) as client_sdk:
+        stream = await client_sdk.chat.completions.create(model="tokens", messages=ask(3), stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "".join(
+            tokens(3)
+        )
+        with pytest.raises(openai.RateLimitError) as refused:  # its tokens are debited: 1 a minute
+            await client_sdk.chat.completions.create(model="tokens", messages=ask(3), stream=True)
+    assert refused.value.code == "tokens_per_minute"
+    assert redis_server.client().xlen("user_messages_queue") == 1
 
 
 async def test_a_backlog_above_the_limit_is_503_with_retry_after(

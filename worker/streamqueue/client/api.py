@@ -7,7 +7,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -222,6 +222,7 @@ class Client:
         after: str | None = None,
         deadline: float | datetime | None = None,
         chat: Mapping[str, Any] | None = None,
+        send_after: Awaitable[object] | None = None,
     ) -> ReplyStream:
         """Send a request and yield its reply chunks in order, ending with the final reply; once they
         are read, the returned stream's ``final`` is the final entry (e.g. its ``usage``).
@@ -240,13 +241,16 @@ class Client:
         request was sent (another request's, e.g. the stream's newest entry taken before sending):
         the reply is then yielded from its start, reading only what follows. Chunks trimmed from the
         reply stream (``reply_maxlen``) or expired with it (``reply_ttl_seconds``) cannot be resumed.
-        ``chat``: as for ``send`` (ignored when resuming).
+        ``chat``: as for ``send`` (ignored when resuming). ``send_after``: the request is sent only
+        once this (e.g. a task deciding whether it may be sent) completes, and not at all if it
+        raises (the stream raises that); meanwhile the reply stream's reader takes its position, so
+        the two waits overlap instead of adding up.
         """
         if after is not None and request_id is None:
             raise ValueError("resuming (after=...) needs the request_id of the request being resumed")
         stream = ReplyStream()
         request = (user_id, message, request_id or uuid.uuid4().hex, deadline, chat)
-        stream.chunks = self._stream(stream, request, timeout, after)
+        stream.chunks = self._stream(stream, request, timeout, after, send_after)
         return stream
 
     async def _stream(
@@ -255,6 +259,7 @@ class Client:
         request: tuple[str, str, str, float | datetime | None, Mapping[str, Any] | None],
         timeout: float,  # noqa: ASYNC109 -- request_stream's per-chunk timeout
         after: str | None,
+        send_after: Awaitable[object] | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         """``request_stream``'s chunks; the final entry is left in ``into.final``."""
         user_id, message, request_id, deadline, chat = request
@@ -266,7 +271,8 @@ class Client:
             backlog: list[Reply] = []
             async with asyncio.timeout(timeout):
                 if after is None:
-                    await self._send_when_ready(reader, user_id, message, request_id, deadline, chat)
+                    send = (user_id, message, request_id, deadline, chat)
+                    await self._send_when_ready(reader, *send, send_after=send_after)
                 else:
                     await self._ready(reader)
                     last, backlog = await self._since(reader.key, after)
@@ -367,9 +373,14 @@ class Client:
         request_id: str,
         deadline: float | datetime | None,
         chat: Mapping[str, Any] | None = None,
+        *,
+        send_after: Awaitable[object] | None = None,
     ) -> None:
-        """Send only once the reader's cursor predates the request, so its reply cannot be missed."""
+        """Send only once the reader's cursor predates the request, so its reply cannot be missed (and
+        once ``send_after`` is done)."""
         await self._ready(reader)
+        if send_after is not None:
+            await send_after
         await self.send(user_id, message, request_id, deadline=deadline, chat=chat)
 
     def _chat_field(self, chat: Mapping[str, Any]) -> str:
