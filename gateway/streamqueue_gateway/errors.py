@@ -10,6 +10,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from aiohttp import web
@@ -17,26 +18,20 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)  # compared by identity, as exceptions are
 class ApiError(Exception):
     """A request the gateway answers with an error status (raised anywhere below a route)."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",  # OpenAI's field name
-        code: str | None = None,
-        param: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-        self.retry_after_s = retry_after_s
+    status: int
+    message: str
+    _: KW_ONLY
+    type: str = "invalid_request_error"  # OpenAI's field name
+    code: str | None = None
+    param: str | None = None
+    retry_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
     def error(self) -> dict[str, Any]:
         """OpenAI's error object."""
