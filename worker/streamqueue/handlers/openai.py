@@ -48,6 +48,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -241,14 +242,14 @@ class OpenAIHandler:
             await self.limits.aclose()
 
 
+@dataclass
 class Memory:
     """The last ``turns`` exchanges per user, in a Redis list with an idle TTL."""
 
-    def __init__(self, redis: RedisClient, stream: str, turns: int, ttl_s: int) -> None:
-        self.redis = redis
-        self.stream = stream
-        self.turns = turns
-        self.ttl_s = ttl_s
+    redis: RedisClient
+    stream: str
+    turns: int
+    ttl_s: int
 
     def key(self, user_id: str) -> str:
         return memory_key(self.stream, user_id)
