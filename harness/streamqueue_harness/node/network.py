@@ -45,18 +45,22 @@ class NodeNetwork:
     def bridge(self) -> str:
         return f"sq{self.index}"
 
+    def address(self, host: int) -> str:
+        """Address ``host`` of this node's pod subnet: the one place that says how it is numbered."""
+        return f"10.244.{self.index}.{host}"
+
     @property
     def pod_subnet(self) -> str:
-        return f"10.244.{self.index}.0/24"
+        return f"{self.address(0)}/24"
 
     @property
     def node_ip(self) -> str:
         """On the bridge: the pods' gateway, the kubelet's address (and for the first, the apiserver's)."""
-        return f"10.244.{self.index}.1"
+        return self.address(1)
 
     @property
     def first_pod_ip(self) -> str:
-        return f"10.244.{self.index}.10"
+        return self.address(10)
 
     def link_ips(self) -> tuple[str, str]:
         """The veth pair's addresses: the first node's end, this node's end."""
