@@ -100,11 +100,10 @@ async def _stream(request: web.Request, gateway: Gateway, ticket: Ticket) -> web
         return response
     if not response.prepared:  # an empty reply
         await response.prepare(request)
-    await response.write(_event(ticket, {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}))
+    end = _event(ticket, {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"})
     if ticket.chat.include_usage:
-        await response.write(_event(ticket, None))
-    await response.write(_DONE)
-    await response.write_eof()
+        end += _event(ticket, None)
+    await response.write_eof(end + _DONE)  # one socket send for the reply's last events and its end
     return response
 
 
