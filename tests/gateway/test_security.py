@@ -153,18 +153,20 @@ async def test_a_websocket_cannot_cancel_or_see_another_users_request(
     await alice.whole()
 
 
-REFUSED = {
-    "missing": ({}, 401),
-    "not bearer": ({"Authorization": f"Basic {KEYS['alice']}"}, 401),
-    "unknown key": (bearer("sk-nobody"), 401),
-    "the key's hash": (bearer(hash_key(KEYS["alice"])), 401),
-    "forged": (bearer(jwt.encode({"sub": "alice", "exp": 2**40}, b"x" * 40, algorithm="HS256")), 401),
-    "expired": (bearer(token(exp=int(time.time()) - 3600)), 401),
-    "not yet valid": (bearer(token(nbf=int(time.time()) + 3600)), 401),
-    "wrong issuer": (bearer(token(iss="https://elsewhere.test")), 401),
-    "wrong audience": (bearer(token(aud="another-service")), 401),
-    "alg none": (bearer(jwt.encode({"sub": "alice", "exp": 2**40}, "", algorithm="none")), 401),
-    "bad user id": (bearer(token(sub="alice:admin")), 403),
+# Each credential is made when its test runs (a lambda): one made at collection time can expire
+# before a long suite reaches it and then be refused for that reason instead of its own.
+REFUSED: dict[str, tuple[Callable[[], dict[str, str]], int]] = {
+    "missing": (lambda: {}, 401),
+    "not bearer": (lambda: {"Authorization": f"Basic {KEYS['alice']}"}, 401),
+    "unknown key": (lambda: bearer("sk-nobody"), 401),
+    "the key's hash": (lambda: bearer(hash_key(KEYS["alice"])), 401),
+    "forged": (lambda: bearer(jwt.encode({"sub": "alice", "exp": 2**40}, b"x" * 40, algorithm="HS256")), 401),
+    "expired": (lambda: bearer(token(exp=int(time.time()) - 3600)), 401),
+    "not yet valid": (lambda: bearer(token(nbf=int(time.time()) + 3600)), 401),
+    "wrong issuer": (lambda: bearer(token(iss="https://elsewhere.test")), 401),
+    "wrong audience": (lambda: bearer(token(aud="another-service")), 401),
+    "alg none": (lambda: bearer(jwt.encode({"sub": "alice", "exp": 2**40}, "", algorithm="none")), 401),
+    "bad user id": (lambda: bearer(token(sub="alice:admin")), 403),
 }
 
 
@@ -176,7 +178,8 @@ async def test_bad_credentials_are_refused_on_every_route_before_anything_is_que
     redis_server: RedisServer,
     credential: str,
 ) -> None:
-    headers, expected = REFUSED[credential]
+    make_headers, expected = REFUSED[credential]
+    headers = make_headers()
     gateway = await gateways(config)
     chat = {"model": "tokens", "messages": [{"role": "user", "content": "tokens=1"}]}
     some_id = uuid.uuid4().hex

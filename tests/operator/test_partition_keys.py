@@ -132,7 +132,9 @@ async def _operator_reads(url: str, cluster: bool, streams: list[str]) -> None:
         assert obs.ok and [s for s, _ in obs.partitions] == streams, obs
         await scaler._rank_pods_for_removal(spec)
         assert pods.annotations[WORKER] is not None
-        await scaler._housekeeping(spec, time.monotonic() + 3600)
+        scaler._start_housekeeping(spec, time.monotonic() + 3600)  # due: it runs beside the poll
+        assert scaler._housekeeping_run is not None
+        await scaler._housekeeping_run
     finally:
         await scaler.close()
 
