@@ -19,7 +19,7 @@ DISCONNECTED = "disconnected"  # the caller went away mid-request: the request w
 EXPIRED = "expired"
 TIMEOUT = "timeout"
 
-# rejected_total's reasons besides a quota's limit name (quotas.MAX_REQUESTS, ...) and Overloaded's
+# rejected_total's reasons besides a quota's limit name (quotas.Limit) and Overloaded's
 # (backpressure.BACKLOG, backpressure.BACKLOG_UNKNOWN, quotas.UNANSWERED).
 REJECTED_AUTH = "auth"
 REJECTED_TIER = "unknown_tier"

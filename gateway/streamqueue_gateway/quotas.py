@@ -30,6 +30,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import redis
@@ -50,12 +51,16 @@ TIMEOUT_S = 2.0
 # Overloaded's reason when Redis did not answer a quota call (the rejected-requests metric's label).
 UNANSWERED = "quotas"
 
-# The limits by name, as ``OverQuota.limit`` and the rejected-requests metric report them.
-MAX_REQUESTS = "max_requests"
-TOKENS_PER_MINUTE = "tokens_per_minute"
-TIER_MAX_REQUESTS = "tier_max_requests"
-TIER_TOKENS_PER_MINUTE = "tier_tokens_per_minute"
-_LIMITS = (MAX_REQUESTS, TOKENS_PER_MINUTE, TIER_MAX_REQUESTS, TIER_TOKENS_PER_MINUTE)
+
+class Limit(StrEnum):
+    """The limits by name, as ``OverQuota.limit`` and the rejected-requests metric report them. The
+    admission script names the limit it refused by its position in this order (1-based)."""
+
+    MAX_REQUESTS = "max_requests"
+    TOKENS_PER_MINUTE = "tokens_per_minute"
+    TIER_MAX_REQUESTS = "tier_max_requests"
+    TIER_TOKENS_PER_MINUTE = "tier_tokens_per_minute"
+
 
 _PRELUDE = """
 local t = redis.call('TIME')
@@ -224,7 +229,7 @@ class Quotas:
         ]
         reply = await self._call(self._admit, admission, args)
         if not int(reply[0]):
-            raise OverQuota(_LIMITS[int(reply[2]) - 1], int(reply[1]) / 1000)
+            raise OverQuota(list(Limit)[int(reply[2]) - 1], int(reply[1]) / 1000)
         if limits.max_requests or limits.tier_max_requests:
             self._held.add(admission)
             self._start_renewer()
