@@ -24,7 +24,7 @@ import redis
 import redis.asyncio
 from streamqueue import wire
 from streamqueue.connection import group_missing
-from streamqueue.observation import Observation, combine, from_replies, no_such_key
+from streamqueue.observation import Observation, add_reads, from_pipeline, no_such_key
 
 from .deletion_cost import ConsumerLoad, combine_loads, loads_from_reply
 from .redis_hub import Commands, Run
@@ -66,9 +66,7 @@ async def observe_with(
     batches them with other queues'); connection failures become an error Observation."""
 
     def commands(pipe: Any) -> None:
-        for stream in streams:
-            pipe.xinfo_groups(stream)
-            pipe.xinfo_stream(stream)
+        add_reads(pipe, streams)
         if limit_key is not None:
             pipe.get(limit_key)
 
@@ -76,8 +74,7 @@ async def observe_with(
         replies = await run(commands)
     except (redis.RedisError, OSError) as exc:
         return Observation(at=at, error=f"{type(exc).__name__}: {exc}")
-    parts = [from_replies(at, group, replies[2 * i], replies[2 * i + 1]) for i in range(len(streams))]
-    obs = parts[0] if len(parts) == 1 else combine(at, streams, parts)
+    obs = from_pipeline(at, group, streams, replies)
     if limit_key is None or obs.error is not None:
         return obs
     return replace(obs, limit_bound=limit_reason(replies[-1]))

@@ -8,9 +8,10 @@ import redis.asyncio
 from pydantic import SecretStr
 from streamqueue import wire
 from streamqueue.connection import RedisConnection, connect, connect_any
+from streamqueue.observation import combine
 from streamqueue_harness.redis_cluster import RedisClusterServer
 from streamqueue_harness.redis_server import RedisServer
-from streamqueue_operator.observe import Observation, combine, observe
+from streamqueue_operator.observe import Observation, observe
 
 STREAM, GROUP = "q", "g"
 
