@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -189,6 +189,11 @@ class Cluster:
 
         return call
 
+    async def _write(self, method: Callable[..., Any], *args: Any, executor: Executor | None = None) -> Any:
+        """A write under this replica's field manager, fenced on the loop and again on its thread."""
+        self.fence(count_sent=False)
+        return await _call(self._fenced(method), *args, _executor=executor, field_manager=self.manager)
+
     def _sanitized(self, obj: Any) -> dict[str, Any]:
         return self._api.sanitize_for_serialization(obj)
 
@@ -243,8 +248,7 @@ class Cluster:
             if exc.status != 404:
                 raise
             body = {**create_body, "metadata": {**meta, "annotations": {HASH_ANNOTATION: digest}}}
-            self.fence(count_sent=False)
-            await _call(self._fenced(create), namespace, body, field_manager=self.manager)
+            await self._write(create, namespace, body)
             return Applied(created=True, changed=True)
         annotations = existing["metadata"].get("annotations") or {}
         if annotations.get(HASH_ANNOTATION) == digest and _owned_by(existing, manifest):
@@ -254,22 +258,14 @@ class Cluster:
             preview = await _call(patch, name, namespace, operations, dry_run="All")
             if self._sanitized(preview)["spec"]["template"] != existing["spec"]["template"]:
                 before_rollout()
-        self.fence(count_sent=False)
-        await _call(self._fenced(patch), name, namespace, operations, field_manager=self.manager)
+        await self._write(patch, name, namespace, operations)
         return Applied(created=False, changed=True)
 
     async def scale(self, namespace: str, deployment: str, replicas: int) -> None:
         body = {"spec": {"replicas": replicas}}
-        self.fence(count_sent=False)
-        patch = functools.partial(
-            self._fenced(self.apps.patch_namespaced_deployment),
-            deployment,
-            namespace,
-            body,
-            field_manager=self.manager,
-            _request_timeout=REQUEST_TIMEOUT,
+        await self._write(
+            self.apps.patch_namespaced_deployment, deployment, namespace, body, executor=_SCALE_THREADS
         )
-        await asyncio.get_running_loop().run_in_executor(_SCALE_THREADS, patch)
 
     async def deployment_replicas(self, namespace: str, deployment: str) -> int | None:
         """``spec.replicas`` read from the API server itself, for when the watch may be behind."""
@@ -277,16 +273,14 @@ class Cluster:
         return found.spec.replicas if found.spec else None
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.fence(count_sent=False)
-        await _call(
-            self._fenced(self.custom.patch_namespaced_custom_object_status),
+        await self._write(
+            self.custom.patch_namespaced_custom_object_status,
             GROUP,
             VERSION,
             namespace,
             PLURAL,
             name,
             {"status": status},
-            field_manager=self.manager,
         )
 
     async def secret_value(self, namespace: str, ref: SecretKeyRef) -> str:
@@ -316,10 +310,7 @@ class Cluster:
 
     async def annotate_pod(self, namespace: str, pod: str, key: str, value: str) -> None:
         body = {"metadata": {"annotations": {key: value}}}
-        self.fence(count_sent=False)
-        await _call(
-            self._fenced(self.core.patch_namespaced_pod), pod, namespace, body, field_manager=self.manager
-        )
+        await self._write(self.core.patch_namespaced_pod, pod, namespace, body)
 
     async def read_lease(self, namespace: str, name: str, seconds: float) -> dict[str, Any] | None:
         """The Lease as a dict, or None when it does not exist yet (Lease calls are never fenced)."""
@@ -370,15 +361,20 @@ class Cluster:
 
 
 async def _call(
-    method: Any, *args: Any, _timeout: tuple[float, float] = REQUEST_TIMEOUT, **kwargs: Any
+    method: Any,
+    *args: Any,
+    _timeout: tuple[float, float] = REQUEST_TIMEOUT,
+    _executor: Executor | None = None,
+    **kwargs: Any,
 ) -> Any:
-    """One API request in a worker thread, with the operator's deadline (or a shorter one)."""
-    return await asyncio.to_thread(method, *args, _request_timeout=_timeout, **kwargs)
+    """One API request in a worker thread (of ``_executor``, else the shared default pool), with the
+    operator's deadline (or a shorter one)."""
+    call = functools.partial(method, *args, _request_timeout=_timeout, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_executor, call)
 
 
 async def _lease_call(method: Any, *args: Any, seconds: float) -> Any:
     """A Lease request on the Lease's own thread: in the shared pool it waited behind hundreds of
     queues' status and scale writes (measured at 2,000 queues) past the renew deadline, and the
     leader stepped down with nothing wrong."""
-    call = functools.partial(method, *args, _request_timeout=(seconds, seconds))
-    return await asyncio.get_running_loop().run_in_executor(_LEASE_THREAD, call)
+    return await _call(method, *args, _timeout=(seconds, seconds), _executor=_LEASE_THREAD)
