@@ -134,9 +134,6 @@ class GatewayConfig(_Config):
         """The event stream's first block: how long EventSource waits before it reconnects."""
         return f"retry: {round(self.sse_retry_seconds * 1000)}\n\n".encode()
 
-    def model(self, name: str) -> ModelConfig | None:
-        return next((m for m in self.models if m.name == name), None)
-
 
 def load_config(path: Path | str | None = None) -> GatewayConfig:
     """Read the YAML file at ``path`` (default: ``$STREAMQUEUE_GATEWAY_CONFIG``)."""

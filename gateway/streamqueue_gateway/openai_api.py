@@ -8,6 +8,7 @@ a failure after that is an event ``data: {"error": {...}}``, which the SDK raise
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -59,11 +60,16 @@ async def _complete(gateway: Gateway, ticket: Ticket) -> web.Response:
             chat=ticket.chat.chat, timeout=gateway.config.request_timeout_seconds,
             deadline=gateway.config.request_timeout_seconds,
         )  # fmt: skip
-    except BaseException as exc:  # the caller left (cancelled), timed out, or the queue failed it
-        if not isinstance(exc, QUEUE_ERRORS) or isinstance(exc, TimeoutError):
+    except (asyncio.CancelledError, ConnectionError):  # the caller left: counted as relay counts it
+        ticket.outcome = m.DISCONNECTED
+        await gateway.cancel(ticket)
+        raise
+    except QUEUE_ERRORS as exc:  # timed out, or the queue failed it
+        if isinstance(exc, TimeoutError):
             await gateway.cancel(ticket)
-        if isinstance(exc, QUEUE_ERRORS):
-            raise outcome_error(exc, ticket) from None
+        raise outcome_error(exc, ticket) from None
+    except BaseException:  # anything else: the request must not run on with nobody to answer
+        await gateway.cancel(ticket)
         raise
     gateway.first_chunk(ticket)
     ticket.final, ticket.reply_chars, ticket.outcome = reply, len(reply.response or ""), m.OK

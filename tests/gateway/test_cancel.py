@@ -96,6 +96,17 @@ async def test_a_caller_leaving_a_non_streamed_completion_cancels_it(gateways, w
         waiting.cancel()  # the HTTP client gives up: its connection closes
         await asyncio.gather(waiting, return_exceptions=True)
     await cancelled(redis_server, "alice", chunk[wire.REQUEST_ID])
+    await eventually_async(lambda: _requests_counted(gateway, "disconnected") == 1, "counted as disconnected")
+
+
+def _requests_counted(gateway: RunningGateway, outcome: str) -> float:
+    """streamqueue_gateway_requests_total with ``outcome``, over every model and tier."""
+    return sum(
+        sample.value
+        for metric in gateway.state.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name == "streamqueue_gateway_requests_total" and sample.labels.get("outcome") == outcome
+    )
 
 
 @contextlib.asynccontextmanager
