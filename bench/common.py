@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import redis.asyncio as aioredis
 from streamqueue import wire
 from streamqueue_harness.eventually import eventually_async
+
+# This checkout: its bench and harness run even when another worktree's streamqueue is measured.
+THIS_TREE = Path(__file__).resolve().parents[1]
 
 LOAD_BATCH = 1000
 
@@ -76,3 +79,10 @@ def _cell(value: object) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def tree_env(tree: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment with ``tree``'s streamqueue first on the path (bench and harness stay this
+    tree's), for a process that measures another worktree's code; ``extra`` added on top."""
+    paths = [str(tree / "worker"), str(THIS_TREE), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **(extra or {})}

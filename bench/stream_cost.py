@@ -30,13 +30,12 @@ from streamqueue_harness.ports import free_port
 from streamqueue_harness.processes import spawn, stop_groups
 from streamqueue_harness.redis_server import RedisServer
 
-from bench.common import percentile, print_table, process_cpu_seconds
+from bench.common import THIS_TREE, percentile, print_table, process_cpu_seconds, tree_env
 from bench.model_stream import worker_process
 
 TOKENS = 50
 INTERVAL_S = 0.02
 PROCESSES = ("worker", "client", "redis")
-THIS_TREE = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -99,15 +98,9 @@ async def _client(redis_url: str, concurrency: int) -> None:
     print(json.dumps({"tokens": tokens, "ttft": ttft, "gaps": gaps}), flush=True)
 
 
-def _tree_env(tree: Path) -> dict[str, str]:
-    """This environment with ``tree``'s streamqueue first on the path (bench and harness stay ours)."""
-    paths = [str(tree / "worker"), str(THIS_TREE)]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
-
-
 def _measure(tree: Path, base_url: str, concurrency: int, workdir: Path, into: Measured) -> None:
     """One redis-server, worker process and client process with ``tree``'s code; adds to ``into``."""
-    env = _tree_env(tree)
+    env = tree_env(tree)
     with RedisServer() as redis:
         log = workdir / f"worker-{into.label}-{len(into.runs)}.log"
         worker = worker_process(redis.url, base_url, concurrency, 0, log, env)

@@ -23,8 +23,8 @@ from pathlib import Path
 from streamqueue_harness.otelcol import Collector
 from streamqueue_harness.redis_server import RedisServer
 
-from bench.common import print_table
-from bench.worker_throughput import THIS_TREE, run_worker_process
+from bench.common import THIS_TREE, print_table
+from bench.worker_throughput import run_worker_process
 
 
 async def measure(args: argparse.Namespace, collector: Collector | None) -> list[list[object]]:

@@ -39,12 +39,11 @@ from streamqueue_harness.processes import stop_groups
 from streamqueue_harness.redis_server import RedisServer
 from streamqueue_harness.workerproc import spawn_worker
 
-from bench.common import load_requests, print_table, process_cpu_seconds, wait_drained
+from bench.common import THIS_TREE, load_requests, print_table, process_cpu_seconds, tree_env, wait_drained
 
 USERS = 100
 PROCESS_USERS = 400
 PROCESS_MESSAGES = 60_000
-THIS_TREE = Path(__file__).resolve().parents[1]
 
 
 async def noop(msg: Message) -> str:
@@ -176,11 +175,7 @@ async def run_worker_process(
     environment: msg/s from its first delivery, and the worker's and redis-server's CPU µs per message
     meanwhile (hardly moved by the machine's load)."""
     redis = connect(RedisConnection(url=url))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(tree / "worker"), os.environ.get("PYTHONPATH", "")]),
-        **extra_env,
-    }
+    env = tree_env(tree, extra_env)
     try:
         await load_requests(redis, stream, PROCESS_MESSAGES, PROCESS_USERS)
         await redis.xgroup_create(stream, "streamqueue", id="0")
