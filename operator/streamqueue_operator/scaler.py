@@ -109,7 +109,6 @@ class QueueScaler:
         return self._spec[1]
 
     async def close(self) -> None:
-        self._end_rest()
         for task in (self._status_write, self._housekeeping_run):
             if task is not None:
                 task.cancel()
