@@ -3,10 +3,13 @@
 200 concurrent requests (``--concurrency``) through the model handler, one worker process; a stub
 OpenAI server in its own process streams 50 deltas (``--tokens``) 20 ms apart to each; the project's
 ``Client`` reads them with ``request_stream`` in a process of its own. CPU is read from
-``/proc/<pid>/stat`` of the worker, the client and redis-server over the streaming window only (after a
-warm-up request), and divided by the tokens delivered (deltas the client got, counted in the text, so a
-coalesced chunk counts as the tokens it holds). Latencies at the client: TTFT (request sent -> first
-text), and the gap between successive chunks of one reply.
+``/proc/<pid>/stat`` of the worker, the client and redis-server over the streaming window only (after
+``--concurrency`` warm-up requests at once, which leave the worker's model connections open as in a
+deployment that has run a while; ``--cold``: one), and divided by the tokens delivered (deltas the
+client got, counted in the text, so a coalesced chunk counts as the tokens it holds). Latencies at the
+client: TTFT (request sent -> first text), and the gap between successive chunks of one reply. Then
+redis-server's commands over the window per 1,000 tokens (``INFO commandstats``: calls and the
+server's own time in each).
 
 ``--baseline-tree DIR`` (a ``git worktree`` of an older commit) runs the same measurement with that
 tree's ``streamqueue`` for the worker and the client, alternating with this tree's, so "before" and
@@ -26,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis import Redis
 from streamqueue_harness.ports import free_port
 from streamqueue_harness.processes import spawn, stop_groups
 from streamqueue_harness.redis_server import RedisServer
@@ -48,9 +52,16 @@ class Measured:
     gaps: list[float] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PROCESSES, 0.0))
     runs: list[dict[str, float]] = field(default_factory=list)  # µs per token of each run
+    commands: dict[str, list[float]] = field(default_factory=dict)  # redis command -> [calls, µs]
 
-    def add(self, result: dict[str, list[float] | int], cpu_s: dict[str, float]) -> None:
+    def add(
+        self, result: dict[str, list[float] | int], cpu_s: dict[str, float], commands: dict[str, list[float]]
+    ) -> None:
         tokens = int(result["tokens"])  # type: ignore[arg-type]
+        for name, (calls, usec) in commands.items():
+            pooled = self.commands.setdefault(name, [0.0, 0.0])
+            pooled[0] += calls
+            pooled[1] += usec
         self.tokens += tokens
         self.ttft += result["ttft"]  # type: ignore[arg-type]
         self.gaps += result["gaps"]  # type: ignore[arg-type]
@@ -70,13 +81,28 @@ class Measured:
             percentile(self.gaps, 0.5), percentile(self.gaps, 0.99),
         ]  # fmt: skip
 
+    def command_rows(self) -> list[list[object]]:
+        """redis-server's commands per 1,000 tokens: where its µs/token go (``INFO commandstats``)."""
+        per = 1000 / self.tokens
+        ranked = sorted(self.commands.items(), key=lambda item: -item[1][1])
+        return [[self.label, name, calls * per, usec * per / 1000] for name, (calls, usec) in ranked if calls]
 
-async def _client(redis_url: str, concurrency: int) -> None:
+
+def _commandstats(redis: Redis) -> dict[str, list[float]]:
+    """Calls and µs spent per command so far (the server's own accounting, Lua's inner calls included)."""
+    stats = redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): [float(v["calls"]), float(v["usec"])] for name, v in stats.items()}
+
+
+async def _client(redis_url: str, concurrency: int, cold: bool) -> None:
     """The client process (``--client``): warm up, say ``ready``, stream on ``go``, print the figures."""
     from streamqueue import Client
 
     async with Client(redis_url, max_readers=concurrency + 10) as client:
-        await client.request("warmup", "hi", timeout=120)
+        # As many requests at once as will stream: the worker's connections to the model server are
+        # then open, as in a deployment that has run a while (``--cold``: one, as before 2026-12-05).
+        warmups = 1 if cold else concurrency
+        await asyncio.gather(*(client.request(f"warmup{i}", "hi", timeout=120) for i in range(warmups)))
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         ttft: list[float] = []
@@ -98,7 +124,7 @@ async def _client(redis_url: str, concurrency: int) -> None:
     print(json.dumps({"tokens": tokens, "ttft": ttft, "gaps": gaps}), flush=True)
 
 
-def _measure(tree: Path, base_url: str, concurrency: int, workdir: Path, into: Measured) -> None:
+def _measure(tree: Path, base_url: str, concurrency: int, cold: bool, workdir: Path, into: Measured) -> None:
     """One redis-server, worker process and client process with ``tree``'s code; adds to ``into``."""
     env = tree_env(tree)
     with RedisServer() as redis:
@@ -106,7 +132,7 @@ def _measure(tree: Path, base_url: str, concurrency: int, workdir: Path, into: M
         worker = worker_process(redis.url, base_url, concurrency, 0, log, env)
         command = [sys.executable, "-m", "bench.stream_cost", "--client", redis.url]
         client = subprocess.Popen(
-            [*command, "--concurrency", str(concurrency)],
+            [*command, "--concurrency", str(concurrency), *(["--cold"] if cold else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -118,18 +144,25 @@ def _measure(tree: Path, base_url: str, concurrency: int, workdir: Path, into: M
         try:
             if client.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the client process failed (worker log: {log})")
+            stats_before = _commandstats(redis.client())
             before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
             client.stdin.write("go\n")
             client.stdin.flush()
             result = json.loads(client.stdout.readline())
             after = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+            stats_after = _commandstats(redis.client())
             client.wait(timeout=60)
         finally:
             if client.poll() is None:
                 client.kill()
                 client.wait()
             stop_groups([(worker.pid, worker)], grace=10)
-    into.add(result, {name: after[name] - before[name] for name in pids})
+    commands = {
+        name: [calls - stats_before.get(name, [0.0, 0.0])[0], usec - stats_before.get(name, [0.0, 0.0])[1]]
+        for name, (calls, usec) in stats_after.items()
+        if name != "info"
+    }
+    into.add(result, {name: after[name] - before[name] for name in pids}, commands)
 
 
 def main(argv: list[str]) -> None:
@@ -139,10 +172,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--baseline-tree", type=Path, help="a worktree of the code to compare against")
     parser.add_argument("--tree", type=Path, default=THIS_TREE, help="the tree measured as 'this tree'")
+    parser.add_argument(
+        "--cold", action="store_true", help="warm up with one request: model connections open while measured"
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
-        asyncio.run(_client(args.client, args.concurrency))
+        asyncio.run(_client(args.client, args.concurrency, args.cold))
         return
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-cost-"))
     print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -155,7 +191,8 @@ def main(argv: list[str]) -> None:
     try:
         for repeat in range(args.repeats):
             for measured, tree in trees if repeat % 2 == 0 else trees[::-1]:
-                _measure(tree, f"http://127.0.0.1:{port}/v1", args.concurrency, workdir, measured)
+                base_url = f"http://127.0.0.1:{port}/v1"
+                _measure(tree, base_url, args.concurrency, args.cold, workdir, measured)
                 print(f"  repeat {repeat + 1}: {measured.label} done", flush=True)
     finally:
         stop_groups([(stub.pid, stub)], grace=5)
@@ -167,6 +204,11 @@ def main(argv: list[str]) -> None:
         ],
         [measured.row() for measured, _ in trees],
     )  # fmt: skip
+    print()
+    print_table(
+        ["code", "redis command", "calls per 1,000 tokens", "ms per 1,000 tokens"],
+        [row for measured, _ in trees for row in measured.command_rows()],
+    )
     print(
         f"{args.concurrency} concurrent x {args.tokens} tokens {INTERVAL_S * 1000:.0f} ms apart, one worker "
         f"process; CPU of each process over the streaming window / tokens delivered; {args.repeats} runs "
