@@ -1,6 +1,6 @@
 """How ``Client`` reads many users' reply streams: one blocking XREAD covers them all, a user who joins
 while it blocks is served at once, a bad key fails only its own user, and the blocked reads stay few;
-and how concurrent sends share a round trip.
+how the reads are paced under load; and how concurrent sends share a round trip.
 
 Replies are written with plain XADDs, as a worker would, against a real redis-server.
 """
@@ -83,6 +83,37 @@ async def test_a_key_of_another_type_fails_only_its_own_reader(client: Client, r
     assert (await asyncio.wait_for(anext(good), 10)).response == "two"
     with pytest.raises(ResponseError, match="WRONGTYPE"):  # a new request for that user fails at once
         await client.request("bad", "hi", timeout=5)
+
+
+def xread_calls(raw: redis.Redis) -> int:
+    return int(raw.info("commandstats").get("cmdstat_xread", {}).get("calls", 0))
+
+
+async def test_reads_under_load_are_paced_and_lose_nothing(redis_server, raw) -> None:
+    """Entries arriving faster than ``read_interval_ms`` are collected a read per interval, not a read
+    each (every read names every stream: Redis pays per stream named); each user still gets all of
+    theirs, in order."""
+    interval_ms, users, rounds = 100, 20, 200
+    async with Client(redis_server.url, block_ms=LONG_BLOCK_MS, read_interval_ms=interval_ms) as client:
+        subscriptions = [client.responses(f"u{u}") for u in range(users)]
+        firsts = [asyncio.ensure_future(anext(stream)) for stream in subscriptions]
+        await asyncio.sleep(0)
+        for u in range(users):
+            assert await asyncio.wait_for(client.listening(f"u{u}"), 10)
+        calls_before, started = xread_calls(raw), asyncio.get_running_loop().time()
+        for r in range(rounds):  # an entry for some user every 5 ms or so: ~20 per interval
+            raw.xadd(key(f"u{r % users}"), {wire.RESPONSE: f"{r}"})
+            await asyncio.sleep(0.005)
+        got: dict[int, list[str]] = {}
+        for u in range(users):
+            got[u] = [(await asyncio.wait_for(firsts[u], 10)).response]
+            while len(got[u]) < rounds // users:
+                got[u].append((await asyncio.wait_for(anext(subscriptions[u]), 10)).response)
+        elapsed = asyncio.get_running_loop().time() - started
+        reads = xread_calls(raw) - calls_before
+    assert got == {u: [str(r) for r in range(u, rounds, users)] for u in range(users)}
+    # One read per interval, plus the one in flight when the entries began.
+    assert reads <= elapsed * 1000 / interval_ms + 2, (reads, elapsed)
 
 
 async def test_concurrent_sends_share_a_round_trip_and_keep_their_own_outcome(redis_server, raw) -> None:

@@ -25,6 +25,9 @@ from .sends import BatchedSends
 
 # How long one reader XREAD blocks; an idle reader notices it has nobody to serve after at most this.
 DEFAULT_BLOCK_MS = 2000
+# The least time between two reads of the same reply streams: the worker's default chunk flush window
+# (``WorkerSettings.chunk_flush_ms``), so a loaded client collects one flush per read (see ``reads``).
+DEFAULT_READ_INTERVAL_MS = 10
 # Non-blocking commands (XADD, XREVRANGE) share this many connections however many requests run at
 # once; the blocking reads of reply streams hold a few more (see ``reads``).
 _COMMAND_CONNECTIONS = 32
@@ -49,6 +52,7 @@ class Client:
         stream_maxlen: int | None = None,
         max_message_bytes: int | None = None,
         block_ms: int = DEFAULT_BLOCK_MS,
+        read_interval_ms: int = DEFAULT_READ_INTERVAL_MS,
         max_readers: int = 1000,
         cancel_ttl_seconds: int = wire.DEFAULT_CANCEL_TTL_SECONDS,
         tracing: bool | None = None,
@@ -58,7 +62,9 @@ class Client:
         ``max_message_bytes`` rejects oversized messages before sending (the worker would
         dead-letter them). ``max_readers`` bounds the connections kept for blocking reads of reply
         streams (on one server a few are used however many users wait; on a cluster, a few per hash
-        slot with users waiting).
+        slot with users waiting). ``read_interval_ms``: the least time between two reads of the same
+        reply streams; under load one read then collects a whole worker flush (Redis does a fraction
+        of the work per chunk) and a chunk may arrive up to this much later; 0 reads again at once.
         ``partitions`` must match the queue's: each user's requests go to partition
         ``wire.partition_of(user_id, partitions)``. A ``RedisConnection`` with ``cluster=True`` reaches a
         Redis Cluster (replies are read from each user's stream wherever it lives).
@@ -79,7 +85,7 @@ class Client:
             self.redis.connection_pool.max_connections = max_readers + _COMMAND_CONNECTIONS
         pack_with_hiredis(self.redis)  # the reply reader's XREAD names every stream: see packing
         self.commands = asyncio.Semaphore(_COMMAND_CONNECTIONS)
-        self._readers = ReplyReaders(self.redis, self.commands, block_ms)
+        self._readers = ReplyReaders(self.redis, self.commands, block_ms, read_interval_ms)
         self._sends = BatchedSends(self.redis, self.commands, stream_maxlen)
         self._tracer = traces.tracer(tracing, "streamqueue-client")
 

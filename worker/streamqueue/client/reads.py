@@ -9,6 +9,14 @@ first request is sent, so a reply that arrives before the first read is still se
 read together: one blocking XREAD covers every user's stream (on a cluster, every stream of one hash
 slot), so 1,000 users streaming replies cost a few connections and one command per wake-up, not a
 connection and a command per chunk each.
+
+Under load the reads are paced: a group's next read goes no sooner than ``read_interval_ms`` after its
+last one. An XREAD of many streams costs Redis in proportion to the streams named (each one's blocking
+registration, and a seek into each stream that has news); unpaced, every worker flush costs two such
+reads (on Redis 7.0 a blocked XREAD returns only the stream that woke it, so a second read collects
+the rest) and a blocking registration on every stream. Paced at the worker's flush window, one read
+collects a whole flush, mostly without blocking. A chunk may wait up to the interval longer; a client
+whose reads block longer than the interval anyway is never held back.
 """
 
 from __future__ import annotations
@@ -126,6 +134,7 @@ class _GroupReads:
         # read number -> (``_members`` when it was sent, its loop)
         self._in_flight: dict[int, tuple[int, asyncio.Task[Any] | None]] = {}
         self._swept = 0.0
+        self._last_read = 0.0  # when the newest read was sent (monotonic)
         self.tasks: set[asyncio.Task[None]] = set()
 
     def join(self, reader: UserReader) -> None:
@@ -156,6 +165,7 @@ class _GroupReads:
                     reader = self.readers.get(key)
                     if reader is not None:
                         reader.deliver(stream_entries)
+                await self._pace()
                 # No await from here to the next read: a request that registered itself with a
                 # reader still in ``readers`` is served by that read.
                 self._sweep(now=time.monotonic())
@@ -172,6 +182,7 @@ class _GroupReads:
         if not self.readers:
             return None
         number = self._reads = self._reads + 1
+        self._last_read = time.monotonic()
         self._supersede()
         self._in_flight[number] = (self._members, asyncio.current_task())
         try:
@@ -183,6 +194,12 @@ class _GroupReads:
             raise
         finally:
             self._in_flight.pop(number, None)
+
+    async def _pace(self) -> None:
+        """Wait out the rest of ``read_interval_s`` since the last read was sent (see the module doc)."""
+        wait = self._last_read + self._owner.read_interval_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def _covered_after(self, number: int) -> bool:
         """Whether a read sent after read ``number`` covers every stream (or none is left)."""
@@ -284,10 +301,13 @@ class ReplyReaders:
     one); the blocking reads hold connections of their own (``_MAX_READS`` per group at most).
     """
 
-    def __init__(self, redis: RedisClient, commands: asyncio.Semaphore, block_ms: int) -> None:
+    def __init__(
+        self, redis: RedisClient, commands: asyncio.Semaphore, block_ms: int, read_interval_ms: int = 0
+    ) -> None:
         self.redis = redis
         self.commands = commands
         self.block_ms = block_ms
+        self.read_interval_s = read_interval_ms / 1000
         self._readers: dict[str, UserReader] = {}
         self._groups: dict[int | None, _GroupReads] = {}  # by hash slot on a cluster, else one
 
