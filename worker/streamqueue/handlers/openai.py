@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import orjson
 from redis.backoff import ExponentialBackoff
 
 from .. import tracing
@@ -332,7 +333,7 @@ def _content_chars(content: Any) -> int:
 def _event_parts(event: str) -> tuple[str | None, dict[str, Any] | None]:
     """An event's content delta and its usage object (the last event of include_usage), if valid."""
     try:
-        data = json.loads(event)
+        data = orjson.loads(event)  # per token: several times quicker than json's
     except ValueError as exc:
         raise Retryable(f"unreadable event {event[:100]!r}") from exc
     if not isinstance(data, dict):
