@@ -226,15 +226,16 @@ host_pip() {
   PIP=("$venv/bin/python" -m pip)
 }
 
-runtime_requirements() {  # the dependencies the three packages declare, minus themselves
+runtime_requirements() {  # the dependencies the three packages declare (and the extras images install), minus themselves
   python3 - <<'EOF'
 import re, tomllib
 own, reqs = set(), []
-for folder in ("worker", "operator", "gateway"):
+for folder, extras in (("worker", ["uvloop"]), ("operator", []), ("gateway", [])):
     with open(f"{folder}/pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
     own.add(project["name"].lower())
     reqs += project["dependencies"]
+    reqs += [r for extra in extras for r in project["optional-dependencies"][extra]]
 for r in dict.fromkeys(reqs):
     if re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() not in own:
         print(r)

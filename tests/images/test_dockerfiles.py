@@ -91,6 +91,15 @@ def test_runtime_dependencies_are_constrained_by_the_tested_pins(dockerfile: str
     assert "--constraint /src/requirements-dev.txt" in build
 
 
+def test_the_worker_image_runs_on_uvloop() -> None:
+    """The figures in docs/benchmarks.md are the worker's on uvloop: the image installs the extra (its
+    pin tested like the rest), and its build fails if uvloop cannot be imported."""
+    (requirement,) = project("worker")["optional-dependencies"]["uvloop"]
+    assert "uvloop==" in (ROOT / "requirements-dev.txt").read_text() and requirement.startswith("uvloop")
+    build = " ".join(args for op, args in instructions("Dockerfile.worker") if op == "RUN")
+    assert '"/src/worker[uvloop]"' in build and "import uvloop" in build
+
+
 @pytest.mark.parametrize("dockerfile", IMAGES)
 def test_runs_as_a_numeric_non_root_user_with_nothing_to_write_outside_tmp(dockerfile: str) -> None:
     """Numeric, so the kubelet can enforce runAsNonRoot; HOME and TMPDIR on the /tmp emptyDir."""
