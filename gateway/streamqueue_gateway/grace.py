@@ -17,15 +17,10 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
-from streamqueue.connection import RedisClient
+from streamqueue.connection import DELETE_IF_HELD, RedisClient
 
 log = logging.getLogger(__name__)
 
-# Delete the key if it still holds this caller's token; 1 if it did.
-_TAKE_IF_MINE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 # A detached watch key outlives its grace by this much, so the timer still finds it.
 _MARGIN_S = 30
 
@@ -38,7 +33,7 @@ class Watches:
         self._namespace = namespace
         self.grace_s = grace_s
         self._ttl_s = ttl_s
-        self._take = redis.register_script(_TAKE_IF_MINE)
+        self._take = redis.register_script(DELETE_IF_HELD)
         self._timers: set[asyncio.Task[None]] = set()
 
     def key(self, request_id: str) -> str:

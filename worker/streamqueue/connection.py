@@ -48,6 +48,13 @@ _SCHEMES = ("redis", "rediss")
 # Connections of a pool that makes commands wait for a free one (``connect``'s ``pool_wait_s``); as
 # many as redis-py's default pool holds.
 POOL_CONNECTIONS = 100
+# Deletes KEYS[1] only while it holds ARGV[1] (a holder's token); 1 if it did. For leases and
+# watches that a holder gives up: after a pause beyond their TTL another holder may have them, and
+# must not lose them to a late release.
+DELETE_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 # Errors that mean "Redis is away for a moment": a lost connection, or a cluster without a primary
 # for a slot or moving one (CLUSTERDOWN, TRYAGAIN) while it fails over.
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)  # the server did not answer

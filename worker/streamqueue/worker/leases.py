@@ -17,16 +17,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..connection import DELETE_IF_HELD
 from ..wire import lease_key, registry_key
 
-# Both scripts act only on a lease this worker holds: after a pause longer than the TTL another
-# worker may own it, and must not lose it to a late renewal or release.
+# Renews a lease only while this worker holds it: after a pause longer than the TTL another worker
+# may own it, and must not lose it to a late renewal (nor to a late release: ``DELETE_IF_HELD``).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -79,7 +76,7 @@ class Leases:
         return bool(await self.redis.eval(_RENEW, 1, lease_key(partition), self.me, self.ttl_ms))
 
     async def release(self, partition: str) -> None:
-        await self.redis.eval(_RELEASE, 1, lease_key(partition), self.me)
+        await self.redis.eval(DELETE_IF_HELD, 1, lease_key(partition), self.me)
 
     async def leave(self) -> None:
         """Drop out of the registry at once, so the others rebalance without waiting for the TTL."""
