@@ -34,8 +34,9 @@ from typing import Any, Generic, TypeVar
 
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from pydantic.alias_generators import to_camel
 from streamqueue import wire
+
+from .filemodel import FileModel
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,7 @@ class AuthError(Exception):
         self.status = status
 
 
-class _Config(BaseModel):
-    """camelCase in the gateway's YAML file, snake_case in Python; unknown fields are an error."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
-
-
-class JwtConfig(_Config):
+class JwtConfig(FileModel):
     hs256_secret_file: Path | None = None
     jwks_file: Path | None = None
     issuer: str | None = None
@@ -75,7 +70,7 @@ class JwtConfig(_Config):
     leeway_seconds: float = Field(default=30, ge=0)
 
 
-class AuthConfig(_Config):
+class AuthConfig(FileModel):
     api_keys_file: Path | None = None
     jwt: JwtConfig | None = None
     default_tier: str = "free"

@@ -13,12 +13,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, SecretStr, field_validator, model_validator
 from streamqueue import wire
 from streamqueue.connection import RedisConnection
 
 from .auth import AuthConfig
+from .filemodel import FileModel
 from .quotas import TierLimits
 
 CONFIG_ENV = "STREAMQUEUE_GATEWAY_CONFIG"
@@ -36,11 +36,7 @@ RECONNECT_DELAYS = 3
 SHUTDOWN_MARGIN_S = 3.0
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
-
-
-class RedisConfig(_Config):
+class RedisConfig(FileModel):
     """The queue's Redis, as ``streamqueue.connection.RedisConnection`` takes it, minus the password."""
 
     url: str = "redis://localhost:6379/0"
@@ -73,7 +69,7 @@ class RedisConfig(_Config):
         )
 
 
-class ModelConfig(_Config):
+class ModelConfig(FileModel):
     """One model the gateway serves: the streamqueue whose workers run it."""
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
@@ -85,7 +81,7 @@ class ModelConfig(_Config):
     max_message_bytes: int = Field(default=1_048_576, ge=1)  # keep it the queue's MAX_MESSAGE_BYTES
 
 
-class GatewayConfig(_Config):
+class GatewayConfig(FileModel):
     """The whole file."""
 
     redis: RedisConfig = RedisConfig()

@@ -34,13 +34,13 @@ from enum import StrEnum
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 from streamqueue.connection import RedisClient
 from streamqueue.limits.scripts import RENEW
 
 from .auth import AuthError, Principal
 from .backpressure import Overloaded
+from .filemodel import FileModel
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,8 @@ return 1
 )
 
 
-class TierLimits(BaseModel):
+class TierLimits(FileModel):
     """One tier's limits; 0 = unlimited."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
     max_requests: int = Field(default=0, ge=0)
     """Per user: requests queued + running."""
