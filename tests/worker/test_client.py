@@ -202,6 +202,23 @@ async def test_oversized_message_is_refused_before_sending(redis_server) -> None
             await client.send("alice", "x" * 11)
 
 
+@pytest.mark.parametrize(
+    ("chat", "why"),
+    [
+        ({"messages": []}, "non-empty messages list"),
+        ({"messages": [{"content": "hi"}], "max_tokens": "16"}, "max_tokens must be a positive integer"),
+        ({"messages": [{"content": "x" * 200}]}, "message_too_large"),
+    ],
+)
+async def test_a_chat_the_worker_would_dead_letter_is_refused_before_sending(
+    redis_server, chat: dict[str, object], why: str
+) -> None:
+    async with Client(redis_server.url, max_message_bytes=100) as client:
+        with pytest.raises(ValueError, match=why):
+            await client.send("alice", "hi", chat=chat)
+    assert redis_server.client().xlen(wire.DEFAULT_STREAM) == 0
+
+
 async def test_close_fails_pending_requests(redis_server) -> None:
     client = Client(redis_server.url)
     pending = asyncio.create_task(client.request("alice", "never answered", request_id="n1", timeout=30))

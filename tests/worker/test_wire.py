@@ -90,6 +90,12 @@ def test_a_key_with_unmatched_braces_has_no_same_slot_key() -> None:
         ('{"messages": []}', wire.REASON_INVALID_CHAT),
         ('{"messages": ["hi"]}', wire.REASON_INVALID_CHAT),
         ('["messages"]', wire.REASON_INVALID_CHAT),
+        ('{"messages": [{"content": "hi"}], "max_tokens": 16}', None),
+        ('{"messages": [{"content": "hi"}], "max_tokens": null}', None),
+        ('{"messages": [{"content": "hi"}], "max_tokens": "16"}', wire.REASON_INVALID_CHAT),
+        ('{"messages": [{"content": "hi"}], "max_tokens": 1.5}', wire.REASON_INVALID_CHAT),
+        ('{"messages": [{"content": "hi"}], "max_tokens": 0}', wire.REASON_INVALID_CHAT),
+        ('{"messages": [{"content": "hi"}], "max_tokens": true}', wire.REASON_INVALID_CHAT),
         ('{"messages": [{"content": "' + "x" * 100 + '"}]}', wire.REASON_MESSAGE_TOO_LARGE),
     ],
 )

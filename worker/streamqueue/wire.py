@@ -298,16 +298,39 @@ def chat_rejection(chat: str, max_message_bytes: int) -> Rejection | None:
     Checked here rather than in the model handler: a malformed chat would fail every delivery the
     same way, so it goes to the dead letters at once with the reason instead of after maxDeliveries.
     """
-    size = len(chat.encode("utf-8", "surrogateescape"))
-    if size > max_message_bytes:
-        return Rejection(REASON_MESSAGE_TOO_LARGE, f"chat is {size} bytes, limit {max_message_bytes}")
+    rejection = chat_size_rejection(chat, max_message_bytes)
+    if rejection is not None:
+        return rejection
     try:
         parsed = json.loads(chat)
     except ValueError:
         return Rejection(REASON_INVALID_CHAT, "chat is not JSON")
-    messages = parsed.get("messages") if isinstance(parsed, dict) else None
+    return chat_object_rejection(parsed)
+
+
+def chat_size_rejection(chat: str, max_message_bytes: int) -> Rejection | None:
+    """A Rejection if the chat field's JSON is over the size limit."""
+    size = len(chat.encode("utf-8", "surrogateescape"))
+    if size > max_message_bytes:
+        return Rejection(REASON_MESSAGE_TOO_LARGE, f"chat is {size} bytes, limit {max_message_bytes}")
+    return None
+
+
+def chat_object_rejection(chat: object) -> Rejection | None:
+    """A Rejection unless ``chat`` (parsed) has a non-empty ``messages`` list of objects and, if it
+    has one, a ``max_tokens`` that is a positive integer (the model handler computes with it)."""
+    if not isinstance(chat, Mapping):
+        return Rejection(REASON_INVALID_CHAT, "chat must be a JSON object with a non-empty messages list")
+    messages = chat.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         return Rejection(REASON_INVALID_CHAT, "chat must be a JSON object with a non-empty messages list")
+    max_tokens = chat.get("max_tokens")
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        return Rejection(
+            REASON_INVALID_CHAT, f"chat.max_tokens must be a positive integer, not {max_tokens!r}"
+        )
     return None
 
 

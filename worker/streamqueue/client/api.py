@@ -394,7 +394,7 @@ class Client:
     def _chat_field(self, chat: Mapping[str, Any]) -> str:
         """``chat`` as the entry's JSON, refused here if the worker would dead-letter it."""
         text = json.dumps(chat, separators=(",", ":"), ensure_ascii=False)
-        rejection = wire.chat_rejection(text, self.max_message_bytes)
+        rejection = wire.chat_object_rejection(chat) or wire.chat_size_rejection(text, self.max_message_bytes)
         if rejection is not None:
             raise ValueError(f"{rejection.reason}: {rejection.detail}")
         return text
