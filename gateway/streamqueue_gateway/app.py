@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from streamqueue import aio
 
 from . import browser, openai_api, websocket
 from .config import SHUTDOWN_MARGIN_S, GatewayConfig
@@ -65,8 +66,8 @@ def make_runner(app: web.Application, *, shutdown_timeout_s: float = 60.0) -> we
 
 
 def serve(config: GatewayConfig, host: str, port: int) -> None:
-    """Run until SIGTERM or SIGINT, then stop as the module's docstring says."""
-    asyncio.run(_serve(config, host, port))
+    """Run until SIGTERM or SIGINT, then stop as the module's docstring says (on uvloop if installed)."""
+    aio.run(_serve(config, host, port))
 
 
 async def _serve(config: GatewayConfig, host: str, port: int) -> None:

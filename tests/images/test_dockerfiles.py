@@ -91,12 +91,13 @@ def test_runtime_dependencies_are_constrained_by_the_tested_pins(dockerfile: str
     assert "--constraint /src/requirements-dev.txt" in build
 
 
-def test_the_worker_image_runs_on_uvloop() -> None:
-    """The figures in docs/benchmarks.md are the worker's on uvloop: the image installs the extra (its
-    pin tested like the rest), and its build fails if uvloop cannot be imported."""
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.worker", "Dockerfile.gateway"])
+def test_the_worker_and_gateway_images_run_on_uvloop(dockerfile: str) -> None:
+    """The figures in docs/benchmarks.md are these processes' on uvloop (``streamqueue.aio.run``): the
+    image installs the extra (its pin tested like the rest), and its build fails without uvloop."""
     (requirement,) = project("worker")["optional-dependencies"]["uvloop"]
     assert "uvloop==" in (ROOT / "requirements-dev.txt").read_text() and requirement.startswith("uvloop")
-    build = " ".join(args for op, args in instructions("Dockerfile.worker") if op == "RUN")
+    build = " ".join(args for op, args in instructions(dockerfile) if op == "RUN")
     assert '"/src/worker[uvloop]"' in build and "import uvloop" in build
 
 

@@ -12,12 +12,11 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from .. import aio
 from ..handlers import HandlerLoadError
 from ..health import start_health_server
 from ..settings import WorkerSettings
@@ -50,17 +49,6 @@ def _on_signal(worker: Worker, sig: signal.Signals) -> None:
     worker.request_stop()
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on uvloop if it is installed: its loop spends less CPU per message and per
-    streamed token (measured, docs/benchmarks.md); asyncio's loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = CliApp.run(WorkerSettings, cli_args=sys.argv[1:] if argv is None else argv)
@@ -69,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_level, settings.consumer)
     try:
-        _run(serve(settings))
+        aio.run(serve(settings))
     except (HandlerLoadError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
