@@ -2,14 +2,14 @@
 
 200 concurrent requests (``--concurrency``) through the model handler, one worker process; a stub
 OpenAI server in its own process streams 50 deltas (``--tokens``) 20 ms apart to each; the project's
-``Client`` reads them with ``request_stream`` in a process of its own. CPU is read from
-``/proc/<pid>/stat`` of the worker, the client and redis-server over the streaming window only (after
-``--concurrency`` warm-up requests at once, which leave the worker's model connections open as in a
-deployment that has run a while; ``--cold``: one), and divided by the tokens delivered (deltas the
-client got, counted in the text, so a coalesced chunk counts as the tokens it holds). Latencies at the
-client: TTFT (request sent -> first text), and the gap between successive chunks of one reply. Then
-redis-server's commands over the window per 1,000 tokens (``INFO commandstats``: calls and the
-server's own time in each).
+``Client`` reads them with ``request_stream`` in a process of its own (on uvloop, as the gateway runs
+it; ``--client-loop asyncio`` for asyncio's loop). CPU is read from ``/proc/<pid>/stat`` of the
+worker, the client and redis-server over the streaming window only (after ``--concurrency`` warm-up
+requests at once, which leave the worker's model connections open as in a deployment that has run a
+while; ``--cold``: one), and divided by the tokens delivered (deltas the client got, counted in the
+text, so a coalesced chunk counts as the tokens it holds). Latencies at the client: TTFT (request sent
+-> first text), and the gap between successive chunks of one reply. Then redis-server's commands over
+the window per 1,000 tokens (``INFO commandstats``: calls and the server's own time in each).
 
 ``--baseline-tree DIR`` (a ``git worktree`` of an older commit) runs the same measurement with that
 tree's ``streamqueue`` for the worker and the client, alternating with this tree's, so "before" and
@@ -124,7 +124,9 @@ async def _client(redis_url: str, concurrency: int, cold: bool) -> None:
     print(json.dumps({"tokens": tokens, "ttft": ttft, "gaps": gaps}), flush=True)
 
 
-def _measure(tree: Path, base_url: str, concurrency: int, cold: bool, workdir: Path, into: Measured) -> None:
+def _measure(
+    tree: Path, base_url: str, concurrency: int, cold: bool, client_loop: str, workdir: Path, into: Measured
+) -> None:
     """One redis-server, worker process and client process with ``tree``'s code; adds to ``into``."""
     env = tree_env(tree)
     with RedisServer() as redis:
@@ -132,7 +134,7 @@ def _measure(tree: Path, base_url: str, concurrency: int, cold: bool, workdir: P
         worker = worker_process(redis.url, base_url, concurrency, 0, log, env)
         command = [sys.executable, "-m", "bench.stream_cost", "--client", redis.url]
         client = subprocess.Popen(
-            [*command, "--concurrency", str(concurrency), *(["--cold"] if cold else [])],
+            [*command, "--concurrency", str(concurrency), "--client-loop", client_loop, *(["--cold"] * cold)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -175,10 +177,19 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--cold", action="store_true", help="warm up with one request: model connections open while measured"
     )
+    parser.add_argument(
+        "--client-loop", choices=("uvloop", "asyncio"), default="uvloop",
+        help="the client process's event loop (uvloop, as the gateway runs it; asyncio before 2026-12-06)",
+    )  # fmt: skip
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
-        asyncio.run(_client(args.client, args.concurrency, args.cold))
+        run = asyncio.run
+        if args.client_loop == "uvloop":  # as the gateway runs it (streamqueue.aio.run)
+            import uvloop
+
+            run = uvloop.run
+        run(_client(args.client, args.concurrency, args.cold))
         return
     workdir = Path(tempfile.mkdtemp(prefix="sq-bench-cost-"))
     print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -192,7 +203,7 @@ def main(argv: list[str]) -> None:
         for repeat in range(args.repeats):
             for measured, tree in trees if repeat % 2 == 0 else trees[::-1]:
                 base_url = f"http://127.0.0.1:{port}/v1"
-                _measure(tree, base_url, args.concurrency, args.cold, workdir, measured)
+                _measure(tree, base_url, args.concurrency, args.cold, args.client_loop, workdir, measured)
                 print(f"  repeat {repeat + 1}: {measured.label} done", flush=True)
     finally:
         stop_groups([(stub.pid, stub)], grace=5)
