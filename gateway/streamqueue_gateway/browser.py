@@ -26,9 +26,9 @@ from typing import Any
 
 from aiohttp import web
 from streamqueue import wire
-from streamqueue.client import Chunk, ReplyError, ReplyStream
+from streamqueue.client import Chunk, ReplyStream
 
-from .core import GATEWAY, Gateway, Ticket
+from .core import GATEWAY, QUEUE_ERRORS, Gateway, Ticket, queue_error
 from .errors import ApiError
 from .openai_api import read_json
 from .ownership import Owned
@@ -139,10 +139,9 @@ async def _write_events(response: web.StreamResponse, stream: ReplyStream) -> No
             await response.write(_chunk_event(chunk))
         usage = stream.final.usage if stream.final is not None else None
         await response.write(_event("done", json.dumps({"usage": usage})))
-    except ReplyError as exc:
-        await response.write(_event("error", json.dumps(_error(exc))))
-    except TimeoutError:
-        await response.write(_event("error", json.dumps({"message": "no reply in time", "code": "timeout"})))
+    except QUEUE_ERRORS as exc:
+        _, error = queue_error(exc)  # as the OpenAI and WebSocket routes answer it
+        await response.write(_event("error", json.dumps(error.error())))
 
 
 async def _take_over(request: web.Request, request_id: str) -> None:
@@ -171,12 +170,3 @@ def _chunk_event(chunk: Chunk) -> bytes:
 
 def _event(kind: str, data: str) -> bytes:
     return f"event: {kind}\ndata: {data}\n\n".encode()
-
-
-def _error(exc: ReplyError) -> dict[str, Any]:
-    reply = exc.reply
-    if reply.cancelled:
-        return {"message": "the request was cancelled", "code": "cancelled"}
-    if reply.expired is not None:
-        return {"message": "the request expired in the queue", "code": "expired"}
-    return {"message": f"the model failed: {reply.error}", "code": "model_error"}

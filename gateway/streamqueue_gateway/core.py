@@ -232,19 +232,24 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 def outcome_error(exc: BaseException, ticket: Ticket) -> ApiError:
     """The caller's error for a request that failed on the queue, and the ticket's outcome."""
+    ticket.outcome, error = queue_error(exc)
+    return error
+
+
+def queue_error(exc: BaseException) -> tuple[str, ApiError]:
+    """The outcome (metrics label) and the caller's error for a request that failed on the queue: the
+    same on every route (OpenAI, WebSocket, browser events)."""
     if isinstance(exc, RequestCancelled):
-        ticket.outcome = m.CANCELLED
-        return ApiError(409, "the request was cancelled", type="invalid_request_error", code="cancelled")
+        return m.CANCELLED, ApiError(409, "the request was cancelled", code="cancelled")
     if isinstance(exc, RequestExpired):
-        ticket.outcome = m.EXPIRED
-        return ApiError(503, "the request expired in the queue", type="server_error", code="expired",
-                        retry_after_s=5)  # fmt: skip
+        expired = "the request expired in the queue"
+        return m.EXPIRED, ApiError(503, expired, type="server_error", code="expired", retry_after_s=5)
     if isinstance(exc, TimeoutError):
-        ticket.outcome = m.TIMEOUT
-        return ApiError(504, "no reply from the model in time", type="server_error", code="timeout")
-    ticket.outcome = m.ERROR
+        return m.TIMEOUT, ApiError(
+            504, "no reply from the model in time", type="server_error", code="timeout"
+        )
     detail = exc.reply.error if isinstance(exc, ReplyError) else str(exc)
-    return ApiError(502, f"the model failed: {detail}", type="server_error", code="model_error")
+    return m.ERROR, ApiError(502, f"the model failed: {detail}", type="server_error", code="model_error")
 
 
 QUEUE_ERRORS = (ReplyError, TimeoutError)

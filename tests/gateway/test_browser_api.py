@@ -111,7 +111,14 @@ async def test_delete_cancels_the_request_and_its_stream_ends_with_an_error(
             async with http.delete(url, headers=gateway.headers()) as deleted:
                 assert deleted.status == 204
             rest = [event async for event in events]
-    assert rest[-1]["event"] == "error" and json.loads(rest[-1]["data"])["code"] == "cancelled"
+    assert rest[-1]["event"] == "error"
+    # The same error object as the OpenAI and WebSocket routes give.
+    assert json.loads(rest[-1]["data"]) == {
+        "message": "the request was cancelled",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "cancelled",
+    }
     final = final_entry(redis_server, "alice", created["id"])
     assert final is not None and final[wire.CANCELLED] == wire.CANCELLED_YES
 
