@@ -94,10 +94,8 @@ def redis_in_cluster(plane: ControlPlane, image: str, node: str | None = None) -
 
 def ensure_redis(plane: ControlPlane, image: str) -> redis.Redis:
     """The Redis of ``redis_in_cluster``, deployed unless another test of the session did; a client."""
-    exists = plane.kubectl("get", "statefulset", "redis", "-n", NAMESPACE, check=False).returncode == 0
-    if not exists:
-        create_redis_secret(plane, secrets.token_hex(16))
-        deploy_redis(plane, image)
+    if plane.kubectl("get", "statefulset", "redis", "-n", NAMESPACE, check=False).returncode != 0:
+        return redis_in_cluster(plane, image)
     ip = plane.kubectl("get", "service", "redis", "-n", NAMESPACE, "-o", "jsonpath={.spec.clusterIP}").stdout
     return redis.Redis(host=ip, port=6379, password=redis_password(plane), decode_responses=True)
 

@@ -33,7 +33,7 @@ from .controlplane import ControlPlane
 from .eventually import eventually
 from .helm import CHART
 from .node import Node
-from .node.host import cgroup_dirs, kill_container
+from .node.host import container_pids, kill_container
 from .operatorproc import OperatorProcess
 from .ports import free_port
 
@@ -204,21 +204,14 @@ def frozen_operator(plane: ControlPlane, nodes: list[Node], pod: str) -> Iterato
     """SIGSTOP every process of ``pod``'s operator container for the block (a VM or GC pause), SIGCONT
     after. The processes are found in the container's cgroup on its node, as ``sigkill_operator`` does."""
     node, container_id = _container(plane, nodes, pod)
-    pids = [
-        int(pid)
-        for tree in cgroup_dirs(node.cgroup_root)
-        if tree.exists()
-        for directory in tree.rglob(container_id)
-        for procs in directory.rglob("cgroup.procs")
-        for pid in procs.read_text().split()
-    ]
+    pids = container_pids(node.cgroup_root, container_id)
     assert pids, f"no process of {pod} on {node.name}"
-    for pid in set(pids):
+    for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        for pid in set(pids):
+        for pid in pids:
             os.kill(pid, signal.SIGCONT)
 
 

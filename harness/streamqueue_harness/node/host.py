@@ -61,18 +61,23 @@ def _kill_cgroup_processes(trees: Sequence[Path], timeout: float = 10.0) -> None
     eventually(none_left_after_kill, what, timeout, error=NodeError)
 
 
-def kill_container(cgroup_root: str, container_id: str) -> int:
-    """SIGKILL every process of one container (its cgroup is named after its id under the node's
-    ``cgroup_root``), as the OOM killer or a crash would end it; returns how many were killed.
-
-    Not ``kubectl delete --grace-period=0``: the kubelet still sends SIGTERM first there."""
-    pids = {
+def container_pids(cgroup_root: str, container_id: str) -> set[int]:
+    """The processes of one container: its cgroup is named after its id under the node's ``cgroup_root``."""
+    return {
         int(pid)
         for tree in cgroup_dirs(cgroup_root)
         if tree.exists()
         for directory in tree.rglob(container_id)
         for pid in _tree_pids(directory)
     }
+
+
+def kill_container(cgroup_root: str, container_id: str) -> int:
+    """SIGKILL every process of one container, as the OOM killer or a crash would end it; returns how
+    many were killed.
+
+    Not ``kubectl delete --grace-period=0``: the kubelet still sends SIGTERM first there."""
+    pids = container_pids(cgroup_root, container_id)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
