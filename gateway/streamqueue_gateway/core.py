@@ -17,7 +17,6 @@ from typing import Any
 from aiohttp import web
 from streamqueue import Client
 from streamqueue.client import Reply, ReplyError, RequestCancelled, RequestExpired
-from streamqueue.client.packing import pack_with_hiredis
 from streamqueue.connection import RedisClient, cluster_ready, connect_any
 
 from . import metrics as m
@@ -103,7 +102,6 @@ class Gateway:
         connection = config.redis.connection()
         # Every request in flight may run a quota script at once: wait for a free connection.
         redis = connect_any(connection, pool_wait_s=REDIS_POOL_WAIT_S)
-        pack_with_hiredis(redis)  # as the queue clients' own: several commands a request
         queues = {}
         for model in config.models:
             kwargs: dict[str, Any] = {

@@ -1,4 +1,5 @@
-"""The client's connections pack commands with hiredis: the same bytes as redis-py's own packer."""
+"""``connection.connect``'s connections pack commands with hiredis: the same bytes as redis-py's own
+packer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any
 import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
-from streamqueue.client.packing import pack_with_hiredis
 from streamqueue.connection import RedisConnection, connect
 
 COMMANDS: list[tuple[Any, ...]] = [
@@ -21,7 +21,6 @@ COMMANDS: list[tuple[Any, ...]] = [
 
 def hiredis_connection() -> Any:
     redis = connect(RedisConnection(url="redis://127.0.0.1:1/0"))  # lazy: never connects
-    pack_with_hiredis(redis)
     return redis.connection_pool.make_connection()
 
 

@@ -28,6 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aio import wait_set
+from .packing import pack_with_hiredis
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ def connect(
 ) -> aioredis.Redis:
     """An asyncio Redis client (lazy: no I/O until the first command) for one server.
 
-    Replies are decoded as UTF-8 text. ``block_ms`` is the longest BLOCK the caller will issue.
+    Replies are decoded as UTF-8 text, commands packed by hiredis (``packing``). ``block_ms`` is the
+    longest BLOCK the caller will issue.
     Connection errors are retried with jittered exponential backoff before they surface.
     ``pool_wait_s``: for callers whose concurrent commands are not bounded otherwise (the gateway's,
     one per request in flight): when all ``POOL_CONNECTIONS`` are busy a command waits up to this
@@ -348,11 +350,14 @@ def connect(
         ),
     }
     if pool_wait_s is None:
-        return aioredis.Redis.from_url(_url(connection), **kwargs)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        _url(connection), max_connections=POOL_CONNECTIONS, timeout=pool_wait_s, **kwargs
-    )
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+        client = aioredis.Redis.from_url(_url(connection), **kwargs)
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            _url(connection), max_connections=POOL_CONNECTIONS, timeout=pool_wait_s, **kwargs
+        )
+        client = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+    pack_with_hiredis(client)
+    return client
 
 
 def _url(connection: RedisConnection) -> str:

@@ -18,7 +18,6 @@ from redis.typing import EncodableT, FieldT
 from .. import tracing as traces
 from .. import wire
 from ..connection import RedisClient, RedisConnection, connect_any
-from .packing import pack_with_hiredis
 from .reads import ReplyReaders, UserReader, Waiter
 from .replies import Chunk, Reply, ReplyError, ReplyOrder, ReplyStream, RequestCancelled, RequestExpired
 from .sends import BatchedSends
@@ -83,7 +82,6 @@ class Client:
         self.redis: RedisClient = connect_any(connection, block_ms=block_ms)
         if isinstance(self.redis, aioredis.Redis):  # a cluster client has a pool per node
             self.redis.connection_pool.max_connections = max_readers + _COMMAND_CONNECTIONS
-        pack_with_hiredis(self.redis)  # the reply reader's XREAD names every stream: see packing
         self.commands = asyncio.Semaphore(_COMMAND_CONNECTIONS)
         self._readers = ReplyReaders(self.redis, self.commands, block_ms, read_interval_ms)
         self._sends = BatchedSends(self.redis, self.commands, stream_maxlen)
