@@ -57,16 +57,7 @@ class RedisConfig(FileModel):
     def connection(self) -> RedisConnection:
         """The connection, with the password from the environment unless a password file is set."""
         password = os.environ.get(PASSWORD_ENV) if self.password_file is None else None
-        return RedisConnection(
-            url=self.url,
-            username=self.username,
-            password=SecretStr(password) if password else None,
-            password_file=self.password_file,
-            tls=self.tls,
-            tls_ca_file=self.tls_ca_file,
-            cluster=self.cluster,
-            socket_timeout=self.socket_timeout,
-        )
+        return RedisConnection(**self.model_dump(), password=SecretStr(password) if password else None)
 
 
 class ModelConfig(FileModel):
