@@ -24,9 +24,9 @@ from .sends import BatchedSends
 
 # How long one reader XREAD blocks; an idle reader notices it has nobody to serve after at most this.
 DEFAULT_BLOCK_MS = 2000
-# The least time between two reads of the same reply streams: the worker's default chunk flush window
-# (``WorkerSettings.chunk_flush_ms``), so a loaded client collects one flush per read (see ``reads``).
-DEFAULT_READ_INTERVAL_MS = 10
+# The least time between two reads of the same reply streams (see ``reads``): none by default, since
+# pacing costs every chunk up to the interval and, on a loaded machine, more at p99 (docs/benchmarks.md).
+DEFAULT_READ_INTERVAL_MS = 0
 # Non-blocking commands (XADD, XREVRANGE) share this many connections however many requests run at
 # once; the blocking reads of reply streams hold a few more (see ``reads``).
 _COMMAND_CONNECTIONS = 32
@@ -62,8 +62,9 @@ class Client:
         dead-letter them). ``max_readers`` bounds the connections kept for blocking reads of reply
         streams (on one server a few are used however many users wait; on a cluster, a few per hash
         slot with users waiting). ``read_interval_ms``: the least time between two reads of the same
-        reply streams; under load one read then collects a whole worker flush (Redis does a fraction
-        of the work per chunk) and a chunk may arrive up to this much later; 0 reads again at once.
+        reply streams, for a deployment whose Redis primary is the limit: set to the workers'
+        ``chunk_flush_ms``, one read collects a whole flush under load (Redis does less per chunk)
+        and a chunk may arrive up to this much later; 0 (the default) reads again at once.
         ``partitions`` must match the queue's: each user's requests go to partition
         ``wire.partition_of(user_id, partitions)``. A ``RedisConnection`` with ``cluster=True`` reaches a
         Redis Cluster (replies are read from each user's stream wherever it lives).

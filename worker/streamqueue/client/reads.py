@@ -10,13 +10,14 @@ read together: one blocking XREAD covers every user's stream (on a cluster, ever
 slot), so 1,000 users streaming replies cost a few connections and one command per wake-up, not a
 connection and a command per chunk each.
 
-Under load the reads are paced: a group's next read goes no sooner than ``read_interval_ms`` after its
-last one. An XREAD of many streams costs Redis in proportion to the streams named (each one's blocking
-registration, and a seek into each stream that has news); unpaced, every worker flush costs two such
-reads (on Redis 7.0 a blocked XREAD returns only the stream that woke it, so a second read collects
-the rest) and a blocking registration on every stream. Paced at the worker's flush window, one read
-collects a whole flush, mostly without blocking. A chunk may wait up to the interval longer; a client
-whose reads block longer than the interval anyway is never held back.
+The reads can be paced (``read_interval_ms``, off by default): a group's next read goes no sooner
+than that after its last one. An XREAD of many streams costs Redis in proportion to the streams it
+names (a blocking registration on each) and to the streams with news; unpaced, every worker flush
+costs two such reads (on Redis 7.0 a blocked XREAD returns only the stream that woke it, so a second
+read collects the rest) and a blocking registration on every stream. Paced at the workers' flush
+window, one read collects a whole flush, mostly without blocking. A chunk may wait up to the interval
+longer (more at p99 on a loaded machine, whose timers fire late); a client whose reads block longer
+than the interval anyway is never held back.
 """
 
 from __future__ import annotations
