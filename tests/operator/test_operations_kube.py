@@ -161,12 +161,16 @@ def test_cold_start_does_not_overshoot(sq: Queues, start_operator: Any, tmp_path
 
         def four_ready() -> bool:
             d = apps.read_namespaced_deployment("cold-worker", sq.namespace)
+            if d.status.ready_replicas == 4:
+                # The operator may already have applied the policy in the same instant (12 replicas
+                # with 4 Ready is right): only what was seen while they started counts.
+                return True
             seen.append(d.spec.replicas)
             reasons.add(sq.condition("cold", "Scaling").get("reason"))
-            return bool(d.status.ready_replicas == 4)
+            return False
 
         eventually(four_ready, "the 3 pods Ready", timeout=90)  # each pod sleeps 10-20 s before it starts
-        assert max(seen) == 4, seen  # no overshoot while they started
+        assert seen and max(seen) == 4, seen  # no overshoot while they started
         assert "ColdStart" in reasons, reasons  # kubectl describe said why
         eventually(lambda: sq.replicas("cold") == 12, "the policy once they are Ready", timeout=15)
     (hold,) = events(sq, "cold", "ColdStartHold")  # one Event for the whole hold, not one per poll
